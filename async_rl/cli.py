@@ -1,0 +1,172 @@
+"""`async-rl`: the command line. Thin: parse, resolve the config, build components, run.
+
+Heavy imports (torch, torchtitan, ray) happen after argument parsing, so `--help` and
+`--dry-run` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from async_rl.config import Config, ConfigError, load_config, reference, to_toml
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default=None,
+        help="TOML run configuration (default: configs/tiny.toml, the CPU default)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="dotted overrides, e.g. algo.num_minibatches=4 algo.routing_replay=r3",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="async-rl",
+        description="Asynchronous off-policy RL for Mixture-of-Experts LLMs "
+        "(MiniRL, Routing Replay R2/R3).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+    epilog = "configuration keys (section.key = default):\n" + reference()
+
+    train = sub.add_parser(
+        "train",
+        help="train a policy (CPU default with no arguments)",
+        epilog=epilog,
+        formatter_class=fmt,
+    )
+    _add_config_args(train)
+
+    sft = sub.add_parser(
+        "sft",
+        help="supervised cold start; writes runs/<name>/checkpoints/sft",
+        epilog=epilog,
+        formatter_class=fmt,
+    )
+    _add_config_args(sft)
+
+    ev = sub.add_parser(
+        "eval",
+        help="held-out accuracy of a checkpoint (greedy and avg@k)",
+        epilog=epilog,
+        formatter_class=fmt,
+    )
+    ev.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
+    _add_config_args(ev)
+    return parser
+
+
+def _setup(cfg: Config):
+    """Threads, tokenizer and task of a run (imports torch)."""
+    import torch
+
+    from async_rl.tasks import task_from_config
+    from async_rl.tokenizer import load_tokenizer
+
+    torch.set_num_threads(cfg.run.num_threads)
+    return load_tokenizer(cfg.model.tokenizer), task_from_config(cfg)
+
+
+def _print_eval(label: str, result) -> None:
+    print(
+        f"{label}: greedy accuracy {result.greedy:.3f}, avg@{result.k} {result.avg_at_k:.3f} "
+        f"on {result.num_prompts} held-out prompts"
+    )
+
+
+def cmd_sft(cfg: Config) -> Path:
+    from learner.sft import run_sft
+
+    tokenizer, task = _setup(cfg)
+    out_dir = cfg.run_dir / "checkpoints" / "sft"
+    start = time.monotonic()
+    result = run_sft(cfg, tokenizer, task, out_dir)
+    print(f"cold start done in {time.monotonic() - start:.0f}s; checkpoint: {out_dir}")
+    _print_eval("held-out", result)
+    return out_dir
+
+
+def cmd_eval(cfg: Config, checkpoint: str, limit: int | None) -> None:
+    from learner.evaluate import evaluate
+    from learner.hf import import_hf
+
+    _, task = _setup(cfg)
+    model, model_cfg = import_hf(checkpoint)
+    from async_rl.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint)
+    start = time.monotonic()
+    result = evaluate(
+        model,
+        tokenizer,
+        task,
+        k=cfg.run.eval_k,
+        temperature=cfg.actor.temperature,
+        max_new_tokens=cfg.actor.max_new_tokens,
+        seed=cfg.run.seed,
+        limit=limit,
+    )
+    _print_eval(f"{checkpoint} ({time.monotonic() - start:.0f}s)", result)
+
+
+def cmd_train(cfg: Config) -> None:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+    start = cfg.run.init_checkpoint
+    if not start:
+        cached = cfg.run_dir / "checkpoints" / "sft"
+        if (cached / "config.json").exists():
+            print(f"reusing cold start {cached}")
+        else:
+            cmd_sft(cfg)
+        start = str(cached)
+    print(f"starting checkpoint (version 0): {start}")
+    print(
+        "The asynchronous RL stage (actors, replay buffer, learner) is not part of this "
+        "version yet; the run directory holds the cold-start checkpoint."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"async-rl: config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(to_toml(cfg), end="")
+        return 0
+    try:
+        if args.command == "train":
+            cmd_train(cfg)
+        elif args.command == "sft":
+            cmd_sft(cfg)
+        elif args.command == "eval":
+            cmd_eval(cfg, args.checkpoint, args.limit)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"async-rl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("async-rl: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

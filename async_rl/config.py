@@ -1,0 +1,446 @@
+"""Typed run configuration: one TOML file per run, dotted overrides, validation at start-up.
+
+Every field is declared once below with its type, default, allowed values and a one-line doc;
+the docs become `async-rl train --help` text and the README's config reference
+(`python -m async_rl.config --markdown`). Errors are `ConfigError` and name the key:
+
+    >>> load_config(None, ["algo.tis_cap=0"])
+    Traceback (most recent call last):
+    ConfigError: algo.tis_cap: must be > 0, got 0.0
+
+This module imports nothing heavy: `--help` and `--dry-run` must answer in a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; `key` is the dotted name of the offending field."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _f(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple = (),
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# What each engine can do, by (engine, device). Engines declare the same in code (`actors/`);
+# it is repeated here so that a bad combination fails at start-up without importing them.
+ENGINE_CAPABILITIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("embedded", "cpu"): {"routing": True, "quantization": ("fp8", "bf16", "fp32")},
+    ("embedded", "cuda"): {"routing": True, "quantization": ("fp8", "bf16", "fp32")},
+    ("vllm", "cpu"): {"routing": False, "quantization": ("bf16", "fp32")},
+    ("vllm", "cuda"): {"routing": True, "quantization": ("fp8", "bf16")},
+}
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("tiny", "Run name; the run writes `<output_dir>/<name>/`.")
+    output_dir: str = _f("runs", "Directory that holds run directories.")
+    seed: int = _f(0, "Seed for the task stream, sampling and initialisation.", ge=0)
+    num_steps: int = _f(50, "Global RL steps (learner versions) to train.", ge=1)
+    eval_every: int = _f(10, "Held-out evaluation every this many global steps (0 = never).", ge=0)
+    eval_k: int = _f(4, "Samples per held-out prompt for avg@k accuracy.", ge=1)
+    init_checkpoint: str = _f(
+        "", "Hugging Face checkpoint to start RL from; empty = the run's (cached) cold start."
+    )
+    bind_host: str = _f("127.0.0.1", "Address the run's ZeroMQ sockets bind to (loopback only).")
+    num_threads: int = _f(
+        1, "torch threads per process (2 cores are shared by all processes).", ge=1
+    )
+
+
+@dataclass
+class ModelConfig:
+    tokenizer: str = _f(
+        "arithmetic", "`arithmetic` (built-in character tokenizer) or a Hugging Face tokenizer dir."
+    )
+    vocab_size: int = _f(32, "Vocabulary size of the embedding and output layers.", ge=2)
+    dim: int = _f(128, "Hidden size.", ge=1)
+    num_layers: int = _f(2, "Transformer layers (every layer is MoE).", ge=1)
+    num_heads: int = _f(4, "Attention query heads.", ge=1)
+    num_kv_heads: int = _f(2, "Attention key/value heads (grouped-query attention).", ge=1)
+    head_dim: int = _f(32, "Size of one attention head.", ge=1)
+    moe_hidden_dim: int = _f(128, "Hidden size of each expert's SwiGLU FFN.", ge=1)
+    num_experts: int = _f(8, "Routed experts per MoE layer.", ge=1, le=65536)
+    top_k: int = _f(2, "Experts each token is routed to.", ge=1)
+    max_seq_len: int = _f(64, "Longest prompt + completion, in tokens.", ge=2)
+    rope_theta: float = _f(1e6, "RoPE base frequency.", gt=0)
+    norm_eps: float = _f(1e-6, "RMSNorm epsilon.", gt=0)
+    dtype: str = _f(
+        "float32",
+        "Learner parameter and compute dtype (experts included).",
+        choices=("float32", "bfloat16"),
+    )
+    attn_backend: str = _f(
+        "sdpa", "Attention kernel: `sdpa` (CPU and GPU) or `flex` (GPU).", choices=("sdpa", "flex")
+    )
+
+
+@dataclass
+class TaskConfig:
+    type: str = _f("arithmetic", "Prompt source.", choices=("arithmetic", "file"))
+    path: str = _f("", "JSONL or Parquet file with `prompt` and `answer` columns (type = file).")
+    reward: str = _f(
+        "exact_match",
+        "Reward of a completion against the answer.",
+        choices=("exact_match", "math_verify"),
+    )
+    ops: list[str] = _f(
+        ["+", "*"], "Arithmetic operators to draw from (`+`, `-`, `*`).", choices=("+", "-", "*")
+    )
+    min_digits: int = _f(1, "Fewest digits of an arithmetic operand.", ge=1, le=9)
+    max_digits: int = _f(3, "Most digits of an arithmetic operand.", ge=1, le=9)
+    heldout_size: int = _f(256, "Size of the fixed held-out set (never trained on).", ge=1)
+
+
+@dataclass
+class ActorConfig:
+    engine: str = _f("embedded", "Inference engine.", choices=("embedded", "vllm"))
+    device: str = _f("cpu", "Device the engine runs on.", choices=("cpu", "cuda"))
+    quantization: str = _f(
+        "fp8",
+        "Rollout precision (fp8 = e4m3 weights and activations).",
+        choices=("fp8", "bf16", "fp32"),
+    )
+    num_actors: int = _f(1, "Actors at start.", ge=1)
+    min_actors: int = _f(1, "Fewest actors the fleet may shrink to.", ge=1)
+    max_actors: int = _f(4, "Most actors the fleet may grow to.", ge=1)
+    temperature: float = _f(1.0, "Sampling temperature.", gt=0)
+    top_p: float = _f(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    max_new_tokens: int = _f(8, "Longest completion, in tokens.", ge=1)
+
+
+@dataclass
+class BufferConfig:
+    max_staleness: int = _f(
+        1, "K: a trajectory with learner version - policy_version > K is never trained on.", ge=0
+    )
+    reuse: int = _f(1, "Times a group may be trained on before it is retired.", ge=1)
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = _f(2e-5, "Peak AdamW learning rate of RL.", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", ge=0, lt=1)
+    warmup_steps: int = _f(0, "Linear warm-up, in optimizer steps.", ge=0)
+    lr_schedule: str = _f(
+        "constant",
+        "Learning-rate schedule after warm-up.",
+        choices=("constant", "cosine", "linear"),
+    )
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = off).", ge=0)
+    checkpoint_every: int = _f(
+        10, "Checkpoint every this many global steps (0 = only at end).", ge=0
+    )
+    weight_store: str = _f("fs", "How weights reach the actors.", choices=("fs", "ray"))
+    keep_versions: int = _f(3, "Weight versions kept after actors stop using them.", ge=1)
+    sft_steps: int = _f(
+        1500, "Optimizer steps of the supervised cold start (`async-rl sft`).", ge=1
+    )
+    sft_batch_size: int = _f(64, "Problems per cold-start step.", ge=1)
+    sft_lr: float = _f(3e-3, "Peak AdamW learning rate of the cold start.", gt=0)
+    sft_warmup_steps: int = _f(
+        50, "Linear warm-up of the cold start, then cosine decay to 10%.", ge=0
+    )
+
+
+@dataclass
+class AlgoConfig:
+    group_size: int = _f(8, "G: completions sampled per prompt.", ge=2)
+    prompts_per_minibatch: int = _f(8, "Prompts (groups) per mini-batch.", ge=1)
+    num_minibatches: int = _f(1, "N: mini-batch updates per global step (1 = on-policy).", ge=1)
+    tis_mode: str = _f("full", "Train-inference IS weight.", choices=("full", "decoupled", "none"))
+    tis_cap: float = _f(5.0, "C: truncation of the IS weight.", gt=0)
+    clip: bool = _f(True, "PPO-style clipping mask (false = the no-clipping ablation).")
+    eps_low: float = _f(0.2, "Lower clip range (mask if A < 0 and r < 1 - eps_low).", gt=0, lt=1)
+    eps_high: float = _f(0.27, "Upper clip range (mask if A > 0 and r > 1 + eps_high).", gt=0)
+    length_norm: bool = _f(False, "Divide each response's token sum by its length (ablation).")
+    adv_std_norm: bool = _f(False, "Divide advantages by the group std + 1e-6.")
+    routing_replay: str = _f(
+        "none",
+        "Routing Replay: r2 replays the learner's own proximal routing, r3 the actor's.",
+        choices=("none", "r2", "r3"),
+    )
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = _f("offline", "wandb mode.", choices=("offline", "online", "disabled"))
+    wandb_project: str = _f("async-rl", "wandb project.")
+    log_every: int = _f(1, "Log metrics every this many global steps.", ge=1)
+    progress: bool = _f(True, "Show a progress bar on the terminal.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def global_batch_groups(self) -> int:
+        return self.algo.prompts_per_minibatch * self.algo.num_minibatches
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    cls = SECTIONS[section]
+    hints = get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check one value against its declared type and bounds; return it in that type."""
+    typ = f.type
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        value = float(value)
+    elif typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+    elif typ == list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    else:  # pragma: no cover - a field type this loader does not know is our bug
+        raise AssertionError(f"unsupported config type {typ} for {key}")
+
+    meta = f.metadata
+    allowed = meta["choices"]
+    for item in value if isinstance(value, list) else [value]:
+        if allowed and item not in allowed:
+            raise ConfigError(
+                key, f"{item!r} is not allowed; choose from {', '.join(map(repr, allowed))}"
+            )
+    if typ in (int, float):
+        for bound, ok, word in (
+            ("ge", value.__ge__, ">="),
+            ("gt", value.__gt__, ">"),
+            ("le", value.__le__, "<="),
+            ("lt", value.__lt__, "<"),
+        ):
+            if meta[bound] is not None and not ok(meta[bound]):
+                raise ConfigError(key, f"must be {word} {meta[bound]}, got {value}")
+    return value
+
+
+def _apply(cfg: Config, data: dict[str, Any], origin: str) -> None:
+    for section, values in data.items():
+        if section not in SECTIONS:
+            hint = _closest(section, list(SECTIONS))
+            raise ConfigError(
+                section, f"unknown section in {origin}{hint}; sections are {', '.join(SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(section, f"expected a [{section}] table in {origin}")
+        fields = _section_fields(section)
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if name not in fields:
+                hint = _closest(key, [f"{section}.{n}" for n in fields])
+                raise ConfigError(key, f"unknown key in {origin}{hint}")
+            setattr(getattr(cfg, section), name, _coerce(key, fields[name], value))
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item:
+        raise ConfigError(item, "an override must look like section.key=value")
+    dotted, raw = item.split("=", 1)
+    dotted = dotted.strip()
+    if dotted.count(".") != 1:
+        raise ConfigError(dotted, "an override key must look like section.key")
+    section, name = dotted.split(".")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word is a string: algo.routing_replay=r3
+    return section, name, value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve more than one field (single fields are checked as they are set)."""
+    m, a, t, act = cfg.model, cfg.algo, cfg.task, cfg.actor
+    if m.top_k > m.num_experts:
+        raise ConfigError(
+            "model.top_k", f"must be <= model.num_experts ({m.num_experts}), got {m.top_k}"
+        )
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            "model.num_kv_heads",
+            f"must divide model.num_heads ({m.num_heads}), got {m.num_kv_heads}",
+        )
+    if t.min_digits > t.max_digits:
+        raise ConfigError("task.min_digits", f"must be <= task.max_digits ({t.max_digits})")
+    if t.type == "file" and not t.path:
+        raise ConfigError("task.path", "is required when task.type = 'file'")
+    if t.type == "arithmetic" and t.reward != "exact_match":
+        raise ConfigError("task.reward", "the arithmetic task is scored by 'exact_match'")
+    if not t.ops:
+        raise ConfigError("task.ops", "needs at least one operator")
+    caps = ENGINE_CAPABILITIES[(act.engine, act.device)]
+    if act.quantization not in caps["quantization"]:
+        raise ConfigError(
+            "actor.quantization",
+            f"engine {act.engine!r} on {act.device} supports "
+            f"{', '.join(caps['quantization'])}, not {act.quantization!r}",
+        )
+    if a.routing_replay == "r3" and not caps["routing"]:
+        raise ConfigError(
+            "algo.routing_replay",
+            f"'r3' replays the actor's routing, but engine "
+            f"{act.engine!r} on {act.device} returns no routing traces; use "
+            "'none' or 'r2', or an engine that returns routing",
+        )
+    if not act.min_actors <= act.num_actors <= act.max_actors:
+        raise ConfigError(
+            "actor.num_actors",
+            f"must lie in actor.min_actors..actor.max_actors "
+            f"({act.min_actors}..{act.max_actors}), got {act.num_actors}",
+        )
+    if act.max_new_tokens >= m.max_seq_len:
+        raise ConfigError("actor.max_new_tokens", f"must be < model.max_seq_len ({m.max_seq_len})")
+    if not _is_loopback(cfg.run.bind_host):
+        raise ConfigError(
+            "run.bind_host",
+            f"{cfg.run.bind_host!r} is not a loopback address; "
+            "binding other addresses needs authenticated transport, which this "
+            "version does not provide",
+        )
+    if "/" in cfg.run.name or cfg.run.name in ("", ".", ".."):
+        raise ConfigError("run.name", f"must be a plain directory name, got {cfg.run.name!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults <- TOML file (the CPU default when `path` is None) <- dotted overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
+    cfg = Config()
+    _apply(cfg, data, str(path))
+    for item in overrides:
+        section, name, value = _parse_override(item)
+        _apply(cfg, {section: {name: value}}, "overrides")
+    validate(cfg)
+    return cfg
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that `load_config` reads back to an equal Config."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference(markdown: bool = False) -> str:
+    """Every field with its type, default and doc: `--help` text or a README table."""
+    out = []
+    for section in SECTIONS:
+        if markdown:
+            out += [
+                f"\n**[{section}]**\n",
+                "| key | type | default | meaning |",
+                "|---|---|---|---|",
+            ]
+        for name, f in _section_fields(section).items():
+            typ = getattr(f.type, "__name__", str(f.type))
+            default = _toml_value(
+                f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            )
+            doc = f.metadata["doc"]
+            if f.metadata["choices"]:
+                doc += " One of " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+            if markdown:
+                out.append(f"| `{section}.{name}` | {typ} | `{default}` | {doc} |")
+            else:
+                out.append(f"  {section}.{name} = {default}  ({typ})\n      {doc}")
+    return "\n".join(out).strip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(markdown="--markdown" in sys.argv), end="")

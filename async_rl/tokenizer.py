@@ -1,0 +1,222 @@
+"""Tokenizers: the built-in character tokenizer for arithmetic, and any Hugging Face tokenizer dir.
+
+The arithmetic tokenizer has fixed ids so checkpoints stay comparable across runs:
+
+    <pad>=0  <eos>=1  <bos>=2  <unk>=3  then "0123456789+-*= "  then <reserved_N> up to 32
+
+It is saved in Hugging Face form (`tokenizer.json`, `tokenizer_config.json`,
+`special_tokens_map.json`), so `transformers.AutoTokenizer` and vLLM load it. `Tokenizer` wraps
+either it or a user's `tokenizer.json` directory (e.g. Qwen's) behind the few calls the actors and
+the learner need. Encoding never adds special tokens: callers prepend bos and append eos themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+SPECIAL_TOKENS = (PAD, EOS, BOS, UNK)
+ARITH_CHARS = "0123456789+-*= "
+ARITH_VOCAB_SIZE = 32
+ARITH_MODEL_MAX_LENGTH = 4096
+
+_ROLES = ("bos", "eos", "pad", "unk")
+# Used only when a tokenizer dir does not name a role at all (no key in either config file).
+_CONVENTIONAL_NAMES = {
+    "bos": ("<bos>", "<s>", "<|begin_of_text|>"),
+    "eos": ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>"),
+    "pad": ("<pad>", "<|pad|>"),
+    "unk": ("<unk>",),
+}
+
+
+def arithmetic_vocab() -> list[str]:
+    """The arithmetic tokenizer's tokens in id order (exactly `ARITH_VOCAB_SIZE` of them)."""
+    vocab = [*SPECIAL_TOKENS, *ARITH_CHARS]
+    reserved = [f"<reserved_{i}>" for i in range(ARITH_VOCAB_SIZE - len(vocab))]
+    return vocab + reserved
+
+
+def build_arithmetic_tokenizer() -> tokenizers.Tokenizer:
+    """The character-level arithmetic tokenizer (no post-processor: bos/eos are the caller's)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
+    vocab = arithmetic_vocab()
+    tok = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=UNK))
+    # One token per character, spaces included (Whitespace-style splitters would drop them).
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # Fuse joins tokens with nothing in between; the default decoder would insert spaces.
+    tok.decoder = decoders.Fuse()
+    # Reserved tokens are special too, so that decoding never turns them into text.
+    tok.add_special_tokens([t for t in vocab if t.startswith("<")])
+    return tok
+
+
+def _arithmetic_config() -> dict[str, Any]:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": UNK,
+        "model_max_length": ARITH_MODEL_MAX_LENGTH,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def save_arithmetic_tokenizer(dir: str | Path) -> None:
+    """Write the arithmetic tokenizer to `dir` in Hugging Face form (creating `dir`)."""
+    Tokenizer.arithmetic().save(dir)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: cannot be read: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_name(value: Any) -> str | None:
+    # Configs store a special token either as a string or as a serialized AddedToken dict.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` with the special-token ids the run needs.
+
+    Special tokens (bos, eos, pad, unk) are taken from `tokenizer_config.json`, then
+    `special_tokens_map.json`; a role neither file mentions falls back to a conventional name
+    (`<eos>`, `</s>`, `<|endoftext|>`, ...) when the vocabulary has one. Fallbacks:
+
+    - `bos_id` is None when the tokenizer has no bos (Qwen sets `bos_token: null`); prompts then
+      start directly with the prompt text, as Qwen models expect.
+    - `pad_id` falls back to `eos_id` (padding is always masked out, so any id would do).
+    - eos is required: without it generation could not stop, so loading fails.
+    """
+
+    def __init__(
+        self,
+        tok: tokenizers.Tokenizer,
+        config: dict[str, Any] | None = None,
+        special_tokens_map: dict[str, Any] | None = None,
+        source: str = "<in-memory tokenizer>",
+    ):
+        self._tok = tok
+        config = dict(config or {})
+        special_tokens_map = dict(special_tokens_map or {})
+        ids: dict[str, int | None] = {}
+        for role in _ROLES:
+            key = f"{role}_token"
+            if key in config:
+                name = _token_name(config[key])
+            elif key in special_tokens_map:
+                name = _token_name(special_tokens_map[key])
+            else:
+                name = next(
+                    (n for n in _CONVENTIONAL_NAMES[role] if tok.token_to_id(n) is not None), None
+                )
+            token_id = None if name is None else tok.token_to_id(name)
+            if name is not None and token_id is None:
+                raise ValueError(f"{source}: {key} {name!r} is not in the vocabulary")
+            if name is not None:
+                # Written back on save, so a saved dir names every role it resolved.
+                config.setdefault(key, name)
+                special_tokens_map.setdefault(key, name)
+            ids[role] = token_id
+        if ids["eos"] is None:
+            raise ValueError(
+                f"{source}: the tokenizer has no eos token; set eos_token in tokenizer_config.json"
+            )
+        if ids["pad"] is None:
+            ids["pad"] = ids["eos"]
+            config.setdefault("pad_token", config["eos_token"])
+            special_tokens_map.setdefault("pad_token", config["eos_token"])
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        self._eos: int = ids["eos"]
+        self._pad: int = ids["pad"]
+        self._bos = ids["bos"]
+        self._unk = ids["unk"]
+        self._config = config
+        self._special_tokens_map = special_tokens_map
+
+    @classmethod
+    def arithmetic(cls) -> Tokenizer:
+        """The built-in character tokenizer for the arithmetic task."""
+        return cls(build_arithmetic_tokenizer(), _arithmetic_config())
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load a Hugging Face tokenizer directory (it must contain `tokenizer.json`)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"tokenizer directory {path} does not exist or is not a directory")
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise ValueError(f"{file}: not found; a tokenizer directory needs a tokenizer.json")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises plain Exception for malformed files
+            raise ValueError(f"{file}: not a valid tokenizer.json: {e}") from None
+        config_file = path / "tokenizer_config.json"
+        map_file = path / "special_tokens_map.json"
+        config = _read_json(config_file) if config_file.is_file() else {}
+        special_tokens_map = _read_json(map_file) if map_file.is_file() else {}
+        return cls(tok, config, special_tokens_map, source=str(path))
+
+    def save(self, dir: str | Path) -> None:
+        """Write `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`."""
+        dir = Path(dir)
+        dir.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(dir / "tokenizer.json"))
+        for name, data in (
+            ("tokenizer_config.json", self._config),
+            ("special_tokens_map.json", self._special_tokens_map),
+        ):
+            (dir / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (the model's vocab may be padded larger)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._unk
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without any special tokens added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, special tokens skipped (the caller cuts at eos first)."""
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """`"arithmetic"` for the built-in tokenizer, otherwise a Hugging Face tokenizer directory."""
+    if str(spec) == "arithmetic":
+        return Tokenizer.arithmetic()
+    return Tokenizer.from_dir(spec)

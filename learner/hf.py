@@ -1,0 +1,173 @@
+"""Hugging Face Qwen3-MoE checkpoints: the format between the learner, the actors and users.
+
+A checkpoint directory holds `config.json` (`Qwen3MoeForCausalLM`), `generation_config.json`,
+`model.safetensors` (per-expert keys, the Hub layout vLLM and transformers read) and the
+tokenizer files. Conversion goes through torchtitan's `Qwen3StateDictAdapter`.
+
+`export_hf` writes into a temporary sibling directory and renames it into place, so a reader
+never sees a half-written checkpoint. Nothing is unpickled: weights are safetensors, the config
+is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
+
+from async_rl.config import ModelConfig
+from async_rl.tokenizer import Tokenizer
+from learner.model import DTYPES, build_model, titan_config
+
+WEIGHTS = "model.safetensors"
+
+# config.json key -> ModelConfig field
+_HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "dim",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "moe_intermediate_size": "moe_hidden_dim",
+    "num_experts": "num_experts",
+    "num_experts_per_tok": "top_k",
+    "max_position_embeddings": "max_seq_len",
+    "rope_theta": "rope_theta",
+    "rms_norm_eps": "norm_eps",
+}
+
+
+def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
+    """config.json for `cfg`: every layer sparse, top-k weights renormalised, untied head."""
+    out = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}
+    out.update({hf: getattr(cfg, ours) for hf, ours in _HF_KEYS.items()})
+    out.update(
+        intermediate_size=cfg.moe_hidden_dim,  # dense FFN size; unused when every layer is MoE
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+        hidden_act="silu",
+        attention_bias=False,
+        tie_word_embeddings=False,
+        rope_scaling=None,
+        output_router_logits=False,
+        router_aux_loss_coef=0.0,
+        torch_dtype=cfg.dtype,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+    return out
+
+
+def model_config_from_hf(path: str | Path) -> ModelConfig:
+    """Read a checkpoint's config.json back into a `ModelConfig` (tokenizer = the dir itself)."""
+    file = Path(path) / "config.json"
+    try:
+        data = json.loads(file.read_text())
+    except OSError as e:
+        raise ValueError(f"{file}: cannot read checkpoint config ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if data.get("model_type") != "qwen3_moe":
+        raise ValueError(f"{file}: model_type must be 'qwen3_moe', got {data.get('model_type')!r}")
+    if "rope_theta" not in data and isinstance(data.get("rope_parameters"), dict):
+        data["rope_theta"] = data["rope_parameters"].get("rope_theta")
+    data.setdefault(
+        "head_dim", data.get("hidden_size", 0) // max(data.get("num_attention_heads", 1), 1)
+    )
+    missing = [k for k in _HF_KEYS if data.get(k) is None]
+    if missing:
+        raise ValueError(f"{file}: missing {', '.join(missing)}")
+    if data.get("mlp_only_layers") or data.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(f"{file}: only checkpoints whose every layer is MoE are supported")
+    cfg = ModelConfig(tokenizer=str(path))
+    for hf, ours in _HF_KEYS.items():
+        setattr(cfg, ours, type(getattr(cfg, ours))(data[hf]))
+    dtype = data.get("torch_dtype") or data.get("dtype") or "float32"
+    cfg.dtype = dtype if dtype in DTYPES else "float32"
+    return cfg
+
+
+def export_hf(
+    model: torch.nn.Module, cfg: ModelConfig, tokenizer: Tokenizer, out_dir: str | Path
+) -> Path:
+    """Write `model` as a Hugging Face Qwen3-MoE checkpoint at `out_dir` (replacing it)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    adapter = Qwen3StateDictAdapter(titan_config(cfg), None)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    hf_state = {k: v.contiguous().cpu() for k, v in adapter.to_hf(state).items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(hf_state, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer), indent=2) + "\n")
+        gen = {
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        tokenizer.save(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_hf_state(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in torchtitan names, checked against `cfg`'s model."""
+    file = Path(path) / WEIGHTS
+    try:
+        hf_state = load_file(file)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{file}: cannot read safetensors weights ({e})") from None
+    adapter = Qwen3StateDictAdapter(titan_config(cfg), None)
+    try:
+        return adapter.from_hf(hf_state)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{file}: not a Qwen3-MoE checkpoint of this shape ({e})") from None
+
+
+def import_hf(
+    path: str | Path, cfg: ModelConfig | None = None, device: str = "cpu"
+) -> tuple[torch.nn.Module, ModelConfig]:
+    """Build the model a checkpoint describes and load its weights (strictly)."""
+    cfg = cfg or model_config_from_hf(path)
+    model = build_model(cfg, seed=None, device=device)
+    state = load_hf_state(path, cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not match the config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{path}: {key} has shape {list(value.shape)}, the config gives "
+                f"{list(expected[key].shape)}"
+            )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model, cfg

@@ -1,0 +1,164 @@
+"""Configuration: shipped files parse, overrides apply, every mistake names its key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from async_rl.config import Config, ConfigError, load_config, reference, to_toml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "configs").glob("**/*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_shipped_configs_include_cpu_default_and_paper_setting():
+    names = {p.name for p in SHIPPED}
+    assert {"tiny.toml", "qwen3_30b_a3b_fp8.toml"} <= names
+
+
+def test_paper_config_matches_the_paper():
+    cfg = load_config(ROOT / "configs" / "qwen3_30b_a3b_fp8.toml")
+    assert (cfg.model.num_experts, cfg.model.top_k, cfg.model.num_layers) == (128, 8, 48)
+    assert (cfg.actor.engine, cfg.actor.quantization, cfg.model.dtype) == (
+        "vllm",
+        "fp8",
+        "bfloat16",
+    )
+    assert (cfg.algo.group_size, cfg.algo.prompts_per_minibatch) == (16, 64)
+    assert (cfg.algo.eps_low, cfg.algo.eps_high, cfg.algo.tis_cap) == (0.2, 0.27, 5.0)
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(
+        None,
+        [
+            "algo.num_minibatches=4",
+            "algo.routing_replay=r3",
+            "algo.clip=false",
+            "learner.lr=1e-5",
+            'task.ops=["+"]',
+        ],
+    )
+    assert cfg.algo.num_minibatches == 4 and cfg.algo.routing_replay == "r3"
+    assert cfg.algo.clip is False and cfg.learner.lr == 1e-5 and cfg.task.ops == ["+"]
+
+
+def test_int_is_accepted_for_float_field():
+    assert load_config(None, ["algo.tis_cap=2"]).algo.tis_cap == 2.0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["algo.num_minibatches=2", "run.name=x"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        (["algo.tis_cpa=2"], "algo.tis_cpa", "algo.tis_cap"),  # closest valid name
+        (["algoo.tis_cap=2"], "algoo", "algo"),
+        (["algo.tis_cap=0"], "algo.tis_cap", "> 0"),
+        (["algo.tis_cap=-1"], "algo.tis_cap", "> 0"),
+        (["algo.tis_cap=high"], "algo.tis_cap", "number"),
+        (["algo.num_minibatches=1.5"], "algo.num_minibatches", "integer"),
+        (["algo.clip=1"], "algo.clip", "true or false"),
+        (["algo.tis_mode=half"], "algo.tis_mode", "'decoupled'"),
+        (["algo.eps_low=1.2"], "algo.eps_low", "< 1"),
+        (["model.top_k=9"], "model.top_k", "model.num_experts"),
+        (["model.num_kv_heads=3"], "model.num_kv_heads", "divide"),
+        (
+            ["actor.engine=vllm", "actor.quantization=fp32", "algo.routing_replay=r3"],
+            "algo.routing_replay",
+            "routing",
+        ),
+        (["actor.engine=vllm"], "actor.quantization", "fp8"),  # vLLM on CPU has no FP8
+        (['task.ops=["/"]'], "task.ops", "'/'"),
+        (["task.type=file"], "task.path", "required"),
+        (["actor.num_actors=9"], "actor.num_actors", "max_actors"),
+        (["run.bind_host=0.0.0.0"], "run.bind_host", "loopback"),
+        (["tis_cap=2"], "tis_cap", "section.key"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert err.value.key == key
+    assert str(err.value).startswith(f"{key}:")
+    assert words in str(err.value)
+
+
+def test_errors_in_files_name_the_key_and_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[algo]\nrouting_replay = "r5"\n')
+    with pytest.raises(ConfigError, match="algo.routing_replay"):
+        load_config(bad)
+    bad.write_text("[algo]\nnum_minibatchs = 2\n")
+    with pytest.raises(ConfigError, match=r"bad.toml.*algo.num_minibatches"):
+        load_config(bad)
+    bad.write_text("[algo\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_every_field_is_documented():
+    for line in reference().splitlines():
+        if not line.startswith("      "):
+            continue
+        assert len(line.strip()) > 5
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert reference(markdown=True).strip() in readme, (
+        "README config reference is stale: regenerate with `python -m async_rl.config --markdown`"
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "async_rl.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_cli_dry_run_prints_resolved_config():
+    out = _cli("train", "--dry-run", "algo.num_minibatches=4")
+    assert out.returncode == 0, out.stderr
+    assert "num_minibatches = 4" in out.stdout
+
+
+def test_cli_never_imports_torch_for_help_or_dry_run():
+    # What makes --help and --dry-run answer in a second: no torch, torchtitan or ray import.
+    code = (
+        "import sys; from async_rl.cli import main; main(['train', '--dry-run']); "
+        "main(['eval', '--checkpoint', 'x', '--dry-run']); "
+        "assert not {'torch', 'ray', 'torchtitan'} & set(sys.modules), 'heavy import'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+
+
+def test_cli_config_error_exits_2_and_names_key():
+    out = _cli("train", "--dry-run", "algo.tis_cap=0")
+    assert out.returncode == 2
+    assert "algo.tis_cap" in out.stderr
+
+
+def test_cli_help_lists_config_keys():
+    out = _cli("train", "--help")
+    assert out.returncode == 0
+    assert "algo.routing_replay" in out.stdout and "Routing Replay" in out.stdout
