@@ -143,6 +143,18 @@ class BufferConfig:
         1, "K: a trajectory with learner version - policy_version > K is never trained on.", ge=0
     )
     reuse: int = _f(1, "Times a group may be trained on before it is retired.", ge=1)
+    segment_groups: int = _f(
+        256, "Groups per Arrow IPC segment file before it is closed and a new one opened.", ge=1
+    )
+    max_message_mib: float = _f(
+        64.0, "Largest trajectory message accepted, in MiB; larger ones are rejected.", gt=0
+    )
+    lease_timeout_s: float = _f(
+        600.0, "An actor's permission to generate a group expires after this long.", gt=0
+    )
+    wait_timeout_s: float = _f(
+        600.0, "How long the learner waits for a global batch before the run stops.", gt=0
+    )
 
 
 @dataclass
@@ -164,7 +176,7 @@ class LearnerConfig:
     weight_store: str = _f("fs", "How weights reach the actors.", choices=("fs", "ray"))
     keep_versions: int = _f(3, "Weight versions kept after actors stop using them.", ge=1)
     sft_steps: int = _f(
-        1500, "Optimizer steps of the supervised cold start (`async-rl sft`).", ge=1
+        4000, "Optimizer steps of the supervised cold start (`async-rl sft`).", ge=1
     )
     sft_batch_size: int = _f(64, "Problems per cold-start step.", ge=1)
     sft_lr: float = _f(3e-3, "Peak AdamW learning rate of the cold start.", gt=0)

@@ -1,0 +1,271 @@
+"""The replay buffer in process: schema checks, staleness, reuse, admission and recovery."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from async_rl.buffer import ReplayBuffer, read_log
+from async_rl.types import (
+    InvalidGroup,
+    RoutingSpec,
+    Trajectory,
+    batch_to_trajectories,
+    check_group,
+    group_to_batch,
+)
+
+SPEC = RoutingSpec(num_layers=2, top_k=2, num_experts=8)
+G = 4
+
+
+def make_group(gid: str, version: int, g: int = G, seed: int = 0, routing: bool = True):
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(4, 30, size=int(rng.integers(2, 6))).tolist()
+    rows = []
+    for i in range(g):
+        completion = rng.integers(4, 30, size=int(rng.integers(1, 5))).tolist()
+        trace = rng.integers(0, 8, size=(len(prompt) + len(completion) - 1, 2, 2))
+        rows.append(
+            Trajectory(
+                sample_id=f"{gid}-{i}",
+                group_id=gid,
+                prompt_id=f"p-{gid}",
+                actor_id="a0",
+                engine="embedded",
+                policy_version=version,
+                policy_version_max=version,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                behavior_logprobs=(-rng.random(len(completion))).tolist(),
+                routing=trace.astype(np.uint8) if routing else None,
+                reward=float(rng.integers(0, 2)),
+                finish_reason="stop",
+                temperature=1.0,
+                top_p=1.0,
+                quantization="fp8",
+            )
+        )
+    return group_to_batch(rows, SPEC)
+
+
+def new_buffer(root, **kw):
+    args = dict(group_size=G, global_batch_groups=2, max_staleness=1, segment_groups=3)
+    args.update(kw)
+    return ReplayBuffer(root, SPEC, vocab_size=32, **args)
+
+
+def served_ids(table):
+    return list(dict.fromkeys(table.column("group_id").to_pylist()))
+
+
+# ------------------------------------------------------------------------- schema
+def test_arrow_round_trip_keeps_every_field():
+    batch = make_group("g", 3, seed=1)
+    rows = batch_to_trajectories(batch, SPEC)
+    again = group_to_batch(rows, SPEC)
+    assert again.equals(batch)
+    assert rows[0].routing.dtype == np.uint8
+    assert rows[0].routing.shape == (
+        len(rows[0].prompt_tokens) + len(rows[0].completion_tokens) - 1,
+        2,
+        2,
+    )
+    check_group(batch, SPEC, G)
+    check_group(make_group("h", 0, routing=False), SPEC, G)  # engines without traces
+
+
+def _with_column(batch: pa.RecordBatch, name: str, values) -> pa.RecordBatch:
+    i = batch.schema.get_field_index(name)
+    array = pa.array(values, batch.schema.field(name).type)
+    return pa.RecordBatch.from_arrays(
+        [array if j == i else c for j, c in enumerate(batch.columns)], schema=batch.schema
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda b: b.slice(0, G - 1), "group_size"),
+        (lambda b: b.drop_columns(["reward"]), "schema"),
+        (lambda b: b.cast(b.schema.set(11, pa.field("reward", pa.float64(), False))), "schema"),
+        (lambda b: _with_column(b, "behavior_logprobs", [[-0.1]] * G), "lengths"),
+        (lambda b: _with_column(b, "group_id", ["g", "g", "g", "other"]), "ids"),
+        (lambda b: _with_column(b, "sample_id", ["s"] * G), "ids"),
+        (lambda b: _with_column(b, "policy_version_max", [-1] * G), "version"),
+        (
+            lambda b: _with_column(
+                b,
+                "behavior_logprobs",
+                [[0.5] * len(x) for x in b.column("completion_tokens").to_pylist()],
+            ),
+            "logprobs",
+        ),
+        (lambda b: _with_column(b, "reward", [float("nan")] * G), "reward"),
+    ],
+)
+def test_check_group_names_what_is_wrong(mutate, reason):
+    with pytest.raises(InvalidGroup) as e:
+        check_group(mutate(make_group("g", 0)), SPEC, G)
+    assert e.value.reason == reason
+
+
+def test_check_group_rejects_wrong_routing_shape_and_ids():
+    batch = make_group("g", 0)
+    other = RoutingSpec(num_layers=3, top_k=2, num_experts=8)
+    rows = batch_to_trajectories(batch, SPEC)
+    for r in rows:
+        r.routing = np.zeros((r.routing.shape[0], 3, 2), np.uint8)
+    with pytest.raises(InvalidGroup, match="schema"):  # fixed-size list of 6, not 4
+        check_group(group_to_batch(rows, other), SPEC, G)
+    rows = batch_to_trajectories(batch, SPEC)
+    rows[1].routing = rows[1].routing[:-1]  # one position short
+    with pytest.raises(InvalidGroup, match="routing"):
+        check_group(group_to_batch(rows, SPEC), SPEC, G)
+    rows = batch_to_trajectories(batch, SPEC)
+    rows[0].routing[0, 0, 0] = 9  # expert 9 of 8
+    with pytest.raises(InvalidGroup, match="expert id"):
+        check_group(group_to_batch(rows, SPEC), SPEC, G)
+
+
+# ------------------------------------------------------------------------- sampling
+def test_serves_oldest_fresh_groups_and_drops_stale_ones(tmp_path):
+    buf = new_buffer(tmp_path, max_staleness=1)
+    buf.append([(make_group(f"g{i}", v, seed=i), None) for i, v in enumerate([0, 0, 1, 2, 2])])
+    table = buf.sample(2)  # g0, g1 have staleness 2 > K = 1
+    assert served_ids(table) == ["g2", "g3"]
+    assert buf.metrics()["buffer/dropped_stale"] == 2
+    assert buf.staleness(2) == [1, 0]
+    assert buf.sample(3) is None  # only g4 left: not a full batch
+    assert buf.metrics()["buffer/groups"] == 1
+    assert table.num_rows == 2 * G
+
+
+def test_never_serves_staleness_above_k_property(tmp_path):
+    rng = np.random.default_rng(0)
+    for k in (0, 1, 3):
+        buf = new_buffer(tmp_path / f"k{k}", max_staleness=k, segment_groups=50)
+        version, n = 0, 0
+        for _ in range(40):
+            buf.append(
+                [
+                    (
+                        make_group(
+                            f"g{n + j}", max(0, version - int(rng.integers(0, 5))), seed=n + j
+                        ),
+                        None,
+                    )
+                    for j in range(int(rng.integers(0, 4)))
+                ]
+            )
+            n += 4
+            if buf.sample(version) is not None:
+                assert max(buf.staleness(version)) <= k
+                version += 1
+        assert version > 3
+
+
+def test_reuse_serves_a_group_at_most_reuse_times(tmp_path):
+    buf = new_buffer(tmp_path, reuse=2, max_staleness=5)
+    buf.append([(make_group(f"g{i}", 0, seed=i), None) for i in range(3)])
+    # oldest first: a group is reused at the next step, until it has been trained on twice
+    assert served_ids(buf.sample(0)) == ["g0", "g1"]
+    assert served_ids(buf.sample(1)) == ["g0", "g1"]
+    assert buf.sample(2) is None
+    buf.append([(make_group("g3", 2, seed=3), None)])
+    assert served_ids(buf.sample(2)) == ["g2", "g3"]
+    assert buf.metrics()["buffer/groups"] == 0
+
+
+def test_a_repeated_request_gets_the_same_batch(tmp_path):
+    buf = new_buffer(tmp_path, segment_groups=2)
+    buf.append([(make_group(f"g{i}", 0, seed=i), None) for i in range(5)])
+    first = buf.sample(0)
+    assert buf.sample(0).equals(first)
+    second = buf.sample(1)
+    assert set(served_ids(second)).isdisjoint(served_ids(first))
+    with pytest.raises(ValueError, match="older than the last served"):
+        buf.sample(-1)
+
+
+def test_admission_allows_k_plus_one_batches_ahead(tmp_path):
+    buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2)
+    grants = [buf.lease(f"l{i}", "a0", now=0.0) for i in range(5)]
+    assert grants == [0, 0, 0, 0, None]  # (K + 1) * B = 4 groups may be in flight at version 0
+    buf.append([(make_group(f"g{i}", 0, seed=i), f"l{i}") for i in range(4)])
+    assert buf.lease("x", "a0", now=0.0) is None  # 4 pending
+    assert buf.sample(0) is not None
+    assert buf.lease("x", "a0", now=0.0) is None  # trained on 2, pending 2: still 4
+    buf.set_published(1)
+    assert buf.lease("y", "a0", now=0.0) == 1  # a new version opens B more slots
+    assert buf.lease("z", "a0", now=0.0) == 1
+    assert buf.lease("w", "a0", now=0.0) is None
+    assert buf.lease("w", "a1", now=10_000.0) == 1  # the earlier leases expired
+    buf.release("a1")
+    assert "w" not in buf.leases
+
+
+def test_sync_mode_admits_exactly_one_batch_per_version(tmp_path):
+    """K = 0: each published version admits one global batch, generated from that version."""
+    buf = new_buffer(tmp_path, max_staleness=0, global_batch_groups=2)
+    for version in range(3):
+        leases = []
+        while (granted := buf.lease(f"{version}-{len(leases)}", "a0", now=0.0)) is not None:
+            assert granted == version
+            leases.append(f"{version}-{len(leases)}")
+        assert len(leases) == 2
+        buf.append([(make_group(lease, version, seed=i), lease) for i, lease in enumerate(leases)])
+        assert served_ids(buf.sample(version)) == leases
+        buf.set_published(version + 1)
+    assert buf.metrics()["buffer/dropped_stale"] == 0
+
+
+# ------------------------------------------------------------------------- storage
+def test_segments_are_arrow_files_other_readers_open(tmp_path):
+    polars = pytest.importorskip("polars")
+    buf = new_buffer(tmp_path, segment_groups=2)
+    groups = [make_group(f"g{i}", 0, seed=i) for i in range(5)]
+    buf.append([(g, None) for g in groups])
+    buf.close()
+    files = sorted(tmp_path.glob("segment-*.arrow"))
+    assert [f.name for f in files] == [f"segment-00000{i}.arrow" for i in (1, 2, 3)]
+    frame = polars.concat([polars.read_ipc(f) for f in files])
+    assert frame.height == 5 * G
+    assert frame["group_id"].n_unique() == 5
+    assert sorted(frame["sample_id"].to_list()) == sorted(
+        sid for g in groups for sid in g.column("sample_id").to_pylist()
+    )
+    assert frame.schema["routing"] == polars.List(polars.Array(polars.UInt8, 4))
+
+
+def test_crash_recovery_keeps_every_accepted_group_and_serves_none_twice(tmp_path):
+    buf = new_buffer(tmp_path, segment_groups=3, max_staleness=9)
+    buf.append([(make_group(f"g{i}", 0, seed=i), None) for i in range(7)])
+    first = served_ids(buf.sample(0))
+    # a crash: no close(); the open segment and a torn log line stay behind
+    with open(tmp_path / "consumed.jsonl", "ab") as f:
+        f.write(b'{"version": 1, "serv')
+    with open(next(tmp_path.glob("*.open")), "ab") as f:
+        f.write(b"\xff\xff\xff\xff\x10\x00")  # half an IPC message
+    del buf
+    again = new_buffer(tmp_path, segment_groups=3, max_staleness=9)
+    assert not list(tmp_path.glob("*.open"))
+    assert len(again.by_id) == 7
+    assert served_ids(again.sample(0)) == first  # the same request gets the same batch
+    rest = served_ids(again.sample(1)) + served_ids(again.sample(2))
+    assert sorted(first + rest) == [f"g{i}" for i in range(6)]
+    assert len(read_log(tmp_path)) == 3
+    again.append([(make_group("g7", 2, seed=7), None)])  # appends work after recovery
+    assert served_ids(again.sample(3)) == ["g6", "g7"]
+
+
+def test_check_refuses_duplicates_and_tokens_outside_the_vocabulary(tmp_path):
+    buf = new_buffer(tmp_path)
+    g = make_group("g", 0)
+    buf.append([(g, None)])
+    with pytest.raises(InvalidGroup, match="duplicate"):
+        buf.check(g)
+    rows = batch_to_trajectories(make_group("h", 0), SPEC)
+    for r in rows:
+        r.completion_tokens = [40] * len(r.completion_tokens)
+    with pytest.raises(InvalidGroup, match="vocabulary"):
+        buf.check(group_to_batch(rows, SPEC))

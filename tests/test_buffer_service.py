@@ -1,0 +1,244 @@
+"""The buffer service over real ZeroMQ sockets: fuzzed input, long polls, and a SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import zmq
+
+from async_rl.buffer_service import BufferClient, BufferService
+from async_rl.config import load_config, to_toml
+from async_rl.transport import encode, table_to_ipc
+from async_rl.types import RoutingSpec, batch_to_trajectories, group_to_batch
+from tests.test_buffer import G, make_group
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_config(tmp_path, *overrides):
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            "run.name=r",
+            f"algo.group_size={G}",
+            "algo.prompts_per_minibatch=2",
+            "buffer.max_staleness=9",
+            "buffer.segment_groups=4",
+            "buffer.max_message_mib=0.05",
+            *overrides,
+        ],
+    )
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+    return cfg
+
+
+@pytest.fixture
+def service(tmp_path):
+    cfg = run_config(tmp_path)
+    svc = BufferService(cfg, cfg.run_dir, ctx=zmq.Context())
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    client = BufferClient(cfg.run_dir, ctx=svc.ctx)
+    yield svc, client
+    client.close()
+    svc.stop()
+    thread.join(10)
+
+
+def wait_ingested(client, n, timeout=30):
+    deadline = time.monotonic() + timeout
+    while (stats := client.stats())["buffer/ingested"] < n:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.02)
+    return stats
+
+
+def test_fuzzed_messages_are_rejected_and_counted_while_valid_traffic_flows(service):
+    svc, client = service
+    rng = np.random.default_rng(0)
+    good = make_group("ok0", 0, seed=0)
+    rows = batch_to_trajectories(make_group("bad-len", 0, seed=1), RoutingSpec(2, 2, 8))
+    rows[2].behavior_logprobs = rows[2].behavior_logprobs[:-1] + [-0.1, -0.2]
+    mismatched = group_to_batch(rows, RoutingSpec(2, 2, 8))
+    rows = batch_to_trajectories(make_group("bad-routing", 0, seed=2), RoutingSpec(2, 2, 8))
+    for r in rows:
+        r.routing = np.zeros((r.routing.shape[0], 2, 3), np.uint8)
+    wrong_routing = group_to_batch(rows, RoutingSpec(2, 3, 8))
+    rows = batch_to_trajectories(make_group("short-routing", 0, seed=3), RoutingSpec(2, 2, 8))
+    rows[1].routing = rows[1].routing[:-1]
+    short_routing = group_to_batch(rows, RoutingSpec(2, 2, 8))
+    wrong_schema = pa.RecordBatch.from_pydict({"x": [1, 2, 3]})
+    bad = [
+        [rng.bytes(int(rng.integers(1, 2000)))],  # random single frames
+        [rng.bytes(100), rng.bytes(10), rng.bytes(50)],
+        encode("group", {}, rng.bytes(500)),  # garbage payload
+        encode("group", {}, table_to_ipc(good)[:-40]),  # truncated Arrow stream
+        [b"group", b"{not json", table_to_ipc(good)],
+        encode("nonsense", {}, table_to_ipc(good)),
+        encode("group", {}, table_to_ipc(wrong_schema)),
+        encode("group", {}, table_to_ipc(mismatched)),
+        encode("group", {}, table_to_ipc(wrong_routing)),  # [T, 2, 3] traces: schema
+        encode("group", {}, table_to_ipc(short_routing)),
+        encode("group", {}, table_to_ipc(good.slice(0, 2))),  # half a group
+        encode("group", {}, b"\0" * 80_000),  # over buffer.max_message_mib
+    ]
+    for i, frames in enumerate(bad):
+        client.push_socket.send_multipart(frames)
+        client.push(make_group(f"ok{i}", 0, seed=i))  # valid traffic between the bad
+    client.push(make_group("ok0", 0, seed=0))  # a duplicate group id
+    stats = wait_ingested(client, len(bad))
+    deadline = time.monotonic() + 10
+    while stats["buffer/rejected"] < len(bad) + 1 and time.monotonic() < deadline:
+        stats = client.stats()
+    assert stats["buffer/ingested"] == len(bad)
+    assert stats["buffer/rejected"] == len(bad) + 1
+    for reason in ("frames", "arrow", "header", "kind", "schema", "lengths", "routing"):
+        assert stats[f"buffer/rejected/{reason}"] >= 1, reason
+    assert stats["buffer/rejected/size"] == 1 and stats["buffer/rejected/duplicate"] == 1
+    # bad requests are refused with a reason, and the service still answers
+    with pytest.raises(RuntimeError, match="version"):
+        client.requests.request("sample", {"version": "x"})
+    table, info = client.sample(0)
+    assert table.num_rows == 2 * G and info["buffer/rejected"] == len(bad) + 2
+    assert table.column("group_id").unique().to_pylist() == ["ok0", "ok1"]
+
+
+def test_requests_wait_and_are_answered_when_they_can_be(service):
+    svc, client = service
+    table, info = client.sample(0, wait_s=0.2)
+    assert table is None and info["buffer/groups"] == 0
+    # K = 9, B = 2: 20 leases, then actors must pause
+    leases = [client.lease("a0", wait_s=0.0) for _ in range(21)]
+    assert all(lease is not None for lease in leases[:20]) and leases[20] is None
+    client.hello("a0")  # the actor restarted: its leases are released
+    assert client.lease("a0", wait_s=0.0) is not None
+
+    got = {}
+
+    def learner():
+        other = BufferClient(svc_dir(svc), ctx=svc.ctx)
+        got["batch"] = other.sample(0, wait_s=10)
+        other.close()
+
+    thread = threading.Thread(target=learner)
+    thread.start()
+    time.sleep(0.3)
+    client.push(make_group("g0", 0, seed=0))
+    client.push(make_group("g1", 0, seed=1))
+    thread.join(15)
+    table, info = got["batch"]
+    assert table.num_rows == 2 * G
+    assert info["staleness_max"] == 0
+
+
+def svc_dir(svc):
+    return svc.buffer.root.parent
+
+
+def test_sigkill_loses_no_accepted_group_and_serves_none_twice(tmp_path):
+    polars = pytest.importorskip("polars")
+    cfg = run_config(tmp_path)
+
+    def start():
+        return subprocess.Popen(
+            [sys.executable, "-m", "async_rl.buffer_service", str(cfg.run_dir)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    proc = start()
+    ctx = zmq.Context()
+    try:
+        client = BufferClient(cfg.run_dir, ctx=ctx)
+        for i in range(10):
+            client.push(make_group(f"g{i}", 0, seed=i))
+        wait_ingested(client, 10)
+        first, _ = client.sample(0)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert list((cfg.run_dir / "buffer").glob("*.open"))  # killed mid-segment
+        proc = start()
+        # the restarted service binds the same ports: the old client reconnects on its own
+        again, info = client.sample(0, wait_s=5)
+        assert again.equals(first)
+        served = set(first.column("group_id").to_pylist())
+        for v in range(1, 5):
+            table, _ = client.sample(v, wait_s=5)
+            ids = set(table.column("group_id").to_pylist())
+            assert not ids & served
+            served |= ids
+        assert served == {f"g{i}" for i in range(10)}
+        assert client.sample(5, wait_s=0.1)[0] is None
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, proc.stderr.read().decode()
+    segments = sorted((cfg.run_dir / "buffer").glob("segment-*.arrow"))
+    assert not list((cfg.run_dir / "buffer").glob("*.open"))
+    frame = polars.concat([polars.read_ipc(f) for f in segments])
+    assert frame.height == 10 * G and frame["group_id"].n_unique() == 10
+
+
+def _policy(version: int, index: int) -> pa.RecordBatch:
+    """A stand-in for generation: the group depends only on the weights and the prompt."""
+    return make_group(f"p{index}", version, seed=1000 * version + index)
+
+
+def _run_async(tmp_path, k: int, steps: int):
+    cfg = run_config(tmp_path, f"buffer.max_staleness={k}")
+    svc = BufferService(cfg, cfg.run_dir, ctx=zmq.Context())
+    threading.Thread(target=svc.run, daemon=True).start()
+    published, total = [0], steps * cfg.global_batch_groups
+
+    def actor():
+        client, index = BufferClient(cfg.run_dir, ctx=svc.ctx), 0
+        while index < total:
+            lease = client.lease("a0", wait_s=0.2)
+            if lease is None:
+                continue
+            while published[0] < lease[1]:  # load weights >= min_version
+                time.sleep(0.001)
+            client.push(_policy(published[0], index), lease[0])
+            index += 1
+        client.close()
+
+    thread = threading.Thread(target=actor, daemon=True)
+    thread.start()
+    learner, batches = BufferClient(cfg.run_dir, ctx=svc.ctx), []
+    for v in range(steps):
+        table = None
+        while table is None:
+            table, info = learner.sample(v, wait_s=5)
+        assert info["staleness_max"] <= k
+        batches.append(table.drop_columns(["created_at"]))
+        time.sleep(0.01)  # training
+        published[0] = v + 1
+        learner.publish(v + 1)
+    thread.join(10)
+    learner.close()
+    svc.stop()
+    return batches, cfg.global_batch_groups
+
+
+def test_k0_one_minibatch_serves_exactly_what_a_synchronous_loop_trains_on(tmp_path):
+    batches, b = _run_async(tmp_path / "async", k=0, steps=4)
+    for v, table in enumerate(batches):
+        sync = [_policy(v, i) for i in range(v * b, (v + 1) * b)]  # generate, then train
+        expected = pa.Table.from_batches(sync).drop_columns(["created_at"])
+        assert table.equals(expected), f"step {v}"
+
+
+def test_k1_runs_ahead_by_at_most_one_version(tmp_path):
+    batches, _ = _run_async(tmp_path, k=1, steps=4)
+    for v, table in enumerate(batches):
+        assert min(table.column("policy_version").to_pylist()) >= v - 1
