@@ -391,3 +391,40 @@ class ReplayBuffer:
 
     def close(self) -> None:
         self.close_segment()
+
+
+def inspect(root: Path) -> dict:
+    """What a buffer directory holds, read-only (safe while the service runs)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no buffer directory")
+    by_version: Counter[int] = Counter()
+    versions: dict[str, int] = {}
+    rows = reward_sum = 0.0
+    for _, batches in scan_segments(root):
+        for b in batches:
+            v = min(b.column("policy_version").to_pylist())
+            versions[b.column("group_id")[0].as_py()] = v
+            by_version[v] += 1
+            rows += b.num_rows
+            reward_sum += sum(b.column("reward").to_pylist())
+    staleness: Counter[int] = Counter()
+    served, dropped = Counter(), set()
+    for e in read_log(root):
+        for gid in e.get("served", []):
+            served[gid] += 1
+            staleness[e["version"] - versions.get(gid, e["version"])] += 1
+        dropped.update(e.get("dropped", []))
+    return {
+        "groups": len(versions),
+        "trajectories": int(rows),
+        "reward_mean": reward_sum / rows if rows else float("nan"),
+        "groups_by_version": dict(sorted(by_version.items())),
+        "staleness_histogram": dict(sorted(staleness.items())),
+        "trained_groups": len(served),
+        "dropped_stale": len(dropped),
+        "waiting_groups": len(versions.keys() - served.keys() - dropped),
+        "segments": len(list(root.glob("segment-*.arrow"))),
+        "open_segments": len(list(root.glob("segment-*.open"))),
+        "bytes_on_disk": sum(p.stat().st_size for p in root.iterdir() if p.is_file()),
+    }

@@ -40,6 +40,7 @@ from async_rl.transport import (
     ipc_to_table,
     publish_endpoints,
     read_endpoints,
+    send,
     table_to_ipc,
 )
 from async_rl.types import InvalidGroup, RoutingSpec
@@ -121,7 +122,7 @@ class BufferService:
         accepted, ids = [], set()
         for _ in range(MAX_DRAIN):
             try:
-                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
             try:
@@ -137,7 +138,7 @@ class BufferService:
         self.buffer.append(accepted)
 
     def _parse_group(self, frames: list[bytes]) -> tuple[pa.RecordBatch, str | None]:
-        size = sum(len(f) for f in frames)
+        size = sum(len(f.buffer) for f in frames)
         if size > self.max_bytes:
             raise BadMessage("size", f"{size} bytes, more than buffer.max_message_mib")
         _, header, payload = decode(frames, ("group",))
@@ -151,7 +152,7 @@ class BufferService:
 
     # ------------------------------------------------------------------ requests
     def _reply(self, peer: bytes, kind: str, header: dict, payload: bytes = b"") -> None:
-        self.router.send_multipart([peer, *encode(kind, header, payload)])
+        send(self.router, [peer, *encode(kind, header, payload)])
 
     def _request(self, frames: list[bytes]) -> None:
         peer, rest, header = frames[0], frames[1:], {}
@@ -249,7 +250,7 @@ class BufferClient:
         self.push_socket.connect(addresses["ingest"])
 
     def push(self, batch: pa.RecordBatch, lease: str | None = None) -> None:
-        self.push_socket.send_multipart(encode("group", {"lease": lease}, table_to_ipc(batch)))
+        send(self.push_socket, encode("group", {"lease": lease}, table_to_ipc(batch)))
 
     def hello(self, actor_id: str) -> int:
         return self.requests.request("hello", {"actor_id": actor_id})[1]["published"]
@@ -270,7 +271,7 @@ class BufferClient:
             "sample", {"version": version, "wait_s": wait_s}, timeout_s=wait_s + 30
         )
         header.pop("rid", None)
-        return (ipc_to_table(payload) if kind == "batch" else None), header
+        return (ipc_to_table(payload, full=False) if kind == "batch" else None), header
 
     def stats(self) -> dict:
         header = self.requests.request("stats", {})[1]

@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
     _add_config_args(ev)
+
+    buffer = sub.add_parser("buffer", help="look into a run's replay buffer")
+    buffer_sub = buffer.add_subparsers(dest="buffer_command", metavar="ACTION", required=True)
+    inspect = buffer_sub.add_parser(
+        "inspect", help="counts by version, staleness histogram, reward mean, bytes on disk"
+    )
+    inspect.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/tiny")
     return parser
 
 
@@ -138,11 +145,43 @@ def cmd_train(cfg: Config) -> None:
     )
 
 
+def cmd_buffer_inspect(run_dir: Path) -> None:
+    from async_rl.buffer import inspect
+
+    info = inspect(run_dir / "buffer")
+    print(f"buffer of {run_dir}")
+    print(
+        f"  groups {info['groups']}  trajectories {info['trajectories']}  "
+        f"reward mean {info['reward_mean']:.3f}"
+    )
+    print(
+        f"  trained on {info['trained_groups']}  waiting {info['waiting_groups']}  "
+        f"dropped stale {info['dropped_stale']}"
+    )
+    print(
+        f"  segments {info['segments']} closed, {info['open_segments']} open; "
+        f"{info['bytes_on_disk'] / 2**20:.2f} MiB on disk"
+    )
+    print("  groups by policy version: " + _histogram(info["groups_by_version"]))
+    print("  staleness when trained:   " + _histogram(info["staleness_histogram"]))
+
+
+def _histogram(counts: dict[int, int]) -> str:
+    return "  ".join(f"{k}: {v}" for k, v in counts.items()) or "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 0
+    if args.command == "buffer":
+        try:
+            cmd_buffer_inspect(args.run_dir)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"async-rl: error: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         cfg = load_config(args.config, args.overrides)

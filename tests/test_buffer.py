@@ -269,3 +269,19 @@ def test_check_refuses_duplicates_and_tokens_outside_the_vocabulary(tmp_path):
         r.completion_tokens = [40] * len(r.completion_tokens)
     with pytest.raises(InvalidGroup, match="vocabulary"):
         buf.check(group_to_batch(rows, SPEC))
+
+
+def test_inspect_command_reports_counts_staleness_and_bytes(tmp_path, capsys):
+    from async_rl.cli import main
+
+    buf = new_buffer(tmp_path / "run" / "buffer", segment_groups=3, max_staleness=1)
+    buf.append([(make_group(f"g{i}", i // 2, seed=i), None) for i in range(9)])
+    buf.sample(2)  # drops g0, g1 (version 0); trains on g2, g3 (version 1)
+    assert main(["buffer", "inspect", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "groups 9  trajectories 36" in out
+    assert "trained on 2  waiting 5  dropped stale 2" in out
+    assert "groups by policy version: 0: 2  1: 2  2: 2  3: 2  4: 1" in out
+    assert "staleness when trained:   1: 2" in out
+    assert "2 closed, 1 open" in out
+    assert main(["buffer", "inspect", str(tmp_path / "missing")]) == 2
