@@ -1,0 +1,263 @@
+"""Weight versions from the learner to the actors: the `WeightStore` and its announcements.
+
+Version v is the learner's weights after v global steps; version 0 is the starting checkpoint.
+The learner publishes v+1 after every global step and does not wait for anyone; an actor swaps
+to the newest complete version between generation steps; a late joiner fetches the newest.
+
+Backends (`learner.weight_store`):
+- `fs`: `runs/<name>/weights/v000003/` is a complete Hugging Face checkpoint (the starting
+  checkpoint's config and tokenizer files plus `model.safetensors`), written under a temporary
+  name and renamed; `manifest.json` is written last, atomically. A version without a valid
+  manifest does not exist for readers.
+- `ray`: tensors in the Ray object store, indexed by a named Ray actor (`RayWeightStore`), for
+  multi-node runs where actors share no filesystem with the learner.
+Both hand out Hugging Face tensor names (`model.layers.0.mlp.experts.3.gate_proj.weight`), the
+layout vLLM and transformers read. Nothing is unpickled: files are safetensors and JSON.
+
+Announcements: the learner's PUB socket sends `[b"weights", {"version": v}, b""]`; actors SUB
+and also ask the store for `latest()`, so a missed announcement only delays a swap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import zmq
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from async_rl.transport import decode, encode, write_json_atomic
+
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+TEMPLATE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+class WeightStore(Protocol):
+    def publish(self, version: int, hf_state: dict[str, torch.Tensor]) -> None: ...
+
+    def latest(self) -> int | None: ...
+
+    def fetch(self, version: int) -> dict[str, torch.Tensor]: ...
+
+    def collect(self, in_use: set[int]) -> list[int]: ...
+
+
+def _version_dir(root: Path, version: int) -> Path:
+    return root / f"v{version:06d}"
+
+
+def read_manifest(path: Path) -> dict:
+    """A version directory's manifest, checked; `ValueError` naming the problem otherwise."""
+    file = Path(path) / MANIFEST
+    try:
+        data = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise ValueError(f"{file}: missing (the version is incomplete)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    version, files = data.get("version"), data.get("files")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"{file}: 'version' must be a non-negative integer")
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise ValueError(f"{file}: 'files' must map file names to sizes and include {WEIGHTS}")
+    for name, size in files.items():
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise ValueError(f"{file}: bad file name {name!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"{file}: size of {name!r} must be a non-negative integer")
+        actual = Path(path) / name
+        if not actual.is_file() or actual.stat().st_size != size:
+            raise ValueError(f"{file}: {name} is missing or not {size} bytes")
+    return data
+
+
+class FsWeightStore:
+    """Versioned Hugging Face checkpoints in a directory (`runs/<name>/weights/`)."""
+
+    def __init__(self, root: Path, template: Path | None = None, keep: int = 3):
+        self.root, self.template, self.keep = Path(root), template, keep
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, version: int) -> Path:
+        """The checkpoint directory of a complete version (checked against its manifest)."""
+        path = _version_dir(self.root, version)
+        if read_manifest(path)["version"] != version:
+            raise ValueError(f"{path}: manifest names another version")
+        return path
+
+    def publish(self, version: int, hf_state: dict[str, torch.Tensor]) -> None:
+        final = _version_dir(self.root, version)
+        if (final / MANIFEST).exists():
+            raise ValueError(f"weights version {version} already exists in {self.root}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
+        try:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state.items()}
+            save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+            for name in TEMPLATE_FILES:
+                if self.template is not None and (self.template / name).exists():
+                    shutil.copyfile(self.template / name, tmp / name)
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt, no manifest
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        files = {f.name: f.stat().st_size for f in final.iterdir() if f.name != MANIFEST}
+        write_json_atomic(
+            final / MANIFEST, {"version": version, "files": files, "created_at": time.time()}
+        )
+
+    def versions(self) -> list[int]:
+        """Complete versions, oldest first."""
+        found = []
+        for path in self.root.glob("v[0-9]*"):
+            try:
+                found.append(read_manifest(path)["version"])
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def latest(self) -> int | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def fetch(self, version: int) -> dict[str, torch.Tensor]:
+        file = self.path(version) / WEIGHTS
+        try:
+            return load_file(file)
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{file}: cannot read ({e})") from None
+
+    def collect(self, in_use: set[int]) -> list[int]:
+        """Delete versions no actor uses, keeping the newest `keep`; return what was deleted."""
+        versions = self.versions()
+        doomed = [v for v in versions[: -self.keep] if v not in in_use and v != 0]
+        for v in doomed:
+            path = _version_dir(self.root, v)
+            (path / MANIFEST).unlink()  # readers stop seeing it before the files go
+            shutil.rmtree(path, ignore_errors=True)
+        return doomed
+
+
+class WeightAnnouncer:
+    """The learner's PUB socket: tells subscribed actors that a version is ready."""
+
+    def __init__(self, ctx: zmq.Context, host: str):
+        self.socket = ctx.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.address = f"tcp://{host}:{self.socket.bind_to_random_port(f'tcp://{host}')}"
+
+    def announce(self, version: int) -> None:
+        self.socket.send_multipart(encode("weights", {"version": version}))
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class WeightSubscriber:
+    """An actor's SUB socket; `newest()` drains announcements without blocking."""
+
+    def __init__(self, ctx: zmq.Context, address: str):
+        self.socket = ctx.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"weights")
+        self.socket.connect(address)
+
+    def newest(self, timeout_ms: int = 0) -> int | None:
+        best = None
+        while self.socket.poll(timeout_ms):
+            timeout_ms = 0
+            try:
+                _, header, _ = decode(self.socket.recv_multipart(), ("weights",))
+            except ValueError:
+                continue  # a bad announcement is ignored; the store is the source of truth
+            v = header.get("version")
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                best = v if best is None else max(best, v)
+        return best
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class _Registry:
+    """Ray actor body: version -> object ref of that version's tensors (numpy arrays)."""
+
+    def __init__(self, keep: int):
+        self.keep, self.refs = keep, {}
+
+    def put(self, version: int, refs: list) -> None:
+        self.refs[version] = refs[0]  # wrapped in a list so Ray passes the ref, not the value
+
+    def latest(self) -> int | None:
+        return max(self.refs) if self.refs else None
+
+    def get(self, version: int) -> list:
+        return [self.refs[version]] if version in self.refs else []
+
+    def collect(self, in_use: list[int]) -> list[int]:
+        versions = sorted(self.refs)
+        doomed = [v for v in versions[: -self.keep] if v not in in_use and v != 0]
+        for v in doomed:
+            del self.refs[v]
+        return doomed
+
+
+class RayWeightStore:
+    """Weights in the Ray object store, indexed by a named Ray actor (multi-node runs)."""
+
+    def __init__(self, name: str, keep: int = 3, create: bool = False):
+        import ray
+
+        self.ray = ray
+        if create:
+            registry = ray.remote(num_cpus=0)(_Registry)
+            self.registry = registry.options(name=name, get_if_exists=True).remote(keep)
+        else:
+            self.registry = ray.get_actor(name)
+
+    def publish(self, version: int, hf_state: dict[str, torch.Tensor]) -> None:
+        arrays = {k: _to_numpy(v) for k, v in hf_state.items()}
+        self.ray.get(self.registry.put.remote(version, [self.ray.put(arrays)]))
+
+    def latest(self) -> int | None:
+        return self.ray.get(self.registry.latest.remote())
+
+    def fetch(self, version: int) -> dict[str, torch.Tensor]:
+        refs = self.ray.get(self.registry.get.remote(version))
+        if not refs:
+            raise ValueError(f"weights version {version} is not in the Ray object store")
+        return {k: _from_numpy(*v) for k, v in self.ray.get(refs[0]).items()}
+
+    def collect(self, in_use: set[int]) -> list[int]:
+        return self.ray.get(self.registry.collect.remote(sorted(in_use)))
+
+
+def _to_numpy(t: torch.Tensor) -> tuple:
+    """(array, dtype name): numpy has no bfloat16, so those travel as their 16 raw bits."""
+    t = t.detach().cpu().contiguous()
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    return raw.numpy(), str(t.dtype).removeprefix("torch.")
+
+
+def _from_numpy(array, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(array.copy())
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t

@@ -1,0 +1,127 @@
+"""Weight versions: the fs store's atomicity and garbage collection, announcements, Ray store."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+import zmq
+
+from async_rl.config import ModelConfig
+from async_rl.tokenizer import Tokenizer
+from async_rl.weights import (
+    FsWeightStore,
+    RayWeightStore,
+    WeightAnnouncer,
+    WeightSubscriber,
+    read_manifest,
+)
+from learner.hf import export_hf, import_hf
+from learner.model import build_model
+
+
+def state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a.weight": torch.randn(4, 3, generator=g),
+        "b.weight": torch.randn(5, generator=g).to(torch.bfloat16),
+    }
+
+
+def test_fs_store_round_trip_latest_and_collect(tmp_path):
+    store = FsWeightStore(tmp_path / "weights", keep=2)
+    assert store.latest() is None
+    for v in range(5):
+        store.publish(v, state(v))
+    assert store.latest() == 4
+    fetched = store.fetch(3)
+    assert all(torch.equal(fetched[k], state(3)[k]) for k in fetched)
+    assert fetched["b.weight"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="already exists"):
+        store.publish(4, state(0))
+    # keep the newest 2, version 0 (the starting point) and what actors still use
+    assert store.collect(in_use={2}) == [1]
+    assert store.versions() == [0, 2, 3, 4]
+
+
+def test_a_version_without_its_manifest_does_not_exist(tmp_path):
+    store = FsWeightStore(tmp_path, keep=2)
+    store.publish(0, state(0))
+    store.publish(1, state(1))
+    os.unlink(tmp_path / "v000001" / "manifest.json")  # as if the learner died just before it
+    (tmp_path / ".v000002.partial").mkdir()  # and a half-written temporary directory
+    assert store.latest() == 0
+    with pytest.raises(ValueError, match="incomplete"):
+        store.fetch(1)
+    store.publish(1, state(5))  # publishing again replaces the incomplete attempt
+    assert torch.equal(store.fetch(1)["a.weight"], state(5)["a.weight"])
+
+
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        (b"\x00\xff garbage", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (json.dumps({"version": -1, "files": {}}).encode(), "version"),
+        (json.dumps({"version": True, "files": {}}).encode(), "version"),
+        (json.dumps({"version": 1, "files": {}}).encode(), "model.safetensors"),
+        (json.dumps({"version": 1, "files": {"model.safetensors": 3}}).encode(), "not 3 bytes"),
+        (
+            json.dumps({"version": 1, "files": {"model.safetensors": 1, "../x": 1}}).encode(),
+            "bad file name",
+        ),
+        (json.dumps({"version": 1, "files": {"model.safetensors": "big"}}).encode(), "size"),
+    ],
+)
+def test_bad_manifests_are_refused_with_the_reason(tmp_path, manifest, message):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "manifest.json").write_bytes(manifest)
+    with pytest.raises(ValueError, match=message):
+        read_manifest(tmp_path)
+
+
+def test_every_fs_version_is_a_hugging_face_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = ModelConfig()
+    model = build_model(cfg, seed=0)
+    start = export_hf(model, cfg, Tokenizer.arithmetic(), tmp_path / "start")
+    store = FsWeightStore(tmp_path / "weights", template=start)
+    store.publish(0, load_file(start / "model.safetensors"))
+    loaded, _ = import_hf(store.path(0))
+    tokens = torch.tensor([[2, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(tokens), model.eval()(tokens))
+
+
+def test_announcements_reach_subscribers_and_garbage_is_ignored():
+    ctx = zmq.Context()
+    announcer = WeightAnnouncer(ctx, "127.0.0.1")
+    sub = WeightSubscriber(ctx, announcer.address)
+    time.sleep(0.3)  # PUB/SUB joins late; the store is the fallback for what is missed
+    announcer.socket.send_multipart([b"weights", b"{oops", b""])
+    for v in (1, 3, 2):
+        announcer.announce(v)
+    assert sub.newest(timeout_ms=2000) == 3
+    assert sub.newest() is None
+    sub.close()
+    announcer.close()
+
+
+def test_ray_store_round_trip():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        store = RayWeightStore("weights-test", keep=1, create=True)
+        for v in range(3):
+            store.publish(v, state(v))
+        reader = RayWeightStore("weights-test")  # another process would look it up by name
+        assert reader.latest() == 2
+        fetched = reader.fetch(2)
+        assert all(torch.equal(fetched[k], state(2)[k]) for k in fetched)
+        assert reader.collect(set()) == [1]
+        with pytest.raises(ValueError, match="not in the Ray object store"):
+            reader.fetch(1)
+    finally:
+        ray.shutdown()
