@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from async_rl.types import InvalidGroup, RoutingSpec, check_group, trajectory_sc
 log = logging.getLogger(__name__)
 
 LOG = "consumed.jsonl"
+PROMPT_BLOCK = 1024
 
 
 @dataclass
@@ -145,7 +147,10 @@ class ReplayBuffer:
         self.num_trained = self.num_pending = 0
         self.served_at: dict[int, list[str]] = {}  # learner version -> group ids
         self.published = 0
-        self.leases: dict[str, tuple[str, float]] = {}  # lease id -> (actor id, expiry)
+        self.leases: dict[str, tuple[str, float, int]] = {}  # id -> (actor, expiry, prompt)
+        self.reissue: list[int] = []  # prompts of expired or released leases
+        self.next_prompt = self.prompts_reserved = 0
+        self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (version, seen)
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self._file = self._writer = None
@@ -193,6 +198,9 @@ class ReplayBuffer:
                 self._drop(self.by_id[gid])
             if "published" in e:
                 self.published = max(self.published, e["published"])
+            if "prompts_reserved" in e:
+                self.prompts_reserved = max(self.prompts_reserved, e["prompts_reserved"])
+        self.next_prompt = self.prompts_reserved
         self._prune()
 
     def _index(self, batch: pa.RecordBatch, segment: int, index: int) -> Group:
@@ -363,19 +371,57 @@ class ReplayBuffer:
             self.published = version
             self._log({"published": version})
 
-    def lease(self, lease_id: str, actor_id: str, now: float | None = None) -> int | None:
-        """Grant a lease (returns the minimum weights version to generate with) or None."""
+    def lease(
+        self, actor_id: str, count: int = 1, version: int | None = None, now: float | None = None
+    ) -> tuple[int, list[tuple[str, int]]] | None:
+        """Up to `count` leases for `actor_id`, or None while actors must pause.
+
+        Returns the minimum weights version to generate with and, per lease, its id and the
+        index of the training prompt to generate for. Prompts are handed out once each, in
+        order, whatever the size of the fleet; the prompt of an expired lease is handed out
+        again. `version` is the weights version the actor holds (kept for garbage collection).
+        """
         now = time.monotonic() if now is None else now
-        self.leases = {k: v for k, v in self.leases.items() if v[1] > now}
+        if version is not None:
+            self.actor_versions[actor_id] = (version, now)
+        for lease_id, (_, expiry, prompt) in list(self.leases.items()):
+            if expiry <= now:
+                del self.leases[lease_id]
+                self.reissue.append(prompt)
         used = self.num_trained + self.num_pending + len(self.leases)
-        if used >= (self.max_staleness + self.published + 1) * self.batch_groups:
+        room = (self.max_staleness + self.published + 1) * self.batch_groups - used
+        if room <= 0:
             return None
-        self.leases[lease_id] = (actor_id, now + self.lease_timeout_s)
-        return self.published
+        granted = []
+        for _ in range(min(count, room)):
+            lease_id = uuid.uuid4().hex
+            prompt = self.reissue.pop(0) if self.reissue else self._next_prompt()
+            self.leases[lease_id] = (actor_id, now + self.lease_timeout_s, prompt)
+            granted.append((lease_id, prompt))
+        return self.published, granted
+
+    def _next_prompt(self) -> int:
+        if self.next_prompt >= self.prompts_reserved:
+            # Reserve prompt indices in blocks: after a crash the run skips at most a block
+            # of prompts and never hands one out twice.
+            self.prompts_reserved = self.next_prompt + PROMPT_BLOCK
+            self._log({"prompts_reserved": self.prompts_reserved})
+        self.next_prompt += 1
+        return self.next_prompt - 1
 
     def release(self, actor_id: str) -> None:
-        """Forget an actor's leases (it restarted or left)."""
-        self.leases = {k: v for k, v in self.leases.items() if v[0] != actor_id}
+        """Drop an actor's leases (it restarted or left); their prompts are handed out again."""
+        for lease_id, (owner, _, prompt) in list(self.leases.items()):
+            if owner == actor_id:
+                del self.leases[lease_id]
+                self.reissue.append(prompt)
+
+    def versions_in_use(self, now: float | None = None) -> list[int]:
+        """Weights versions that actors reported within the lease timeout."""
+        now = time.monotonic() if now is None else now
+        return sorted(
+            {v for v, seen in self.actor_versions.values() if now - seen < self.lease_timeout_s}
+        )
 
     def metrics(self) -> dict[str, float]:
         return {

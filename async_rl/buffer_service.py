@@ -23,7 +23,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -187,11 +186,15 @@ class BufferService:
             b.release(_str(header, "actor_id"))
             self._reply(peer, "ok", {"rid": rid, "published": b.published})
         elif kind == "lease":
-            lease_id = uuid.uuid4().hex
-            min_version = b.lease(lease_id, _str(header, "actor_id"))
-            if min_version is None:
+            version = header.get("version")
+            grant = b.lease(
+                _str(header, "actor_id"),
+                count=min(_int(header, "count", 1), 1024),
+                version=_int(header, "version") if version is not None else None,
+            )
+            if grant is None:
                 return False
-            self._reply(peer, "ok", {"rid": rid, "lease": lease_id, "min_version": min_version})
+            self._reply(peer, "ok", {"rid": rid, "min_version": grant[0], "leases": grant[1]})
         elif kind == "publish":
             b.set_published(_int(header, "version"))
             self._reply(peer, "ok", {"rid": rid})
@@ -203,6 +206,7 @@ class BufferService:
             staleness = b.staleness(version)
             info = {
                 "rid": rid,
+                "versions_in_use": b.versions_in_use(),
                 "staleness_mean": sum(staleness) / len(staleness),
                 "staleness_max": max(staleness),
                 **b.metrics(),
@@ -221,8 +225,8 @@ def _str(header: dict, key: str) -> str:
     return value
 
 
-def _int(header: dict, key: str) -> int:
-    value = header.get(key)
+def _int(header: dict, key: str, default: int | None = None) -> int:
+    value = header.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise BadMessage("header", f"{key!r} must be a non-negative integer")
     return value
@@ -255,12 +259,17 @@ class BufferClient:
     def hello(self, actor_id: str) -> int:
         return self.requests.request("hello", {"actor_id": actor_id})[1]["published"]
 
-    def lease(self, actor_id: str, wait_s: float = 1.0) -> tuple[str, int] | None:
-        """(lease id, minimum weights version), or None if actors must pause for now."""
-        kind, header, _ = self.requests.request(
-            "lease", {"actor_id": actor_id, "wait_s": wait_s}, timeout_s=wait_s + 10
-        )
-        return (header["lease"], header["min_version"]) if kind == "ok" else None
+    def lease(
+        self, actor_id: str, count: int = 1, version: int | None = None, wait_s: float = 1.0
+    ) -> tuple[int, list[tuple[str, int]]] | None:
+        """(minimum weights version, [(lease id, prompt index), ...]), or None: pause for now."""
+        header = {"actor_id": actor_id, "count": count, "wait_s": wait_s}
+        if version is not None:
+            header["version"] = version
+        kind, reply, _ = self.requests.request("lease", header, timeout_s=wait_s + 10)
+        if kind != "ok":
+            return None
+        return reply["min_version"], [(lease, prompt) for lease, prompt in reply["leases"]]
 
     def publish(self, version: int) -> None:
         self.requests.request("publish", {"version": version})

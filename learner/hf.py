@@ -97,15 +97,20 @@ def model_config_from_hf(path: str | Path) -> ModelConfig:
     return cfg
 
 
+def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's weights in Hugging Face Qwen3-MoE names (per-expert keys), on CPU."""
+    adapter = Qwen3StateDictAdapter(titan_config(cfg), None)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    return {k: v.contiguous().cpu() for k, v in adapter.to_hf(state).items()}
+
+
 def export_hf(
     model: torch.nn.Module, cfg: ModelConfig, tokenizer: Tokenizer, out_dir: str | Path
 ) -> Path:
     """Write `model` as a Hugging Face Qwen3-MoE checkpoint at `out_dir` (replacing it)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    adapter = Qwen3StateDictAdapter(titan_config(cfg), None)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    hf_state = {k: v.contiguous().cpu() for k, v in adapter.to_hf(state).items()}
+    hf_state = hf_state_dict(model, cfg)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(hf_state, tmp / WEIGHTS, metadata={"format": "pt"})

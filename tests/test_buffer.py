@@ -189,32 +189,44 @@ def test_a_repeated_request_gets_the_same_batch(tmp_path):
 
 def test_admission_allows_k_plus_one_batches_ahead(tmp_path):
     buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2)
-    grants = [buf.lease(f"l{i}", "a0", now=0.0) for i in range(5)]
-    assert grants == [0, 0, 0, 0, None]  # (K + 1) * B = 4 groups may be in flight at version 0
-    buf.append([(make_group(f"g{i}", 0, seed=i), f"l{i}") for i in range(4)])
-    assert buf.lease("x", "a0", now=0.0) is None  # 4 pending
+    min_version, leases = buf.lease("a0", count=5, version=0, now=0.0)
+    assert min_version == 0 and len(leases) == 4  # (K + 1) * B = 4 groups ahead at version 0
+    assert [prompt for _, prompt in leases] == [0, 1, 2, 3]  # prompts in order, once each
+    assert buf.lease("a0", now=0.0) is None
+    buf.append([(make_group(f"g{i}", 0, seed=i), lease) for i, (lease, _) in enumerate(leases)])
+    assert buf.lease("a0", now=0.0) is None  # 4 pending
     assert buf.sample(0) is not None
-    assert buf.lease("x", "a0", now=0.0) is None  # trained on 2, pending 2: still 4
+    assert buf.lease("a0", now=0.0) is None  # trained on 2, pending 2: still 4
     buf.set_published(1)
-    assert buf.lease("y", "a0", now=0.0) == 1  # a new version opens B more slots
-    assert buf.lease("z", "a0", now=0.0) == 1
-    assert buf.lease("w", "a0", now=0.0) is None
-    assert buf.lease("w", "a1", now=10_000.0) == 1  # the earlier leases expired
+    assert buf.lease("a0", count=3, now=0.0)[0] == 1  # a new version opens B more slots...
+    assert buf.lease("a0", now=0.0) is None  # ...and only B
+    # leases expire: their prompts go to the next actor that asks
+    min_version, again = buf.lease("a1", count=5, version=1, now=10_000.0)
+    assert [prompt for _, prompt in again] == [4, 5]
+    assert buf.versions_in_use(now=10_000.0) == [1]  # a0's report is older than the timeout
     buf.release("a1")
-    assert "w" not in buf.leases
+    assert not buf.leases and buf.reissue == [4, 5]
+
+
+def test_prompt_indices_are_never_handed_out_twice_across_restarts(tmp_path):
+    buf = new_buffer(tmp_path, max_staleness=100)
+    _, first = buf.lease("a0", count=10, now=0.0)
+    del buf  # crash
+    again = new_buffer(tmp_path, max_staleness=100)
+    _, second = again.lease("a0", count=10, now=0.0)
+    assert not {p for _, p in first} & {p for _, p in second}
 
 
 def test_sync_mode_admits_exactly_one_batch_per_version(tmp_path):
     """K = 0: each published version admits one global batch, generated from that version."""
     buf = new_buffer(tmp_path, max_staleness=0, global_batch_groups=2)
     for version in range(3):
-        leases = []
-        while (granted := buf.lease(f"{version}-{len(leases)}", "a0", now=0.0)) is not None:
-            assert granted == version
-            leases.append(f"{version}-{len(leases)}")
-        assert len(leases) == 2
-        buf.append([(make_group(lease, version, seed=i), lease) for i, lease in enumerate(leases)])
-        assert served_ids(buf.sample(version)) == leases
+        min_version, leases = buf.lease("a0", count=10, now=0.0)
+        assert min_version == version and len(leases) == 2
+        assert buf.lease("a0", now=0.0) is None
+        ids = [lease for lease, _ in leases]
+        buf.append([(make_group(lease, version, seed=i), lease) for i, lease in enumerate(ids)])
+        assert served_ids(buf.sample(version)) == ids
         buf.set_published(version + 1)
     assert buf.metrics()["buffer/dropped_stale"] == 0
 

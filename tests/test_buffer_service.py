@@ -117,8 +117,9 @@ def test_requests_wait_and_are_answered_when_they_can_be(service):
     table, info = client.sample(0, wait_s=0.2)
     assert table is None and info["buffer/groups"] == 0
     # K = 9, B = 2: 20 leases, then actors must pause
-    leases = [client.lease("a0", wait_s=0.0) for _ in range(21)]
-    assert all(lease is not None for lease in leases[:20]) and leases[20] is None
+    assert len(client.lease("a0", count=19, wait_s=0.0)[1]) == 19
+    assert len(client.lease("a0", count=5, wait_s=0.0)[1]) == 1
+    assert client.lease("a0", wait_s=0.0) is None
     client.hello("a0")  # the actor restarted: its leases are released
     assert client.lease("a0", wait_s=0.0) is not None
 
@@ -206,9 +207,11 @@ def _run_async(tmp_path, k: int, steps: int):
             lease = client.lease("a0", wait_s=0.2)
             if lease is None:
                 continue
-            while published[0] < lease[1]:  # load weights >= min_version
+            min_version, [(lease_id, prompt)] = lease
+            assert prompt == index  # the buffer hands out prompts in order
+            while published[0] < min_version:  # load weights >= min_version
                 time.sleep(0.001)
-            client.push(_policy(published[0], index), lease[0])
+            client.push(_policy(published[0], prompt), lease_id)
             index += 1
         client.close()
 
