@@ -214,6 +214,15 @@ class Tokenizer:
         """Text of `ids`, special tokens skipped (the caller cuts at eos first)."""
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a policy sees for a prompt: bos (when the tokenizer has one) + the text."""
+        return ([self._bos] if self._bos is not None else []) + self.encode(text)
+
+    def decode_completion(self, ids: list[int]) -> str:
+        """A completion's text, cut at the first eos."""
+        ids = list(ids)
+        return self.decode(ids[: ids.index(self._eos)] if self._eos in ids else ids)
+
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
     """`"arithmetic"` for the built-in tokenizer, otherwise a Hugging Face tokenizer directory."""

@@ -103,8 +103,6 @@ class FsWeightStore:
 
     def publish(self, version: int, hf_state: dict[str, torch.Tensor]) -> None:
         final = _version_dir(self.root, version)
-        if (final / MANIFEST).exists():
-            raise ValueError(f"weights version {version} already exists in {self.root}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
         try:
             tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state.items()}
@@ -115,7 +113,11 @@ class FsWeightStore:
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt, no manifest
+            if final.exists():
+                # A resumed learner recomputes versions its crashed run had published: the
+                # manifest goes first, so readers skip the version while it is replaced.
+                (final / MANIFEST).unlink(missing_ok=True)
+                shutil.rmtree(final)
             tmp.rename(final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -261,3 +263,12 @@ def _to_numpy(t: torch.Tensor) -> tuple:
 def _from_numpy(array, dtype: str) -> torch.Tensor:
     t = torch.from_numpy(array.copy())
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def weight_store(
+    cfg, run_dir: Path, start: Path | None = None, create: bool = False
+) -> WeightStore:
+    """The run's store (`learner.weight_store`); the learner creates it, actors open it."""
+    if cfg.learner.weight_store == "ray":
+        return RayWeightStore(f"{cfg.run.name}-weights", cfg.learner.keep_versions, create=create)
+    return FsWeightStore(Path(run_dir) / "weights", template=start, keep=cfg.learner.keep_versions)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.sampler import sample
-from async_rl.tasks import Problem, Task
+from async_rl.tasks import Task
 from async_rl.tokenizer import Tokenizer
 
 
@@ -17,19 +17,6 @@ class EvalResult:
     avg_at_k: float  # mean reward over k sampled completions per prompt
     k: int
     num_prompts: int
-
-
-def prompt_ids(tokenizer: Tokenizer, problem: Problem) -> list[int]:
-    """The token ids a policy sees for a problem: bos (when the tokenizer has one) + prompt."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return bos + tokenizer.encode(problem.prompt)
-
-
-def completion_text(tokenizer: Tokenizer, ids: list[int]) -> str:
-    """Decoded completion, cut at the first eos."""
-    if tokenizer.eos_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_id)]
-    return tokenizer.decode(ids)
 
 
 @torch.no_grad()
@@ -53,7 +40,7 @@ def evaluate(
     greedy_hits, sampled_hits = 0.0, 0.0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        prompts = [prompt_ids(tokenizer, p) for p in chunk]
+        prompts = [tokenizer.encode_prompt(p.prompt) for p in chunk]
         for temp, repeats in ((0.0, 1), (temperature, k)):
             out = sample(
                 model,
@@ -65,7 +52,7 @@ def evaluate(
                 generator=generator,
             )
             rewards = [
-                task.reward(chunk[i // repeats], completion_text(tokenizer, c))
+                task.reward(chunk[i // repeats], tokenizer.decode_completion(c))
                 for i, c in enumerate(out.completions)
             ]
             if temp == 0.0:

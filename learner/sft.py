@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from async_rl.config import Config
 from async_rl.tasks import Problem, Task
 from async_rl.tokenizer import Tokenizer
-from learner.evaluate import EvalResult, evaluate, prompt_ids
+from learner.evaluate import EvalResult, evaluate
 from learner.hf import export_hf
 from learner.model import build_model
 
@@ -30,7 +30,7 @@ def sft_batch(
     """Right-padded inputs `[B, T]`, next-token targets `[B, T]` and a loss mask `[B, T]`."""
     seqs, starts = [], []
     for p in problems:
-        prompt = prompt_ids(tokenizer, p)
+        prompt = tokenizer.encode_prompt(p.prompt)
         full = prompt + tokenizer.encode(task.sft_completion(p)) + [tokenizer.eos_id]
         if len(full) > max_seq_len + 1:
             raise ValueError(

@@ -1,0 +1,102 @@
+"""From the buffer's Arrow rows to the learner's tensors.
+
+Shape legend: B = completions, T = positions (prompt + completion - 1, padded to the longest),
+L = MoE layers, K = experts per token.
+
+A row `prompt + completion` becomes the model input `x = seq[:-1]` and targets `y = seq[1:]`;
+completion token j sits at target position `P - 1 + j`. The actor's routing trace covers
+exactly the input positions (`P + C - 1`), so it lines up with `x` as `[B, T, L, K]`. Rows are
+right-padded; with a causal mask padding never changes a real position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from async_rl.types import RoutingSpec
+
+
+@dataclass
+class PackedBatch:
+    inputs_BT: torch.Tensor  # int64 token ids, pad-filled
+    targets_BT: torch.Tensor  # int64 next tokens
+    mask_BT: torch.Tensor  # bool: the target is a completion token
+    behavior_logprobs_BT: torch.Tensor  # float32 log mu at completion targets, 0 elsewhere
+    rewards_B: torch.Tensor  # float32
+    advantages_B: torch.Tensor  # float32, per group (computed before any split)
+    policy_versions_B: torch.Tensor  # int64
+    routing_BTLK: torch.Tensor | None  # the actor's trace, None if the engine gave none
+
+    @property
+    def num_rows(self) -> int:
+        return self.inputs_BT.shape[0]
+
+    def rows(self, start: int, stop: int) -> PackedBatch:
+        """Rows [start, stop), trimmed to their longest sequence."""
+        width = int(self.mask_BT[start:stop].any(0).nonzero().max()) + 1
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or value.ndim == 1:
+                out[f.name] = None if value is None else value[start:stop]
+            else:
+                out[f.name] = value[start:stop, :width]
+        return PackedBatch(**out)
+
+
+def pack(
+    table: pa.Table,
+    spec: RoutingSpec,
+    group_size: int,
+    advantages: callable,
+    pad_id: int,
+) -> PackedBatch:
+    """Tensors of a global batch; `advantages(rewards_B, group_size) -> advantages_B`."""
+    prompts = table.column("prompt_tokens").to_pylist()
+    completions = table.column("completion_tokens").to_pylist()
+    behavior = table.column("behavior_logprobs").to_pylist()
+    lengths = [len(p) + len(c) - 1 for p, c in zip(prompts, completions, strict=True)]
+    b, t = len(prompts), max(lengths)
+    inputs = np.full((b, t), pad_id, np.int64)
+    targets = np.full((b, t), pad_id, np.int64)
+    mask = np.zeros((b, t), bool)
+    mu = np.zeros((b, t), np.float32)
+    for i, (p, c, lp) in enumerate(zip(prompts, completions, behavior, strict=True)):
+        seq = p + c
+        inputs[i, : lengths[i]] = seq[:-1]
+        targets[i, : lengths[i]] = seq[1:]
+        mask[i, len(p) - 1 : lengths[i]] = True
+        mu[i, len(p) - 1 : lengths[i]] = lp
+    routing = None
+    column = table.column("routing")
+    if column.null_count == 0:
+        routing = np.zeros((b, t, spec.num_layers, spec.top_k), spec.numpy_dtype)
+        flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        ids = flat.flatten().flatten().to_numpy(zero_copy_only=False)
+        ids = ids.reshape(-1, spec.num_layers, spec.top_k)
+        offsets = flat.offsets.to_numpy()
+        for i in range(b):
+            routing[i, : lengths[i]] = ids[offsets[i] : offsets[i + 1]]
+    elif column.null_count != len(column):
+        raise ValueError("a batch mixes rows with and without routing traces")
+    rewards = torch.tensor(table.column("reward").to_numpy(), dtype=torch.float32)
+    return PackedBatch(
+        inputs_BT=torch.from_numpy(inputs),
+        targets_BT=torch.from_numpy(targets),
+        mask_BT=torch.from_numpy(mask),
+        behavior_logprobs_BT=torch.from_numpy(mu),
+        rewards_B=rewards,
+        advantages_B=advantages(rewards, group_size),
+        policy_versions_B=torch.tensor(table.column("policy_version").to_pylist()),
+        routing_BTLK=None if routing is None else torch.from_numpy(_torch_ids(routing)),
+    )
+
+
+def _torch_ids(routing: np.ndarray) -> np.ndarray:
+    # torch has no uint16 indexing support; traces above 256 experts travel as int16 like
+    # `learner.routing.routing_dtype` (expert ids stay far below 32768).
+    return routing if routing.dtype == np.uint8 else routing.astype(np.int16)

@@ -1,0 +1,105 @@
+"""Learner checkpoints: model, optimizer, schedule position, version and RNG, without pickle.
+
+`runs/<name>/checkpoints/step-000010/` holds `model.safetensors` (torchtitan names),
+`optimizer.safetensors` (every optimizer state tensor, and the torch RNG state) and
+`state.json` (version, optimizer steps, param-group settings, anything the caller adds). The
+directory is written under a temporary name and renamed, so a checkpoint either exists whole or
+not at all; `latest_checkpoint` picks the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+STATE = "state.json"
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write `root/step-{step}`; keep the newest `keep` checkpoints."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        model_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(model_state, tmp / "model.safetensors")
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        opt_tensors["rng.torch"] = torch.get_rng_state()
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / STATE).write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = sorted(p for p in Path(root).glob("step-*") if (p / STATE).exists())
+    return found[-1] if found else None
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore model, optimizer and torch RNG in place; return `state.json`."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE).read_text())
+        model_state = load_file(path / "model.safetensors")
+        opt_tensors = load_file(path / "optimizer.safetensors")
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable learner checkpoint ({e})") from None
+    try:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: does not match this model or optimizer ({e})") from None
+    torch.set_rng_state(opt_tensors["rng.torch"])
+    return state

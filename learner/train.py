@@ -1,0 +1,141 @@
+"""One global step of the learner: proximal pass, then N mini-batch updates with routing replay.
+
+    prox pass (no grad)            log pi_prox, entropy; R2 records the learner's routing,
+                                   R3 replays the actor's trace
+    for each of N mini-batches     logits under replay (R2: recorded, R3: actor's), then
+                                   loss = loss_fn(log pi, log pi_prox, log mu, A, mask);
+                                   one AdamW step, gradient clipping, learning-rate schedule
+
+The step knows nothing of the loss formula: it calls `loss_fn`, which returns the loss and its
+metrics. Mini-batches are consecutive groups of the global batch, in the buffer's order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from learner.batch import PackedBatch
+from learner.model import entropy, token_logprobs
+from learner.routing import RoutingHooks
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+def lr_multiplier(step: int, warmup: int, total: int, schedule: str, floor: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, then constant, linear or cosine decay to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if schedule == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    if schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_schedule: unknown schedule {schedule!r} (constant, linear, cosine)")
+
+
+def routing_agreement(a_BTLK: torch.Tensor, b_BTLK: torch.Tensor, valid_BT: torch.Tensor) -> float:
+    """Share of (real token, layer) pairs whose top-k expert sets are equal."""
+    same_BTL = (a_BTLK.long().sort(-1).values == b_BTLK.long().sort(-1).values).all(-1)
+    return same_BTL[valid_BT].float().mean().item()
+
+
+class TrainStep:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        *,
+        num_minibatches: int,
+        routing_replay: str,
+        temperature: float,
+        grad_clip: float,
+        lr: float,
+        warmup_steps: int,
+        lr_schedule: str,
+        total_updates: int,
+    ):
+        if routing_replay not in ("none", "r2", "r3"):
+            raise ValueError(f"routing_replay: {routing_replay!r} is not none, r2 or r3")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.hooks = RoutingHooks(model)
+        self.num_minibatches, self.routing_replay = num_minibatches, routing_replay
+        self.temperature, self.grad_clip = temperature, grad_clip
+        self.lr, self.warmup, self.schedule = lr, warmup_steps, lr_schedule
+        self.total_updates = total_updates
+        self.updates = 0  # optimizer steps taken (restored from checkpoints)
+
+    def _forward(self, batch: PackedBatch, replay: torch.Tensor | None) -> torch.Tensor:
+        if replay is None:
+            return self.model(batch.inputs_BT)
+        with self.hooks.replay(replay):
+            return self.model(batch.inputs_BT)
+
+    def __call__(self, batch: PackedBatch) -> dict[str, float]:
+        start = time.monotonic()
+        width = batch.inputs_BT.shape[1]
+        last_B = width - 1 - batch.mask_BT.flip(1).int().argmax(1)  # each row's last position
+        valid_BT = torch.arange(width) <= last_B[:, None]
+        if self.routing_replay == "r3" and batch.routing_BTLK is None:
+            raise ValueError("routing_replay r3 needs actor routing traces; this batch has none")
+        self.model.eval()  # no dropout in Qwen3-MoE; eval only marks the pass as inference
+        with torch.no_grad(), self.hooks.record() as trace:
+            actor = batch.routing_BTLK if self.routing_replay == "r3" else None
+            logits_BTV = self._forward(batch, actor)
+        prox_BT = token_logprobs(logits_BTV, batch.targets_BT, self.temperature)
+        metrics = {
+            "entropy": entropy(logits_BTV, self.temperature)[batch.mask_BT].mean().item(),
+        }
+        del logits_BTV
+        if batch.routing_BTLK is not None:
+            metrics["routing_agreement"] = routing_agreement(
+                batch.routing_BTLK, trace.experts, valid_BT
+            )
+        replay_BTLK = {"none": None, "r2": trace.experts, "r3": batch.routing_BTLK}[
+            self.routing_replay
+        ]
+
+        self.model.train()
+        per_mb: list[dict[str, float]] = []
+        rows = batch.num_rows
+        if rows % self.num_minibatches:
+            raise ValueError(f"{rows} rows do not split into {self.num_minibatches} mini-batches")
+        size = rows // self.num_minibatches
+        for i in range(self.num_minibatches):
+            mb = batch.rows(i * size, (i + 1) * size)
+            width = mb.inputs_BT.shape[1]
+            replay = None if replay_BTLK is None else replay_BTLK[i * size : (i + 1) * size, :width]
+            logp_BT = token_logprobs(self._forward(mb, replay), mb.targets_BT, self.temperature)
+            loss, m = self.loss_fn(
+                logp_BT,
+                prox_BT[i * size : (i + 1) * size, :width],
+                mb.behavior_logprobs_BT,
+                mb.advantages_B,
+                mb.mask_BT,
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            factor = lr_multiplier(self.updates, self.warmup, self.total_updates, self.schedule)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * factor
+            self.optimizer.step()
+            self.updates += 1
+            per_mb.append({"loss": loss.item(), "grad_norm": grad_norm.item(), **m})
+        for key in per_mb[0]:
+            metrics[key] = sum(m[key] for m in per_mb) / len(per_mb)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        staleness = batch.policy_versions_B
+        metrics["reward_mean"] = batch.rewards_B.mean().item()
+        metrics["response_len_mean"] = batch.mask_BT.sum(1).float().mean().item()
+        metrics["num_tokens"] = int(batch.mask_BT.sum())
+        metrics["step_time_s"] = time.monotonic() - start
+        metrics["policy_version_min"] = int(staleness.min())
+        return metrics

@@ -1,0 +1,226 @@
+"""The learner's global step: packing, routing replay modes, N updates, checkpoints and resume."""
+
+import functools
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.sampler import sample
+from async_rl.config import ModelConfig
+from async_rl.tasks import ArithmeticTask
+from async_rl.tokenizer import Tokenizer
+from async_rl.types import RoutingSpec, Trajectory, group_to_batch
+from learner.batch import pack
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.model import build_model, token_logprobs
+from learner.routing import RoutingHooks
+from learner.train import TrainStep, lr_multiplier, routing_agreement
+
+CFG = ModelConfig()
+SPEC = RoutingSpec.of(CFG)
+G = 4
+
+
+def mean_advantages(rewards, group_size):
+    return rewards - rewards.view(-1, group_size).mean(1).repeat_interleave(group_size)
+
+
+def simple_loss(logp, prox, behavior, adv, mask):
+    """-(1/B) sum A log pi: enough to drive the step; the MiniRL loss has its own tests."""
+    loss = -(adv[:, None] * logp * mask).sum() / logp.shape[0]
+    return loss, {"kl": ((behavior - prox) * mask).sum().item() / mask.sum().item()}
+
+
+def rollouts(actor_model, num_groups=4, seed=0, noise=0.0):
+    """Groups sampled by `actor_model` (optionally a perturbed copy: a different engine).
+
+    Rewards alternate 0/1 within a group: an untrained model solves nothing, and the step needs
+    nonzero advantages.
+    """
+    tok, task = Tokenizer.arithmetic(), ArithmeticTask(seed=0, max_digits=1, heldout_size=10)
+    gen = torch.Generator().manual_seed(seed)
+    model = actor_model
+    if noise:
+        model = build_model(CFG, seed=None)
+        model.load_state_dict(actor_model.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=gen))
+    model.eval()
+    hooks = RoutingHooks(model)
+    batches = []
+    for g in range(num_groups):
+        problem = task.train_problem(g)
+        prompt = tok.encode_prompt(problem.prompt)
+        out = sample(model, [prompt] * G, max_new_tokens=4, eos_id=1, pad_id=0, generator=gen)
+        rows = []
+        for i, (c, lp, fr) in enumerate(zip(out.completions, out.logprobs, out.finish_reasons)):
+            with torch.no_grad(), hooks.record() as trace:
+                model(torch.tensor([prompt + c[:-1]]))
+            rows.append(
+                Trajectory(
+                    f"g{g}-{i}",
+                    f"g{g}",
+                    problem.prompt_id,
+                    "a0",
+                    "embedded",
+                    0,
+                    0,
+                    prompt,
+                    c,
+                    lp,
+                    trace.experts[0].numpy(),
+                    float(i % 2),  # mixed rewards: nonzero advantages
+                    fr,
+                    1.0,
+                    1.0,
+                    "fp32",
+                )
+            )
+        batches.append(group_to_batch(rows, SPEC))
+    hooks.remove()
+    return pa.Table.from_batches(batches)
+
+
+def packed(table):
+    return pack(table, SPEC, G, mean_advantages, pad_id=0)
+
+
+def new_step(model, replay="none", n=1, lr=1e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    return TrainStep(
+        model,
+        opt,
+        simple_loss,
+        num_minibatches=n,
+        routing_replay=replay,
+        temperature=1.0,
+        grad_clip=1.0,
+        lr=lr,
+        warmup_steps=0,
+        lr_schedule="constant",
+        total_updates=100,
+    )
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_model(CFG, seed=0)
+
+
+def clone(model):
+    copy = build_model(CFG, seed=None)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def test_pack_aligns_targets_behaviour_and_routing(base):
+    table = rollouts(base, num_groups=2)
+    batch = packed(table)
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        p, c = row["prompt_tokens"], row["completion_tokens"]
+        assert batch.targets_BT[i][batch.mask_BT[i]].tolist() == c
+        assert batch.inputs_BT[i, : len(p) + len(c) - 1].tolist() == (p + c)[:-1]
+        assert torch.allclose(
+            batch.behavior_logprobs_BT[i][batch.mask_BT[i]], torch.tensor(row["behavior_logprobs"])
+        )
+        trace = np.array([np.array(x) for x in row["routing"]]).reshape(-1, 2, 2)
+        assert (batch.routing_BTLK[i, : len(trace)].numpy() == trace).all()
+    # behaviour log-probs of a same-weights sampler equal the learner's (the engine here is fp32)
+    with torch.no_grad():
+        logp = token_logprobs(base.eval()(batch.inputs_BT), batch.targets_BT)
+    assert torch.allclose(logp[batch.mask_BT], batch.behavior_logprobs_BT[batch.mask_BT], atol=1e-5)
+    adv = batch.advantages_B.view(-1, G)
+    assert torch.allclose(adv.sum(1), torch.zeros(2), atol=1e-6)
+
+
+def test_r3_replays_the_actor_trace_and_r2_is_a_no_op_on_policy(base):
+    table = rollouts(base, noise=0.02)  # a "quantized" actor: its routing differs a little
+    batch = packed(table)
+    free = new_step(clone(base))(batch)
+    assert free["routing_agreement"] < 1.0
+    assert new_step(clone(base), "r3")(batch)["routing_agreement"] == 1.0
+    # R2 with one mini-batch replays exactly what the model would choose anyway
+    losses = {}
+    for mode in ("none", "r2"):
+        torch.manual_seed(0)
+        model, steps = clone(base), []
+        step = new_step(model, mode)
+        for _ in range(3):
+            steps.append(step(batch)["loss"])
+        losses[mode] = steps
+    assert losses["none"] == losses["r2"]
+
+
+def test_r2_with_several_minibatches_keeps_the_prox_routing(base):
+    """After the first update, free routing drifts; R2 keeps replaying the prox pass's choice."""
+    table = rollouts(base)
+    batch = packed(table)
+    model = clone(base)
+    step = new_step(model, "r2", n=2, lr=0.05)
+    seen = []
+    original = step._forward
+
+    def spy(mb, replay):
+        if replay is not None:
+            with torch.no_grad(), step.hooks.record() as trace:
+                model(mb.inputs_BT)
+            seen.append(routing_agreement(replay, trace.experts, mb.mask_BT))
+        return original(mb, replay)
+
+    step._forward = spy
+    step(batch)
+    assert len(seen) == 2 and seen[0] == 1.0  # first mini-batch: the same weights as prox
+    assert seen[1] < 1.0  # the update moved the router: free routing would differ
+
+
+def test_n_minibatches_make_n_optimizer_steps(base):
+    batch = packed(rollouts(base))
+    step = new_step(clone(base), n=4)
+    metrics = step(batch)
+    assert step.updates == 4 and metrics["num_tokens"] == int(batch.mask_BT.sum())
+    with pytest.raises(ValueError, match="do not split"):
+        new_step(clone(base), n=3)(batch)
+
+
+def test_resume_from_checkpoint_continues_the_same_loss_trace(base, tmp_path):
+    batches = [packed(rollouts(base, seed=s)) for s in range(4)]
+    model = clone(base)
+    step = new_step(model)
+    straight = [step(b)["loss"] for b in batches]
+
+    model = clone(base)
+    step = new_step(model)
+    first = [step(b)["loss"] for b in batches[:2]]
+    save_checkpoint(tmp_path, 2, model, step.optimizer, {"version": 2, "updates": step.updates})
+    resumed_model = build_model(CFG, seed=7)  # different weights, overwritten by the checkpoint
+    resumed = new_step(resumed_model)
+    state = load_checkpoint(latest_checkpoint(tmp_path), resumed_model, resumed.optimizer)
+    resumed.updates = state["updates"]
+    assert state["version"] == 2
+    rest = [resumed(b)["loss"] for b in batches[2:]]
+    assert first + rest == straight
+
+
+def test_checkpoint_errors_name_the_problem(base, tmp_path):
+    model = clone(base)
+    step = new_step(model)
+    path = save_checkpoint(tmp_path, 1, model, step.optimizer, {"version": 1, "updates": 0})
+    other = build_model(ModelConfig(num_layers=1), seed=0)
+    with pytest.raises(ValueError, match="does not match"):
+        load_checkpoint(path, other, torch.optim.AdamW(other.parameters()))
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable learner checkpoint"):
+        load_checkpoint(path, model, step.optimizer)
+
+
+def test_lr_schedules():
+    assert lr_multiplier(0, 4, 100, "constant") == 0.25
+    assert lr_multiplier(50, 0, 100, "constant") == 1.0
+    assert lr_multiplier(50, 0, 100, "linear") == 0.5
+    assert abs(lr_multiplier(100, 0, 100, "cosine")) < 1e-12
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_multiplier(5, 0, 10, "exp")
