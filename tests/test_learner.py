@@ -1,7 +1,5 @@
 """The learner's global step: packing, routing replay modes, N updates, checkpoints and resume."""
 
-import functools
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -56,7 +54,9 @@ def rollouts(actor_model, num_groups=4, seed=0, noise=0.0):
         prompt = tok.encode_prompt(problem.prompt)
         out = sample(model, [prompt] * G, max_new_tokens=4, eos_id=1, pad_id=0, generator=gen)
         rows = []
-        for i, (c, lp, fr) in enumerate(zip(out.completions, out.logprobs, out.finish_reasons)):
+        for i, (c, lp, fr) in enumerate(
+            zip(out.completions, out.logprobs, out.finish_reasons, strict=True)
+        ):
             with torch.no_grad(), hooks.record() as trace:
                 model(torch.tensor([prompt + c[:-1]]))
             rows.append(
