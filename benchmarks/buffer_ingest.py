@@ -13,7 +13,9 @@ a file (fsynced once at the end), their ratio, and the latency of serving a glob
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +96,7 @@ def main() -> None:
     spec = RoutingSpec(args.layers, args.top_k, args.experts)
     batch_groups = args.serve_completions // args.group_size
     tmp = Path(tempfile.mkdtemp(prefix="buffer-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)
     cfg = load_config(
         None,
         [
