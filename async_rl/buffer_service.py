@@ -31,6 +31,7 @@ import zmq
 
 from async_rl.buffer import ReplayBuffer
 from async_rl.config import Config, load_config
+from async_rl.security import Curve, curve_for
 from async_rl.transport import (
     BadMessage,
     Client,
@@ -83,8 +84,11 @@ class BufferService:
         # Beyond 4x the limit, zmq drops the connection before the frame is read into memory.
         self.pull.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_bytes)
         self.router = self.ctx.socket(zmq.ROUTER)
+        self.curve = curve_for(cfg)
         for s in (self.pull, self.router):
             s.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.curve.serve(s)
         previous = read_endpoints(run_dir, "buffer") or {}
         host = cfg.run.bind_host
         self.addresses = {
@@ -112,6 +116,8 @@ class BufferService:
             self.buffer.close()
             self.pull.close(linger=0)
             self.router.close(linger=0)
+            if self.curve is not None:
+                self.curve.stop()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -214,6 +220,7 @@ class BufferService:
             self._reply(peer, "batch", info, table_to_ipc(table))
         elif kind == "stats":
             metrics = {**b.metrics(), **{f"buffer/rejected/{k}": v for k, v in b.rejected.items()}}
+            metrics["buffer/auth_denied"] = self.curve.denied if self.curve is not None else 0
             self._reply(peer, "ok", {"rid": rid, **metrics})
         return True
 
@@ -245,12 +252,20 @@ def wait_for_endpoints(run_dir: Path, service: str, timeout_s: float = 60.0) -> 
 class BufferClient:
     """What actors and the learner call. Thread-unsafe: one per thread."""
 
-    def __init__(self, run_dir: Path, ctx: zmq.Context | None = None, timeout_s: float = 60.0):
+    def __init__(
+        self,
+        run_dir: Path,
+        ctx: zmq.Context | None = None,
+        timeout_s: float = 60.0,
+        curve: Curve | None = None,
+    ):
         self.ctx = ctx or zmq.Context.instance()
         addresses = wait_for_endpoints(Path(run_dir), "buffer", timeout_s)
-        self.requests = Client(self.ctx, addresses["requests"])
+        self.requests = Client(self.ctx, addresses["requests"], curve)
         self.push_socket = self.ctx.socket(zmq.PUSH)
         self.push_socket.setsockopt(zmq.LINGER, 5000)
+        if curve is not None:
+            curve.connect(self.push_socket)
         self.push_socket.connect(addresses["ingest"])
 
     def push(self, batch: pa.RecordBatch, lease: str | None = None) -> None:

@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     _add_config_args(train)
+    train.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster instead of starting one"
+    )
+    train.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR with its own config.toml (overrides still apply)",
+    )
 
     sft = sub.add_parser(
         "sft",
@@ -71,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="counts by version, staleness histogram, reward mean, bytes on disk"
     )
     inspect.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/tiny")
+
+    keys = sub.add_parser(
+        "keys", help="make CURVE keys for a run that binds a non-loopback address"
+    )
+    keys.add_argument("directory", type=Path, help="where to write the keys (created 0700)")
+
+    scale = sub.add_parser("scale", help="change the number of actors of a running run")
+    scale.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/tiny")
+    scale.add_argument("--actors", type=int, required=True, help="the fleet size wanted")
     return parser
 
 
@@ -127,7 +146,7 @@ def cmd_eval(cfg: Config, checkpoint: str, limit: int | None) -> None:
     _print_eval(f"{checkpoint} ({time.monotonic() - start:.0f}s)", result)
 
 
-def cmd_train(cfg: Config) -> None:
+def cmd_train(cfg: Config, ray_address: str | None) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
     start = cfg.run.init_checkpoint
@@ -139,10 +158,32 @@ def cmd_train(cfg: Config) -> None:
             cmd_sft(cfg)
         start = str(cached)
     print(f"starting checkpoint (version 0): {start}")
+    from async_rl.orchestrate import train
+
+    summary = train(cfg, Path(start), ray_address)
+    accuracy = summary["accuracy"]
     print(
-        "The asynchronous RL stage (actors, replay buffer, learner) is not part of this "
-        "version yet; the run directory holds the cold-start checkpoint."
+        f"{'interrupted' if summary['interrupted'] else 'done'}: {summary['steps']} global "
+        f"steps in {summary['wall_time_s']:.0f}s; run directory {summary['run_dir']}"
     )
+    if accuracy:
+        print(f"held-out accuracy (avg@{cfg.run.eval_k}): {accuracy[0]:.3f} -> {accuracy[-1]:.3f}")
+    if summary["interrupted"]:
+        print(f"resume with: async-rl train --resume {summary['run_dir']}")
+
+
+def cmd_scale(run_dir: Path, actors: int) -> None:
+    from async_rl.config import load_config
+    from async_rl.orchestrate import request_fleet
+
+    cfg = load_config(run_dir / "config.toml")
+    if not cfg.actor.min_actors <= actors <= cfg.actor.max_actors:
+        raise ValueError(
+            f"--actors {actors} is outside actor.min_actors..actor.max_actors "
+            f"({cfg.actor.min_actors}..{cfg.actor.max_actors}) of {run_dir}"
+        )
+    request_fleet(run_dir, actors)
+    print(f"asked {run_dir} for {actors} actor(s)")
 
 
 def cmd_buffer_inspect(run_dir: Path) -> None:
@@ -176,15 +217,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "buffer":
+    if args.command in ("buffer", "scale", "keys"):
         try:
-            cmd_buffer_inspect(args.run_dir)
-        except (ValueError, FileNotFoundError) as e:
+            if args.command == "buffer":
+                cmd_buffer_inspect(args.run_dir)
+            elif args.command == "keys":
+                from async_rl.security import create_keys
+
+                where = create_keys(args.directory)
+                print(f"keys written to {where}; set run.curve_keys = {str(where)!r}")
+            else:
+                cmd_scale(args.run_dir, args.actors)
+        except (ValueError, FileNotFoundError, ConfigError) as e:
             print(f"async-rl: error: {e}", file=sys.stderr)
             return 2
         return 0
+    config = args.config
+    if getattr(args, "resume", None) is not None:
+        config = args.resume / "config.toml"
+        if not config.exists():
+            print(f"async-rl: error: {config} not found: nothing to resume", file=sys.stderr)
+            return 2
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, args.overrides)
     except ConfigError as e:
         print(f"async-rl: config error: {e}", file=sys.stderr)
         return 2
@@ -193,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "train":
-            cmd_train(cfg)
+            cmd_train(cfg, args.ray_address)
         elif args.command == "sft":
             cmd_sft(cfg)
         elif args.command == "eval":

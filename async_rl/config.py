@@ -70,7 +70,13 @@ class RunConfig:
     init_checkpoint: str = _f(
         "", "Hugging Face checkpoint to start RL from; empty = the run's (cached) cold start."
     )
-    bind_host: str = _f("127.0.0.1", "Address the run's ZeroMQ sockets bind to (loopback only).")
+    bind_host: str = _f(
+        "127.0.0.1",
+        "Address the run's ZeroMQ sockets bind to; non-loopback needs run.curve_keys.",
+    )
+    curve_keys: str = _f(
+        "", "Directory of CURVE keys (`async-rl keys DIR`); empty = no encryption, loopback only."
+    )
     num_threads: int = _f(
         1, "torch threads per process (2 cores are shared by all processes).", ge=1
     )
@@ -378,13 +384,20 @@ def validate(cfg: Config) -> None:
         )
     if act.max_new_tokens >= m.max_seq_len:
         raise ConfigError("actor.max_new_tokens", f"must be < model.max_seq_len ({m.max_seq_len})")
-    if not _is_loopback(cfg.run.bind_host):
+    if not _is_loopback(cfg.run.bind_host) and not cfg.run.curve_keys:
         raise ConfigError(
             "run.bind_host",
-            f"{cfg.run.bind_host!r} is not a loopback address; "
-            "binding other addresses needs authenticated transport, which this "
-            "version does not provide",
+            f"{cfg.run.bind_host!r} is not a loopback address; binding it without "
+            "authentication would let anyone who reaches it feed or read the run: make keys "
+            "with `async-rl keys DIR` and set run.curve_keys = DIR",
         )
+    if cfg.run.curve_keys:
+        from async_rl.security import check_keys
+
+        try:
+            check_keys(cfg.run.curve_keys)
+        except ValueError as e:
+            raise ConfigError("run.curve_keys", str(e)) from None
     if "/" in cfg.run.name or cfg.run.name in ("", ".", ".."):
         raise ConfigError("run.name", f"must be a plain directory name, got {cfg.run.name!r}")
 

@@ -100,10 +100,12 @@ class Client:
     A REQ socket is stuck after a timeout; a DEALER with a request id in the header is not.
     """
 
-    def __init__(self, ctx: zmq.Context, address: str):
+    def __init__(self, ctx: zmq.Context, address: str, curve=None):
         self.address = address
         self.socket = ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.connect(self.socket)
         self.socket.connect(address)
 
     def request(

@@ -162,9 +162,11 @@ class FsWeightStore:
 class WeightAnnouncer:
     """The learner's PUB socket: tells subscribed actors that a version is ready."""
 
-    def __init__(self, ctx: zmq.Context, host: str):
+    def __init__(self, ctx: zmq.Context, host: str, curve=None):
         self.socket = ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.serve(self.socket)
         self.address = f"tcp://{host}:{self.socket.bind_to_random_port(f'tcp://{host}')}"
 
     def announce(self, version: int) -> None:
@@ -177,9 +179,11 @@ class WeightAnnouncer:
 class WeightSubscriber:
     """An actor's SUB socket; `newest()` drains announcements without blocking."""
 
-    def __init__(self, ctx: zmq.Context, address: str):
+    def __init__(self, ctx: zmq.Context, address: str, curve=None):
         self.socket = ctx.socket(zmq.SUB)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.connect(self.socket)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"weights")
         self.socket.connect(address)
 
