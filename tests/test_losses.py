@@ -1,0 +1,158 @@
+"""The MiniRL loss against a plain float64 reference of DESIGN.md section 2, every switch."""
+
+import itertools
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from async_rl.config import AlgoConfig
+from async_rl.losses import group_advantages, minirl_loss
+
+
+def reference(logp, prox, mu, rewards, lengths, G, cfg):
+    """DESIGN.md section 2 written out token by token in Python floats."""
+    B = len(rewards)
+    adv = []
+    for g in range(B // G):
+        rs = rewards[g * G : (g + 1) * G]
+        mean = sum(rs) / G
+        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / (G - 1))
+        adv += [(r - mean) / (std + 1e-6) if cfg.adv_std_norm else r - mean for r in rs]
+    total, grad = 0.0, [[0.0] * len(row) for row in logp]
+    counts = dict(clip=0, trunc=0, tokens=0, kl=0.0, k3=0.0, extreme=0)
+    for i in range(B):
+        s = 0.0
+        for t in range(lengths[i]):
+            ratio_is = math.exp(logp[i][t] - mu[i][t])
+            r = math.exp(logp[i][t] - prox[i][t])
+            prox_is = math.exp(prox[i][t] - mu[i][t])
+            if cfg.tis_mode == "full":
+                w, trunc = min(ratio_is, cfg.tis_cap), ratio_is > cfg.tis_cap
+            elif cfg.tis_mode == "decoupled":
+                w, trunc = min(prox_is, cfg.tis_cap) * r, prox_is > cfg.tis_cap
+            else:
+                w, trunc = 1.0, False
+            m = 1.0
+            if cfg.clip and (
+                (adv[i] > 0 and r > 1 + cfg.eps_high) or (adv[i] < 0 and r < 1 - cfg.eps_low)
+            ):
+                m = 0.0
+            norm = lengths[i] if cfg.length_norm else 1
+            s += m * w * adv[i] * logp[i][t] / norm
+            grad[i][t] = -m * w * adv[i] / norm / B
+            counts["clip"] += m == 0.0
+            counts["trunc"] += trunc
+            counts["tokens"] += 1
+            counts["kl"] += mu[i][t] - prox[i][t]
+            counts["k3"] += prox_is - 1 - math.log(prox_is)
+            counts["extreme"] += max(prox_is, 1 / prox_is) > 2
+        total += s
+    n = counts["tokens"]
+    metrics = {
+        "clip_frac": counts["clip"] / n,
+        "tis_trunc_frac": counts["trunc"] / n,
+        "train_infer_kl": counts["kl"] / n,
+        "train_infer_kl_k3": counts["k3"] / n,
+        "extreme_token_frac": counts["extreme"] / n,
+    }
+    return -total / B, grad, metrics
+
+
+def random_case(seed, B=8, T=6, G=4, spread=0.6):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    mu = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    prox = mu + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    logp = prox + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    rewards = torch.randint(0, 2, (B,), generator=g).double()
+    return logp, prox, mu, rewards, mask, lengths.tolist(), G
+
+
+SWITCHES = list(
+    itertools.product(("full", "decoupled", "none"), (True, False), (True, False), (True, False))
+)
+
+
+@pytest.mark.parametrize("tis_mode, clip, length_norm, std_norm", SWITCHES)
+def test_loss_gradient_and_metrics_match_the_reference(tis_mode, clip, length_norm, std_norm):
+    cfg = replace(
+        AlgoConfig(), tis_mode=tis_mode, clip=clip, length_norm=length_norm, adv_std_norm=std_norm
+    )
+    for seed in range(3):
+        logp, prox, mu, rewards, mask, lengths, G = random_case(seed)
+        adv = group_advantages(rewards, G, std_norm).double()
+        logp = logp.clone().requires_grad_(True)
+        loss, metrics = minirl_loss(logp, prox, mu, adv, mask, cfg)
+        loss.backward()
+        as_list = lambda t: [[float(x) for x in row] for row in t.detach()]  # noqa: E731
+        ref_loss, ref_grad, ref_metrics = reference(
+            as_list(logp), as_list(prox), as_list(mu), rewards.tolist(), lengths, G, cfg
+        )
+        assert loss.item() == pytest.approx(ref_loss, rel=1e-9, abs=1e-12)
+        grad = torch.tensor(ref_grad, dtype=torch.float64)
+        assert torch.allclose(logp.grad, grad, rtol=1e-9, atol=1e-12)
+        assert (logp.grad[~mask] == 0).all()
+        for key, value in ref_metrics.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_the_switches_are_exercised_by_the_random_cases():
+    cfg = AlgoConfig()
+    logp, prox, mu, rewards, mask, _, G = random_case(0, spread=1.0)
+    _, m = minirl_loss(logp, prox, mu, group_advantages(rewards, G, False), mask, cfg)
+    assert 0 < m["clip_frac"] < 1 and 0 < m["tis_trunc_frac"] < 1
+    assert 0 < m["extreme_token_frac"] < 1 and m["train_infer_kl_k3"] > 0
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_on_policy_the_mask_is_all_ones_and_full_equals_decoupled(dtype):
+    logp, _, mu, rewards, mask, _, G = random_case(1)
+    adv = group_advantages(rewards, G, False)
+    results = {}
+    for mode in ("full", "decoupled"):
+        x = logp.to(dtype).clone().requires_grad_(True)
+        loss, m = minirl_loss(
+            x, logp.to(dtype), mu, adv, mask, replace(AlgoConfig(), tis_mode=mode)
+        )
+        loss.backward()
+        assert m["clip_frac"] == 0.0
+        results[mode] = (loss.item(), x.grad)
+    assert results["full"][0] == pytest.approx(results["decoupled"][0], rel=1e-6)
+    assert torch.allclose(results["full"][1], results["decoupled"][1], rtol=1e-6)
+
+
+def test_a_hand_worked_case():
+    """Two responses of one group, rewards 1 and 0: A = +0.5 and -0.5."""
+    cfg = AlgoConfig()  # full TIS, C = 5, eps 0.2 / 0.27
+    mu = torch.log(torch.tensor([[0.1, 0.5], [0.5, 0.5]]))
+    prox = torch.log(torch.tensor([[0.6, 0.5], [0.5, 0.5]]))  # token (0,0): pi/mu = 6 -> capped
+    pi = torch.log(torch.tensor([[0.6, 0.7], [0.3, 0.5]]))  # (0,1): r = 1.4 > 1.27 with A > 0
+    logp = pi.clone().requires_grad_(True)  # (1,0): r = 0.6 < 0.8 with A < 0
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    adv = group_advantages(torch.tensor([1.0, 0.0]), 2, False)
+    assert adv.tolist() == [0.5, -0.5]
+    loss, m = minirl_loss(logp, prox, mu, adv, mask, cfg)
+    # kept: (0,0) w=5, A=.5; (1,1) w=1, A=-.5 -> L = -(5*.5*log .6 + 1*(-.5)*log .5) / 2
+    expected = -(5 * 0.5 * math.log(0.6) - 0.5 * math.log(0.5)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert m["clip_frac"] == 0.5 and m["tis_trunc_frac"] == 0.25
+    loss.backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([-1.25, 0.0, 0.0, 0.25], rel=1e-6)
+
+
+def test_group_advantages_and_bad_shapes():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    assert group_advantages(r, 3, False).tolist() == pytest.approx(
+        [2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3]
+    )
+    assert group_advantages(torch.ones(4), 2, True).tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="rewards"):
+        group_advantages(r, 4, False)
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="prox_logprobs"):
+        minirl_loss(x, torch.zeros(2, 4), x, torch.zeros(2), x.bool(), AlgoConfig())
+    with pytest.raises(ValueError, match="advantages"):
+        minirl_loss(x, x, x, torch.zeros(3), x.bool(), AlgoConfig())
