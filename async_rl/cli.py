@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("directory", type=Path, help="where to write the keys (created 0700)")
 
+    plot = sub.add_parser("plot", help="figures and a summary table from run directories")
+    plot.add_argument("runs", type=Path, nargs="+", help="run directories or sweep directories")
+    plot.add_argument("--out", type=Path, required=True, help="the PNG to write (and .md table)")
+    plot.add_argument("--title", default="", help="figure title")
+
     scale = sub.add_parser("scale", help="change the number of actors of a running run")
     scale.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/tiny")
     scale.add_argument("--actors", type=int, required=True, help="the fleet size wanted")
@@ -217,9 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command in ("buffer", "scale", "keys"):
+    if args.command in ("buffer", "scale", "keys", "plot"):
         try:
-            if args.command == "buffer":
+            if args.command == "plot":
+                from async_rl.plots import plot
+
+                figure, table = plot(args.runs, args.out, args.title)
+                print(f"wrote {figure} and {table}")
+                print(table.read_text(), end="")
+            elif args.command == "buffer":
                 cmd_buffer_inspect(args.run_dir)
             elif args.command == "keys":
                 from async_rl.security import create_keys

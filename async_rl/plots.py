@@ -1,0 +1,154 @@
+"""`async-rl plot`: run directories to paper-style figures and a summary table.
+
+One panel each for held-out accuracy, training reward, entropy and train-inference KL (log
+scale) against global steps; one line per variant, the mean over its seeds with a min-max band.
+A run's variant is the `variant` in its `variant.json` (written by `async-rl sweep`), else its
+run name. The table gives, per variant, peak held-out accuracy, the step of collapse (the first
+step after the reward's peak where the reward, averaged over a window of steps, falls below
+half of that peak; "-" if it never does) and the final train-inference KL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+PANELS = (
+    ("eval/accuracy", "held-out accuracy (avg@k)", False),
+    ("rollout/reward_mean", "training reward", False),
+    ("learner/entropy", "entropy (token mean)", False),
+    ("learner/train_infer_kl", "train-inference KL (k1)", True),
+)
+
+
+def read_run(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Metric name -> [(version, value)] from `metrics.jsonl` (the last value per version)."""
+    series: dict[str, dict[int, float]] = defaultdict(dict)
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run directory?)")
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        for key, value in row.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                series[key][row["version"]] = float(value)
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def variant_of(run_dir: Path) -> str:
+    try:
+        return json.loads((Path(run_dir) / "variant.json").read_text())["variant"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return Path(run_dir).name
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories given directly or found one level below (a sweep directory)."""
+    found = []
+    for p in paths:
+        if (p / "metrics.jsonl").exists():
+            found.append(p)
+        else:
+            found += sorted(q for q in p.iterdir() if (q / "metrics.jsonl").exists())
+    if not found:
+        raise FileNotFoundError(f"no run directories with metrics.jsonl in {paths}")
+    return found
+
+
+def _aligned(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Steps present in every seed's run, and values `[seeds, steps]`."""
+    tables = [dict(run.get(key, [])) for run in runs]
+    steps = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
+    if not steps:
+        return None
+    return np.array(steps), np.array([[t[s] for s in steps] for t in tables])
+
+
+def collapse_step(steps: np.ndarray, reward: np.ndarray, window: int = 5) -> int | None:
+    if len(reward) < window:
+        return None
+    smooth = np.convolve(reward, np.ones(window) / window, mode="valid")
+    peak = int(np.argmax(smooth))
+    below = np.nonzero(smooth[peak:] < 0.5 * smooth[peak])[0]
+    return int(steps[peak + below[0] + window - 1]) if below.size and smooth[peak] > 0 else None
+
+
+def summarize(groups: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for variant, runs in groups.items():
+        acc = _aligned(runs, "eval/accuracy")
+        reward = _aligned(runs, "rollout/reward_mean")
+        kl = _aligned(runs, "learner/train_infer_kl")
+        rows.append(
+            {
+                "variant": variant,
+                "seeds": len(runs),
+                "peak_accuracy": float(acc[1].max(axis=1).mean()) if acc else math.nan,
+                "collapse_step": collapse_step(reward[0], reward[1].mean(0)) if reward else None,
+                "final_kl": float(kl[1][:, -1].mean()) if kl else math.nan,
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| variant | seeds | peak held-out accuracy | collapse step | final train-infer KL |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        collapse = "-" if r["collapse_step"] is None else str(r["collapse_step"])
+        lines.append(
+            f"| {r['variant']} | {r['seeds']} | {r['peak_accuracy']:.3f} | {collapse} "
+            f"| {r['final_kl']:.2e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(paths: list[Path], out: Path, title: str = "") -> tuple[Path, Path]:
+    """Write `out` (PNG) and `out` with a `.md` suffix (the table); return both paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for run_dir in find_runs([Path(p) for p in paths]):
+        groups[variant_of(run_dir)].append(read_run(run_dir))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    for ax, (key, label, log) in zip(axes, PANELS, strict=True):
+        for variant, runs in groups.items():
+            data = _aligned(runs, key)
+            if data is None:
+                continue
+            steps, values = data
+            if log:
+                values = np.clip(values, 1e-8, None)
+            (line,) = ax.plot(steps, values.mean(0), label=variant, lw=1.5)
+            if len(runs) > 1:
+                ax.fill_between(
+                    steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2
+                )
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("global step")
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    table = out.with_suffix(".md")
+    table.write_text(markdown_table(summarize(groups)))
+    return out, table
