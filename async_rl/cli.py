@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("directory", type=Path, help="where to write the keys (created 0700)")
 
+    sweep = sub.add_parser("sweep", help="run a grid of variants x seeds from a sweep file")
+    sweep.add_argument("file", type=Path, help="sweep file, e.g. configs/sweeps/offpolicy.toml")
+
     plot = sub.add_parser("plot", help="figures and a summary table from run directories")
     plot.add_argument("runs", type=Path, nargs="+", help="run directories or sweep directories")
     plot.add_argument("--out", type=Path, required=True, help="the PNG to write (and .md table)")
@@ -222,9 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command in ("buffer", "scale", "keys", "plot"):
+    if args.command in ("buffer", "scale", "keys", "plot", "sweep"):
         try:
-            if args.command == "plot":
+            if args.command == "sweep":
+                from async_rl.sweep import run_sweep
+
+                specs = run_sweep(args.file)
+                print(f"sweep done: {len(specs)} runs under {specs[0].run_dir.parent}")
+            elif args.command == "plot":
                 from async_rl.plots import plot
 
                 figure, table = plot(args.runs, args.out, args.title)
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"keys written to {where}; set run.curve_keys = {str(where)!r}")
             else:
                 cmd_scale(args.run_dir, args.actors)
-        except (ValueError, FileNotFoundError, ConfigError) as e:
+        except (ValueError, FileNotFoundError, ConfigError, RuntimeError) as e:
             print(f"async-rl: error: {e}", file=sys.stderr)
             return 2
         return 0

@@ -1,31 +1,45 @@
-"""The MiniRL objective (Zheng et al. 2025, "Stabilizing Reinforcement Learning with LLMs:
-Formulation and Practices", eq. 7) as a pure function of tensors, and group advantages.
+"""The MiniRL objective and group advantages, as pure functions of tensors.
 
-Shape legend: B = responses in the mini-batch, T = token positions (padded).
+Zheng et al. 2025, "Stabilizing Reinforcement Learning with LLMs: Formulation and Practices",
+eq. (7) with truncated importance sampling (TIS, Yao et al. 2025) on the token IS weight, as
+DESIGN.md section 2 states it:
 
     L = -(1/B) sum_i sum_t M_t * sg[w_t] * A_i * log pi_theta(y_{i,t})
 
-- A_i = R_i - mean_{j in group} R_j (the paper's printed form); `adv_std_norm` divides by the
-  group's standard deviation (unbiased, as `torch.std`) + 1e-6, as GRPO does.
-- w_t, the train-inference importance weight, truncated at C = `tis_cap` (TIS, Yao et al. 2025):
-    "full"      w_t = min(pi_theta / mu, C)                 the paper's literal reading
-    "decoupled" w_t = min(pi_prox / mu, C) * pi_theta / pi_prox   (Yao et al.; verl)
-    "none"      w_t = 1                                     the "w/o train-infer IS" ablation
-- M_t, the clipping mask of decoupled PPO with r_t = pi_theta / pi_prox:
-    M_t = 0 if A > 0 and r_t > 1 + eps_high;  M_t = 0 if A < 0 and r_t < 1 - eps_low;  else 1.
-  `clip = false` sets M_t = 1 (the "no clipping" ablation).
-- `length_norm` divides each response's token sum by its length |y_i| (the ablation the paper
-  argues against); by default token losses are summed per response, then averaged over B.
-- No KL penalty, no entropy bonus, no value model.
+Shape legend: B = responses in the mini-batch, T = completion token positions (right-padded),
+N = groups, G = responses per group.
 
-The gradient is -(1/B) sum M_t w_t A_i grad log pi_theta: the value carries log pi_theta and the
-weight is detached. On-policy (pi_theta = pi_prox) every M_t is 1 and "full" equals "decoupled".
+Switches (`async_rl.config.AlgoConfig`):
+- advantage (`adv_std_norm`): A_i = R_i - mean_{j in group} R_j, the paper's printed form; with
+  `adv_std_norm` divided by the group's *sample* standard deviation (unbiased, N - 1, as
+  `torch.std` and verl's GRPO estimator) + 1e-6.
+- IS weight w_t, stop-gradient, truncated above at C = `tis_cap` (`tis_mode`). Eq. (5) splits
+  pi_theta/mu into train-inference discrepancy pi_prox/mu times staleness pi_theta/pi_prox:
+    "full"      w_t = min(pi_theta / mu, C)                      the paper's literal reading
+    "decoupled" w_t = min(pi_prox / mu, C) * pi_theta / pi_prox   caps only the discrepancy (verl)
+    "none"      w_t = 1                                          "w/o train-infer-IS" ablation
+  Both readings agree on-policy (pi_theta = pi_prox) and whenever no weight reaches C.
+- clipping mask M_t of decoupled PPO with r_t = pi_theta / pi_prox (`clip`, `eps_low`,
+  `eps_high`): M_t = 0 if A_i > 0 and r_t > 1 + eps_high, M_t = 0 if A_i < 0 and
+  r_t < 1 - eps_low, else 1. `clip = false` sets M_t = 1 (the "no clipping" ablation).
+- aggregation (`length_norm`): token terms are summed per response and averaged over the B
+  responses (verl's "seq-mean-token-sum"); `length_norm` divides each response's sum by its
+  length |y_i| first (the paper's sec. 1.8 ablation). An empty response contributes 0 but counts
+  in B.
 
-Metrics (DESIGN.md section 8), token means over completion tokens:
-- `train_infer_kl`: k1 estimate of KL(mu || pi_prox), mean of log mu - log pi_prox.
-- `train_infer_kl_k3`: k3 estimate, mean of rho - 1 - log rho with rho = pi_prox / mu (>= 0).
+Simplifications: no KL penalty, no entropy bonus, no value model. The value carries
+log pi_theta itself (not a ratio), so the gradient is -(1/B) sum M_t w_t A_i grad log pi_theta,
+eq. (7)'s. pi_prox is the learner's recomputation at the start of the global step (the paper's
+pi_theta_old); mu is the actor's sampling log-prob.
+
+Metrics (DESIGN.md section 8), means over completion tokens (mask = 1) only, with
+log rho = log pi_prox - log mu:
+- `train_infer_kl`: k1 estimate of KL(mu || pi_prox) from tokens sampled from mu, mean(-log rho).
+- `train_infer_kl_k3`: k3 estimate (Schulman 2020) of the same KL, mean((rho - 1) - log rho),
+  unbiased and never negative.
 - `extreme_token_frac`: share of tokens with max(rho, 1/rho) > 2.
-- `clip_frac`: share of tokens with M_t = 0; `tis_trunc_frac`: share whose weight hit C.
+- `clip_frac`: share of tokens with M_t = 0; `tis_trunc_frac`: share whose IS ratio (pi_theta/mu
+  for "full", pi_prox/mu for "decoupled") exceeded C; 0 for "none".
 """
 
 from __future__ import annotations
@@ -34,26 +48,55 @@ import math
 
 import torch
 
+from async_rl.config import AlgoConfig
+
 TIS_MODES = ("full", "decoupled", "none")
 
 
-def group_advantages(rewards_B: torch.Tensor, group_size: int, std_norm: bool) -> torch.Tensor:
-    """Per-response advantages; the G responses of a group are contiguous in `rewards_B`."""
-    if rewards_B.dim() != 1 or rewards_B.numel() % group_size:
+def group_advantages(
+    rewards_G_or_NG: torch.Tensor, group_size: int, std_norm: bool
+) -> torch.Tensor:
+    """Advantages `[N * G]` of flat rewards `[N * G]` whose groups of G are contiguous.
+
+    A `[N, G]` input gives `[N, G]`. Float64 stays float64; anything else computes in float32.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size: must be >= 1, got {group_size}")
+    if rewards_G_or_NG.dim() not in (1, 2) or rewards_G_or_NG.numel() % group_size:
         raise ValueError(
-            f"rewards: expected [num_groups * {group_size}], got {list(rewards_B.shape)}"
+            f"rewards_G_or_NG: expected [num_groups * {group_size}] or [num_groups, "
+            f"{group_size}], got {list(rewards_G_or_NG.shape)}"
         )
-    r = rewards_B.view(-1, group_size)
-    r = r if r.dtype == torch.float64 else r.float()
-    adv = r - r.mean(dim=1, keepdim=True)
+    if rewards_G_or_NG.dim() == 2 and rewards_G_or_NG.shape[1] != group_size:
+        raise ValueError(
+            f"rewards_G_or_NG: expected [num_groups, {group_size}], "
+            f"got {list(rewards_G_or_NG.shape)}"
+        )
+    if std_norm and group_size < 2:
+        raise ValueError("group_size: std_norm needs groups of at least 2 responses")
+    dtype = torch.float64 if rewards_G_or_NG.dtype == torch.float64 else torch.float32
+    r_NG = rewards_G_or_NG.to(dtype).reshape(-1, group_size)
+    adv_NG = r_NG - r_NG.mean(dim=1, keepdim=True)
     if std_norm:
-        adv = adv / (r.std(dim=1, keepdim=True) + 1e-6)
-    return adv.view(-1)
+        adv_NG = adv_NG / (r_NG.std(dim=1, keepdim=True) + 1e-6)
+    return adv_NG.reshape(rewards_G_or_NG.shape)
 
 
-def _check(name: str, t: torch.Tensor, shape: torch.Size) -> None:
+def _check_shape(name: str, t: torch.Tensor, shape: torch.Size | tuple) -> None:
     if t.shape != shape:
         raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_inputs(logprobs_BT, prox_logprobs_BT, behavior_logprobs_BT, advantages_B, mask_BT, cfg):
+    shape = logprobs_BT.shape
+    if logprobs_BT.dim() != 2:
+        raise ValueError(f"logprobs_BT: expected [B, T], got {list(shape)}")
+    _check_shape("prox_logprobs_BT", prox_logprobs_BT, shape)
+    _check_shape("behavior_logprobs_BT", behavior_logprobs_BT, shape)
+    _check_shape("mask_BT", mask_BT, shape)
+    _check_shape("advantages_B", advantages_B, shape[:1])
+    if cfg.tis_mode not in TIS_MODES:
+        raise ValueError(f"tis_mode: {cfg.tis_mode!r} is not one of {', '.join(TIS_MODES)}")
 
 
 def minirl_loss(
@@ -62,63 +105,61 @@ def minirl_loss(
     behavior_logprobs_BT: torch.Tensor,
     advantages_B: torch.Tensor,
     mask_BT: torch.Tensor,
-    cfg,
+    cfg: AlgoConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """MiniRL loss of a mini-batch and its metrics; `cfg` is an `AlgoConfig`."""
-    shape = logprobs_BT.shape
-    if logprobs_BT.dim() != 2:
-        raise ValueError(f"logprobs: expected [B, T], got {list(shape)}")
-    _check("prox_logprobs", prox_logprobs_BT, shape)
-    _check("behavior_logprobs", behavior_logprobs_BT, shape)
-    _check("mask", mask_BT, shape)
-    _check("advantages", advantages_B, shape[:1])
-    if cfg.tis_mode not in TIS_MODES:
-        raise ValueError(f"tis_mode: {cfg.tis_mode!r} is not one of {TIS_MODES}")
+    """MiniRL loss of a mini-batch (module docstring) and its metrics.
 
+    logprobs_BT: log pi_theta of the completion tokens, with grad. prox_logprobs_BT: log pi_prox.
+    behavior_logprobs_BT: log mu. advantages_B: A_i. mask_BT: 1 (or True) on completion tokens,
+    0 on padding; padded positions may hold anything, even -inf or nan.
+    Ratios come from log differences in float32 (float64 if `logprobs_BT` is float64).
+    """
+    _check_inputs(logprobs_BT, prox_logprobs_BT, behavior_logprobs_BT, advantages_B, mask_BT, cfg)
     dtype = torch.float64 if logprobs_BT.dtype == torch.float64 else torch.float32
-    logp = logprobs_BT.to(dtype)
-    prox, mu = prox_logprobs_BT.to(dtype), behavior_logprobs_BT.to(dtype)
-    mask = mask_BT.to(dtype)
-    adv_B1 = advantages_B.to(dtype)[:, None]
+    valid = mask_BT.bool()
+    zero = torch.zeros((), dtype=dtype, device=logprobs_BT.device)
+    # Zero the padding first, so nothing non-finite there reaches the value or the gradient.
+    logp = torch.where(valid, logprobs_BT.to(dtype), zero)
+    prox = torch.where(valid, prox_logprobs_BT.detach().to(dtype), zero)
+    mu = torch.where(valid, behavior_logprobs_BT.detach().to(dtype), zero)
+    adv_B1 = advantages_B.detach().to(dtype)[:, None]
     log_cap = math.log(cfg.tis_cap)
 
     with torch.no_grad():
-        log_r = logp.detach() - prox  # log pi_theta / pi_prox
+        log_r = logp - prox  # log r_t = log pi_theta / pi_prox
         if cfg.tis_mode == "full":
-            log_is = logp.detach() - mu
-            truncated = log_is > log_cap
-            w = torch.exp(torch.clamp(log_is, max=log_cap))
+            log_is = logp - mu
+            w = torch.exp(log_is.clamp(max=log_cap))  # = min(exp(log_is), C) without overflow
         elif cfg.tis_mode == "decoupled":
             log_is = prox - mu
-            truncated = log_is > log_cap
-            w = torch.exp(torch.clamp(log_is, max=log_cap) + log_r)
+            w = torch.exp(log_is.clamp(max=log_cap) + log_r)
         else:
-            truncated = torch.zeros_like(mask, dtype=torch.bool)
+            log_is = torch.full_like(logp, -math.inf)
             w = torch.ones_like(logp)
+        truncated = log_is > log_cap
+        clipped = torch.zeros_like(valid)
         if cfg.clip:
-            too_high = (adv_B1 > 0) & (log_r > math.log1p(cfg.eps_high))
-            too_low = (adv_B1 < 0) & (log_r < math.log1p(-cfg.eps_low))
-            keep = (~(too_high | too_low)).to(dtype)
-        else:
-            keep = torch.ones_like(logp)
+            clipped = ((adv_B1 > 0) & (log_r > math.log1p(cfg.eps_high))) | (
+                (adv_B1 < 0) & (log_r < math.log1p(-cfg.eps_low))
+            )
+        # where, not a product: an unbounded decoupled weight may be inf on a masked token.
+        coef = torch.where(valid & ~clipped, w * adv_B1, zero)
 
-    per_token = keep * w * adv_B1 * logp * mask
-    per_response = per_token.sum(dim=1)
+    per_response_B = (coef * logp).sum(dim=1)
     if cfg.length_norm:
-        per_response = per_response / mask.sum(dim=1).clamp(min=1)
-    loss = -per_response.mean()
+        per_response_B = per_response_B / valid.sum(dim=1).clamp(min=1).to(dtype)
+    loss = -per_response_B.mean()
 
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        log_rho = prox - mu  # log pi_prox / mu
-        rho = torch.exp(log_rho)
+        # In float64: k3 of nearby policies is a small difference of O(1) numbers.
+        n = valid.sum().clamp(min=1).double()
+        log_rho = (prox - mu).double()  # log pi_prox / mu; 0 on padding
+        k3 = torch.expm1(log_rho) - log_rho  # (rho - 1) - log rho
         metrics = {
-            "clip_frac": (((1 - keep) * mask).sum() / n).item(),
-            "tis_trunc_frac": ((truncated.to(dtype) * mask).sum() / n).item(),
-            "train_infer_kl": ((-log_rho * mask).sum() / n).item(),
-            "train_infer_kl_k3": (((rho - 1 - log_rho) * mask).sum() / n).item(),
-            "extreme_token_frac": (
-                ((log_rho.abs() > math.log(2)).to(dtype) * mask).sum() / n
-            ).item(),
+            "clip_frac": ((clipped & valid).sum() / n).item(),
+            "tis_trunc_frac": ((truncated & valid).sum() / n).item(),
+            "train_infer_kl": (-log_rho.sum() / n).item(),
+            "train_infer_kl_k3": (k3.sum() / n).item(),
+            "extreme_token_frac": (((log_rho.abs() > math.log(2)) & valid).sum() / n).item(),
         }
     return loss, metrics

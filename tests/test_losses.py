@@ -4,6 +4,7 @@ import itertools
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,16 +144,96 @@ def test_a_hand_worked_case():
     assert logp.grad.flatten().tolist() == pytest.approx([-1.25, 0.0, 0.0, 0.25], rel=1e-6)
 
 
-def test_group_advantages_and_bad_shapes():
+def test_decoupled_caps_only_the_discrepancy():
+    """One response, A = 1, mu = .1, pi_prox = .6, pi_theta = .72: pi/mu = 7.2, r = 1.2 kept."""
+    mu, prox, pi = (torch.log(torch.tensor([[p]])) for p in (0.1, 0.6, 0.72))
+    expected_w = {"full": 5.0, "decoupled": 5.0 * 1.2, "none": 1.0}
+    for mode, w in expected_w.items():
+        logp = pi.clone().requires_grad_(True)
+        cfg = replace(AlgoConfig(), tis_mode=mode)
+        loss, m = minirl_loss(logp, prox, mu, torch.ones(1), torch.ones(1, 1), cfg)
+        loss.backward()
+        assert loss.item() == pytest.approx(-w * math.log(0.72), rel=1e-6), mode
+        assert logp.grad.item() == pytest.approx(-w, rel=1e-6), mode
+        assert m["tis_trunc_frac"] == (0.0 if mode == "none" else 1.0)
+        assert m["clip_frac"] == 0.0
+
+
+def test_metrics_against_numpy():
+    logp, prox, mu, rewards, mask, _, G = random_case(4, B=16, T=9, spread=0.8)
+    adv = group_advantages(rewards, G, False)
+    _, m = minirl_loss(logp.float(), prox.float(), mu.float(), adv, mask, AlgoConfig())
+    v = mask.numpy()
+    lp, lq, lm, a = logp.numpy()[v], prox.numpy()[v], mu.numpy()[v], adv.numpy()[:, None]
+    a = np.broadcast_to(a, v.shape)[v]
+    rho, r = np.exp(lq - lm), np.exp(lp - lq)
+    assert m["train_infer_kl"] == pytest.approx(np.mean(lm - lq), rel=1e-5)
+    assert m["train_infer_kl_k3"] == pytest.approx(np.mean(rho - 1 - np.log(rho)), rel=1e-5)
+    assert m["extreme_token_frac"] == pytest.approx(np.mean(np.maximum(rho, 1 / rho) > 2))
+    assert m["tis_trunc_frac"] == pytest.approx(np.mean(np.exp(lp - lm) > 5.0))
+    clipped = ((a > 0) & (r > 1.27)) | ((a < 0) & (r < 0.8))
+    assert m["clip_frac"] == pytest.approx(np.mean(clipped))
+
+
+def test_padding_may_hold_anything_and_huge_ratios_do_not_overflow():
+    logp, prox, mu, rewards, mask, _, G = random_case(2)
+    adv = group_advantages(rewards, G, False)
+    for mode in ("full", "decoupled", "none"):
+        cfg = replace(AlgoConfig(), tis_mode=mode)
+        x = logp.float().clone().requires_grad_(True)
+        clean, m_clean = minirl_loss(x, prox.float(), mu.float(), adv, mask, cfg)
+        clean.backward()
+        dirty = [t.float().masked_fill(~mask, v) for t, v in ((logp, -math.inf), (prox, math.nan))]
+        y = dirty[0].clone().requires_grad_(True)
+        mu_dirty = mu.float().masked_fill(~mask, 1e30)
+        loss, m = minirl_loss(y, dirty[1], mu_dirty, adv, mask, cfg)
+        loss.backward()
+        assert loss.item() == clean.item() and m == m_clean
+        assert torch.equal(y.grad, x.grad)
+    # pi_theta / mu = e^200 overflows float32 unless the cap is applied in log space
+    far = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    mu_far = torch.tensor([[-200.0, -1.0]])
+    loss, m = minirl_loss(far, far.detach(), mu_far, torch.ones(1), torch.ones(1, 2), AlgoConfig())
+    loss.backward()
+    assert loss.item() == pytest.approx(1.0) and far.grad.tolist() == [[-5.0, -1.0]]
+    assert m["tis_trunc_frac"] == 0.5 and math.isfinite(m["train_infer_kl_k3"])
+
+
+def test_group_advantages():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
     assert group_advantages(r, 3, False).tolist() == pytest.approx(
         [2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3]
     )
+    # sample std of (1, 0, 0) is sqrt(1/3); the population std sqrt(2/9) would give other numbers
+    s = math.sqrt(1 / 3) + 1e-6
+    assert group_advantages(r, 3, True).tolist() == pytest.approx(
+        [2 / 3 / s, -1 / 3 / s, -1 / 3 / s, -2 / 3 / s, 1 / 3 / s, 1 / 3 / s]
+    )
+    assert group_advantages(r.view(2, 3), 3, False).shape == (2, 3)
     assert group_advantages(torch.ones(4), 2, True).tolist() == [0, 0, 0, 0]
-    with pytest.raises(ValueError, match="rewards"):
+    assert group_advantages(r.double(), 3, False).dtype == torch.float64
+    with pytest.raises(ValueError, match="rewards_G_or_NG"):
         group_advantages(r, 4, False)
-    x = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="prox_logprobs"):
-        minirl_loss(x, torch.zeros(2, 4), x, torch.zeros(2), x.bool(), AlgoConfig())
-    with pytest.raises(ValueError, match="advantages"):
-        minirl_loss(x, x, x, torch.zeros(3), x.bool(), AlgoConfig())
+    with pytest.raises(ValueError, match="rewards_G_or_NG"):
+        group_advantages(r.view(3, 2), 3, False)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(r, 0, False)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(r, 1, True)
+
+
+def test_bad_shapes_and_modes_name_the_argument():
+    x, m, a, cfg = torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2), AlgoConfig()
+    bad = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="logprobs_BT"):
+        minirl_loss(torch.zeros(6), x, x, a, m, cfg)
+    with pytest.raises(ValueError, match="prox_logprobs_BT"):
+        minirl_loss(x, bad, x, a, m, cfg)
+    with pytest.raises(ValueError, match="behavior_logprobs_BT"):
+        minirl_loss(x, x, bad, a, m, cfg)
+    with pytest.raises(ValueError, match="mask_BT"):
+        minirl_loss(x, x, x, a, bad, cfg)
+    with pytest.raises(ValueError, match="advantages_B"):
+        minirl_loss(x, x, x, torch.zeros(3), m, cfg)
+    with pytest.raises(ValueError, match="tis_mode"):
+        minirl_loss(x, x, x, a, m, replace(cfg, tis_mode="sequence"))

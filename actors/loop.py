@@ -1,0 +1,205 @@
+"""The actor loop: lease prompts, generate G completions each, score, tag, push groups.
+
+    loop:
+        swap to the newest weights version (announcement or store), between generation steps
+        lease <- buffer.lease(count = prompts per step)      None = back-pressure: pause
+        load weights >= lease.min_version if behind          (the buffer's staleness budget)
+        generate G completions for each leased prompt       (engine: embedded | vllm)
+        reward, tag (actor, engine, versions, sampling, quantization), push one Arrow batch per
+        group                                                (a group is one zmq message)
+
+Prompts come from the buffer's leases: each training prompt index is handed out once, in order,
+whatever the size of the fleet, so actors can join and leave without re-sharding. A killed actor
+leaves no partial group (a group is one message); its leases expire and their prompts are
+handed out again. `stop()` ends the loop after the current step.
+
+Run on its own: `python -m actors.loop RUN_DIR --actor-id a0`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import zmq
+
+from actors.engine import Engine, SamplingParams, build_engine
+from async_rl.buffer_service import BufferClient, wait_for_endpoints
+from async_rl.config import Config, load_config
+from async_rl.security import curve_for
+from async_rl.tasks import Task, task_from_config
+from async_rl.tokenizer import Tokenizer, load_tokenizer
+from async_rl.types import RoutingSpec, Trajectory, group_to_batch
+from async_rl.weights import FsWeightStore, WeightSubscriber, weight_store
+
+log = logging.getLogger(__name__)
+
+
+def group_seed(run_seed: int, prompt_index: int, version: int) -> int:
+    """Sampling seed of a generation step: reproducible, independent of the fleet's shape."""
+    return zlib.crc32(f"{run_seed}:{prompt_index}:{version}".encode())
+
+
+class Actor:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        actor_id: str,
+        engine: Engine | None = None,
+        ctx: zmq.Context | None = None,
+        prompts_per_step: int | None = None,
+        start: Path | None = None,
+    ):
+        self.cfg, self.run_dir, self.actor_id = cfg, Path(run_dir), actor_id
+        self.start = start  # the run's starting checkpoint: the model's config and tokenizer
+        self.spec = RoutingSpec.of(cfg.model)
+        self.task: Task = task_from_config(cfg)
+        self.tokenizer: Tokenizer = load_tokenizer(cfg.model.tokenizer)
+        self.prompts_per_step = prompts_per_step or cfg.algo.prompts_per_minibatch
+        self.ctx = ctx or zmq.Context.instance()
+        self.stopping = threading.Event()
+        self.store = weight_store(cfg, self.run_dir)
+        curve = curve_for(cfg)
+        self.buffer = BufferClient(self.run_dir, ctx=self.ctx, curve=curve)
+        learner = wait_for_endpoints(self.run_dir, "learner", timeout_s=600)
+        self.weights = WeightSubscriber(self.ctx, learner["weights"], curve)
+        self.engine = engine or self._build_engine()
+        self.buffer.hello(actor_id)  # releases leases an earlier incarnation left behind
+        self.stats = {"groups": 0, "tokens": 0, "paused_s": 0.0, "weight_swaps": 0}
+        self._last_store_check = 0.0
+
+    def _build_engine(self) -> Engine:
+        version = self._wait_for_version(0)
+        if isinstance(self.store, FsWeightStore):
+            engine = build_engine(self.cfg.actor, self.store.path(version))
+        else:  # tensors only: the architecture comes from the starting checkpoint
+            if self.start is None:
+                raise ValueError("an actor on the ray weight store needs the start checkpoint")
+            engine = build_engine(self.cfg.actor, self.start)
+            engine.load_weights(self.store.fetch(version), version)
+        engine.version = version
+        return engine
+
+    def _checkpoint(self, version: int):
+        if isinstance(self.store, FsWeightStore):
+            return self.store.path(version)
+        return self.store.fetch(version)
+
+    def _wait_for_version(self, at_least: int) -> int:
+        while True:
+            latest = self.store.latest()
+            if latest is not None and latest >= at_least:
+                return latest
+            if self.stopping.is_set():
+                raise InterruptedError("actor stopped while waiting for weights")
+            time.sleep(0.05)
+
+    def sync_weights(self, at_least: int = 0) -> None:
+        """Swap to the newest version if a newer one is announced, found, or required."""
+        newest = self.weights.newest()
+        now = time.monotonic()
+        if newest is None and now - self._last_store_check > 2.0:
+            newest, self._last_store_check = self.store.latest(), now  # missed announcements
+        if self.engine.version < at_least:
+            newest = self._wait_for_version(at_least)
+        if newest is not None and newest > self.engine.version:
+            self.engine.load_weights(self._checkpoint(newest), newest)
+            self.stats["weight_swaps"] += 1
+
+    def step(self) -> int:
+        """One generation step; returns the number of groups pushed (0 when paused)."""
+        self.sync_weights()
+        start = time.monotonic()
+        grant = self.buffer.lease(
+            self.actor_id, self.prompts_per_step, version=self.engine.version, wait_s=0.5
+        )
+        if grant is None:
+            self.stats["paused_s"] += time.monotonic() - start
+            return 0
+        min_version, leases = grant
+        self.sync_weights(at_least=min_version)
+        version = self.engine.version
+        problems = [self.task.train_problem(index) for _, index in leases]
+        act = self.cfg.actor
+        params = SamplingParams(
+            temperature=act.temperature,
+            top_p=act.top_p,
+            max_new_tokens=act.max_new_tokens,
+            seed=group_seed(self.cfg.run.seed, leases[0][1], version),
+        )
+        prompts = [self.tokenizer.encode_prompt(p.prompt) for p in problems]
+        generations = self.engine.generate(prompts, params, self.cfg.algo.group_size)
+        for (lease, _), problem, prompt, group in zip(
+            leases, problems, prompts, generations, strict=True
+        ):
+            self.buffer.push(self._group(problem, prompt, group, version, params), lease)
+            self.stats["groups"] += 1
+            self.stats["tokens"] += sum(len(g.tokens) for g in group)
+        return len(leases)
+
+    def _group(self, problem, prompt, group, version, params):
+        group_id = f"{self.actor_id}-{problem.prompt_id}-{uuid.uuid4().hex[:8]}"
+        rows = [
+            Trajectory(
+                sample_id=f"{group_id}-{i}",
+                group_id=group_id,
+                prompt_id=problem.prompt_id,
+                actor_id=self.actor_id,
+                engine=self.cfg.actor.engine,
+                policy_version=version,
+                policy_version_max=version,  # weights are swapped only between steps
+                prompt_tokens=prompt,
+                completion_tokens=g.tokens,
+                behavior_logprobs=g.logprobs,
+                routing=g.routing,
+                reward=self.task.reward(problem, self.tokenizer.decode_completion(g.tokens)),
+                finish_reason=g.finish_reason,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                quantization=self.cfg.actor.quantization,
+            )
+            for i, g in enumerate(group)
+        ]
+        return group_to_batch(rows, self.spec)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.step()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        self.weights.close()
+        self.buffer.close()  # linger: queued groups are still delivered
+        self.engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one actor of a run directory.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--actor-id", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.actor_id} %(message)s")
+    cfg = load_config(args.run_dir / "config.toml")
+    import torch
+
+    torch.set_num_threads(cfg.run.num_threads)
+    actor = Actor(cfg, args.run_dir, args.actor_id)
+    signal.signal(signal.SIGTERM, lambda *_: actor.stop())
+    signal.signal(signal.SIGINT, lambda *_: actor.stop())
+    actor.run()
+    actor.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

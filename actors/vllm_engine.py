@@ -1,0 +1,204 @@
+"""The vLLM engine: `actor.engine = "vllm"`, the `Engine` interface over `vllm.LLM`.
+
+Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = experts per token.
+
+- Prompts go in as token ids (`TokensPrompt`), nothing is detokenised; a prompt's G samples are
+  one request with `n = G` (vLLM gives sample g the seed `seed + g`, so prompt i is given the
+  seed `params.seed + i * G` and every sample of a call has its own).
+- Behaviour log-probs: `logprobs_mode="processed_logprobs"` makes vLLM report the log-prob of
+  the sampled token under the distribution it sampled from: softmax(logits / T), restricted to
+  the top-p nucleus and renormalised. Greedy (T = 0) samples from a point mass: log-prob 0.
+- Precision: `fp32`/`bf16` set vLLM's `dtype`; `fp8` (CUDA only) is vLLM's online W8A8
+  `quantization="fp8"` over the bf16 checkpoint.
+- Routing (CUDA): `enable_return_routed_experts=True`; vLLM returns each completion's
+  `routed_experts` as `[P + C - 1, L, K]` (uint8, uint16 above 256 experts). vLLM's CPU backend
+  cannot capture routing, so on CPU `routing` is None.
+- Weight updates: `load_weights` reloads in place from a new checkpoint directory through the
+  worker's `reload_weights(weights_path=...)`, then drops the prefix cache (its KV entries were
+  computed by the old weights).
+- On CPU the engine core runs in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): no
+  worker process to track, no OpenMP thread pinning of the host, and a KV cache of
+  `kv_cache_gib` instead of a fraction of the machine's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from actors.engine import Generation, SamplingParams, capabilities_of
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
+FINISH_REASONS = ("stop", "length")
+
+
+def _read_config(path: Path) -> dict:
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: cannot read the model config ({e})") from None
+    if config.get("model_type") != "qwen3_moe":
+        raise ValueError(f"{file}: model_type {config.get('model_type')!r}, not 'qwen3_moe'")
+    return config
+
+
+class VLLMEngine:
+    """`Engine` over vLLM. Example: `VLLMEngine("runs/tiny/weights/v0", "fp32", "cpu")`."""
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        quantization: str,
+        device: str,
+        seed: int = 0,
+        kv_cache_gib: float = 1.0,
+    ):
+        caps = capabilities_of("vllm", device)
+        if quantization not in caps.quantizations:
+            raise ValueError(
+                f"actor.quantization: {quantization!r} is not offered by vllm on {device}; "
+                f"choose from {', '.join(map(repr, caps.quantizations))}"
+            )
+        self.capabilities, self.quantization, self.device = caps, quantization, device
+        self.version = 0
+        path = Path(checkpoint_dir)
+        self.config = _read_config(path)
+        self.max_model_len = int(self.config["max_position_embeddings"])
+
+        if device == "cpu":
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        import torch
+        from vllm import LLM
+
+        kwargs = {}
+        if device == "cpu":
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = 0.85
+            kwargs["enable_return_routed_experts"] = True
+            if quantization == "fp8":
+                kwargs["quantization"] = "fp8"
+        set_num_threads = torch.set_num_threads
+        try:
+            self.llm = LLM(
+                model=str(path),
+                tokenizer=str(path),
+                dtype=DTYPES[quantization],
+                seed=seed,
+                max_model_len=self.max_model_len,
+                enforce_eager=True,
+                logprobs_mode="processed_logprobs",
+                max_logprobs=1,
+                **kwargs,
+            )
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op (for the thread
+            # pinning it does not do in-process); give the host process its function back.
+            torch.set_num_threads = set_num_threads
+
+    # ------------------------------------------------------------------ sampling
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, num_samples: int
+    ) -> list[list[Generation]]:
+        """`num_samples` completions of every prompt: outer list per prompt, inner per sample."""
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("prompts: need at least one non-empty prompt")
+        if num_samples < 1:
+            raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
+        too_long = [len(p) for p in prompts if len(p) >= self.max_model_len]
+        if too_long:
+            raise ValueError(
+                f"prompts: {len(too_long)} prompt(s) of {max(too_long)} tokens leave no room "
+                f"for a completion in the model's {self.max_model_len}-token context"
+            )
+        sampling = [
+            VLLMSamplingParams(
+                n=num_samples,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=None if params.seed is None else params.seed + i * num_samples,
+                logprobs=0,  # the sampled token's log-prob only
+                detokenize=False,
+                skip_special_tokens=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False
+        )
+        greedy = params.temperature == 0
+        return [
+            [self._generation(len(p), c, greedy) for c in out.outputs]
+            for p, out in zip(prompts, outputs, strict=True)
+        ]
+
+    def _generation(self, prompt_len: int, completion, greedy: bool) -> Generation:
+        tokens = list(completion.token_ids)
+        if completion.finish_reason not in FINISH_REASONS:
+            raise RuntimeError(f"vLLM finished a request with {completion.finish_reason!r}")
+        if greedy:
+            logprobs = [0.0] * len(tokens)
+        else:
+            # one {token id: Logprob} per position, holding (at least) the sampled token
+            logprobs = [step[t].logprob for t, step in zip(tokens, completion.logprobs)]
+        routing = None
+        if self.capabilities.routing:
+            num_layers = self.config["num_hidden_layers"]
+            top_k = self.config["num_experts_per_tok"]
+            dtype = np.uint8 if self.config["num_experts"] <= 256 else np.uint16
+            rows = prompt_len + len(tokens) - 1
+            routing = np.asarray(completion.routed_experts).reshape(rows, num_layers, top_k)
+            routing = routing.astype(dtype, copy=False)
+        return Generation(
+            tokens=tokens,
+            logprobs=logprobs,
+            routing=routing,
+            finish_reason=completion.finish_reason,
+        )
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, path: str | Path, version: int) -> None:
+        """Reload the weights in place from the Hugging Face checkpoint at `path`."""
+        path = Path(path)
+        config = _read_config(path)
+        shape_keys = ("hidden_size", "num_hidden_layers", "num_experts", "vocab_size")
+        changed = [k for k in shape_keys if config.get(k) != self.config.get(k)]
+        if changed:
+            raise ValueError(f"{path}: {', '.join(changed)} differ from the served model's")
+        if not (path / "model.safetensors").is_file():
+            raise ValueError(f"{path}: no model.safetensors")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        if self.device == "cpu":
+            self.llm.apply_model(_repack_moe_experts)
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def close(self) -> None:
+        """Shut the engine core down and release the weights and KV cache."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+
+
+def _repack_moe_experts(model) -> None:
+    """Re-run every fused-MoE layer's `process_weights_after_loading` after a CPU reload.
+
+    vLLM's CPU MoE kernel keeps the experts in a packed layout built after loading; an in-place
+    reload writes the checkpoint's plain layout back, which the kernel would misread.
+    """
+    from vllm.model_executor.layers.fused_moe import FusedMoE
+
+    for module in model.modules():
+        if isinstance(module, FusedMoE):
+            module.quant_method.process_weights_after_loading(module)

@@ -1,0 +1,118 @@
+"""Metrics of a run: `runs/<name>/metrics.jsonl` (one line per global step), wandb, progress.
+
+Names are part of the interface (DESIGN.md section 8): `learner/*`, `rollout/*`, `buffer/*`,
+plus `eval/accuracy` when the held-out set is evaluated. The learner writes the file; the
+driver tails it into wandb (offline unless `logging.wandb_mode` says otherwise) and the
+terminal, so nothing is lost when the driver restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+class MetricsTail:
+    """Reads the lines appended to a JSONL file since the last call (a torn last line waits)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = Path(path), 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        rows = []
+        for line in complete.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+
+class WandbLogger:
+    def __init__(self, cfg, run_dir: Path):
+        self.run = None
+        if cfg.logging.wandb_mode == "disabled":
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.run = wandb.init(
+            project=cfg.logging.wandb_project,
+            name=cfg.run.name,
+            id=_wandb_id(run_dir),
+            resume="allow",
+            dir=str(run_dir),
+            mode=cfg.logging.wandb_mode,
+            config=cfg.to_dict(),
+        )
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if k != "version"}, step=row["version"])
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """One wandb run per run directory, kept across resumes."""
+    file = run_dir / "wandb_id"
+    if not file.exists():
+        import uuid
+
+        file.write_text(uuid.uuid4().hex[:12])
+    return file.read_text().strip()
+
+
+class ProgressDisplay:
+    """Rich progress bar: step, reward, held-out accuracy, KL, staleness, actors, tokens/s."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("train", total=total, info="waiting for data")
+        self.accuracy: float | None = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def update(self, row: dict[str, Any], actors: int) -> None:
+        if "eval/accuracy" in row:
+            self.accuracy = row["eval/accuracy"]
+        acc = "-" if self.accuracy is None else f"{self.accuracy:.3f}"
+        info = (
+            f"reward {row.get('rollout/reward_mean', 0):.3f}  acc {acc}  "
+            f"kl {row.get('learner/train_infer_kl', 0):.2e}  "
+            f"stale {row.get('learner/staleness_mean', 0):.2f}  actors {actors}  "
+            f"{row.get('learner/tokens_per_s', 0):.0f} tok/s"
+        )
+        self.progress.update(self.task, completed=row["version"], info=info)
+
+    def print(self, text: str) -> None:
+        self.console.print(text)

@@ -1,0 +1,196 @@
+"""`async-rl sweep FILE`: a grid of variants x seeds, each a normal run directory, resumable.
+
+A sweep file (TOML):
+
+    name = "offpolicy"                 # runs go to <output_dir>/<name>/<variant>-s<seed>/
+    config = "configs/tiny.toml"       # the base run configuration
+    seeds = [0, 1]
+    parallel = 1                       # runs at once (each run uses about two processes)
+    overrides = ["run.num_steps=40"]   # applied to every run
+
+    [[variant]]                        # explicit variants ...
+    name = "N2-noclip"
+    overrides = ["algo.num_minibatches=2", "algo.clip=false"]
+
+    [grid]                             # ... and/or a grid: the product of the lists
+    "algo.num_minibatches" = [1, 2, 4]
+    "algo.routing_replay" = ["none", "r3"]
+
+The cold start runs once per sweep (`<name>/_cold_start`) and every run starts from it. A run
+whose `metrics.jsonl` already reaches `run.num_steps` is skipped, a started one is resumed, so
+rerunning the same command finishes an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from async_rl.config import ConfigError, load_config
+
+
+@dataclass
+class RunSpec:
+    variant: str
+    seed: int
+    overrides: list[str]
+    run_dir: Path
+
+
+def _fail(path: Path, msg: str):
+    raise ValueError(f"{path}: {msg}")
+
+
+def _override_value(value) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value) if isinstance(value, list) else str(value).lower()
+
+
+def load_sweep(path: Path) -> tuple[dict, list[RunSpec]]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        _fail(path, f"cannot read the sweep file ({e})")
+    unknown = set(data) - {"name", "config", "seeds", "parallel", "overrides", "variant", "grid"}
+    if unknown:
+        _fail(path, f"unknown keys {sorted(unknown)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        _fail(path, "'name' must be a plain directory name")
+    seeds = data.get("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+        _fail(path, "'seeds' must be a non-empty list of integers")
+    variants: list[tuple[str, list[str]]] = []
+    for v in data.get("variant", []):
+        if not isinstance(v.get("name"), str) or not isinstance(v.get("overrides", []), list):
+            _fail(path, "each [[variant]] needs a 'name' and a list of 'overrides'")
+        variants.append((v["name"], [str(o) for o in v.get("overrides", [])]))
+    grid = data.get("grid", {})
+    if grid:
+        keys = list(grid)
+        if not all(isinstance(grid[k], list) and grid[k] for k in keys):
+            _fail(path, "every [grid] entry must be a non-empty list")
+        for values in itertools.product(*(grid[k] for k in keys)):
+            label = "-".join(
+                f"{k.split('.')[-1]}={_override_value(v)}"
+                for k, v in zip(keys, values, strict=True)
+            )
+            variants.append(
+                (label, [f"{k}={_override_value(v)}" for k, v in zip(keys, values, strict=True)])
+            )
+    if not variants:
+        _fail(path, "no variants: give [[variant]] tables or a [grid]")
+    base = data.get("config", "configs/tiny.toml")
+    common = [str(o) for o in data.get("overrides", [])]
+    cfg = load_config(base, common)
+    root = cfg.run_dir.parent / name
+    specs = []
+    for label, overrides in variants:
+        for seed in seeds:
+            run_name = f"{label}-s{seed}".replace("/", "_")
+            every = [
+                *common,
+                *overrides,
+                f"run.seed={seed}",
+                f"run.output_dir={root}",
+                f"run.name={run_name}",
+            ]
+            try:
+                load_config(base, every)  # every run's config is checked before any starts
+            except ConfigError as e:
+                _fail(path, f"variant {label!r}: {e}")
+            specs.append(RunSpec(label, seed, every, root / run_name))
+    meta = {
+        "name": name,
+        "config": base,
+        "root": root,
+        "common": common,
+        "parallel": int(data.get("parallel", 1)),
+    }
+    return meta, specs
+
+
+def _steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    done = 0
+    for line in path.read_text().splitlines():
+        try:
+            done = max(done, json.loads(line).get("version", 0))
+        except ValueError:
+            continue
+    return done
+
+
+def run_sweep(path: Path, log=print) -> list[RunSpec]:
+    meta, specs = load_sweep(path)
+    root: Path = meta["root"]
+    root.mkdir(parents=True, exist_ok=True)
+    cold = root / "_cold_start" / "checkpoints" / "sft"
+    if not (cold / "config.json").exists():
+        log(f"cold start for the sweep -> {cold}")
+        cmd = [
+            sys.executable,
+            "-m",
+            "async_rl.cli",
+            "sft",
+            "--config",
+            meta["config"],
+            *meta["common"],
+            f"run.output_dir={root}",
+            "run.name=_cold_start",
+        ]
+        subprocess.run(cmd, check=True)
+    pending = []
+    for spec in specs:
+        cfg = load_config(meta["config"], spec.overrides)
+        if _steps_done(spec.run_dir) >= cfg.run.num_steps:
+            log(f"done already: {spec.run_dir.name}")
+            continue
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        (spec.run_dir / "variant.json").write_text(
+            json.dumps({"variant": spec.variant, "seed": spec.seed, "overrides": spec.overrides})
+        )
+        pending.append(spec)
+    running: list[tuple[RunSpec, subprocess.Popen]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < meta["parallel"]:
+            spec = pending.pop(0)
+            cmd = [
+                sys.executable,
+                "-m",
+                "async_rl.cli",
+                "train",
+                "--config",
+                meta["config"],
+                *spec.overrides,
+                f"run.init_checkpoint={cold}",
+                "logging.progress=false",
+            ]
+            log(f"start {spec.run_dir.name}")
+            out = open(spec.run_dir / "train.log", "a")
+            running.append((spec, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)))
+        time.sleep(1.0)
+        for spec, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((spec, proc))
+                status = "finished" if proc.returncode == 0 else f"failed ({proc.returncode})"
+                log(f"{status}: {spec.run_dir.name}")
+                if proc.returncode:
+                    failed.append(spec)
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} run(s) failed, see their train.log: "
+            + ", ".join(str(s.run_dir) for s in failed)
+        )
+    return specs
