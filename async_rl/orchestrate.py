@@ -31,9 +31,13 @@ from async_rl.config import Config, to_toml
 from async_rl.transport import write_json_atomic
 
 
-def _setup_process(run_dir: str) -> Config:
+def _setup_process(run_dir: str, name: str) -> Config:
+    """Config, threads, and `control/pids/<name>.pid` (for operators and fault-injection tests)."""
     from async_rl.config import load_config
 
+    pids = Path(run_dir) / "control" / "pids"
+    pids.mkdir(parents=True, exist_ok=True)
+    (pids / f"{name}.pid").write_text(str(os.getpid()))
     cfg = load_config(Path(run_dir) / "config.toml")
     import torch
 
@@ -67,7 +71,7 @@ class BufferWorker(_Threaded):
     def __init__(self, run_dir: str):
         from async_rl.buffer_service import BufferService
 
-        cfg = _setup_process(run_dir)
+        cfg = _setup_process(run_dir, "buffer")
         self.service = BufferService(cfg, Path(run_dir))
         self._start(self.service.run)
 
@@ -80,7 +84,7 @@ class LearnerWorker(_Threaded):
     def __init__(self, run_dir: str, start: str):
         from learner.run import Learner
 
-        cfg = _setup_process(run_dir)
+        cfg = _setup_process(run_dir, "learner")
         self.learner = Learner(cfg, Path(run_dir), Path(start))
         self._start(self.learner.run)
 
@@ -96,7 +100,7 @@ class ActorWorker(_Threaded):
     def __init__(self, run_dir: str, actor_id: str, start: str):
         from actors.loop import Actor
 
-        cfg = _setup_process(run_dir)
+        cfg = _setup_process(run_dir, actor_id)
         self.actor = Actor(cfg, Path(run_dir), actor_id, start=Path(start))
         self._start(self.actor.run)
 
@@ -148,6 +152,7 @@ class Run:
     def __init__(self, cfg: Config, start: Path):
         self.cfg, self.run_dir, self.start = cfg, cfg.run_dir.resolve(), start
         self.actors: dict[str, Any] = {}
+        self.down_since: dict[str, float] = {}
         self.next_actor = 0
         self.buffer = self.learner = None
 
@@ -179,15 +184,27 @@ class Run:
             ray.get(handle.stop.remote())
             ray.kill(handle)
 
-    def check(self) -> None:
-        """Raise if the learner or the buffer failed (actors are restarted by Ray)."""
-        for name, handle in (("learner", self.learner), ("buffer", self.buffer)):
+    def _status(self, name: str, handle) -> dict[str, Any]:
+        """A process's status; while Ray restarts it, "restarting" (for at most 5 minutes)."""
+        try:
             status = ray.get(handle.status.remote(), timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            since = self.down_since.setdefault(name, time.monotonic())
+            if time.monotonic() - since > 300:
+                raise RuntimeError(f"the {name} is gone and was not restarted: {e}") from None
+            return {"finished": False, "error": None, "restarting": True}
+        self.down_since.pop(name, None)
+        return status
+
+    def check(self) -> None:
+        """Raise if the learner or the buffer failed (crashed processes are restarted by Ray)."""
+        for name, handle in (("learner", self.learner), ("buffer", self.buffer)):
+            status = self._status(name, handle)
             if status["error"]:
                 raise RuntimeError(f"the {name} stopped: {status['error']}")
 
     def learner_done(self) -> bool:
-        return ray.get(self.learner.status.remote(), timeout=60)["finished"]
+        return self._status("learner", self.learner)["finished"]
 
     def shutdown(self) -> None:
         for handle in self.actors.values():

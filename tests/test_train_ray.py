@@ -1,0 +1,159 @@
+"""`async-rl train` end to end: Ray, real processes, SIGKILL of an actor, Ctrl-C and resume."""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from async_rl.config import ModelConfig
+from async_rl.tokenizer import Tokenizer
+from async_rl.types import RoutingSpec, check_group
+from learner.hf import export_hf
+from learner.model import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    out = tmp_path_factory.mktemp("start") / "ckpt"
+    return export_hf(build_model(ModelConfig(), seed=0), ModelConfig(), Tokenizer.arithmetic(), out)
+
+
+def overrides(tmp_path, start, name, steps):
+    return [
+        f"run.output_dir={tmp_path}",
+        f"run.name={name}",
+        f"run.init_checkpoint={start}",
+        f"run.num_steps={steps}",
+        "run.eval_every=0",
+        "task.heldout_size=16",
+        "algo.group_size=4",
+        "algo.prompts_per_minibatch=2",
+        "actor.max_new_tokens=4",
+        "learner.checkpoint_every=2",
+    ]
+
+
+def train(*args, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "async_rl.cli", "train", *args],
+        cwd=ROOT,
+        env=env or ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def versions(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["version"] for line in path.read_text().splitlines() if line]
+
+
+def wait_for(predicate, timeout=240, proc=None):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"train exited early:\n{proc.stdout.read()}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def stored_groups(run_dir: Path):
+    tables = [pa.ipc.open_file(p).read_all() for p in sorted((run_dir / "buffer").glob("*.arrow"))]
+    return [b for t in tables for b in t.to_batches()]
+
+
+def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, start):
+    run_dir = tmp_path / "kill"
+    proc = train(*overrides(tmp_path, start, "kill", 8))
+    pid_file = run_dir / "control" / "pids" / "a0.pid"
+    wait_for(lambda: len(versions(run_dir)) >= 2 and pid_file.exists(), proc=proc)
+    first_pid = int(pid_file.read_text())
+    os.kill(first_pid, signal.SIGKILL)  # mid-run, possibly mid-group
+    wait_for(lambda: pid_file.exists() and int(pid_file.read_text()) != first_pid, proc=proc)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "done: 8 global steps" in out
+    assert versions(run_dir) == list(range(1, 9))
+    spec = RoutingSpec.of(ModelConfig())
+    groups = stored_groups(run_dir)
+    for batch in groups:  # every stored group is whole and well formed
+        check_group(batch, spec, 4)
+    ids = [b.column("group_id")[0].as_py() for b in groups]
+    assert len(ids) == len(set(ids))
+    # wandb logged offline into the run directory
+    assert list(run_dir.glob("wandb/offline-run-*"))
+
+
+def test_ctrl_c_leaves_a_run_that_resume_continues(tmp_path, start):
+    run_dir = tmp_path / "intr"
+    proc = train(*overrides(tmp_path, start, "intr", 30))
+    wait_for(lambda: len(versions(run_dir)) >= 3, proc=proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "interrupted" in out and f"async-rl train --resume {run_dir}" in out
+    done = versions(run_dir)
+    assert done == list(range(1, len(done) + 1))
+    checkpoint = sorted((run_dir / "checkpoints" / "learner").glob("step-*"))[-1]
+    saved = json.loads((checkpoint / "state.json").read_text())["version"]
+    assert saved == done[-1]  # the learner checkpointed where it stopped
+
+    resumed = train("--resume", str(run_dir), "run.num_steps=" + str(done[-1] + 3))
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    after = versions(run_dir)
+    assert after == list(range(1, done[-1] + 4))  # versions continue, none repeated or skipped
+
+
+def test_train_joins_an_existing_ray_cluster(tmp_path, start):
+    ray_bin = Path(sys.executable).parent / "ray"
+    short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's unix socket paths must be short
+    # Ray >= 2.59 authenticates every client of a cluster with a token; share one.
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**ENV, "RAY_TMPDIR": short, **token}
+    head = subprocess.run(
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--port=0",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=4",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert head.returncode == 0, head.stderr
+    port = next(
+        line.split("'")[1].rsplit(":", 1)[1]
+        for line in head.stdout.splitlines()
+        if "ray start --address=" in line
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        proc = train(*overrides(tmp_path, start, "joined", 3), "--ray-address", address, env=env)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        assert versions(tmp_path / "joined") == [1, 2, 3]
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(short, ignore_errors=True)
