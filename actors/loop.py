@@ -73,7 +73,15 @@ class Actor:
         self.weights = WeightSubscriber(self.ctx, learner["weights"], curve)
         self.engine = engine or self._build_engine()
         self.buffer.hello(actor_id)  # releases leases an earlier incarnation left behind
-        self.stats = {"groups": 0, "tokens": 0, "paused_s": 0.0, "weight_swaps": 0}
+        # paused_s: back-pressure; weights_s: waiting for and loading weights; generate_s: work
+        self.stats = {
+            "groups": 0,
+            "tokens": 0,
+            "weight_swaps": 0,
+            "paused_s": 0.0,
+            "weights_s": 0.0,
+            "generate_s": 0.0,
+        }
         self._last_store_check = 0.0
 
     def _build_engine(self) -> Engine:
@@ -104,6 +112,7 @@ class Actor:
 
     def sync_weights(self, at_least: int = 0) -> None:
         """Swap to the newest version if a newer one is announced, found, or required."""
+        start = time.monotonic()
         newest = self.weights.newest()
         now = time.monotonic()
         if newest is None and now - self._last_store_check > 2.0:
@@ -113,6 +122,7 @@ class Actor:
         if newest is not None and newest > self.engine.version:
             self.engine.load_weights(self._checkpoint(newest), newest)
             self.stats["weight_swaps"] += 1
+        self.stats["weights_s"] += time.monotonic() - start
 
     def step(self) -> int:
         """One generation step; returns the number of groups pushed (0 when paused)."""
@@ -126,6 +136,7 @@ class Actor:
             return 0
         min_version, leases = grant
         self.sync_weights(at_least=min_version)
+        start = time.monotonic()
         version = self.engine.version
         problems = [self.task.train_problem(index) for _, index in leases]
         act = self.cfg.actor
@@ -143,6 +154,7 @@ class Actor:
             self.buffer.push(self._group(problem, prompt, group, version, params), lease)
             self.stats["groups"] += 1
             self.stats["tokens"] += sum(len(g.tokens) for g in group)
+        self.stats["generate_s"] += time.monotonic() - start
         return len(leases)
 
     def _group(self, problem, prompt, group, version, params):

@@ -206,6 +206,15 @@ class Run:
     def learner_done(self) -> bool:
         return self._status("learner", self.learner)["finished"]
 
+    def actor_stats(self) -> dict[str, dict[str, Any]]:
+        stats = {}
+        for actor_id, handle in self.actors.items():
+            try:
+                stats[actor_id] = ray.get(handle.stats.remote(), timeout=30)
+            except Exception:  # restarting: its counters started over
+                continue
+        return stats
+
     def shutdown(self) -> None:
         for handle in self.actors.values():
             try:
@@ -235,9 +244,17 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
         with ProgressDisplay(cfg.run.num_steps, cfg.logging.progress) as display:
             run.launch()
             display.print(f"run directory {run.run_dir}; {len(run.actors)} actor(s)")
+            last_tokens, last_time = 0, time.monotonic()
             while True:
-                for row in tail.read():
+                new = tail.read()
+                if new:  # actor throughput since the previous rows
+                    tokens = sum(s["tokens"] for s in run.actor_stats().values())
+                    now = time.monotonic()
+                    rate = max(tokens - last_tokens, 0) / max(now - last_time, 1e-9)
+                    last_tokens, last_time = tokens, now
+                for row in new:
                     row["rollout/actors"] = len(run.actors)
+                    row["rollout/tokens_per_s"] = rate
                     rows.append(row)
                     wandb.log(row)
                     display.update(row, len(run.actors))
@@ -253,6 +270,7 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        actors = run.actor_stats()
         run.shutdown()
         wandb.close()
         ray.shutdown()
@@ -265,4 +283,6 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
         "interrupted": interrupted,
         "last": rows[-1] if rows else {},
         "accuracy": [r["eval/accuracy"] for r in rows if "eval/accuracy" in r],
+        "rows": rows,
+        "actors": actors,
     }

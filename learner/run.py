@@ -122,9 +122,11 @@ class Learner:
         )
         metrics = self.step(packed)
         self.version += 1
+        published = time.monotonic()
         self.store.publish(self.version, hf_state_dict(self.model, cfg.model))
         self.announcer.announce(self.version)
         self.buffer.publish(self.version)
+        metrics["publish_time_s"] = time.monotonic() - published
         every = cfg.learner.checkpoint_every
         if (every and self.version % every == 0) or self.version == cfg.run.num_steps:
             self.checkpoint()
