@@ -108,7 +108,9 @@ def build_engine(actor_cfg: ActorConfig, checkpoint_dir: str | Path) -> Engine:
             checkpoint_dir, quantization=actor_cfg.quantization, device=actor_cfg.device
         )
     if actor_cfg.engine == "vllm":
-        raise ValueError("actor.engine: 'vllm' is not available yet; use 'embedded'")
+        from actors.vllm_engine import VLLMEngine
+
+        return VLLMEngine(checkpoint_dir, actor_cfg.quantization, actor_cfg.device)
     raise ValueError(
         f"actor.engine: {actor_cfg.engine!r} is not an engine; choose from "
         f"{', '.join(map(repr, ENGINES))}"

@@ -7,22 +7,26 @@ Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = expe
   seed `params.seed + i * G` and every sample of a call has its own).
 - Behaviour log-probs: `logprobs_mode="processed_logprobs"` makes vLLM report the log-prob of
   the sampled token under the distribution it sampled from: softmax(logits / T), restricted to
-  the top-p nucleus and renormalised. Greedy (T = 0) samples from a point mass: log-prob 0.
+  the top-p nucleus and renormalised. Greedy (T = 0) samples from a point mass: log-prob 0;
+  vLLM refuses n > 1 greedy samples, so the one greedy completion is copied G times.
 - Precision: `fp32`/`bf16` set vLLM's `dtype`; `fp8` (CUDA only) is vLLM's online W8A8
   `quantization="fp8"` over the bf16 checkpoint.
 - Routing (CUDA): `enable_return_routed_experts=True`; vLLM returns each completion's
   `routed_experts` as `[P + C - 1, L, K]` (uint8, uint16 above 256 experts). vLLM's CPU backend
   cannot capture routing, so on CPU `routing` is None.
 - Weight updates: `load_weights` reloads in place from a new checkpoint directory through the
-  worker's `reload_weights(weights_path=...)`, then drops the prefix cache (its KV entries were
-  computed by the old weights).
-- On CPU the engine core runs in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): no
-  worker process to track, no OpenMP thread pinning of the host, and a KV cache of
-  `kv_cache_gib` instead of a fraction of the machine's memory.
+  worker's `reload_weights(weights_path=...)`; on CPU it then prepacks the MoE experts again
+  (`_repack_moe_experts`: vLLM 0.32 skips that on a reload and the CPU kernel would misread
+  them), and finally drops the prefix cache (its KV entries were computed by the old weights).
+- On CPU the engine core runs in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set
+  in `os.environ`): no worker process to track, no OpenMP thread pinning of the host, and a KV
+  cache of `kv_cache_gib` instead of a fraction of the machine's memory. `enforce_eager=True`
+  everywhere: no torch.compile or CUDA-graph capture at start-up (~10 s to start on CPU).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -79,7 +83,6 @@ class VLLMEngine:
         if device == "cpu":
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         else:
-            kwargs["gpu_memory_utilization"] = 0.85
             kwargs["enable_return_routed_experts"] = True
             if quantization == "fp8":
                 kwargs["quantization"] = "fp8"
@@ -119,9 +122,11 @@ class VLLMEngine:
                 f"prompts: {len(too_long)} prompt(s) of {max(too_long)} tokens leave no room "
                 f"for a completion in the model's {self.max_model_len}-token context"
             )
+        greedy = params.temperature == 0
+        n = 1 if greedy else num_samples  # vLLM refuses n > 1 copies of one greedy sample
         sampling = [
             VLLMSamplingParams(
-                n=num_samples,
+                n=n,
                 temperature=params.temperature,
                 top_p=params.top_p,
                 max_tokens=params.max_new_tokens,
@@ -135,11 +140,13 @@ class VLLMEngine:
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False
         )
-        greedy = params.temperature == 0
-        return [
-            [self._generation(len(p), c, greedy) for c in out.outputs]
-            for p, out in zip(prompts, outputs, strict=True)
-        ]
+        groups = []
+        for p, out in zip(prompts, outputs, strict=True):
+            group = [self._generation(len(p), c, greedy) for c in out.outputs]
+            groups.append(
+                group if not greedy else [copy.deepcopy(group[0]) for _ in range(num_samples)]
+            )
+        return groups
 
     def _generation(self, prompt_len: int, completion, greedy: bool) -> Generation:
         tokens = list(completion.token_ids)
@@ -149,13 +156,17 @@ class VLLMEngine:
             logprobs = [0.0] * len(tokens)
         else:
             # one {token id: Logprob} per position, holding (at least) the sampled token
-            logprobs = [step[t].logprob for t, step in zip(tokens, completion.logprobs)]
+            logprobs = [
+                step[t].logprob for t, step in zip(tokens, completion.logprobs, strict=True)
+            ]
         routing = None
         if self.capabilities.routing:
             num_layers = self.config["num_hidden_layers"]
             top_k = self.config["num_experts_per_tok"]
             dtype = np.uint8 if self.config["num_experts"] <= 256 else np.uint16
             rows = prompt_len + len(tokens) - 1
+            if completion.routed_experts is None:
+                raise RuntimeError("vLLM returned no routed experts for a completion")
             routing = np.asarray(completion.routed_experts).reshape(rows, num_layers, top_k)
             routing = routing.astype(dtype, copy=False)
         return Generation(
@@ -192,13 +203,15 @@ class VLLMEngine:
 
 
 def _repack_moe_experts(model) -> None:
-    """Re-run every fused-MoE layer's `process_weights_after_loading` after a CPU reload.
+    """Redo the CPU MoE kernel's `process_weights_after_loading` on every fused-MoE layer.
 
-    vLLM's CPU MoE kernel keeps the experts in a packed layout built after loading; an in-place
-    reload writes the checkpoint's plain layout back, which the kernel would misread.
+    vLLM's CPU experts kernel prepacks w13/w2 into its grouped-GEMM layout when the model is
+    first loaded. An in-place reload writes the checkpoint's plain layout into those tensors and
+    skips the prepack (vLLM 0.32 runs it only on the first load), so the kernel would misread
+    the new experts; this repeats the first load's step.
     """
-    from vllm.model_executor.layers.fused_moe import FusedMoE
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
 
     for module in model.modules():
-        if isinstance(module, FusedMoE):
-            module.quant_method.process_weights_after_loading(module)
+        if isinstance(module, RoutedExperts):
+            module.quant_method.moe_kernel.fused_experts.process_weights_after_loading(module)

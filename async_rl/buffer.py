@@ -433,6 +433,9 @@ class ReplayBuffer:
             "buffer/bytes_written": self.counters["bytes_written"],
             "buffer/leases": len(self.leases),
             "buffer/published": self.published,
+            "rollout/actors": sum(
+                1 for _, seen in self.actor_versions.values() if time.monotonic() - seen < 10
+            ),
         }
 
     def close(self) -> None:

@@ -141,6 +141,10 @@ class ActorConfig:
     temperature: float = _f(1.0, "Sampling temperature.", gt=0)
     top_p: float = _f(1.0, "Nucleus sampling mass.", gt=0, le=1)
     max_new_tokens: int = _f(8, "Longest completion, in tokens.", ge=1)
+    autoscale: bool = _f(
+        False, "Grow the fleet while the learner waits for data, shrink it while actors pause."
+    )
+    autoscale_interval_s: float = _f(30.0, "Seconds between autoscaling decisions.", gt=0)
 
 
 @dataclass

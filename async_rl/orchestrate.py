@@ -136,14 +136,36 @@ def request_fleet(run_dir: Path, actors: int) -> None:
     write_json_atomic(fleet_file(run_dir), {"actors": actors, "requested_at": time.time()})
 
 
-def wanted_fleet(run_dir: Path, cfg: Config, current: int) -> int:
+def autoscale(rows: list[dict[str, Any]], cfg: Config, current: int) -> int:
+    """The fleet size the autoscaler wants after these metric rows (one decision per call).
+
+    Grow while the learner spends over a fifth of its loop waiting for data; shrink while the
+    buffer holds a full (K + 1) x B budget of fresh groups (actors are pausing); always within
+    actor.min_actors..actor.max_actors.
+    """
+    rows = [r for r in rows if "learner/wait_time_s" in r][-5:]
+    if not rows:
+        return current
+    wait = sum(r["learner/wait_time_s"] for r in rows)
+    busy = sum(r["learner/step_time_s"] + r.get("learner/publish_time_s", 0.0) for r in rows)
+    budget = (cfg.buffer.max_staleness + 1) * cfg.global_batch_groups
+    if wait > 0.2 * (wait + busy):
+        return min(current + 1, cfg.actor.max_actors)
+    if rows[-1].get("buffer/groups", 0) >= budget:
+        return max(current - 1, cfg.actor.min_actors)
+    return current
+
+
+def requested_fleet(run_dir: Path, cfg: Config, seen: float) -> tuple[int | None, float]:
+    """A fleet size asked for with `async-rl scale` after time `seen`, clamped to the bounds."""
     try:
-        wanted = json.loads(fleet_file(run_dir).read_text())["actors"]
+        data = json.loads(fleet_file(run_dir).read_text())
+        wanted, at = data["actors"], float(data["requested_at"])
     except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return current
-    if not isinstance(wanted, int):
-        return current
-    return min(max(wanted, cfg.actor.min_actors), cfg.actor.max_actors)
+        return None, seen
+    if not isinstance(wanted, int) or at <= seen:
+        return None, seen
+    return min(max(wanted, cfg.actor.min_actors), cfg.actor.max_actors), at
 
 
 class Run:
@@ -245,6 +267,7 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
             run.launch()
             display.print(f"run directory {run.run_dir}; {len(run.actors)} actor(s)")
             last_tokens, last_time = 0, time.monotonic()
+            last_scaled, fleet_seen = time.monotonic(), time.time()
             while True:
                 new = tail.read()
                 if new:  # actor throughput since the previous rows
@@ -261,7 +284,11 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
                 if run.learner_done():
                     break
                 run.check()
-                wanted = wanted_fleet(run.run_dir, cfg, len(run.actors))
+                wanted, fleet_seen = requested_fleet(run.run_dir, cfg, fleet_seen)
+                wanted = len(run.actors) if wanted is None else wanted
+                now = time.monotonic()
+                if cfg.actor.autoscale and now - last_scaled > cfg.actor.autoscale_interval_s:
+                    wanted, last_scaled = autoscale(rows, cfg, len(run.actors)), now
                 if wanted != len(run.actors):
                     display.print(f"fleet: {len(run.actors)} -> {wanted} actors")
                     run.scale(wanted)

@@ -74,7 +74,10 @@ def pack(
     routing = None
     column = table.column("routing")
     if column.null_count == 0:
-        routing = np.zeros((b, t, spec.num_layers, spec.top_k), spec.numpy_dtype)
+        # Padding positions replay experts 0..K-1: distinct ids, as every real position has
+        # (a repeated id would make the MoE miscount its tokens and corrupt real rows).
+        routing = np.empty((b, t, spec.num_layers, spec.top_k), spec.numpy_dtype)
+        routing[:] = np.arange(spec.top_k, dtype=spec.numpy_dtype)
         flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         ids = flat.flatten().flatten().to_numpy(zero_copy_only=False)
         ids = ids.reshape(-1, spec.num_layers, spec.top_k)

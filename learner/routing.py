@@ -91,6 +91,10 @@ class RoutingHooks:
         ids = experts_BTLK.long()
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise ValueError(f"replayed expert ids must lie in 0..{self.num_experts - 1}")
+        if self.top_k > 1 and (ids.sort(-1).values.diff(dim=-1) == 0).any():
+            # torchtitan counts tokens per expert from a one-hot map: a repeated id would be
+            # counted once but fill two slots, shifting every later token to a wrong expert.
+            raise ValueError("replayed routing repeats an expert within a token's top-k")
         self._replay_BTLK = ids
         try:
             yield

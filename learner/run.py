@@ -142,7 +142,7 @@ class Learner:
                 "learner/staleness_mean": info["staleness_mean"],
                 "learner/staleness_max": info["staleness_max"],
                 "learner/tokens_per_s": metrics["num_tokens"] / max(metrics["step_time_s"], 1e-9),
-                **{k: v for k, v in info.items() if k.startswith("buffer/")},
+                **{k: v for k, v in info.items() if k.startswith(("buffer/", "rollout/"))},
             }
         )
         return row

@@ -8,6 +8,12 @@
 
 The step knows nothing of the loss formula: it calls `loss_fn`, which returns the loss and its
 metrics. Mini-batches are consecutive groups of the global batch, in the buffer's order.
+
+Data parallelism (`dp`, see `learner.parallel`): every rank is given the same global batch and
+trains on its contiguous share of every mini-batch (`group_size` rows per group, whole groups per
+rank); the loss it back-propagates is scaled by its share of the mini-batch so that the summed
+gradient is the whole mini-batch's, and metrics are reduced over ranks. With one process
+(`dp=None`) none of this runs.
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ import torch
 
 from learner.batch import PackedBatch
 from learner.model import entropy, token_logprobs
+from learner.parallel import (
+    DataParallel,
+    check_sharded,
+    global_norm,
+    local_batch,
+    mean_over_ranks,
+)
 from learner.routing import RoutingHooks
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
@@ -60,6 +73,8 @@ class TrainStep:
         warmup_steps: int,
         lr_schedule: str,
         total_updates: int,
+        dp: DataParallel | None = None,
+        group_size: int = 1,
     ):
         if routing_replay not in ("none", "r2", "r3"):
             raise ValueError(f"routing_replay: {routing_replay!r} is not none, r2 or r3")
@@ -70,6 +85,10 @@ class TrainStep:
         self.lr, self.warmup, self.schedule = lr, warmup_steps, lr_schedule
         self.total_updates = total_updates
         self.updates = 0  # optimizer steps taken (restored from checkpoints)
+        self.dp, self.group_size = dp or DataParallel(), group_size
+        if group_size < 1:
+            raise ValueError(f"group_size: must be >= 1, got {group_size}")
+        check_sharded(model, self.dp)
 
     def _forward(self, batch: PackedBatch, replay: torch.Tensor | None) -> torch.Tensor:
         if replay is None:
@@ -79,6 +98,9 @@ class TrainStep:
 
     def __call__(self, batch: PackedBatch) -> dict[str, float]:
         start = time.monotonic()
+        full = batch
+        if self.dp.enabled:  # this rank's rows; the rest of the step is per rank
+            batch = local_batch(batch, self.num_minibatches, self.dp, self.group_size)
         width = batch.inputs_BT.shape[1]
         last_B = width - 1 - batch.mask_BT.flip(1).int().argmax(1)  # each row's last position
         valid_BT = torch.arange(width) <= last_B[:, None]
@@ -97,6 +119,11 @@ class TrainStep:
             metrics["routing_agreement"] = routing_agreement(
                 batch.routing_BTLK, trace.experts, valid_BT
             )
+        if self.dp.enabled:  # token means over all ranks' rows
+            metrics["entropy"] = self._dp_mean(metrics["entropy"], batch.mask_BT.sum())
+            if "routing_agreement" in metrics:
+                agreement = metrics["routing_agreement"]
+                metrics["routing_agreement"] = self._dp_mean(agreement, valid_BT.sum())
         replay_BTLK = {"none": None, "r2": trace.experts, "r3": batch.routing_BTLK}[
             self.routing_replay
         ]
@@ -120,22 +147,33 @@ class TrainStep:
                 mb.mask_BT,
             )
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_value = loss.item()
+            if self.dp.enabled:
+                # Ranks' gradients are summed; equal shares make each rank's weight 1/world_size.
+                (loss / self.dp.world_size).backward()
+                loss_value = self._dp_mean(loss_value, mb.num_rows)
+                m = mean_over_ranks(m, float(mb.mask_BT.sum()), self.dp)
+            else:
+                loss.backward()
             clip = self.grad_clip if self.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            grad_norm = global_norm(grad_norm)
             factor = lr_multiplier(self.updates, self.warmup, self.total_updates, self.schedule)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * factor
             self.optimizer.step()
             self.updates += 1
-            per_mb.append({"loss": loss.item(), "grad_norm": grad_norm.item(), **m})
+            per_mb.append({"loss": loss_value, "grad_norm": grad_norm.item(), **m})
         for key in per_mb[0]:
             metrics[key] = sum(m[key] for m in per_mb) / len(per_mb)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        staleness = batch.policy_versions_B
-        metrics["reward_mean"] = batch.rewards_B.mean().item()
-        metrics["response_len_mean"] = batch.mask_BT.sum(1).float().mean().item()
-        metrics["num_tokens"] = int(batch.mask_BT.sum())
+        staleness = full.policy_versions_B
+        metrics["reward_mean"] = full.rewards_B.mean().item()
+        metrics["response_len_mean"] = full.mask_BT.sum(1).float().mean().item()
+        metrics["num_tokens"] = int(full.mask_BT.sum())
         metrics["step_time_s"] = time.monotonic() - start
         metrics["policy_version_min"] = int(staleness.min())
         return metrics
+
+    def _dp_mean(self, value: float, weight: float | torch.Tensor) -> float:
+        return mean_over_ranks({"v": value}, float(weight), self.dp)["v"]

@@ -9,7 +9,7 @@ import pytest
 from async_rl.config import Config, ConfigError, load_config, reference, to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = sorted((ROOT / "configs").glob("**/*.toml"))
+SHIPPED = sorted((ROOT / "configs").glob("*.toml"))  # run configs (sweeps: test_sweep.py)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

@@ -224,3 +224,11 @@ def test_lr_schedules():
     assert abs(lr_multiplier(100, 0, 100, "cosine")) < 1e-12
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_multiplier(5, 0, 10, "exp")
+
+
+def test_replay_refuses_a_repeated_expert_within_a_token(base):
+    hooks = RoutingHooks(base)
+    with pytest.raises(ValueError, match="repeats an expert"):
+        with hooks.replay(torch.zeros(1, 3, 2, 2, dtype=torch.uint8)):
+            pass
+    hooks.remove()

@@ -128,7 +128,8 @@ def test_replay_rejects_bad_traces(model):
             with hooks.replay(torch.full((2, 5, CFG.num_layers, CFG.top_k), 8, dtype=torch.uint8)):
                 pass
         with pytest.raises(ValueError, match="tokens"):
-            with hooks.replay(torch.zeros(1, 5, CFG.num_layers, CFG.top_k, dtype=torch.uint8)):
+            distinct = torch.arange(CFG.top_k, dtype=torch.uint8)  # a valid trace, too short
+            with hooks.replay(distinct.expand(1, 5, CFG.num_layers, CFG.top_k)):
                 model(_tokens())
     finally:
         hooks.remove()

@@ -63,6 +63,11 @@ def versions(run_dir: Path) -> list[int]:
     return [json.loads(line)["version"] for line in path.read_text().splitlines() if line]
 
 
+def fleet_sizes(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x).get("rollout/actors", 0) for x in path.read_text().splitlines() if x]
+
+
 def wait_for(predicate, timeout=240, proc=None):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -79,16 +84,24 @@ def stored_groups(run_dir: Path):
 
 def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, start):
     run_dir = tmp_path / "kill"
-    proc = train(*overrides(tmp_path, start, "kill", 8))
-    pid_file = run_dir / "control" / "pids" / "a0.pid"
-    wait_for(lambda: len(versions(run_dir)) >= 2 and pid_file.exists(), proc=proc)
-    first_pid = int(pid_file.read_text())
+    proc = train(*overrides(tmp_path, start, "kill", 500))  # stopped with Ctrl-C below
+    pids = run_dir / "control" / "pids"
+    wait_for(lambda: len(versions(run_dir)) >= 2 and (pids / "a0.pid").exists(), proc=proc)
+    first_pid = int((pids / "a0.pid").read_text())
     os.kill(first_pid, signal.SIGKILL)  # mid-run, possibly mid-group
-    wait_for(lambda: pid_file.exists() and int(pid_file.read_text()) != first_pid, proc=proc)
+    wait_for(lambda: int((pids / "a0.pid").read_text()) != first_pid, proc=proc)
+    killed_at = len(versions(run_dir))
+    wait_for(lambda: len(versions(run_dir)) >= killed_at + 2, proc=proc)  # training goes on
+    # grow the fleet while the run goes on; the fleet size is a metric
+    scale = [sys.executable, "-m", "async_rl.cli", "scale", str(run_dir), "--actors", "2"]
+    assert subprocess.run(scale, cwd=ROOT, env=ENV, capture_output=True).returncode == 0
+    wait_for(lambda: 2 in fleet_sizes(run_dir), proc=proc)
+    proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert "done: 8 global steps" in out
-    assert versions(run_dir) == list(range(1, 9))
+    assert "fleet: 1 -> 2 actors" in out and "interrupted" in out
+    done = versions(run_dir)
+    assert done == list(range(1, len(done) + 1))
     spec = RoutingSpec.of(ModelConfig())
     groups = stored_groups(run_dir)
     for batch in groups:  # every stored group is whole and well formed

@@ -1,0 +1,295 @@
+"""Learner step speed: `TrainStep` against a bare optimizer step, routing replay, weight publishing.
+
+    python benchmarks/learner_step.py [--checkpoint DIR] [--prompts 8 --group-size 8
+                                       --new-tokens 8 --rounds 30 --profile-steps 20]
+
+One global batch of FP8 engine rollouts (the embedded engine, routing traces included) of the
+arithmetic task's prompts (about 7 tokens) on the tiny model (`ModelConfig()`, fp32, one thread):
+a freshly initialised model by default, whose completions mostly run the full `--new-tokens`;
+`--checkpoint` uses a trained one instead (its completions are shorter). Rewards alternate 0/1
+within a group so that every advantage is nonzero. Every variant gets its own copy of the
+weights and its own AdamW; the variants are timed in rotating order, `--rounds` times each, after
+one warm-up call; the table reports median times (CPU time of the single-threaded process for
+the training steps, so that other processes on a shared machine do not count; wall-clock time
+for publishing, which waits on the disk) and the median of the per-round ratios:
+
+- `bare`: forward, -(1/B) sum A log pi over completion tokens, backward, AdamW step;
+- `TrainStep none / r2 / r3`: the learner's global step, N = 1, MiniRL loss;
+  goals: none <= 1.15 x bare; r2, r3 <= 1.05 x none (the R3 paper reports 3.45%);
+- `publish + announce`: `hf_state_dict` + `FsWeightStore.publish` (fsynced, manifest last) +
+  `WeightAnnouncer.announce`, also with the actor's `fetch`, against `save_file` + `load_file`
+  of the same tensors.
+A variant that misses its goal is profiled (cProfile, `--profile-steps` calls, top functions by
+internal time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import io
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+import zmq  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from actors.embedded import EmbeddedEngine  # noqa: E402
+from actors.engine import SamplingParams  # noqa: E402
+from async_rl.config import AlgoConfig, LearnerConfig, ModelConfig  # noqa: E402
+from async_rl.losses import group_advantages, minirl_loss  # noqa: E402
+from async_rl.tasks import ArithmeticTask  # noqa: E402
+from async_rl.tokenizer import Tokenizer  # noqa: E402
+from async_rl.types import RoutingSpec, Trajectory, group_to_batch  # noqa: E402
+from async_rl.weights import FsWeightStore, WeightAnnouncer  # noqa: E402
+from learner.batch import PackedBatch, pack  # noqa: E402
+from learner.hf import export_hf, hf_state_dict, import_hf  # noqa: E402
+from learner.model import build_model, entropy, token_logprobs  # noqa: E402
+from learner.train import TrainStep  # noqa: E402
+
+CFG = ModelConfig()
+
+
+def rollouts(checkpoint: Path, num_prompts: int, group_size: int, new_tokens: int) -> PackedBatch:
+    """A packed global batch of FP8 rollouts with routing traces (see the module docstring)."""
+    tok, task = Tokenizer.arithmetic(), ArithmeticTask(seed=0)
+    engine = EmbeddedEngine(checkpoint, quantization="fp8")
+    prompts = [tok.encode_prompt(task.train_problem(i).prompt) for i in range(num_prompts)]
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=new_tokens, seed=0)
+    spec = RoutingSpec.of(CFG)
+    batches = []
+    groups = engine.generate(prompts, params, group_size)
+    for p, (prompt, group) in enumerate(zip(prompts, groups, strict=True)):
+        rows = [
+            Trajectory(
+                sample_id=f"p{p}-{i}",
+                group_id=f"p{p}",
+                prompt_id=f"p{p}",
+                actor_id="a0",
+                engine="embedded",
+                policy_version=0,
+                policy_version_max=0,
+                prompt_tokens=prompt,
+                completion_tokens=gen.tokens,
+                behavior_logprobs=gen.logprobs,
+                routing=gen.routing,
+                reward=float(i % 2),  # nonzero advantages in every group
+                finish_reason=gen.finish_reason,
+                temperature=1.0,
+                top_p=1.0,
+                quantization="fp8",
+            )
+            for i, gen in enumerate(group)
+        ]
+        batches.append(group_to_batch(rows, spec))
+    advantages = functools.partial(group_advantages, std_norm=False)
+    batch = pack(pa.Table.from_batches(batches), spec, group_size, advantages, tok.pad_id)
+    return batch
+
+
+def new_optimizer(model: torch.nn.Module, learner: LearnerConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=learner.lr,
+        betas=(learner.adam_beta1, learner.adam_beta2),
+        weight_decay=learner.weight_decay,
+    )
+
+
+def bare_step(model: torch.nn.Module, learner: LearnerConfig) -> Callable[[PackedBatch], None]:
+    """Forward, -(1/B) sum A log pi, backward, AdamW: the floor a training step cannot beat."""
+    optimizer = new_optimizer(model, learner)
+
+    def step(batch: PackedBatch) -> None:
+        logp_BT = token_logprobs(model(batch.inputs_BT), batch.targets_BT)
+        loss = -(batch.advantages_B[:, None] * logp_BT * batch.mask_BT).sum() / batch.num_rows
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    return step
+
+
+@torch.no_grad()
+def prox_pass(model: torch.nn.Module, batch: PackedBatch) -> None:
+    """What `TrainStep` adds to a bare step at N = 1: a no-grad forward, log-probs, entropy."""
+    logits_BTV = model.eval()(batch.inputs_BT)
+    token_logprobs(logits_BTV, batch.targets_BT)
+    entropy(logits_BTV)[batch.mask_BT].mean().item()
+
+
+def train_step(model: torch.nn.Module, learner: LearnerConfig, replay: str) -> TrainStep:
+    """The learner's global step as `learner.run.Learner` builds it, N = 1."""
+    algo = AlgoConfig()
+    return TrainStep(
+        model,
+        new_optimizer(model, learner),
+        functools.partial(minirl_loss, cfg=algo),
+        num_minibatches=1,
+        routing_replay=replay,
+        temperature=1.0,
+        grad_clip=learner.grad_clip,
+        lr=learner.lr,
+        warmup_steps=learner.warmup_steps,
+        lr_schedule=learner.lr_schedule,
+        total_updates=10_000,
+    )
+
+
+def publishers(model: torch.nn.Module, store: FsWeightStore, announcer: WeightAnnouncer, root):
+    """`publish + announce`, `... + fetch` and the plain safetensors round trip, as callables."""
+    plain = root / "plain.safetensors"
+    versions = iter(range(1, 1_000_000))
+
+    def publish() -> int:
+        version = next(versions)
+        store.publish(version, hf_state_dict(model, CFG))
+        announcer.announce(version)
+        return version
+
+    def publish_fetch() -> None:
+        store.fetch(publish())
+
+    def save_load() -> None:
+        save_file(hf_state_dict(model, CFG), plain, metadata={"format": "pt"})
+        load_file(plain)
+
+    return {"publish": publish, "publish_fetch": publish_fetch, "save_load": save_load}
+
+
+def time_rounds(
+    variants: dict[str, Callable[[], object]], rounds: int, clock=time.perf_counter, between=None
+) -> dict[str, list[float]]:
+    """Seconds of every call of each variant: one warm-up, then `rounds` rotations of the order
+    (the variants of a round run back to back, under about the same machine load)."""
+    names = list(variants)
+    for name in names:
+        variants[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = clock()
+            variants[name]()
+            times[name].append(clock() - start)
+            if between is not None:
+                between()
+    return times
+
+
+def profile(fn: Callable[[], object], calls: int, sort: str, restrict: tuple = ()) -> str:
+    """cProfile of `calls` calls of `fn`, sorted by `sort`, restricted as `pstats` does."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats(sort).print_stats(*restrict)
+    text = out.getvalue()
+    text = text[text.index("ncalls") :] if "ncalls" in text else text
+    return "\n".join(line.replace(str(ROOT) + "/", "") for line in text.splitlines() if line)
+
+
+# What a training step spends its time on, by cumulative time (a regex on pstats lines).
+STEP_PARTS = (
+    r"train.py|learner_step.py.*step|decoder.py.*forward|run_backward|optimizer.py.*wrapper"
+    r"|clip_grad_norm_|minirl_loss|learner/model.py.*(entropy|token_logprobs)|routing.py",
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, help="HF checkpoint (default: a fresh model)")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts in the global batch")
+    parser.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
+    parser.add_argument("--new-tokens", type=int, default=8, help="longest completion")
+    parser.add_argument("--rounds", type=int, default=30, help="timed calls per variant")
+    parser.add_argument("--profile-steps", type=int, default=20, help="calls per profile")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    learner = LearnerConfig()
+
+    with tempfile.TemporaryDirectory(prefix="learner_step.") as tmp:
+        root = Path(tmp)
+        checkpoint = args.checkpoint or export_hf(
+            build_model(CFG, seed=0), CFG, Tokenizer.arithmetic(), root / "start"
+        )
+        batch = rollouts(checkpoint, args.prompts, args.group_size, args.new_tokens)
+        tokens = int(batch.mask_BT.sum())
+        print(
+            f"tiny model (ModelConfig()), fp32, 1 thread; {args.prompts} prompts x G = "
+            f"{args.group_size}: batch [B, T] = {list(batch.inputs_BT.shape)}, "
+            f"{tokens} completion tokens ({tokens / batch.num_rows:.1f} per row), "
+            f"{args.rounds} rounds"
+        )
+
+        def fresh() -> torch.nn.Module:
+            return import_hf(checkpoint, CFG)[0]
+
+        steps = {"bare": bare_step(fresh(), learner)}
+        for replay in ("none", "r2", "r3"):
+            steps[f"TrainStep {replay}"] = train_step(fresh(), learner, replay)
+        calls = {name: functools.partial(fn, batch) for name, fn in steps.items()}
+        calls["prox"] = functools.partial(prox_pass, fresh(), batch)
+        # CPU time of this (single-threaded) process: what other processes on a shared machine
+        # take is not counted. Publishing waits on the disk, so it is timed by the wall clock.
+        step_s = time_rounds(calls, args.rounds, clock=time.process_time)
+
+        ctx = zmq.Context()
+        store = FsWeightStore(root / "weights", template=checkpoint, keep=2)
+        announcer = WeightAnnouncer(ctx, "127.0.0.1")
+        pub = publishers(fresh(), store, announcer, root)
+        pub_s = time_rounds(pub, args.rounds, between=lambda: store.collect(set()))
+
+        rows = [  # label, variant, baseline, goal
+            ("bare fwd + bwd + AdamW", "bare", "bare", None),
+            ("  no-grad forward + entropy alone", "prox", "bare", None),
+            ("TrainStep N=1 none", "TrainStep none", "bare", 1.15),
+            ("TrainStep N=1 r2", "TrainStep r2", "TrainStep none", 1.05),
+            ("TrainStep N=1 r3", "TrainStep r3", "TrainStep none", 1.05),
+            ("save_file + load_file", "save_load", "save_load", None),
+            ("hf_state_dict + publish + announce", "publish", "save_load", None),
+            ("  ... + fetch (the actor's load)", "publish_fetch", "save_load", None),
+        ]
+        times = {**step_s, **pub_s}
+        print(f"\n{'variant':<36} {'median ms':>10} {'ratio':>7}  {'against':<16} goal")
+        print("training steps: CPU time; publishing: wall-clock time")
+        missed = []
+        for label, name, against, goal in rows:
+            # The median of per-round ratios: robust to load that drifts over the run.
+            pairs = zip(times[name], times[against], strict=True)
+            ratio = statistics.median(a / b for a, b in pairs)
+            verdict = ""
+            if goal is not None:
+                verdict = f"<= {goal:.2f}  {'met' if ratio <= goal else 'MISSED'}"
+                if ratio > goal:
+                    missed.append(name)
+            ms = statistics.median(times[name]) * 1e3
+            print(f"{label:<36} {ms:>10.2f} {ratio:>7.3f}  {against:<16} {verdict}")
+
+        seconds = {name: statistics.median(t) for name, t in times.items()}
+        rest = (seconds["TrainStep none"] - seconds["prox"]) / seconds["bare"]
+        print(f"(TrainStep N=1 none - the no-grad forward alone) / bare = {rest:.3f}")
+        for name in ["bare"] + missed if missed else []:
+            print(f"\ncProfile of {name} ({args.profile_steps} calls), by cumulative time:")
+            print(profile(calls[name], args.profile_steps, "cumulative", STEP_PARTS))
+        print(f"\ncProfile of publish + announce ({args.profile_steps} calls), by internal time:")
+        print(profile(pub["publish"], args.profile_steps, "tottime", (10,)))
+        announcer.close()
+        ctx.term()
+
+
+if __name__ == "__main__":
+    main()

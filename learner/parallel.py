@@ -1,0 +1,228 @@
+"""Data parallelism for the learner: process group, FSDP2 over the ranks, each rank's rows.
+
+Shape legend: B = rows (completions), T = positions, L = MoE layers, K = experts per token.
+
+    dp = init_distributed()                 RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
+                                            gloo on CPU, nccl on CUDA
+    model = apply_fsdp(build_model(...), dp)   torchtitan's apply_fsdp_to_decoder, 1-D mesh
+    optimizer = AdamW(model.parameters())   after FSDP: it swaps parameters for DTensors
+    step = TrainStep(..., dp=dp, group_size=G)
+    step(global_batch)                      every rank gets the same global batch and trains
+                                            on its share of every mini-batch
+    state = full_state_dict(model)          collective: every rank calls it;
+    if dp.is_main: publish(state)           rank 0 alone publishes weights and checkpoints
+
+Every rank takes a contiguous share of each mini-batch: mini-batch i has rows
+`[i * M, (i + 1) * M)` of the global batch and rank r takes `[i * M + r * S, i * M + (r + 1) * S)`
+with `S = M / world_size`, a whole number of groups. The proximal pass runs on a rank's own rows
+only (R2 records, R3 replays, the routing of exactly those rows).
+
+Why the update equals the single-process update of the whole mini-batch: the loss is a mean
+over the mini-batch's responses, `L = (1/M) sum_i l_i`. Each rank computes its local mean over S
+rows and back-propagates it times `S / M`; FSDP sums the gradients over ranks (torchtitan turns
+off FSDP's own division), so the reduced gradient is `sum_r (S/M)(1/S) sum_{i in r} grad l_i =
+grad L`. Gradient clipping uses the global norm: the gradients are sharded DTensors and
+`clip_grad_norm_` reduces the norm over the mesh. Metrics are reduced too: the loss as the
+row-weighted mean of local losses (the global loss), token means (entropy, the loss function's
+metrics) weighted by each rank's completion tokens, `routing_agreement` by its real tokens.
+
+FSDP2 on CPU with gloo (torch 2.13): sharding, all-gather and the optimizer step work; the
+gradient reduce-scatter does not with FSDP's default op: with torchtitan's divide factor of 1
+FSDP reduces with `ReduceOp.PREMUL_SUM`, which gloo rejects ("Cannot use ReduceOp.PREMUL_SUM with
+Gloo"). `apply_fsdp` therefore forces plain-sum reductions on gloo
+(`set_force_sum_reduction_for_comms`); NCCL keeps torchtitan's setting.
+
+Under FSDP every forward and every state-dict gather is collective: all ranks run evaluation
+together, and weights and checkpoints go through `full_state_dict` (`model.state_dict()` holds
+DTensor shards; the optimizer state too).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from learner.batch import PackedBatch
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """Where this process sits among the data-parallel ranks. `DataParallel()` is one process."""
+
+    rank: int = 0
+    world_size: int = 1
+    device_type: str = "cpu"  # "cpu" (gloo) or "cuda" (nccl)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one rank that publishes weights, writes checkpoints and logs metrics."""
+        return self.rank == 0
+
+
+def backend_for(device_type: str) -> str:
+    """The process-group backend of a device type: gloo on CPU, nccl on CUDA."""
+    backends = {"cpu": "gloo", "cuda": "nccl"}
+    if device_type not in backends:
+        raise ValueError(f"device_type: {device_type!r} is not one of {', '.join(backends)}")
+    return backends[device_type]
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    if value is None or not value.strip().lstrip("-").isdigit():
+        raise ValueError(f"{name}: expected an integer environment variable, got {value!r}")
+    return int(value)
+
+
+def init_distributed(device_type: str | None = None) -> DataParallel:
+    """Join the process group described by RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+
+    Without WORLD_SIZE (or with WORLD_SIZE = 1) this is one process and no group is created.
+    `device_type` defaults to "cuda" when CUDA is available, else "cpu"; on CUDA each rank uses
+    device LOCAL_RANK (default: RANK modulo the visible devices).
+    """
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = backend_for(device_type)
+    if dist.is_initialized():
+        return DataParallel(dist.get_rank(), dist.get_world_size(), device_type)
+    world_size = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
+    if world_size < 1:
+        raise ValueError(f"WORLD_SIZE: must be >= 1, got {world_size}")
+    if world_size == 1:
+        return DataParallel(0, 1, device_type)
+    rank = _env_int("RANK")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK: must lie in 0..{world_size - 1}, got {rank}")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise ValueError(f"{name}: not set; data parallelism needs {', '.join(ENV_VARS)}")
+    _env_int("MASTER_PORT")
+    if device_type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+    return DataParallel(rank, world_size, device_type)
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share_rows(num_rows: int, num_minibatches: int, dp: DataParallel, group_size: int = 1):
+    """Indices `[B / world_size]` of this rank's rows: its contiguous share of every mini-batch.
+
+    The global batch is `num_minibatches` consecutive mini-batches; each splits into
+    `world_size` equal shares of whole groups of `group_size` rows.
+    """
+    if num_minibatches < 1 or num_rows % num_minibatches:
+        raise ValueError(f"{num_rows} rows do not split into {num_minibatches} mini-batches")
+    size = num_rows // num_minibatches
+    if size % (dp.world_size * group_size):
+        raise ValueError(
+            f"num_minibatches: a mini-batch of {size} rows does not split into "
+            f"{dp.world_size} ranks x whole groups of {group_size}; choose num_minibatches "
+            f"so that mini-batches hold a multiple of {dp.world_size * group_size} rows"
+        )
+    share = size // dp.world_size
+    starts = torch.arange(num_minibatches) * size + dp.rank * share
+    return (starts[:, None] + torch.arange(share)).flatten()
+
+
+def select_rows(batch: PackedBatch, index: torch.Tensor) -> PackedBatch:
+    """The rows `index` of a batch, in that order, trimmed to their longest sequence."""
+    width = int(batch.mask_BT[index].any(0).nonzero().max()) + 1
+    out = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if value is None:
+            out[f.name] = None
+        elif value.ndim == 1:
+            out[f.name] = value[index]
+        else:
+            out[f.name] = value[index, :width]
+    return PackedBatch(**out)
+
+
+def local_batch(
+    batch: PackedBatch, num_minibatches: int, dp: DataParallel, group_size: int = 1
+) -> PackedBatch:
+    """This rank's rows of a global batch; its mini-batch i is local rows `[i * S, (i + 1) * S)`."""
+    return select_rows(batch, share_rows(batch.num_rows, num_minibatches, dp, group_size))
+
+
+def apply_fsdp(model: torch.nn.Module, dp: DataParallel) -> torch.nn.Module:
+    """Shard `model` over the ranks with torchtitan's FSDP2 (`apply_fsdp_to_decoder`), in place.
+
+    Parameters and reductions stay in the model's dtype (fp32 on CPU; a bf16 model reduces in
+    fp32). Gradients are summed over ranks, not averaged: `TrainStep` scales each rank's loss.
+    One process: the model is returned unchanged. Build the optimizer after this call.
+    """
+    if not dp.enabled:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+
+    mesh = init_device_mesh(dp.device_type, (dp.world_size,), mesh_dim_names=("fsdp",))
+    dtype = next(model.parameters()).dtype
+    apply_fsdp_to_decoder(model, mesh, dtype, torch.float32, pp_enabled=False)
+    if dist.get_backend() == "gloo":  # gloo has no PREMUL_SUM (module docstring)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def check_sharded(model: torch.nn.Module, dp: DataParallel) -> None:
+    """Raise unless `model` is FSDP-sharded when `dp` has several ranks (else no gradient sync)."""
+    if dp.enabled and not isinstance(model, FSDPModule):
+        raise ValueError(
+            f"dp: world_size = {dp.world_size} but the model is not sharded; call "
+            "learner.parallel.apply_fsdp(model, dp) before building the optimizer"
+        )
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every DTensor gathered to a full tensor, on CPU.
+
+    Collective under FSDP: every rank must call it (rank 0 then publishes the result).
+    """
+    state = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        state[key] = value.detach().cpu()
+    return state
+
+
+def global_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor (a DTensor norm of sharded gradients is reduced)."""
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def mean_over_ranks(values: dict[str, float], weight: float, dp: DataParallel) -> dict[str, float]:
+    """Weighted means across ranks, `sum_r w_r v_r / sum_r w_r`, in one all-reduce (float64).
+
+    Every rank passes the same keys in the same order. A zero total weight gives 0.
+    """
+    if not dp.enabled:
+        return dict(values)
+    device = "cuda" if dp.device_type == "cuda" else "cpu"
+    sums = torch.tensor([*(weight * v for v in values.values()), weight], dtype=torch.float64)
+    sums = sums.to(device)
+    dist.all_reduce(sums)
+    total, means = sums[-1].item(), sums[:-1].tolist()
+    return {k: (s / total if total else 0.0) for k, s in zip(values, means, strict=True)}

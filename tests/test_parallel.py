@@ -1,0 +1,284 @@
+"""Data-parallel learner: two gloo ranks with FSDP2 make the same update as one process."""
+
+import functools
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+
+from async_rl.config import AlgoConfig, ModelConfig
+from async_rl.losses import group_advantages, minirl_loss
+from learner.batch import PackedBatch
+from learner.model import build_model
+from learner.parallel import (
+    DataParallel,
+    apply_fsdp,
+    backend_for,
+    full_state_dict,
+    init_distributed,
+    local_batch,
+    mean_over_ranks,
+    select_rows,
+    share_rows,
+    shutdown,
+)
+from learner.train import TrainStep
+
+CFG = ModelConfig()
+G, NUM_GROUPS, WORLD = 2, 4, 2
+# (num_minibatches, routing_replay, optimizer). SGD passes gradient roundoff on unchanged, so
+# weights must agree to float precision. AdamW's first step is lr * g / (|g| + eps): for a small
+# gradient element (|g| ~ 1e-7, e.g. an expert that saw few tokens) the different summation
+# order across ranks moves the update by ~lr * eps * dg / g^2, measured: up to ~2% of lr on ~2%
+# of the weights; the next gradient then sees those weights. So the AdamW case checks the first
+# gradient exactly and the weights to a share of lr. (Adam and clipping hide a wrongly scaled
+# gradient; the SGD cases and the pre-clip `grad_norm` metric do not.)
+CASES = [
+    (1, "none", "sgd"),
+    (1, "r2", "sgd"),
+    (2, "none", "sgd"),
+    (2, "r2", "sgd"),
+    (2, "r3", "sgd"),
+    (2, "r2", "adamw"),
+]
+LR = {"sgd": 0.5, "adamw": 1e-2}
+NUM_STEPS = {"sgd": 2, "adamw": 1}
+GRAD_CLIP = 0.5
+METRICS = ("loss", "grad_norm", "entropy", "clip_frac", "train_infer_kl", "routing_agreement")
+
+
+def global_batch(seed: int) -> PackedBatch:
+    """8 rows of random prompts and completions of different lengths, right-padded.
+
+    mu is a noisy uniform policy (the untrained model is close to uniform, so IS weights and
+    clipping are active); the routing trace is random expert ids, as an actor would send.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    b = G * NUM_GROUPS
+    prompts = torch.randint(3, 7, (b,), generator=gen).tolist()
+    completions = torch.randint(2, 9, (b,), generator=gen).tolist()
+    t = max(p + c - 1 for p, c in zip(prompts, completions, strict=True))
+    inputs, targets = torch.zeros(b, t, dtype=torch.long), torch.zeros(b, t, dtype=torch.long)
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        seq = torch.randint(2, CFG.vocab_size, (p + c,), generator=gen)
+        inputs[i, : p + c - 1], targets[i, : p + c - 1] = seq[:-1], seq[1:]
+        mask[i, p - 1 : p + c - 1] = True
+    mu = -torch.log(torch.tensor(float(CFG.vocab_size))) + 0.3 * torch.randn(b, t, generator=gen)
+    rewards = torch.tensor([float(i % 2) for i in range(b)])  # nonzero advantages in every group
+    scores = torch.rand(b, t, CFG.num_layers, CFG.num_experts, generator=gen)
+    routing = scores.topk(CFG.top_k, dim=-1).indices.to(torch.uint8)
+    return PackedBatch(
+        inputs_BT=inputs,
+        targets_BT=targets,
+        mask_BT=mask,
+        behavior_logprobs_BT=torch.where(mask, mu, 0.0),
+        rewards_B=rewards,
+        advantages_B=group_advantages(rewards, G, std_norm=False),
+        policy_versions_B=torch.zeros(b, dtype=torch.long),
+        routing_BTLK=routing,
+    )
+
+
+def train(num_minibatches: int, replay: str, optimizer: str, dp: DataParallel | None):
+    """Global steps from a seeded model: gathered weights, each step's metrics, and the
+    clipped gradient of every update as `{"<update>/<parameter>": tensor}`."""
+    model = build_model(CFG, seed=0)
+    if dp is not None:
+        apply_fsdp(model, dp)
+    lr = LR[optimizer]
+    opt_class = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
+    opt = opt_class(model.parameters(), lr=lr)
+    grads, names = {}, {p: n for n, p in model.named_parameters()}
+
+    def keep_grads(optimizer, *_):  # collective under FSDP: every rank runs it
+        update = len(grads) // len(names)
+        for p in optimizer.param_groups[0]["params"]:
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            grads[f"{update}/{names[p]}"] = g.detach().clone()
+
+    opt.register_step_pre_hook(keep_grads)
+    step = TrainStep(
+        model,
+        opt,
+        functools.partial(minirl_loss, cfg=AlgoConfig()),
+        num_minibatches=num_minibatches,
+        routing_replay=replay,
+        temperature=1.0,
+        grad_clip=GRAD_CLIP,
+        lr=lr,
+        warmup_steps=0,
+        lr_schedule="constant",
+        total_updates=100,
+        dp=dp,
+        group_size=G,
+    )
+    metrics = [step(global_batch(seed)) for seed in range(NUM_STEPS[optimizer])]
+    return full_state_dict(model), metrics, grads
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    dp = init_distributed("cpu")
+    try:
+        for case in CASES:
+            state, metrics, grads = train(*case, dp)
+            if dp.is_main:  # rank 0 alone writes, as it alone publishes weights in a run
+                name = "-".join(map(str, case))
+                save_file(state, f"{out_dir}/{name}.safetensors")
+                save_file(grads, f"{out_dir}/{name}-grads.safetensors")
+                Path(f"{out_dir}/{name}.json").write_text(json.dumps(metrics))
+    finally:
+        shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run every case on 2 gloo ranks (one spawn) while this process computes the references."""
+    out = tmp_path_factory.mktemp("dp")
+    # fork when this process has no other threads: the workers inherit torch and torchtitan
+    # (8 s of imports each); spawn otherwise.
+    method = "fork" if threading.active_count() == 1 else "spawn"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # three processes share the cores; idle OpenMP threads spin
+    ctx = mp.start_processes(
+        _worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False, start_method=method
+    )
+    try:
+        references = {case: train(*case, None) for case in CASES}
+        deadline = time.monotonic() + 300
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError("data-parallel workers did not finish in 300 s")
+    finally:
+        torch.set_num_threads(threads)
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    results = {}
+    for case in CASES:
+        name = "-".join(map(str, case))
+        results[case] = (
+            load_file(out / f"{name}.safetensors"),
+            json.loads((out / f"{name}.json").read_text()),
+            load_file(out / f"{name}-grads.safetensors"),
+        )
+    return references, results
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_two_ranks_update_like_one_process(two_ranks, case):
+    references, results = two_ranks
+    ref_state, ref_metrics, ref_grads = references[case]
+    state, metrics, grads = results[case]
+    assert grads.keys() == ref_grads.keys()
+    num_updates = len(ref_grads) // len({k.split("/")[1] for k in ref_grads})
+    for update in range(num_updates):
+        keys = [k for k in ref_grads if k.startswith(f"{update}/")]
+        grad_diff = max((grads[k] - ref_grads[k]).abs().max().item() for k in keys)
+        grad_max = max(ref_grads[k].abs().max().item() for k in keys)
+        print(f"{case} update {update}: max |g_dp - g| = {grad_diff:.3g} (max |g| {grad_max:.3g})")
+        # The clipped gradient of the whole mini-batch. After an AdamW update the weights
+        # differ a little (see CASES), and so do later gradients.
+        exact = case[2] == "sgd" or update == 0
+        assert grad_diff < (1e-5 if exact else 1e-3) * grad_max
+    diffs = torch.cat([(state[k] - w).abs().flatten() for k, w in ref_state.items()])
+    off = (diffs > 1e-6).float().mean().item()
+    print(f"{case}: max |w_dp - w| = {diffs.max():.3g}, share of weights off by > 1e-6: {off:.2%}")
+    if case[2] == "sgd":
+        assert diffs.max() < 1e-6
+    else:
+        assert diffs.max() < 0.05 * LR["adamw"] and off < 0.05
+    assert any(m["grad_norm"] > GRAD_CLIP for m in ref_metrics)  # clipping was active
+    rel = 1e-5 if case[2] == "sgd" else 1e-4  # AdamW's second mini-batch: see CASES
+    for ref, got in zip(ref_metrics, metrics, strict=True):
+        for key in METRICS:
+            assert got[key] == pytest.approx(ref[key], rel=rel, abs=1e-6), key
+        assert got["num_tokens"] == ref["num_tokens"]
+
+
+def test_replay_changed_the_update(two_ranks):
+    """The cases differ from each other, so agreement per case is not agreement by accident."""
+    references, _ = two_ranks
+    router = {c: references[c][0]["layers.0.moe.router.gate.weight"] for c in CASES}
+    assert not torch.equal(router[(2, "none", "sgd")], router[(2, "r2", "sgd")])
+    assert not torch.equal(router[(2, "r2", "sgd")], router[(2, "r3", "sgd")])
+
+
+def test_rank_shares_are_contiguous_whole_groups_of_every_minibatch():
+    shares = [share_rows(8, 2, DataParallel(r, 2), group_size=2).tolist() for r in range(2)]
+    assert shares == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert share_rows(8, 1, DataParallel(1, 2), group_size=2).tolist() == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="num_minibatches"):
+        share_rows(8, 4, DataParallel(0, 2), group_size=2)
+    with pytest.raises(ValueError, match="do not split"):
+        share_rows(8, 3, DataParallel(0, 2))
+
+
+def test_local_batch_holds_the_rows_trimmed():
+    batch = global_batch(0)
+    local = local_batch(batch, 2, DataParallel(1, 2), group_size=2)
+    index = [2, 3, 6, 7]
+    width = int(batch.mask_BT[index].any(0).nonzero().max()) + 1
+    assert local.inputs_BT.shape == (4, width)
+    assert torch.equal(local.inputs_BT, batch.inputs_BT[index, :width])
+    assert torch.equal(local.routing_BTLK, batch.routing_BTLK[index, :width])
+    assert torch.equal(local.advantages_B, batch.advantages_B[index])
+    contiguous = select_rows(batch, torch.arange(2, 4))
+    assert torch.equal(contiguous.mask_BT, batch.rows(2, 4).mask_BT)
+
+
+def test_init_distributed_reads_the_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert init_distributed("cpu") == DataParallel(0, 1, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK"):
+        init_distributed("cpu")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        init_distributed("cpu")
+    with pytest.raises(ValueError, match="device_type"):
+        init_distributed("tpu")
+    assert backend_for("cpu") == "gloo" and backend_for("cuda") == "nccl"
+    single = DataParallel()
+    assert mean_over_ranks({"a": 1.5}, 3.0, single) == {"a": 1.5}
+    assert single.is_main and not single.enabled
+
+
+def test_train_step_refuses_an_unsharded_model_with_several_ranks():
+    model = build_model(CFG, seed=0)
+    with pytest.raises(ValueError, match="apply_fsdp"):
+        TrainStep(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            functools.partial(minirl_loss, cfg=AlgoConfig()),
+            num_minibatches=1,
+            routing_replay="none",
+            temperature=1.0,
+            grad_clip=1.0,
+            lr=0.1,
+            warmup_steps=0,
+            lr_schedule="constant",
+            total_updates=1,
+            dp=DataParallel(0, 2),
+        )

