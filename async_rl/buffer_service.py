@@ -143,7 +143,7 @@ class BufferService:
         self.buffer.append(accepted)
 
     def _parse_group(self, frames: list[bytes]) -> tuple[pa.RecordBatch, str | None]:
-        size = sum(len(f.buffer) for f in frames)
+        size = sum(len(f.buffer) if isinstance(f, zmq.Frame) else len(f) for f in frames)
         if size > self.max_bytes:
             raise BadMessage("size", f"{size} bytes, more than buffer.max_message_mib")
         _, header, payload = decode(frames, ("group",))

@@ -324,11 +324,15 @@ def _apply(cfg: Config, data: dict[str, Any], origin: str) -> None:
 
 def _parse_override(item: str) -> tuple[str, str, Any]:
     if "=" not in item:
-        raise ConfigError(item, "an override must look like section.key=value")
+        raise ConfigError(
+            item or "override", f"{item!r}: an override must look like section.key=value"
+        )
     dotted, raw = item.split("=", 1)
     dotted = dotted.strip()
-    if dotted.count(".") != 1:
-        raise ConfigError(dotted, "an override key must look like section.key")
+    if dotted.count(".") != 1 or not all(dotted.split(".")):
+        raise ConfigError(
+            dotted or "override", f"{item!r}: an override key must look like section.key"
+        )
     section, name = dotted.split(".")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
