@@ -35,6 +35,16 @@ class PackedBatch:
     def num_rows(self) -> int:
         return self.inputs_BT.shape[0]
 
+    @property
+    def width(self) -> int:
+        return self.inputs_BT.shape[1]
+
+    @property
+    def valid_BT(self) -> torch.Tensor:
+        """Real input positions (prompt + completion - 1 per row), not padding."""
+        last_B = self.width - 1 - self.mask_BT.flip(1).int().argmax(1)
+        return torch.arange(self.width) <= last_B[:, None]
+
     def rows(self, start: int, stop: int) -> PackedBatch:
         """Rows [start, stop), trimmed to their longest sequence."""
         width = int(self.mask_BT[start:stop].any(0).nonzero().max()) + 1

@@ -101,50 +101,54 @@ class TrainStep:
         full = batch
         if self.dp.enabled:  # this rank's rows; the rest of the step is per rank
             batch = local_batch(batch, self.num_minibatches, self.dp, self.group_size)
-        width = batch.inputs_BT.shape[1]
-        last_B = width - 1 - batch.mask_BT.flip(1).int().argmax(1)  # each row's last position
-        valid_BT = torch.arange(width) <= last_B[:, None]
         if self.routing_replay == "r3" and batch.routing_BTLK is None:
             raise ValueError("routing_replay r3 needs actor routing traces; this batch has none")
-        self.model.eval()  # no dropout in Qwen3-MoE; eval only marks the pass as inference
-        with torch.no_grad(), self.hooks.record() as trace:
-            actor = batch.routing_BTLK if self.routing_replay == "r3" else None
-            logits_BTV = self._forward(batch, actor)
-        prox_BT = token_logprobs(logits_BTV, batch.targets_BT, self.temperature)
-        metrics = {
-            "entropy": entropy(logits_BTV, self.temperature)[batch.mask_BT].mean().item(),
-        }
-        del logits_BTV
-        if batch.routing_BTLK is not None:
-            metrics["routing_agreement"] = routing_agreement(
-                batch.routing_BTLK, trace.experts, valid_BT
-            )
-        if self.dp.enabled:  # token means over all ranks' rows
-            metrics["entropy"] = self._dp_mean(metrics["entropy"], batch.mask_BT.sum())
-            if "routing_agreement" in metrics:
-                agreement = metrics["routing_agreement"]
-                metrics["routing_agreement"] = self._dp_mean(agreement, valid_BT.sum())
-        replay_BTLK = {"none": None, "r2": trace.experts, "r3": batch.routing_BTLK}[
-            self.routing_replay
-        ]
-
-        self.model.train()
-        per_mb: list[dict[str, float]] = []
         rows = batch.num_rows
         if rows % self.num_minibatches:
             raise ValueError(f"{rows} rows do not split into {self.num_minibatches} mini-batches")
         size = rows // self.num_minibatches
+        actor_BTLK = batch.routing_BTLK if self.routing_replay == "r3" else None
+        # The proximal pass. Mini-batch 1 is computed with the weights at the start of the step,
+        # so its own forward gives pi_prox (and its routing, for R2): only the rows of
+        # mini-batches 2..N need a separate no-grad pass before the first update.
+        sums = {"entropy": 0.0, "agree": 0.0}
+        prox_rest = trace_rest = None
+        if self.num_minibatches > 1:
+            rest = batch.rows(size, rows)
+            self.model.eval()  # no dropout in Qwen3-MoE; eval only marks the pass as inference
+            with torch.no_grad(), self.hooks.record() as trace:
+                replay = None if actor_BTLK is None else actor_BTLK[size:, : rest.width]
+                logits_BTV = self._forward(rest, replay)
+            prox_rest = token_logprobs(logits_BTV, rest.targets_BT, self.temperature)
+            trace_rest = trace.experts
+            self._prox_metrics(rest, logits_BTV, trace_rest, sums)
+            del logits_BTV
+        replay_rest = {"none": None, "r2": trace_rest, "r3": None}[self.routing_replay]
+
+        self.model.train()
+        per_mb: list[dict[str, float]] = []
         for i in range(self.num_minibatches):
             mb = batch.rows(i * size, (i + 1) * size)
-            width = mb.inputs_BT.shape[1]
-            replay = None if replay_BTLK is None else replay_BTLK[i * size : (i + 1) * size, :width]
-            logp_BT = token_logprobs(self._forward(mb, replay), mb.targets_BT, self.temperature)
+            width = mb.width
+            if i == 0:
+                replay = None if actor_BTLK is None else actor_BTLK[:size, :width]
+                with self.hooks.record() as trace:
+                    logits_BTV = self._forward(mb, replay)
+                logp_BT = token_logprobs(logits_BTV, mb.targets_BT, self.temperature)
+                prox_BT = logp_BT.detach()
+                with torch.no_grad():
+                    self._prox_metrics(mb, logits_BTV.detach(), trace.experts, sums)
+                del logits_BTV
+            else:
+                lo, hi = (i - 1) * size, i * size
+                if self.routing_replay == "r3":
+                    replay = actor_BTLK[i * size : (i + 1) * size, :width]
+                else:
+                    replay = None if replay_rest is None else replay_rest[lo:hi, :width]
+                logp_BT = token_logprobs(self._forward(mb, replay), mb.targets_BT, self.temperature)
+                prox_BT = prox_rest[lo:hi, :width]
             loss, m = self.loss_fn(
-                logp_BT,
-                prox_BT[i * size : (i + 1) * size, :width],
-                mb.behavior_logprobs_BT,
-                mb.advantages_B,
-                mb.mask_BT,
+                logp_BT, prox_BT, mb.behavior_logprobs_BT, mb.advantages_B, mb.mask_BT
             )
             self.optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
@@ -164,6 +168,14 @@ class TrainStep:
             self.optimizer.step()
             self.updates += 1
             per_mb.append({"loss": loss_value, "grad_norm": grad_norm.item(), **m})
+        metrics = {"entropy": sums["entropy"] / max(float(batch.mask_BT.sum()), 1.0)}
+        if batch.routing_BTLK is not None:
+            metrics["routing_agreement"] = sums["agree"] / max(float(batch.valid_BT.sum()), 1.0)
+        if self.dp.enabled:  # token means over all ranks' rows
+            metrics["entropy"] = self._dp_mean(metrics["entropy"], batch.mask_BT.sum())
+            if "routing_agreement" in metrics:
+                agreement = metrics["routing_agreement"]
+                metrics["routing_agreement"] = self._dp_mean(agreement, batch.valid_BT.sum())
         for key in per_mb[0]:
             metrics[key] = sum(m[key] for m in per_mb) / len(per_mb)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -174,6 +186,13 @@ class TrainStep:
         metrics["step_time_s"] = time.monotonic() - start
         metrics["policy_version_min"] = int(staleness.min())
         return metrics
+
+    def _prox_metrics(self, mb: PackedBatch, logits_BTV, experts_BTLK, sums: dict) -> None:
+        """Accumulate token sums of entropy and routing agreement at the proximal weights."""
+        sums["entropy"] += float(entropy(logits_BTV, self.temperature)[mb.mask_BT].sum())
+        if mb.routing_BTLK is not None:
+            same = routing_agreement(mb.routing_BTLK, experts_BTLK, mb.valid_BT)
+            sums["agree"] += same * float(mb.valid_BT.sum())
 
     def _dp_mean(self, value: float, weight: float | torch.Tensor) -> float:
         return mean_over_ranks({"v": value}, float(weight), self.dp)["v"]
