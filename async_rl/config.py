@@ -341,7 +341,7 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -392,7 +392,7 @@ def validate(cfg: Config) -> None:
         )
     if act.max_new_tokens >= m.max_seq_len:
         raise ConfigError("actor.max_new_tokens", f"must be < model.max_seq_len ({m.max_seq_len})")
-    if not _is_loopback(cfg.run.bind_host) and not cfg.run.curve_keys:
+    if not is_loopback(cfg.run.bind_host) and not cfg.run.curve_keys:
         raise ConfigError(
             "run.bind_host",
             f"{cfg.run.bind_host!r} is not a loopback address; binding it without "

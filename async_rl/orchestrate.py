@@ -27,7 +27,7 @@ from typing import Any
 
 import ray
 
-from async_rl.config import Config, to_toml
+from async_rl.config import Config, is_loopback, to_toml
 from async_rl.transport import write_json_atomic
 
 
@@ -114,10 +114,21 @@ class ActorWorker(_Threaded):
 
 
 def init_ray(cfg: Config, address: str | None) -> None:
+    """Join `address`, or start a local Ray instance that listens on loopback only.
+
+    On Linux Ray turns a loopback node address into the machine's reachable one and its GCS,
+    raylet and worker servers listen on every interface; with
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (its single-machine mode) they use 127.0.0.1. The
+    variable is read by this process at import and by every Ray process it starts, so it is set
+    in both places.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         ray.init(address=address, log_to_driver=False)
         return
+    if is_loopback(cfg.run.bind_host):
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         address="local",
         num_cpus=max(os.cpu_count() or 1, 2 + cfg.actor.max_actors),
