@@ -77,6 +77,12 @@ def wait_for(predicate, timeout=240, proc=None):
         time.sleep(0.5)
 
 
+def scale(run_dir: Path, actors: int) -> None:
+    command = [sys.executable, "-m", "async_rl.cli", "scale", str(run_dir), "--actors", str(actors)]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def stored_groups(run_dir: Path):
     tables = [pa.ipc.open_file(p).read_all() for p in sorted((run_dir / "buffer").glob("*.arrow"))]
     return [b for t in tables for b in t.to_batches()]
@@ -92,14 +98,23 @@ def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, st
     wait_for(lambda: int((pids / "a0.pid").read_text()) != first_pid, proc=proc)
     killed_at = len(versions(run_dir))
     wait_for(lambda: len(versions(run_dir)) >= killed_at + 2, proc=proc)  # training goes on
-    # grow the fleet while the run goes on; the fleet size is a metric
-    scale = [sys.executable, "-m", "async_rl.cli", "scale", str(run_dir), "--actors", "2"]
-    assert subprocess.run(scale, cwd=ROOT, env=ENV, capture_output=True).returncode == 0
+    # grow the fleet while the run goes on, then shrink it back; the fleet size is a metric
+    scale(run_dir, 2)
     wait_for(lambda: 2 in fleet_sizes(run_dir), proc=proc)
+    grown_at = len(versions(run_dir))
+    wait_for(lambda: (pids / "a1.pid").exists(), proc=proc)
+    wait_for(lambda: len(versions(run_dir)) >= grown_at + 2, proc=proc)  # both actors at work
+    scale(run_dir, 1)
+    wait_for(lambda: fleet_sizes(run_dir)[-1] == 1, proc=proc)
+    shrunk_at = len(versions(run_dir))
+    wait_for(lambda: len(versions(run_dir)) >= shrunk_at + 2, proc=proc)  # one actor goes on
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert "fleet: 1 -> 2 actors" in out and "interrupted" in out
+    assert "fleet: 1 -> 2 actors" in out and "fleet: 2 -> 1 actors" in out
+    assert "interrupted" in out
+    sizes = fleet_sizes(run_dir)
+    assert sizes[-1] == 1 and 2 in sizes
     done = versions(run_dir)
     assert done == list(range(1, len(done) + 1))
     spec = RoutingSpec.of(ModelConfig())
