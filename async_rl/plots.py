@@ -5,7 +5,8 @@ scale) against global steps; one line per variant, the mean over its seeds with 
 A run's variant is the `variant` in its `variant.json` (written by `async-rl sweep`), else its
 run name. The table gives, per variant, peak held-out accuracy, the step of collapse (the first
 step after the reward's peak where the reward, averaged over a window of steps, falls below
-half of that peak; "-" if it never does) and the final train-inference KL.
+half of that peak; "-" if it never does) and the final train-inference KL (k3, the mean of the
+last `FINAL_STEPS` steps, then over seeds).
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+FINAL_STEPS = 10
 PANELS = (
     ("eval/accuracy", "held-out accuracy (avg@k)", False),
     ("rollout/reward_mean", "training reward", False),
     ("learner/entropy", "entropy (token mean)", False),
-    ("learner/train_infer_kl", "train-inference KL (k1)", True),
+    # k3, not k1: k1 is unbiased but its per-step estimate is often negative (a log axis
+    # cannot show it); k3 estimates the same KL(mu || pi_prox) and is never negative.
+    ("learner/train_infer_kl_k3", "train-inference KL (k3)", True),
 )
 
 
@@ -85,14 +89,14 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
     for variant, runs in groups.items():
         acc = _aligned(runs, "eval/accuracy")
         reward = _aligned(runs, "rollout/reward_mean")
-        kl = _aligned(runs, "learner/train_infer_kl")
+        kl = _aligned(runs, "learner/train_infer_kl_k3")
         rows.append(
             {
                 "variant": variant,
                 "seeds": len(runs),
                 "peak_accuracy": float(acc[1].max(axis=1).mean()) if acc else math.nan,
                 "collapse_step": collapse_step(reward[0], reward[1].mean(0)) if reward else None,
-                "final_kl": float(kl[1][:, -1].mean()) if kl else math.nan,
+                "final_kl": float(kl[1][:, -FINAL_STEPS:].mean()) if kl else math.nan,
             }
         )
     return rows
@@ -100,7 +104,7 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| variant | seeds | peak held-out accuracy | collapse step | final train-infer KL |",
+        "| variant | seeds | peak held-out accuracy | collapse step | final train-infer KL (k3) |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
