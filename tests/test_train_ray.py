@@ -5,6 +5,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -151,37 +152,60 @@ def test_ctrl_c_leaves_a_run_that_resume_continues(tmp_path, start):
 def test_train_joins_an_existing_ray_cluster(tmp_path, start):
     ray_bin = Path(sys.executable).parent / "ray"
     short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's unix socket paths must be short
-    # Ray >= 2.59 authenticates every client of a cluster with a token; share one.
+    # Ray >= 2.59 authenticates every client of a cluster with a token; share one. The head
+    # stays on loopback (Ray's single-machine mode, as `init_ray` uses).
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env = {**ENV, "RAY_TMPDIR": short, **token}
-    head = subprocess.run(
+    env = {**ENV, "RAY_TMPDIR": short, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **token}
+    log = tmp_path / "head.log"
+    with socket.socket() as probe:  # a free port for the head's GCS
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # `--block` keeps the head's processes in this session, so the test ends them (and only
+    # them) by process group; `ray stop` would stop every Ray instance on the machine.
+    head = subprocess.Popen(
         [
             str(ray_bin),
             "start",
             "--head",
-            "--port=0",
+            "--block",
+            f"--port={port}",
             "--node-ip-address=127.0.0.1",
             "--num-cpus=4",
             "--include-dashboard=false",
             "--disable-usage-stats",
         ],
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    assert head.returncode == 0, head.stderr
-    port = next(
-        line.split("'")[1].rsplit(":", 1)[1]
-        for line in head.stdout.splitlines()
-        if "ray start --address=" in line
-    )
-    address = f"127.0.0.1:{port}"
     try:
+        started = "Ray runtime started"
+        wait_for(lambda: head.poll() is not None or started in log.read_text(), timeout=120)
+        assert head.poll() is None, log.read_text()
+        address = f"127.0.0.1:{port}"
         proc = train(*overrides(tmp_path, start, "joined", 3), "--ray-address", address, env=env)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
         assert versions(tmp_path / "joined") == [1, 2, 3]
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        end_session(head)
         shutil.rmtree(short, ignore_errors=True)
+
+
+def end_session(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the process group of `proc` (started in a session of its own)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            continue
+    # the group may outlive its leader: make sure nothing of it is left
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
