@@ -68,7 +68,13 @@ class Actor:
         self.stopping = threading.Event()
         self.store = weight_store(cfg, self.run_dir)
         curve = curve_for(cfg)
-        self.buffer = BufferClient(self.run_dir, ctx=self.ctx, curve=curve)
+        self.buffer = BufferClient(
+            self.run_dir,
+            ctx=self.ctx,
+            curve=curve,
+            retry_s=cfg.buffer.wait_timeout_s,
+            stopping=self.stopping,
+        )
         learner = wait_for_endpoints(self.run_dir, "learner", timeout_s=600)
         self.weights = WeightSubscriber(self.ctx, learner["weights"], curve)
         self.engine = engine or self._build_engine()

@@ -3,7 +3,9 @@
 Invariants (each is a test):
 - A trajectory is never trained on with staleness `v - policy_version > K` (`buffer.max_staleness`);
   staler groups are dropped, logged and counted, never served.
-- Every accepted group is on disk before it counts as accepted, and survives a SIGKILL.
+- Every accepted group is on disk before it counts as accepted, and survives a SIGKILL. A write
+  that fails (disk full) is cut back to the last commit and raises `StorageError`: none of its
+  groups counts as accepted, and the buffer is reopened (recovered) before it is used again.
 - A group is served at most `buffer.reuse` times; the batch served for learner version v is
   logged before it is sent, and a repeated request for the same v (after a crash of the buffer
   or the learner) gets the same groups again, never others.
@@ -30,6 +32,7 @@ file. At start-up, open segments left by a crash are closed from their complete 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -62,6 +65,18 @@ class Group:
     batch: pa.RecordBatch | None
     served: int = 0
     dropped: bool = False
+
+
+class StorageError(OSError):
+    """The buffer directory could not be written (disk full, I/O error)."""
+
+
+def _storage_error(path: Path, e: OSError) -> StorageError:
+    cause = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "a write failed"
+    return StorageError(
+        f"cannot write {path}: {e.strerror or e} ({cause}); nothing of this write was accepted "
+        "or served: free space, then resume the run"
+    )
 
 
 def _segment_path(root: Path, n: int, suffix: str) -> Path:
@@ -156,6 +171,7 @@ class ReplayBuffer:
         self._file = self._writer = None
         self._segment = 0
         self._segment_count = 0
+        self._committed = 0  # bytes of the open segment that are fsynced
         self.root.mkdir(parents=True, exist_ok=True)
         self._recover()
 
@@ -250,9 +266,23 @@ class ReplayBuffer:
 
     def _open_segment(self) -> None:
         self._segment += 1
-        self._segment_count = 0
+        self._segment_count = self._committed = 0
         self._file = open(_segment_path(self.root, self._segment, ".open"), "wb")
         self._writer = pa.ipc.new_stream(self._file, self.schema)
+
+    def _abandon_segment(self) -> None:
+        """After a failed write: cut the open segment back to its last commit, stop writing it.
+
+        What was committed stays a readable stream prefix, closed by the next recovery.
+        """
+        if self._file is None:
+            return
+        try:
+            self._file.close()  # flushes what it can; that tail is cut off below
+        except OSError:
+            pass
+        os.truncate(_segment_path(self.root, self._segment, ".open"), self._committed)
+        self._writer = self._file = None
 
     def close_segment(self) -> None:
         """Turn the open segment into a closed Arrow IPC file (done when full and at shutdown)."""
@@ -286,6 +316,13 @@ class ReplayBuffer:
         """Store checked groups durably (one fsync for the lot), then index them."""
         if not batches:
             return
+        try:
+            self._append(batches)
+        except OSError as e:
+            self._abandon_segment()
+            raise _storage_error(_segment_path(self.root, self._segment, ".open"), e) from None
+
+    def _append(self, batches: list[tuple[pa.RecordBatch, str | None]]) -> None:
         written: list[tuple[int, int, pa.RecordBatch]] = []
         for batch, lease in batches:
             if self._writer is None or self._segment_count >= self.segment_groups:
@@ -305,6 +342,7 @@ class ReplayBuffer:
     def _commit(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
+        self._committed = self._file.tell()
 
     def _finish_index(self, written: list[tuple[int, int, pa.RecordBatch]]) -> None:
         for segment, index, batch in written:
@@ -314,10 +352,13 @@ class ReplayBuffer:
 
     # ---------------------------------------------------------------- sampling
     def _log(self, entry: dict) -> None:
-        with open(self.root / LOG, "ab") as f:
-            f.write(json.dumps(entry).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.root / LOG, "ab") as f:
+                f.write(json.dumps(entry).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a torn line is dropped by the next recovery
+            raise _storage_error(self.root / LOG, e) from None
 
     def _load(self, g: Group) -> pa.RecordBatch:
         if g.batch is not None:
@@ -428,6 +469,7 @@ class ReplayBuffer:
             "buffer/size": sum(g.num_rows for g in self.live if g.served == 0),
             "buffer/groups": self.num_pending,
             "buffer/ingested": self.counters["ingested"],
+            "buffer/stored": len(self.by_id),
             "buffer/dropped_stale": self.counters["dropped_stale"],
             "buffer/rejected": sum(self.rejected.values()),
             "buffer/bytes_written": self.counters["bytes_written"],

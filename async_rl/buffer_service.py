@@ -250,7 +250,12 @@ def wait_for_endpoints(run_dir: Path, service: str, timeout_s: float = 60.0) -> 
 
 
 class BufferClient:
-    """What actors and the learner call. Thread-unsafe: one per thread."""
+    """What actors and the learner call. Thread-unsafe: one per thread.
+
+    A request without a reply (the buffer restarting, or stopped) is asked again for up to
+    `retry_s` seconds, or until `stopping` is set; every request is safe to repeat (a repeated
+    `sample(v)` gets the same groups, a repeated lease's grant expires unused).
+    """
 
     def __init__(
         self,
@@ -258,7 +263,10 @@ class BufferClient:
         ctx: zmq.Context | None = None,
         timeout_s: float = 60.0,
         curve: Curve | None = None,
+        retry_s: float = 0.0,
+        stopping: threading.Event | None = None,
     ):
+        self.retry_s, self.stopping, self.curve = retry_s, stopping, curve
         self.ctx = ctx or zmq.Context.instance()
         addresses = wait_for_endpoints(Path(run_dir), "buffer", timeout_s)
         self.requests = Client(self.ctx, addresses["requests"], curve)
@@ -271,8 +279,21 @@ class BufferClient:
     def push(self, batch: pa.RecordBatch, lease: str | None = None) -> None:
         send(self.push_socket, encode("group", {"lease": lease}, table_to_ipc(batch)))
 
+    def _ask(self, kind: str, header: dict, timeout_s: float = 10.0) -> tuple[str, dict, Any]:
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                return self.requests.request(kind, header, timeout_s=timeout_s)
+            except TimeoutError as e:
+                if time.monotonic() >= deadline or (self.stopping and self.stopping.is_set()):
+                    raise
+                log.warning("%s; asking again", e)
+                # a new socket: the unanswered request is not delivered a second time later
+                self.requests.close()
+                self.requests = Client(self.ctx, self.requests.address, self.curve)
+
     def hello(self, actor_id: str) -> int:
-        return self.requests.request("hello", {"actor_id": actor_id})[1]["published"]
+        return self._ask("hello", {"actor_id": actor_id})[1]["published"]
 
     def lease(
         self, actor_id: str, count: int = 1, version: int | None = None, wait_s: float = 1.0
@@ -281,24 +302,24 @@ class BufferClient:
         header = {"actor_id": actor_id, "count": count, "wait_s": wait_s}
         if version is not None:
             header["version"] = version
-        kind, reply, _ = self.requests.request("lease", header, timeout_s=wait_s + 10)
+        kind, reply, _ = self._ask("lease", header, timeout_s=wait_s + 10)
         if kind != "ok":
             return None
         return reply["min_version"], [(lease, prompt) for lease, prompt in reply["leases"]]
 
     def publish(self, version: int) -> None:
-        self.requests.request("publish", {"version": version})
+        self._ask("publish", {"version": version})
 
     def sample(self, version: int, wait_s: float = 1.0) -> tuple[pa.Table | None, dict]:
         """The global batch for `version` and the buffer's metrics, or (None, metrics)."""
-        kind, header, payload = self.requests.request(
+        kind, header, payload = self._ask(
             "sample", {"version": version, "wait_s": wait_s}, timeout_s=wait_s + 30
         )
         header.pop("rid", None)
         return (ipc_to_table(payload, full=False) if kind == "batch" else None), header
 
     def stats(self) -> dict:
-        header = self.requests.request("stats", {})[1]
+        header = self._ask("stats", {})[1]
         header.pop("rid", None)
         return header
 

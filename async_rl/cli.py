@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"async-rl: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a process of the run failed; the run directory is resumable
+        print(f"async-rl: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("async-rl: interrupted", file=sys.stderr)
         return 130

@@ -80,6 +80,11 @@ class RunConfig:
     num_threads: int = _f(
         1, "torch threads per process (2 cores are shared by all processes).", ge=1
     )
+    heartbeat_timeout_s: float = _f(
+        120.0,
+        "A process that answers no ping for this long (stopped, hung) is killed and restarted.",
+        gt=0,
+    )
 
 
 @dataclass
@@ -163,7 +168,10 @@ class BufferConfig:
         600.0, "An actor's permission to generate a group expires after this long.", gt=0
     )
     wait_timeout_s: float = _f(
-        600.0, "How long the learner waits for a global batch before the run stops.", gt=0
+        600.0,
+        "How long the learner waits for a global batch, and a client for the buffer to answer, "
+        "before it gives up.",
+        gt=0,
     )
 
 
@@ -192,6 +200,9 @@ class LearnerConfig:
     sft_lr: float = _f(3e-3, "Peak AdamW learning rate of the cold start.", gt=0)
     sft_warmup_steps: int = _f(
         50, "Linear warm-up of the cold start, then cosine decay to 10%.", ge=0
+    )
+    sft_label_smoothing: float = _f(
+        0.0, "Label smoothing of the cold start's cross-entropy (0 = none).", ge=0, lt=1
     )
 
 

@@ -9,7 +9,9 @@ terminal, so nothing is lost when the driver restarts.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +66,17 @@ class WandbLogger:
             self.run.log({k: v for k, v in row.items() if k != "version"}, step=row["version"])
 
     def close(self) -> None:
-        if self.run is not None:
+        if self.run is None:
+            return
+        # On a full disk wandb's own log handlers fail on every line: that must not bury why
+        # the run stopped under pages of "--- Logging error ---".
+        raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+        try:
             self.run.finish()
+        except OSError as e:
+            print(f"wandb could not finish its run files: {e}", file=sys.stderr)
+        finally:
+            logging.raiseExceptions = raise_exceptions
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -12,14 +12,19 @@
 
 Ray restarts a crashed actor or buffer process (`max_restarts`); a restarted buffer recovers
 its directory, a restarted actor says hello and its old leases are released, a restarted
-learner resumes from its newest checkpoint. Ctrl-C stops everything in order (actors, learner
-with a final checkpoint, buffer closing its segment) and leaves a resumable run directory.
+learner resumes from its newest checkpoint. Heartbeat: the driver pings every process; one
+that answers nothing for `run.heartbeat_timeout_s` (stopped, hung) is killed and Ray starts it
+again, and an actor whose loop failed is replaced the same way. A SIGTERMed process stops
+cleanly (buffer closes its segment, learner checkpoints, actor finishes its step) and Ray
+restarts it. Ctrl-C or SIGTERM to the driver stops everything in order (actors, learner with a
+final checkpoint, buffer closing its segment) and leaves a resumable run directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -45,12 +50,31 @@ def _setup_process(run_dir: str, name: str) -> Config:
     return cfg
 
 
+# How long a process that is starting or restarting may take to answer its first ping.
+START_TIMEOUT_S = 300.0
+
+
 class _Threaded:
-    """A Ray actor body that runs `self.loop()` in a thread and reports how it ended."""
+    """A Ray actor body that runs `self.loop()` in a thread and reports how it ended.
+
+    SIGTERM calls `self.stop()`, then Ray's own handler, which exits the process; Ray then
+    restarts it like a crashed one.
+    """
 
     def _start(self, target) -> None:
         self.error: str | None = None
         self.finished = False
+        ray_handler = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame):
+            signal.signal(signal.SIGTERM, ray_handler)  # a second SIGTERM does not wait
+            self.stop()
+            if callable(ray_handler):
+                ray_handler(signum, frame)
+            raise SystemExit(1)
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
 
         def run():
             try:
@@ -64,7 +88,8 @@ class _Threaded:
         self.thread.start()
 
     def status(self) -> dict[str, Any]:
-        return {"finished": self.finished, "error": self.error, "pid": os.getpid()}
+        node = ray.get_runtime_context().get_node_id()
+        return {"finished": self.finished, "error": self.error, "pid": os.getpid(), "node": node}
 
 
 class BufferWorker(_Threaded):
@@ -91,7 +116,8 @@ class LearnerWorker(_Threaded):
     def stop(self) -> None:
         self.learner.stopping.set()
         self.thread.join(120)
-        if self.learner.step.updates:
+        # one that failed mid-run resumes from its last good checkpoint instead
+        if self.learner.step.updates and self.error is None:
             self.learner.checkpoint()
         self.learner.close()
 
@@ -179,12 +205,20 @@ def requested_fleet(run_dir: Path, cfg: Config, seen: float) -> tuple[int | None
     return min(max(wanted, cfg.actor.min_actors), cfg.actor.max_actors), at
 
 
+def _wait_all(refs: list, timeout_s: float) -> list:
+    """The refs that are ready within `timeout_s` (all of them, or fewer)."""
+    return ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[0] if refs else []
+
+
 class Run:
     """The driver's handles on one run's processes."""
 
     def __init__(self, cfg: Config, start: Path):
         self.cfg, self.run_dir, self.start = cfg, cfg.run_dir.resolve(), start
         self.actors: dict[str, Any] = {}
+        self.pings: dict[str, tuple[Any, float]] = {}  # process -> (status ref, sent at)
+        self.statuses: dict[str, dict[str, Any]] = {}  # process -> its last answer
+        self.up: set[str] = set()  # processes that answered since they last (re)started
         self.down_since: dict[str, float] = {}
         self.next_actor = 0
         self.buffer = self.learner = None
@@ -214,46 +248,98 @@ class Run:
             )
         while len(self.actors) > n:
             actor_id, handle = self.actors.popitem()
-            ray.get(handle.stop.remote())
+            try:
+                ray.get(handle.stop.remote(), timeout=180)
+            except ray.exceptions.RayError:  # dead or hung: it goes anyway
+                pass
             ray.kill(handle)
 
-    def _status(self, name: str, handle) -> dict[str, Any]:
-        """A process's status; while Ray restarts it, "restarting" (for at most 5 minutes)."""
-        try:
-            status = ray.get(handle.status.remote(), timeout=60)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-            since = self.down_since.setdefault(name, time.monotonic())
-            if time.monotonic() - since > 300:
-                raise RuntimeError(f"the {name} is gone and was not restarted: {e}") from None
-            return {"finished": False, "error": None, "restarting": True}
-        self.down_since.pop(name, None)
-        return status
+    def poll(self) -> list[str]:
+        """Ping every process (without waiting) and act on what the answers say.
 
-    def check(self) -> None:
-        """Raise if the learner or the buffer failed (crashed processes are restarted by Ray)."""
-        for name, handle in (("learner", self.learner), ("buffer", self.buffer)):
-            status = self._status(name, handle)
-            if status["error"]:
-                raise RuntimeError(f"the {name} stopped: {status['error']}")
+        Raises if the learner or the buffer failed, or if one is gone (not answering for
+        START_TIMEOUT_S after a start or crash). A process that answered before and now answers
+        nothing for `run.heartbeat_timeout_s` is killed, and an actor whose loop failed too; Ray
+        starts them again. Returns what was done, for the terminal.
+        """
+        now, events = time.monotonic(), []
+        processes = {"learner": self.learner, "buffer": self.buffer, **self.actors}
+        for name in list(self.pings.keys() - processes.keys()):
+            del self.pings[name]  # an actor that left the fleet
+        for name, handle in processes.items():
+            ref, sent = self.pings.setdefault(name, (handle.status.remote(), now))
+            if ray.wait([ref], timeout=0)[0]:
+                del self.pings[name]
+                try:
+                    status = self.statuses[name] = ray.get(ref)
+                except ray.exceptions.RayActorError:  # crashed; Ray restarts it
+                    self.up.discard(name)
+                    self.down_since.setdefault(name, now)
+                    continue
+                self.up.add(name)
+                self.down_since.pop(name, None)
+                if status["error"] and name in ("learner", "buffer"):
+                    raise RuntimeError(f"the {name} stopped: {status['error']}")
+                if status["finished"] and name in self.actors:
+                    events.append(f"{name} stopped ({status['error']}): replacing it")
+                    self._restart(name, handle)
+            elif name in self.up:
+                if self._died(name):  # while Ray restarts it, its ping waits for the new one
+                    self.up.discard(name)
+                    self.down_since[name] = now
+                elif now - sent > self.cfg.run.heartbeat_timeout_s:
+                    events.append(
+                        f"{name} (pid {self.statuses[name]['pid']}) did not answer for "
+                        f"{now - sent:.0f}s (stopped or hung): killing it; Ray starts it again"
+                    )
+                    self._restart(name, handle)
+            elif now - self.down_since.setdefault(name, sent) > START_TIMEOUT_S:
+                if name in self.actors:
+                    events.append(f"{name} did not start in {START_TIMEOUT_S:.0f}s: restarting")
+                    self._restart(name, handle)
+                else:
+                    raise RuntimeError(
+                        f"the {name} is gone: no answer for {START_TIMEOUT_S:.0f}s since it "
+                        "was started or crashed, and Ray did not restart it"
+                    )
+        return events
+
+    def _died(self, name: str) -> bool:
+        """Whether the process that last answered for `name` is gone (known on this node only)."""
+        last = self.statuses[name]
+        if last.get("node") != ray.get_runtime_context().get_node_id():
+            return False
+        try:
+            os.kill(last["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+    def _restart(self, name: str, handle) -> None:
+        ray.kill(handle, no_restart=False)
+        self.up.discard(name)
+        self.pings.pop(name, None)
+        self.down_since[name] = time.monotonic()
 
     def learner_done(self) -> bool:
-        return self._status("learner", self.learner)["finished"]
+        return self.statuses.get("learner", {}).get("finished", False)
 
     def actor_stats(self) -> dict[str, dict[str, Any]]:
+        """Counters of the actors that answer within a few seconds (restarting ones start over)."""
+        refs = {h.stats.remote(): actor_id for actor_id, h in self.actors.items()}
         stats = {}
-        for actor_id, handle in self.actors.items():
+        for ref in _wait_all(list(refs), timeout_s=5):
             try:
-                stats[actor_id] = ray.get(handle.stats.remote(), timeout=30)
-            except Exception:  # restarting: its counters started over
+                stats[refs[ref]] = ray.get(ref)
+            except ray.exceptions.RayError:
                 continue
         return stats
 
     def shutdown(self) -> None:
-        for handle in self.actors.values():
-            try:
-                ray.get(handle.stop.remote(), timeout=120)
-            except Exception:  # a dead actor has nothing to stop
-                pass
+        # in parallel; a dead or hung actor has nothing to stop
+        _wait_all([handle.stop.remote() for handle in self.actors.values()], timeout_s=150)
         self.actors.clear()
         for handle in (self.learner, self.buffer):
             if handle is not None:
@@ -263,11 +349,19 @@ class Run:
                     pass
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM to the driver is Ctrl-C: stop in order, leave a resumable run (once)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
 def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str, Any]:
     """Run (or continue) a run to `run.num_steps`; returns a summary."""
     from async_rl.metrics import MetricsTail, ProgressDisplay, WandbLogger
 
     init_ray(cfg, ray_address)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     run = Run(cfg, start)
     began, rows, interrupted = time.monotonic(), [], False
     tail = MetricsTail(cfg.run_dir / "metrics.jsonl")
@@ -292,9 +386,10 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
                     rows.append(row)
                     wandb.log(row)
                     display.update(row, len(run.actors))
+                for event in run.poll():
+                    display.print(event)
                 if run.learner_done():
                     break
-                run.check()
                 wanted, fleet_seen = requested_fleet(run.run_dir, cfg, fleet_seen)
                 wanted = len(run.actors) if wanted is None else wanted
                 now = time.monotonic()
@@ -304,7 +399,6 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
                     display.print(f"fleet: {len(run.actors)} -> {wanted} actors")
                     run.scale(wanted)
                 time.sleep(0.5)
-            run.check()
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -20,6 +20,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -89,15 +90,26 @@ class Learner:
         self.curve = curve_for(cfg)
         self.announcer = WeightAnnouncer(self.ctx, cfg.run.bind_host, self.curve)
         publish_endpoints(self.run_dir, "learner", {"weights": self.announcer.address})
-        self.buffer = BufferClient(self.run_dir, ctx=self.ctx, curve=self.curve)
-        self.buffer.publish(self.version)
         self.stopping = threading.Event()
+        self.buffer = BufferClient(
+            self.run_dir,
+            ctx=self.ctx,
+            curve=self.curve,
+            retry_s=cfg.buffer.wait_timeout_s,
+            stopping=self.stopping,
+        )
+        self.buffer.publish(self.version)
 
     def next_batch(self):
         start = time.monotonic()
         deadline = start + self.cfg.buffer.wait_timeout_s
         while not self.stopping.is_set():
-            table, info = self.buffer.sample(self.version, wait_s=1.0)
+            try:
+                table, info = self.buffer.sample(self.version, wait_s=1.0)
+            except TimeoutError:  # asked again for wait_timeout_s already
+                if self.stopping.is_set():
+                    break
+                raise
             if table is not None:
                 return table, info, time.monotonic() - start
             if time.monotonic() > deadline:
@@ -127,9 +139,6 @@ class Learner:
         self.announcer.announce(self.version)
         self.buffer.publish(self.version)
         metrics["publish_time_s"] = time.monotonic() - published
-        every = cfg.learner.checkpoint_every
-        if (every and self.version % every == 0) or self.version == cfg.run.num_steps:
-            self.checkpoint()
         self.store.collect(set(info.get("versions_in_use", [])))
         rollout = ("reward_mean", "response_len_mean")
         row = {"version": self.version}
@@ -171,24 +180,32 @@ class Learner:
         )
 
     def run(self, on_metrics=None) -> None:
-        every = self.cfg.run.eval_every
-        with (self.run_dir / "metrics.jsonl").open("a") as out:
+        every, steps = self.cfg.run.eval_every, self.cfg.run.num_steps
+        save_every = self.cfg.learner.checkpoint_every
+        with (self.run_dir / "metrics.jsonl").open("a+b") as out:
+            if out.tell():
+                out.seek(-1, os.SEEK_END)
+                if out.read(1) != b"\n":
+                    out.write(b"\n")  # a killed learner's torn last line stays on its own line
 
             def emit(row):
-                out.write(json.dumps(row) + "\n")
+                out.write(json.dumps(row).encode() + b"\n")
                 out.flush()
                 if on_metrics is not None:
                     on_metrics(row)
 
             if every and self.version == 0:
                 emit({"version": 0, **self.evaluate()})
-            while self.version < self.cfg.run.num_steps and not self.stopping.is_set():
+            while self.version < steps and not self.stopping.is_set():
                 row = self.train_one()
                 if row is None:
                     break
-                if every and (self.version % every == 0 or self.version == self.cfg.run.num_steps):
+                if every and (self.version % every == 0 or self.version == steps):
                     row.update(self.evaluate())
                 emit(row)
+                # after its metrics: a learner resumed from this checkpoint logs every version
+                if (save_every and self.version % save_every == 0) or self.version == steps:
+                    self.checkpoint()
 
     def close(self) -> None:
         self.announcer.close()
@@ -206,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     learner = Learner(cfg, args.run_dir, args.start)
     signal.signal(signal.SIGTERM, lambda *_: learner.stopping.set())
     learner.run(lambda m: log.info("version %d: %s", m["version"], m))
+    if learner.stopping.is_set() and learner.step.updates:
+        learner.checkpoint()  # a SIGTERMed learner resumes where it stopped
     learner.close()
     return 0
 
