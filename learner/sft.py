@@ -75,7 +75,11 @@ def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=pr
             index += bs
             inputs, targets, mask = sft_batch(tokenizer, task, problems, cfg.model.max_seq_len)
             logits = model(inputs)
-            loss = F.cross_entropy(logits[mask].float(), targets[mask])
+            loss = F.cross_entropy(
+                logits[mask].float(),
+                targets[mask],
+                label_smoothing=cfg.learner.sft_label_smoothing,
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
