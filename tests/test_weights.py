@@ -99,7 +99,14 @@ def test_announcements_reach_subscribers_and_garbage_is_ignored():
     ctx = zmq.Context()
     announcer = WeightAnnouncer(ctx, "127.0.0.1")
     sub = WeightSubscriber(ctx, announcer.address)
-    time.sleep(0.3)  # PUB/SUB joins late; the store is the fallback for what is missed
+    # PUB/SUB joins late (the store is the fallback for what is missed): announce version 0
+    # until the subscription is up, however long a loaded machine takes to connect
+    deadline = time.monotonic() + 60
+    while sub.newest(timeout_ms=100) is None:
+        assert time.monotonic() < deadline, "the subscriber never connected"
+        announcer.announce(0)
+    while sub.newest(timeout_ms=100) is not None:  # drain the probes
+        pass
     announcer.socket.send_multipart([b"weights", b"{oops", b""])
     for v in (1, 3, 2):
         announcer.announce(v)
