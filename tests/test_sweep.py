@@ -42,9 +42,10 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
         load_sweep(tmp_path / "x.toml")
 
 
-def test_shipped_sweep_parses():
-    meta, specs = load_sweep(ROOT / "configs" / "sweeps" / "offpolicy.toml")
-    assert meta["name"] == "offpolicy" and len(specs) == 2 * 12
+@pytest.mark.parametrize("name, variants", [("onpolicy", 6), ("offpolicy", 10), ("staleness", 4)])
+def test_shipped_sweeps_parse(name, variants):
+    meta, specs = load_sweep(ROOT / "configs" / "sweeps" / f"{name}.toml")
+    assert meta["name"] == name and len(specs) == 2 * variants  # two seeds each
 
 
 def test_two_variant_sweep_runs_resumes_and_plots(tmp_path):
