@@ -114,7 +114,7 @@ class Actor:
                 return latest
             if self.stopping.is_set():
                 raise InterruptedError("actor stopped while waiting for weights")
-            time.sleep(0.05)
+            self.weights.newest(timeout_ms=50)  # wakes up at an announcement
 
     def sync_weights(self, at_least: int = 0) -> None:
         """Swap to the newest version if a newer one is announced, found, or required."""

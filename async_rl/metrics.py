@@ -63,7 +63,8 @@ class WandbLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if k != "version"}, step=row["version"])
+            metrics = {k: v for k, v in row.items() if k not in ("version", "time")}
+            self.run.log(metrics, step=row["version"])
 
     def close(self) -> None:
         if self.run is None:

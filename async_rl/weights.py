@@ -87,6 +87,17 @@ def read_manifest(path: Path) -> dict:
     return data
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """The config and tokenizer files are the same in every version: a hard link writes no
+    data (and needs no fsync of its own); another filesystem gets a copy, fsynced."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+        with open(dst, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
 class FsWeightStore:
     """Versioned Hugging Face checkpoints in a directory (`runs/<name>/weights/`)."""
 
@@ -107,12 +118,11 @@ class FsWeightStore:
         try:
             tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state.items()}
             save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+            with open(tmp / WEIGHTS, "rb") as fh:
+                os.fsync(fh.fileno())
             for name in TEMPLATE_FILES:
                 if self.template is not None and (self.template / name).exists():
-                    shutil.copyfile(self.template / name, tmp / name)
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+                    _link_or_copy(self.template / name, tmp / name)
             if final.exists():
                 # A resumed learner recomputes versions its crashed run had published: the
                 # manifest goes first, so readers skip the version while it is replaced.

@@ -5,11 +5,13 @@
 Synchronous = `buffer.max_staleness = 0` with one mini-batch (generate a global batch, train on
 it, publish, repeat); asynchronous = `buffer.max_staleness = 1` (actors generate the next batch
 while the learner trains). Both run the CPU default (Ray, one actor, one learner, the buffer)
-from the same starting checkpoint. Printed per mode: wall time of the training loop, the
-learner's idle share (time waiting for data / loop time), the actors' idle share (back-pressure
-plus waiting for weights / loop time), and the ideal bounds: generation + training time per
-step (what a synchronous loop cannot beat) and max(generation, training) per step (what
-overlapping them can reach at best).
+from the same starting checkpoint. Printed per mode, in the steady state (from the end of the
+first step to the end of the last, by the wall-clock `time` of the metric rows): the loop time
+per step, the learner's idle share (time waiting for data / loop time), its other time per step
+(packing, checkpoints, logging: neither waiting nor training), the actors' idle share
+(back-pressure plus waiting for weights, over their whole run), and the ideal bounds per step:
+generation + training (what a synchronous loop cannot beat) and max(generation, training)
+(what overlapping them can reach at best), and the loop's ratio to that best.
 """
 
 from __future__ import annotations
@@ -43,23 +45,24 @@ def run(mode: str, k: int, steps: int, start: Path, out: Path, rep: int) -> dict
         ],
     )
     summary = train(cfg, start)
-    rows = [r for r in summary["rows"] if "learner/step_time_s" in r]
-    # the loop: from the first batch request to the last step (start-up excluded)
-    loop = sum(
-        r["learner/wait_time_s"] + r["learner/step_time_s"] + r["learner/publish_time_s"]
-        for r in rows
-    )
+    # steady state: the steps after the first (whose wait includes the actors' start-up); the
+    # loop is the wall-clock time between the first row and the last
+    rows = [r for r in summary["rows"] if "learner/step_time_s" in r][1:]
+    first = next(r for r in summary["rows"] if "learner/step_time_s" in r)
+    loop = rows[-1]["time"] - first["time"]
     actors = list(summary["actors"].values())
     gen = sum(a["generate_s"] for a in actors)
     idle = sum(a["paused_s"] + a["weights_s"] for a in actors)
+    wait = sum(r["learner/wait_time_s"] for r in rows)
     train_s = sum(r["learner/step_time_s"] + r["learner/publish_time_s"] for r in rows)
     return {
         "mode": mode,
         "wall": summary["wall_time_s"],
         "loop": loop,
-        "learner_idle": sum(r["learner/wait_time_s"] for r in rows) / loop,
+        "learner_idle": wait / loop,
+        "other_per_step": (loop - wait - train_s) / len(rows),
         "actor_idle": idle / max(gen + idle, 1e-9),
-        "gen_per_step": gen / len(rows),
+        "gen_per_step": gen / (len(rows) + 1),
         "train_per_step": train_s / len(rows),
         "steps": len(rows),
     }
@@ -92,14 +95,16 @@ def main() -> None:
     )
     print(
         f"{'mode':<13}{'loop s':>8}{'s/step':>8}{'learner idle':>14}{'actor idle':>12}"
-        f"{'gen s/step':>12}{'train s/step':>14}{'gen+train':>11}{'max(g,t)':>10}"
+        f"{'other s/step':>14}{'gen s/step':>12}{'train s/step':>14}{'gen+train':>11}"
+        f"{'max(g,t)':>10}{'loop/max':>10}"
     )
     for r in results:
         g, t = r["gen_per_step"], r["train_per_step"]
         print(
             f"{r['mode']:<13}{r['loop']:>8.1f}{r['loop'] / r['steps']:>8.3f}"
-            f"{r['learner_idle']:>14.0%}{r['actor_idle']:>12.0%}{g:>12.3f}{t:>14.3f}"
-            f"{g + t:>11.3f}{max(g, t):>10.3f}"
+            f"{r['learner_idle']:>14.0%}{r['actor_idle']:>12.0%}{r['other_per_step']:>14.3f}"
+            f"{g:>12.3f}{t:>14.3f}{g + t:>11.3f}{max(g, t):>10.3f}"
+            f"{r['loop'] / r['steps'] / max(g, t):>10.2f}"
         )
     sync = [r for r in results if r["mode"].startswith("sync")]
     asyn = [r for r in results if r["mode"].startswith("async")]

@@ -189,6 +189,7 @@ class Learner:
                     out.write(b"\n")  # a killed learner's torn last line stays on its own line
 
             def emit(row):
+                row["time"] = time.time()  # wall clock when the row was written
                 out.write(json.dumps(row).encode() + b"\n")
                 out.flush()
                 if on_metrics is not None:
