@@ -155,6 +155,18 @@ def cmd_eval(cfg: Config, checkpoint: str, limit: int | None) -> None:
 
 
 def cmd_train(cfg: Config, ray_address: str | None) -> None:
+    from async_rl.metrics import steps_logged
+
+    done = steps_logged(cfg.run_dir)
+    if done >= cfg.run.num_steps:
+        print(
+            f"{cfg.run_dir} already reached version {done} (run.num_steps = "
+            f"{cfg.run.num_steps}): nothing to train. Raise run.num_steps to continue it, "
+            "or choose another run.name."
+        )
+        return
+    if done:
+        print(f"continuing {cfg.run_dir} from its newest checkpoint ({done} versions logged)")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
     start = cfg.run.init_checkpoint
@@ -215,7 +227,17 @@ def cmd_buffer_inspect(run_dir: Path) -> None:
     print("  staleness when trained:   " + _histogram(info["staleness_histogram"]))
 
 
-def _histogram(counts: dict[int, int]) -> str:
+def _histogram(counts: dict[int, int], bins: int = 10) -> str:
+    """`key: count` pairs; more than `bins` keys are summed into `bins` equal ranges."""
+    if len(counts) > bins:
+        low, high = min(counts), max(counts)
+        width = -(-(high - low + 1) // bins)  # ceil
+        summed: dict[str, int] = {}
+        for k, v in sorted(counts.items()):
+            start = low + (k - low) // width * width
+            label = f"{start}-{min(start + width - 1, high)}"
+            summed[label] = summed.get(label, 0) + v
+        return "  ".join(f"{k}: {v}" for k, v in summed.items())
     return "  ".join(f"{k}: {v}" for k, v in counts.items()) or "-"
 
 

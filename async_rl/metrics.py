@@ -19,6 +19,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+def steps_logged(run_dir: Path) -> int:
+    """The newest version in a run's metrics.jsonl (0 for none; torn lines are skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    done = 0
+    for line in path.read_text().splitlines():
+        try:
+            done = max(done, json.loads(line).get("version", 0))
+        except (ValueError, AttributeError):
+            continue
+    return done
+
+
 class MetricsTail:
     """Reads the lines appended to a JSONL file since the last call (a torn last line waits)."""
 

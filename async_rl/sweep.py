@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from async_rl.config import ConfigError, load_config
+from async_rl.metrics import steps_logged
 
 
 @dataclass
@@ -118,19 +119,6 @@ def load_sweep(path: Path) -> tuple[dict, list[RunSpec]]:
     return meta, specs
 
 
-def _steps_done(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    done = 0
-    for line in path.read_text().splitlines():
-        try:
-            done = max(done, json.loads(line).get("version", 0))
-        except ValueError:
-            continue
-    return done
-
-
 def run_sweep(path: Path, log=print) -> list[RunSpec]:
     meta, specs = load_sweep(path)
     root: Path = meta["root"]
@@ -153,7 +141,7 @@ def run_sweep(path: Path, log=print) -> list[RunSpec]:
     pending = []
     for spec in specs:
         cfg = load_config(meta["config"], spec.overrides)
-        if _steps_done(spec.run_dir) >= cfg.run.num_steps:
+        if steps_logged(spec.run_dir) >= cfg.run.num_steps:
             log(f"done already: {spec.run_dir.name}")
             continue
         spec.run_dir.mkdir(parents=True, exist_ok=True)

@@ -297,3 +297,14 @@ def test_inspect_command_reports_counts_staleness_and_bytes(tmp_path, capsys):
     assert "staleness when trained:   1: 2" in out
     assert "2 closed, 1 open" in out
     assert main(["buffer", "inspect", str(tmp_path / "missing")]) == 2
+
+
+def test_inspect_sums_many_versions_into_ranges():
+    from async_rl.cli import _histogram
+
+    counts = {v: 8 for v in range(1001)}  # a long run: one entry per version would be unreadable
+    line = _histogram(counts)
+    pairs = [p.split(": ") for p in line.split("  ")]
+    assert len(pairs) == 10 and pairs[0][0] == "0-100" and pairs[-1][0].endswith("-1000")
+    assert sum(int(n) for _, n in pairs) == 8 * 1001
+    assert _histogram({0: 3, 1: 5}) == "0: 3  1: 5" and _histogram({}) == "-"

@@ -1,5 +1,6 @@
 """Configuration: shipped files parse, overrides apply, every mistake names its key."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,17 @@ def test_cli_help_lists_config_keys():
     out = _cli("train", "--help")
     assert out.returncode == 0
     assert "algo.routing_replay" in out.stdout and "Routing Replay" in out.stdout
+
+
+def test_train_of_a_finished_run_says_so_and_starts_nothing(tmp_path, capsys):
+    from async_rl.cli import main
+
+    run = tmp_path / "done"
+    run.mkdir()
+    rows = [{"version": v, "learner/loss": 0.0} for v in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"vers')
+    args = ["train", f"run.output_dir={tmp_path}", "run.name=done", "run.num_steps=5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "already reached version 5" in out and "run.num_steps" in out
+    assert not (run / "config.toml").exists()  # nothing was started or rewritten
