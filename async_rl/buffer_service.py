@@ -35,6 +35,7 @@ from async_rl.security import Curve, curve_for
 from async_rl.transport import (
     BadMessage,
     Client,
+    bind,
     decode,
     encode,
     ipc_to_table,
@@ -65,16 +66,6 @@ def open_buffer(cfg: Config, run_dir: Path) -> ReplayBuffer:
     )
 
 
-def _bind(socket: zmq.Socket, host: str, previous: str | None) -> str:
-    if previous and previous.startswith(f"tcp://{host}:"):
-        try:
-            socket.bind(previous)
-            return previous
-        except zmq.ZMQError:
-            log.info("%s is taken; binding a new port", previous)
-    return f"tcp://{host}:{socket.bind_to_random_port(f'tcp://{host}')}"
-
-
 class BufferService:
     def __init__(self, cfg: Config, run_dir: Path, ctx: zmq.Context | None = None):
         self.buffer = open_buffer(cfg, run_dir)
@@ -92,8 +83,8 @@ class BufferService:
         previous = read_endpoints(run_dir, "buffer") or {}
         host = cfg.run.bind_host
         self.addresses = {
-            "ingest": _bind(self.pull, host, previous.get("ingest")),
-            "requests": _bind(self.router, host, previous.get("requests")),
+            "ingest": bind(self.pull, host, previous.get("ingest")),
+            "requests": bind(self.router, host, previous.get("requests")),
         }
         publish_endpoints(run_dir, "buffer", self.addresses)
         self.held: list[tuple[float, bytes, str, dict[str, Any]]] = []  # deadline, peer, kind, hdr

@@ -88,10 +88,17 @@ def ipc_to_table(payload, full: bool = True) -> pa.Table:
     return table
 
 
-def bind(socket: zmq.Socket, host: str) -> str:
-    """Bind to a free port on `host`; return the address clients connect to."""
-    port = socket.bind_to_random_port(f"tcp://{host}")
-    return f"tcp://{host}:{port}"
+def bind(socket: zmq.Socket, host: str, previous: str | None = None) -> str:
+    """Bind to `previous` (the address a restarted service had, so that its clients reconnect
+    without being told) if it is on `host` and free, else to a free port on `host`; return the
+    address clients connect to."""
+    if previous and previous.startswith(f"tcp://{host}:"):
+        try:
+            socket.bind(previous)
+            return previous
+        except zmq.ZMQError:
+            pass  # taken meanwhile: a new port, published again by the caller
+    return f"tcp://{host}:{socket.bind_to_random_port(f'tcp://{host}')}"
 
 
 class Client:

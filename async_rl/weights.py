@@ -33,7 +33,7 @@ import zmq
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from async_rl.transport import decode, encode, write_json_atomic
+from async_rl.transport import bind, decode, encode, write_json_atomic
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -172,12 +172,13 @@ class FsWeightStore:
 class WeightAnnouncer:
     """The learner's PUB socket: tells subscribed actors that a version is ready."""
 
-    def __init__(self, ctx: zmq.Context, host: str, curve=None):
+    def __init__(self, ctx: zmq.Context, host: str, curve=None, previous: str | None = None):
         self.socket = ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             curve.serve(self.socket)
-        self.address = f"tcp://{host}:{self.socket.bind_to_random_port(f'tcp://{host}')}"
+        # a restarted learner takes its old address back: subscribed actors hear it again
+        self.address = bind(self.socket, host, previous)
 
     def announce(self, version: int) -> None:
         self.socket.send_multipart(encode("weights", {"version": version}))
@@ -198,9 +199,13 @@ class WeightSubscriber:
         self.socket.connect(address)
 
     def newest(self, timeout_ms: int = 0) -> int | None:
-        best = None
-        while self.socket.poll(timeout_ms):
-            timeout_ms = 0
+        """The newest version announced since the last call, or None; waits up to `timeout_ms`
+        for a first valid announcement (a bad one does not end the wait)."""
+        best, deadline = None, time.monotonic() + timeout_ms / 1000
+        while True:
+            wait = 0 if best is not None else max(int((deadline - time.monotonic()) * 1000), 0)
+            if not self.socket.poll(wait):
+                return best
             try:
                 _, header, _ = decode(self.socket.recv_multipart(), ("weights",))
             except ValueError:
@@ -208,7 +213,6 @@ class WeightSubscriber:
             v = header.get("version")
             if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
                 best = v if best is None else max(best, v)
-        return best
 
     def close(self) -> None:
         self.socket.close(linger=0)

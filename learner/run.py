@@ -36,7 +36,7 @@ from async_rl.losses import group_advantages, minirl_loss
 from async_rl.security import curve_for
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import load_tokenizer
-from async_rl.transport import publish_endpoints
+from async_rl.transport import publish_endpoints, read_endpoints
 from async_rl.types import RoutingSpec
 from async_rl.weights import WeightAnnouncer, weight_store
 from learner.batch import pack
@@ -88,7 +88,8 @@ class Learner:
             self.store.publish(self.version, hf_state_dict(self.model, cfg.model))
         self.ctx = ctx or zmq.Context.instance()
         self.curve = curve_for(cfg)
-        self.announcer = WeightAnnouncer(self.ctx, cfg.run.bind_host, self.curve)
+        previous = (read_endpoints(self.run_dir, "learner") or {}).get("weights")
+        self.announcer = WeightAnnouncer(self.ctx, cfg.run.bind_host, self.curve, previous)
         publish_endpoints(self.run_dir, "learner", {"weights": self.announcer.address})
         self.stopping = threading.Event()
         self.buffer = BufferClient(

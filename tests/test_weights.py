@@ -114,6 +114,7 @@ def test_announcements_reach_subscribers_and_garbage_is_ignored():
     assert sub.newest() is None
     sub.close()
     announcer.close()
+    ctx.term()
 
 
 def test_ray_store_round_trip():
@@ -132,3 +133,21 @@ def test_ray_store_round_trip():
             reader.fetch(1)
     finally:
         ray.shutdown()
+
+
+def test_a_restarted_announcer_takes_its_address_back():
+    dead = zmq.Context()  # the learner that crashed: its context ends, its port is free
+    first = WeightAnnouncer(dead, "127.0.0.1")
+    address = first.address
+    first.close()
+    dead.term()
+    ctx = zmq.Context()
+    again = WeightAnnouncer(ctx, "127.0.0.1", previous=address)
+    assert again.address == address  # subscribers connected to it hear the new learner
+    taken = WeightAnnouncer(ctx, "127.0.0.1", previous=address)  # in use: another port
+    assert taken.address != address and taken.address.startswith("tcp://127.0.0.1:")
+    other_host = WeightAnnouncer(ctx, "127.0.0.1", previous="tcp://10.0.0.9:5555")
+    assert other_host.address.startswith("tcp://127.0.0.1:")
+    for a in (again, taken, other_host):
+        a.close()
+    ctx.term()
