@@ -2,10 +2,13 @@
 
 One panel each for held-out accuracy, training reward, entropy and train-inference KL (log
 scale) against global steps; one line per variant, the mean over its seeds with a min-max band.
+The per-step panels (all but accuracy) are moving averages over `SMOOTH` of the steps (at least
+one step), as per-step values of a small batch are too noisy to compare.
 A run's variant is the `variant` in its `variant.json` (written by `async-rl sweep`), else its
 run name. The table gives, per variant, peak held-out accuracy, the step of collapse (the first
 step after the reward's peak where the reward, averaged over a window of steps, falls below
-half of that peak; "-" if it never does) and the final train-inference KL (k3, the mean of the
+half of that peak; "-" if it never does), the last held-out accuracy and the final
+train-inference KL (k3, the mean of the
 last `FINAL_STEPS` steps, then over seeds).
 """
 
@@ -19,13 +22,14 @@ from pathlib import Path
 import numpy as np
 
 FINAL_STEPS = 10
-PANELS = (
-    ("eval/accuracy", "held-out accuracy (avg@k)", False),
-    ("rollout/reward_mean", "training reward", False),
-    ("learner/entropy", "entropy (token mean)", False),
+SMOOTH = 0.05
+PANELS = (  # key, title, log scale, smoothed
+    ("eval/accuracy", "held-out accuracy (avg@k)", False, False),
+    ("rollout/reward_mean", "training reward", False, True),
+    ("learner/entropy", "entropy (token mean)", False, True),
     # k3, not k1: k1 is unbiased but its per-step estimate is often negative (a log axis
     # cannot show it); k3 estimates the same KL(mu || pi_prox) and is never negative.
-    ("learner/train_infer_kl_k3", "train-inference KL (k3)", True),
+    ("learner/train_infer_kl_k3", "train-inference KL (k3)", True, True),
 )
 
 
@@ -75,6 +79,19 @@ def _aligned(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray] | None
     return np.array(steps), np.array([[t[s] for s in steps] for t in tables])
 
 
+def moving_average(
+    steps: np.ndarray, values: np.ndarray, window: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trailing means over `window` steps of `values` `[seeds, steps]` (fewer at the start)."""
+    if window <= 1:
+        return steps, values
+    cumsum = np.cumsum(values, axis=1)
+    out = cumsum.copy()
+    out[:, window:] = cumsum[:, window:] - cumsum[:, :-window]
+    counts = np.minimum(np.arange(1, values.shape[1] + 1), window)
+    return steps, out / counts
+
+
 def collapse_step(steps: np.ndarray, reward: np.ndarray, window: int = 5) -> int | None:
     if len(reward) < window:
         return None
@@ -95,6 +112,7 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
                 "variant": variant,
                 "seeds": len(runs),
                 "peak_accuracy": float(acc[1].max(axis=1).mean()) if acc else math.nan,
+                "final_accuracy": float(acc[1][:, -1].mean()) if acc else math.nan,
                 "collapse_step": collapse_step(reward[0], reward[1].mean(0)) if reward else None,
                 "final_kl": float(kl[1][:, -FINAL_STEPS:].mean()) if kl else math.nan,
             }
@@ -104,13 +122,15 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| variant | seeds | peak held-out accuracy | collapse step | final train-infer KL (k3) |",
-        "|---|---|---|---|---|",
+        "| variant | seeds | peak held-out accuracy | final held-out accuracy | collapse step "
+        "| final train-infer KL (k3) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         collapse = "-" if r["collapse_step"] is None else str(r["collapse_step"])
         lines.append(
-            f"| {r['variant']} | {r['seeds']} | {r['peak_accuracy']:.3f} | {collapse} "
+            f"| {r['variant']} | {r['seeds']} | {r['peak_accuracy']:.3f} "
+            f"| {r['final_accuracy']:.3f} | {collapse} "
             f"| {r['final_kl']:.2e} |"
         )
     return "\n".join(lines) + "\n"
@@ -127,12 +147,14 @@ def plot(paths: list[Path], out: Path, title: str = "") -> tuple[Path, Path]:
     for run_dir in find_runs([Path(p) for p in paths]):
         groups[variant_of(run_dir)].append(read_run(run_dir))
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-    for ax, (key, label, log) in zip(axes, PANELS, strict=True):
+    for ax, (key, label, log, smoothed) in zip(axes, PANELS, strict=True):
         for variant, runs in groups.items():
             data = _aligned(runs, key)
             if data is None:
                 continue
             steps, values = data
+            if smoothed:
+                steps, values = moving_average(steps, values, max(1, round(SMOOTH * len(steps))))
             if log:
                 values = np.clip(values, 1e-8, None)
             (line,) = ax.plot(steps, values.mean(0), label=variant, lw=1.5)

@@ -41,8 +41,9 @@ def test_plot_writes_a_png_and_a_table(tmp_path, capsys):
 
     assert matplotlib.image.imread(out).shape[1] > 1000  # four panels side by side
     table = out.with_suffix(".md").read_text()
-    assert "| stable | 2 | 0.585 | - |" in table  # mean over seeds of 0.58 and 0.59
-    assert "| collapse | 1 | 0.650 | 14 |" in table  # window 5: mean < half its peak at 14
+    assert "| stable | 2 | 0.585 | 0.585 | - |" in table  # mean over seeds of 0.58 and 0.59
+    # window 5: mean < half its peak at 14; the last accuracy (step 20) is 0.05
+    assert "| collapse | 1 | 0.650 | 0.050 | 14 |" in table
     assert "1.55e-01" in table  # final KL of the collapsing run: mean of 1e-2 * (11..20)
     assert "collapse" in capsys.readouterr().out
 
@@ -59,3 +60,15 @@ def test_read_run_and_collapse_rule(tmp_path):
     assert summarize({"x": [series]})[0]["collapse_step"] is None
     with pytest.raises(FileNotFoundError):
         read_run(tmp_path / "nothing")
+
+
+def test_moving_average_is_a_trailing_mean():
+    import numpy as np
+
+    from async_rl.plots import moving_average
+
+    values = np.array([[1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 3.0, 3.0, 3.0]])
+    steps, smooth = moving_average(np.arange(5), values, 2)
+    np.testing.assert_allclose(smooth[0], [1.0, 1.5, 2.5, 3.5, 4.5])
+    np.testing.assert_allclose(smooth[1], [0.0, 0.0, 1.5, 3.0, 3.0])
+    assert moving_average(steps, values, 1)[1] is values
