@@ -1,6 +1,7 @@
 """The embedded engine against vLLM on CPU: tokens/s on the same checkpoint, prompts and sampling
 settings, one core, in one run; plus start-up and reload time, and how far each engine's
-behaviour log-probs are from the learner's log-softmax(logits / T).
+behaviour log-probs are from the learner's log-softmax(logits / T): the max and mean of
+|log mu - log pi| over sampled tokens and the k1 and k3 estimates of KL(mu || pi) from them.
 
     /tmp/vllm-venv/bin/python benchmarks/engine_throughput.py CHECKPOINT [--repeats 5]
 
@@ -27,7 +28,7 @@ from learner.hf import import_hf
 
 
 def logprob_errors(model, prompts, groups, temperature: float) -> torch.Tensor:
-    """|engine log-prob - learner log-prob| of every sampled token, concatenated: `[N]`."""
+    """engine log-prob - learner log-prob (log mu - log pi) of every sampled token: `[N]`."""
     errors = []
     for prompt, group in zip(prompts, groups, strict=True):
         for g in group:
@@ -36,7 +37,7 @@ def logprob_errors(model, prompts, groups, temperature: float) -> torch.Tensor:
                 logits_CV = model(seq)[0, len(prompt) - 1 :].float()
             ref = torch.log_softmax(logits_CV / temperature, -1)
             ref = ref.gather(-1, torch.tensor(g.tokens)[:, None])[:, 0]
-            errors.append((torch.tensor(g.logprobs) - ref).abs())
+            errors.append(torch.tensor(g.logprobs, dtype=torch.float64) - ref.double())
     return torch.cat(errors)
 
 
@@ -98,13 +99,15 @@ def main() -> None:
     )
     print(
         f"{'engine':<9}{'prec':<6}{'tokens/s':>10}{'start s':>9}{'reload s':>9}"
-        f"{'max |dlogp|':>13}{'mean |dlogp|':>14}"
+        f"{'max |dlogp|':>13}{'mean |dlogp|':>14}{'KL k1':>11}{'KL k3':>11}"
     )
     for (name, precision), e in engines.items():
-        errors = e["errors"]
+        d = e["errors"]  # log mu - log pi at tokens sampled from mu
+        k1, k3 = d.mean().item(), (torch.expm1(-d) + d).mean().item()
         print(
             f"{name:<9}{precision:<6}{statistics.median(e['runs']):>10.0f}{e['start']:>9.1f}"
-            f"{e['reload']:>9.2f}{errors.max().item():>13.2e}{errors.mean().item():>14.2e}"
+            f"{e['reload']:>9.2f}{d.abs().max().item():>13.2e}{d.abs().mean().item():>14.2e}"
+            f"{k1:>11.1e}{k3:>11.1e}"
         )
     for precision in ("fp32", "bf16"):
         ratio = statistics.median(engines[("embedded", precision)]["runs"]) / statistics.median(
