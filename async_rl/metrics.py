@@ -19,18 +19,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete row of a run's metrics.jsonl (a torn last line is left out)."""
+    return MetricsTail(Path(run_dir) / "metrics.jsonl").read()
+
+
 def steps_logged(run_dir: Path) -> int:
-    """The newest version in a run's metrics.jsonl (0 for none; torn lines are skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    done = 0
-    for line in path.read_text().splitlines():
-        try:
-            done = max(done, json.loads(line).get("version", 0))
-        except (ValueError, AttributeError):
-            continue
-    return done
+    """The newest version in a run's metrics.jsonl (0 for none)."""
+    rows = [r for r in read_rows(run_dir) if isinstance(r, dict)]
+    return max((r.get("version", 0) for r in rows), default=0)
 
 
 class MetricsTail:

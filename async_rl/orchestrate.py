@@ -22,6 +22,7 @@ final checkpoint, buffer closing its segment) and leaves a resumable run directo
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -363,7 +364,10 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     run = Run(cfg, start)
-    began, rows, interrupted = time.monotonic(), [], False
+    # only what the summary and the autoscaler need: a run of days must not grow the driver
+    began, interrupted = time.monotonic(), False
+    rows: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
+    accuracy: list[float] = []
     tail = MetricsTail(cfg.run_dir / "metrics.jsonl")
     tail.read()  # a resumed run's earlier steps are already logged
     wandb = WandbLogger(cfg, cfg.run_dir)
@@ -384,6 +388,8 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
                     row["rollout/actors"] = len(run.actors)
                     row["rollout/tokens_per_s"] = rate
                     rows.append(row)
+                    if "eval/accuracy" in row:
+                        accuracy.append(row["eval/accuracy"])
                     wandb.log(row)
                     display.update(row, len(run.actors))
                 for event in run.poll():
@@ -394,7 +400,7 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
                 wanted = len(run.actors) if wanted is None else wanted
                 now = time.monotonic()
                 if cfg.actor.autoscale and now - last_scaled > cfg.actor.autoscale_interval_s:
-                    wanted, last_scaled = autoscale(rows, cfg, len(run.actors)), now
+                    wanted, last_scaled = autoscale(list(rows), cfg, len(run.actors)), now
                 if wanted != len(run.actors):
                     display.print(f"fleet: {len(run.actors)} -> {wanted} actors")
                     run.scale(wanted)
@@ -408,13 +414,14 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
         ray.shutdown()
     for row in tail.read():
         rows.append(row)
+        if "eval/accuracy" in row:
+            accuracy.append(row["eval/accuracy"])
     return {
         "steps": rows[-1]["version"] if rows else 0,
         "wall_time_s": time.monotonic() - began,
         "run_dir": str(run.run_dir),
         "interrupted": interrupted,
         "last": rows[-1] if rows else {},
-        "accuracy": [r["eval/accuracy"] for r in rows if "eval/accuracy" in r],
-        "rows": rows,
+        "accuracy": accuracy,  # held-out accuracy of this session's evaluations, in order
         "actors": actors,
     }

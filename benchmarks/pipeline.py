@@ -28,6 +28,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from async_rl.config import load_config  # noqa: E402
+from async_rl.metrics import read_rows  # noqa: E402
 from async_rl.orchestrate import train  # noqa: E402
 
 
@@ -47,8 +48,8 @@ def run(mode: str, k: int, steps: int, start: Path, out: Path, rep: int) -> dict
     summary = train(cfg, start)
     # steady state: the steps after the first (whose wait includes the actors' start-up); the
     # loop is the wall-clock time between the first row and the last
-    rows = [r for r in summary["rows"] if "learner/step_time_s" in r][1:]
-    first = next(r for r in summary["rows"] if "learner/step_time_s" in r)
+    rows = [r for r in read_rows(cfg.run_dir) if "learner/step_time_s" in r][1:]
+    first = next(r for r in read_rows(cfg.run_dir) if "learner/step_time_s" in r)
     loop = rows[-1]["time"] - first["time"]
     actors = list(summary["actors"].values())
     gen = sum(a["generate_s"] for a in actors)

@@ -46,6 +46,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from async_rl.config import load_config  # noqa: E402
+from async_rl.metrics import read_rows  # noqa: E402
 
 KERNELS = ("eager", "batched_mm", "grouped_mm")
 
@@ -120,10 +121,10 @@ def run_async_rl(args, start: Path, out: Path, name: str) -> tuple[list, list, d
     )
     clock = RowClock(cfg.run_dir / "metrics.jsonl", (args.warmup, args.warmup + args.steps))
     clock.start()
-    summary = train(cfg, start)
+    train(cfg, start)
     clock.done.set()
     clock.join()
-    rows = [r for r in summary["rows"] if "learner/num_tokens" in r]
+    rows = [r for r in read_rows(cfg.run_dir) if "learner/num_tokens" in r]
     assert len(rows) == len(clock.times) == cfg.run.num_steps, (len(rows), len(clock.times))
     return clock.times, [r["learner/num_tokens"] for r in rows], clock.cpu
 
