@@ -42,7 +42,9 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
         load_sweep(tmp_path / "x.toml")
 
 
-@pytest.mark.parametrize("name, variants", [("onpolicy", 6), ("offpolicy", 10), ("staleness", 4)])
+@pytest.mark.parametrize(
+    "name, variants", [("onpolicy", 6), ("offpolicy", 10), ("staleness", 4), ("stress", 6)]
+)
 def test_shipped_sweeps_parse(name, variants):
     meta, specs = load_sweep(ROOT / "configs" / "sweeps" / f"{name}.toml")
     assert meta["name"] == name and len(specs) == 2 * variants  # two seeds each
