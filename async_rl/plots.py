@@ -7,9 +7,10 @@ one step), as per-step values of a small batch are too noisy to compare.
 A run's variant is the `variant` in its `variant.json` (written by `async-rl sweep`), else its
 run name. The table gives, per variant, peak held-out accuracy, the step of collapse (the first
 step after the reward's peak where the reward, averaged over a window of steps, falls below
-half of that peak; "-" if it never does), the last held-out accuracy and the final
-train-inference KL (k3, the mean of the
-last `FINAL_STEPS` steps, then over seeds).
+half of that peak; "-" if it never does), the last held-out accuracy, the final
+train-inference KL (k3, the mean of the last `FINAL_STEPS` steps, then over seeds), its mean
+over the whole run, and the mean routing agreement between the actors' traces and the
+learner's proximal pass.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
         acc = _aligned(runs, "eval/accuracy")
         reward = _aligned(runs, "rollout/reward_mean")
         kl = _aligned(runs, "learner/train_infer_kl_k3")
+        agree = _aligned(runs, "learner/routing_agreement")
         rows.append(
             {
                 "variant": variant,
@@ -115,6 +117,8 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
                 "final_accuracy": float(acc[1][:, -1].mean()) if acc else math.nan,
                 "collapse_step": collapse_step(reward[0], reward[1].mean(0)) if reward else None,
                 "final_kl": float(kl[1][:, -FINAL_STEPS:].mean()) if kl else math.nan,
+                "mean_kl": float(kl[1].mean()) if kl else math.nan,
+                "agreement": float(agree[1].mean()) if agree else math.nan,
             }
         )
     return rows
@@ -123,15 +127,15 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| variant | seeds | peak held-out accuracy | final held-out accuracy | collapse step "
-        "| final train-infer KL (k3) |",
-        "|---|---|---|---|---|---|",
+        "| final train-infer KL (k3) | mean train-infer KL (k3) | routing agreement |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         collapse = "-" if r["collapse_step"] is None else str(r["collapse_step"])
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {r['peak_accuracy']:.3f} "
             f"| {r['final_accuracy']:.3f} | {collapse} "
-            f"| {r['final_kl']:.2e} |"
+            f"| {r['final_kl']:.2e} | {r['mean_kl']:.2e} | {r['agreement']:.4f} |"
         )
     return "\n".join(lines) + "\n"
 
