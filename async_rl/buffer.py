@@ -209,7 +209,6 @@ class ReplayBuffer:
                 self.served_at[e["version"]] = e["served"]
                 for gid in e["served"]:
                     self._serve(self.by_id[gid])
-                self.published = max(self.published, e["version"])
             for gid in e.get("dropped", []):
                 self._drop(self.by_id[gid])
             if "published" in e:
@@ -381,7 +380,6 @@ class ReplayBuffer:
                 f"version {version} is older than the last served version "
                 f"{max(self.served_at)} and was never served"
             )
-        self.published = max(self.published, version)
         chosen, stale = [], []
         for g in self.live:
             if version - g.policy_version > self.max_staleness:

@@ -4,7 +4,8 @@
 `optimizer.safetensors` (every optimizer state tensor, and the torch RNG state) and
 `state.json` (version, optimizer steps, param-group settings, anything the caller adds). The
 directory is written under a temporary name and renamed, so a checkpoint either exists whole or
-not at all; `latest_checkpoint` picks the newest complete one.
+not at all; `latest_checkpoint` picks the newest complete one. A `Snapshot` is taken between
+steps and can be written while the next steps train (torchtitan's asynchronous checkpointing).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,17 @@ from safetensors.torch import load_file, save_file
 STATE = "state.json"
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, entry in sd["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"state.{idx}.{key}"] = _copy(value)
             else:
                 scalars[f"{idx}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -47,6 +53,51 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+@dataclass
+class Snapshot:
+    """A copy of what a checkpoint holds, taken between steps; written later by `write`."""
+
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    state: str  # state.json, already serialized
+
+    @classmethod
+    def take(
+        cls, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict
+    ) -> Snapshot:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        opt_tensors["rng.torch"] = torch.get_rng_state()
+        return cls(
+            step,
+            {k: _copy(v) for k, v in model.state_dict().items()},
+            opt_tensors,
+            json.dumps({"step": step, "optimizer": opt_meta, **extra}),
+        )
+
+    def write(self, root: Path, keep: int = 2) -> Path:
+        """Write `root/step-{step}`; keep the newest `keep` checkpoints."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            save_file(self.model, tmp / "model.safetensors")
+            save_file(self.optimizer, tmp / "optimizer.safetensors")
+            (tmp / STATE).write_text(self.state)
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -55,29 +106,8 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write `root/step-{step}`; keep the newest `keep` checkpoints."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        model_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(model_state, tmp / "model.safetensors")
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-        opt_tensors["rng.torch"] = torch.get_rng_state()
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        (tmp / STATE).write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    """Write `root/step-{step}` now; keep the newest `keep` checkpoints."""
+    return Snapshot.take(step, model, optimizer, extra).write(root, keep)
 
 
 def latest_checkpoint(root: Path) -> Path | None:

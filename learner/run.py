@@ -7,9 +7,13 @@
         v <- v + 1; publish v (WeightStore), announce it (zmq PUB), tell the buffer
         checkpoint every learner.checkpoint_every steps; collect weights no actor uses
 
-It never waits for actors. A resumed learner asks the buffer for the same versions again and
-gets the same groups (the buffer's consumption log), so with a fixed seed on CPU the resumed
-loss trace equals the uninterrupted one.
+It never waits for actors, and keeps its own waiting off the training path: a fetch thread asks
+for (and packs) the batch of v + 1 while the step of v trains, and a publish thread writes and
+announces v + 1 while the step of v + 1 trains (one version in flight; the buffer hears of a
+version only once actors can load it), and a checkpoint thread writes a snapshot taken between
+steps (torchtitan's asynchronous checkpointing). A resumed learner asks the buffer for the same
+versions again and gets the same groups (the buffer's consumption log), so with a fixed seed on
+CPU the resumed loss trace equals the uninterrupted one.
 
 Run on its own: `python -m learner.run RUN_DIR` (reads `RUN_DIR/config.toml`).
 """
@@ -25,8 +29,10 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 import zmq
 
@@ -40,12 +46,38 @@ from async_rl.transport import publish_endpoints, read_endpoints
 from async_rl.types import RoutingSpec
 from async_rl.weights import WeightAnnouncer, weight_store
 from learner.batch import pack
-from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.checkpoint import Snapshot, latest_checkpoint, load_checkpoint
 from learner.evaluate import evaluate
 from learner.hf import hf_state_dict, import_hf
 from learner.train import TrainStep
 
 log = logging.getLogger(__name__)
+
+
+class Background:
+    """Jobs run one at a time on a thread of their own, at most one in flight.
+
+    `submit` first waits for the job before it; `wait` returns the job's result. An error of a
+    job is raised in the learner's thread by the next `submit` or `wait`.
+    """
+
+    def __init__(self, name: str):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.pending: Future | None = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self):
+        pending, self.pending = self.pending, None
+        return None if pending is None else pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
 
 
 class Learner:
@@ -100,29 +132,42 @@ class Learner:
             stopping=self.stopping,
         )
         self.buffer.publish(self.version)
+        # The buffer's socket belongs to the fetch thread from here on: it asks for the next
+        # global batch while the learner trains on this one.
+        self.fetcher, self.fetching = Background("fetch"), None  # the version being fetched
+        # the publish thread has a socket of its own (zmq sockets are not thread-safe)
+        self.publisher, self.saver = Background("publish"), Background("checkpoint")
+        self.publish_buffer = BufferClient(
+            self.run_dir,
+            ctx=self.ctx,
+            curve=self.curve,
+            retry_s=cfg.buffer.wait_timeout_s,
+            stopping=self.stopping,
+        )
 
-    def next_batch(self):
-        start = time.monotonic()
-        deadline = start + self.cfg.buffer.wait_timeout_s
+    def next_batch(self, version: int) -> tuple[pa.Table | None, dict]:
+        """The buffer's global batch for `version` (None when the learner is stopping)."""
+        deadline = time.monotonic() + self.cfg.buffer.wait_timeout_s
         while not self.stopping.is_set():
             try:
-                table, info = self.buffer.sample(self.version, wait_s=1.0)
+                table, info = self.buffer.sample(version, wait_s=1.0)
             except TimeoutError:  # asked again for wait_timeout_s already
                 if self.stopping.is_set():
                     break
                 raise
             if table is not None:
-                return table, info, time.monotonic() - start
+                return table, info
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"no global batch for version {self.version} within "
+                    f"no global batch for version {version} within "
                     f"buffer.wait_timeout_s = {self.cfg.buffer.wait_timeout_s:.0f}s "
                     f"({info.get('buffer/groups', 0)} fresh groups waiting; are actors running?)"
                 )
-        return None, {}, time.monotonic() - start
+        return None, {}
 
-    def train_one(self) -> dict | None:
-        table, info, waited = self.next_batch()
+    def fetch(self, version: int):
+        """On the fetch thread: the global batch for `version`, packed, and the buffer's info."""
+        table, info = self.next_batch(version)
         if table is None:
             return None
         cfg = self.cfg
@@ -133,14 +178,43 @@ class Learner:
             functools.partial(group_advantages, std_norm=cfg.algo.adv_std_norm),
             self.pad_id,
         )
+        return packed, info
+
+    def prefetch(self, version: int) -> None:
+        self.fetcher.submit(self.fetch, version)
+        self.fetching = version
+
+    def publish(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]):
+        """On the publish thread: the store writes the version (manifest last), the
+        announcement goes out, the buffer learns it (admission), old versions are collected."""
+        self.store.publish(version, hf_state)
+        self.announcer.announce(version)
+        self.publish_buffer.publish(version)
+        self.store.collect(in_use)
+
+    def train_one(self) -> dict | None:
+        start = time.monotonic()
+        if self.fetching is None:
+            self.prefetch(self.version)
+        assert self.fetching == self.version, (self.fetching, self.version)
+        got, self.fetching = self.fetcher.wait(), None
+        waited = time.monotonic() - start
+        if got is None:
+            return None
+        packed, info = got
+        cfg = self.cfg
+        if self.version + 1 < cfg.run.num_steps:
+            self.prefetch(self.version + 1)  # fetched and packed while this step trains
         metrics = self.step(packed)
         self.version += 1
-        published = time.monotonic()
-        self.store.publish(self.version, hf_state_dict(self.model, cfg.model))
-        self.announcer.announce(self.version)
-        self.buffer.publish(self.version)
+        published = time.monotonic()  # the learner's share: a copy (and a slow previous one)
+        self.publisher.submit(
+            self.publish,
+            self.version,
+            {k: v.clone() for k, v in hf_state_dict(self.model, cfg.model).items()},
+            set(info.get("versions_in_use", [])),
+        )
         metrics["publish_time_s"] = time.monotonic() - published
-        self.store.collect(set(info.get("versions_in_use", [])))
         rollout = ("reward_mean", "response_len_mean")
         row = {"version": self.version}
         row.update({f"rollout/{k}": metrics.pop(k) for k in rollout})
@@ -171,14 +245,17 @@ class Learner:
         self.model.train()
         return {"eval/accuracy": result.avg_at_k, "eval/greedy_accuracy": result.greedy}
 
-    def checkpoint(self) -> Path:
-        return save_checkpoint(
-            self.run_dir / "checkpoints" / "learner",
+    def checkpoint(self, wait: bool = True) -> None:
+        """Checkpoint this version; with `wait=False` it is written while training goes on."""
+        snapshot = Snapshot.take(
             self.version,
             self.model,
             self.optimizer,
             {"version": self.version, "updates": self.step.updates},
         )
+        self.saver.submit(snapshot.write, self.run_dir / "checkpoints" / "learner")
+        if wait:
+            self.saver.wait()
 
     def run(self, on_metrics=None) -> None:
         every, steps = self.cfg.run.eval_every, self.cfg.run.num_steps
@@ -207,11 +284,22 @@ class Learner:
                 emit(row)
                 # after its metrics: a learner resumed from this checkpoint logs every version
                 if (save_every and self.version % save_every == 0) or self.version == steps:
-                    self.checkpoint()
+                    self.checkpoint(wait=False)
+            # the last version and checkpoint are complete when the learner is done
+            self.publisher.wait()
+            self.saver.wait()
 
     def close(self) -> None:
-        self.announcer.close()
-        self.buffer.close()
+        try:
+            self.publisher.close()  # what is in flight is finished first
+            self.saver.close()
+        finally:
+            # a fetch waiting for a batch gives up within a second; a batch fetched ahead and
+            # not trained is served again to the learner that resumes this run
+            self.stopping.set()
+            self.fetcher.pool.shutdown()
+            for socket in (self.announcer, self.publish_buffer, self.buffer):
+                socket.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,7 +91,7 @@ def stored_groups(run_dir: Path):
 
 def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, start):
     run_dir = tmp_path / "kill"
-    proc = train(*overrides(tmp_path, start, "kill", 500))  # stopped with Ctrl-C below
+    proc = train(*overrides(tmp_path, start, "kill", 20000))  # stopped with Ctrl-C below
     pids = run_dir / "control" / "pids"
     wait_for(lambda: len(versions(run_dir)) >= 2 and (pids / "a0.pid").exists(), proc=proc)
     first_pid = int((pids / "a0.pid").read_text())
