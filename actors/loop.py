@@ -91,7 +91,9 @@ class Actor:
         self._last_store_check = 0.0
 
     def _build_engine(self) -> Engine:
-        version = self._wait_for_version(0)
+        return self._newest(self._engine_at, self._wait_for_version(0))
+
+    def _engine_at(self, version: int) -> Engine:
         if isinstance(self.store, FsWeightStore):
             engine = build_engine(self.cfg.actor, self.store.path(version))
         else:  # tensors only: the architecture comes from the starting checkpoint
@@ -101,6 +103,21 @@ class Actor:
             engine.load_weights(self.store.fetch(version), version)
         engine.version = version
         return engine
+
+    def _newest(self, load, version: int):
+        """`load(version)`, or `load` of a newer version when that one was collected before it
+        could be read (the learner keeps the newest `learner.keep_versions` and those actors
+        report using; one announced a moment ago may be gone by the time a busy actor reads
+        it). Other errors are raised."""
+        while True:
+            try:
+                return load(version)
+            except (OSError, ValueError, RuntimeError):
+                latest = self.store.latest()
+                if latest is None or latest <= version:
+                    raise
+                log.info("%s: version %d was collected; loading %d", self.actor_id, version, latest)
+                version = latest
 
     def _checkpoint(self, version: int):
         if isinstance(self.store, FsWeightStore):
@@ -126,7 +143,7 @@ class Actor:
         if self.engine.version < at_least:
             newest = self._wait_for_version(at_least)
         if newest is not None and newest > self.engine.version:
-            self.engine.load_weights(self._checkpoint(newest), newest)
+            self._newest(lambda v: self.engine.load_weights(self._checkpoint(v), v), newest)
             self.stats["weight_swaps"] += 1
         self.stats["weights_s"] += time.monotonic() - start
 

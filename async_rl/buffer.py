@@ -21,6 +21,7 @@ groups already trained on, waiting, or leased counted against the budget, a leas
 and carries `min_version = p`: the group is generated from weights >= p, and FIFO serving then
 consumes it by step K + p. With the learner caught up (v = p) this is the back-pressure rule
 "pause above (K + 1) * B unconsumed groups". Leases expire after `buffer.lease_timeout_s`.
+`buffer/full_s` counts the seconds during which a lease was refused and not yet granted.
 
 Layout of `runs/<name>/buffer/`:
     segment-000001.arrow     closed segments: Arrow IPC files (pyarrow, DuckDB, Polars read them)
@@ -164,6 +165,9 @@ class ReplayBuffer:
         self.published = 0
         self.leases: dict[str, tuple[str, float, int]] = {}  # id -> (actor, expiry, prompt)
         self.reissue: list[int] = []  # prompts of expired or released leases
+        # seconds admission has held an actor back (the budget was full): the autoscaler's
+        # signal to shrink the fleet
+        self.full_s, self.full_since = 0.0, None
         self.next_prompt = self.prompts_reserved = 0
         self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (version, seen)
         self.counters: Counter[str] = Counter()
@@ -430,7 +434,12 @@ class ReplayBuffer:
         used = self.num_trained + self.num_pending + len(self.leases)
         room = (self.max_staleness + self.published + 1) * self.batch_groups - used
         if room <= 0:
+            if self.full_since is None:
+                self.full_since = now
             return None
+        if self.full_since is not None:
+            self.full_s += now - self.full_since
+            self.full_since = None
         granted = []
         for _ in range(min(count, room)):
             lease_id = uuid.uuid4().hex
@@ -473,6 +482,8 @@ class ReplayBuffer:
             "buffer/bytes_written": self.counters["bytes_written"],
             "buffer/leases": len(self.leases),
             "buffer/published": self.published,
+            "buffer/full_s": self.full_s
+            + (time.monotonic() - self.full_since if self.full_since is not None else 0.0),
             "rollout/actors": sum(
                 1 for _, seen in self.actor_versions.values() if time.monotonic() - seen < 10
             ),

@@ -147,9 +147,24 @@ class ActorConfig:
     top_p: float = _f(1.0, "Nucleus sampling mass.", gt=0, le=1)
     max_new_tokens: int = _f(8, "Longest completion, in tokens.", ge=1)
     autoscale: bool = _f(
-        False, "Grow the fleet while the learner waits for data, shrink it while actors pause."
+        False,
+        "Resize the fleet (within min_actors..max_actors) to keep the buffer's fill, the share "
+        "of time admission holds actors back, between autoscale_fill_low and _high.",
     )
     autoscale_interval_s: float = _f(30.0, "Seconds between autoscaling decisions.", gt=0)
+    autoscale_fill_low: float = _f(
+        0.1,
+        "Grow while the buffer is full less than this share of the time (actors never get "
+        "ahead) and the learner waits for data more than autoscale_grow_idle of its loop.",
+        ge=0,
+        lt=1,
+    )
+    autoscale_fill_high: float = _f(
+        0.75, "Shrink while the buffer is full more than this share of the time.", gt=0, le=1
+    )
+    autoscale_grow_idle: float = _f(
+        0.1, "The learner's idle share (waiting for data) that growing needs.", gt=0, lt=1
+    )
 
 
 @dataclass
@@ -400,6 +415,12 @@ def validate(cfg: Config) -> None:
             "actor.num_actors",
             f"must lie in actor.min_actors..actor.max_actors "
             f"({act.min_actors}..{act.max_actors}), got {act.num_actors}",
+        )
+    if act.autoscale_fill_low >= act.autoscale_fill_high:
+        raise ConfigError(
+            "actor.autoscale_fill_low",
+            f"must be below actor.autoscale_fill_high ({act.autoscale_fill_high}), "
+            f"got {act.autoscale_fill_low}",
         )
     if act.max_new_tokens >= m.max_seq_len:
         raise ConfigError("actor.max_new_tokens", f"must be < model.max_seq_len ({m.max_seq_len})")

@@ -34,7 +34,7 @@ from typing import Any
 import ray
 
 from async_rl.config import Config, is_loopback, to_toml
-from async_rl.transport import write_json_atomic
+from async_rl.transport import actors_file, write_json_atomic
 
 
 def _setup_process(run_dir: str, name: str) -> Config:
@@ -166,6 +166,7 @@ def init_ray(cfg: Config, address: str | None) -> None:
 
 
 def fleet_file(run_dir: Path) -> Path:
+    """Where `async-rl scale` asks the driver for a fleet size."""
     return run_dir / "control" / "fleet.json"
 
 
@@ -174,23 +175,31 @@ def request_fleet(run_dir: Path, actors: int) -> None:
     write_json_atomic(fleet_file(run_dir), {"actors": actors, "requested_at": time.time()})
 
 
-def autoscale(rows: list[dict[str, Any]], cfg: Config, current: int) -> int:
-    """The fleet size the autoscaler wants after these metric rows (one decision per call).
+def autoscale(rows: list[dict[str, Any]], cfg: Config, current: int, since: float = 0.0) -> int:
+    """The fleet size the autoscaler wants after the metric rows written after `since` (unix s).
 
-    Grow while the learner spends over a fifth of its loop waiting for data; shrink while the
-    buffer holds a full (K + 1) x B budget of fresh groups (actors are pausing); always within
-    actor.min_actors..actor.max_actors.
+    The buffer's fill is the share of time its staleness budget is full, so that admission
+    holds an actor back (`buffer/full_s`). Above `actor.autoscale_fill_high` actors wait more
+    than they work: shrink. Below `actor.autoscale_fill_low` they never get ahead, and if the
+    learner also waits for data more than `actor.autoscale_grow_idle` of its loop, generation
+    is what it waits for: grow. In between (the learner may still wait, for fresh weights to
+    reach the actors, which more actors do not shorten) the fleet stays. One actor per
+    decision, within actor.min_actors..actor.max_actors.
     """
-    rows = [r for r in rows if "learner/wait_time_s" in r][-5:]
-    if not rows:
+    act = cfg.actor
+    rows = [r for r in rows if "learner/wait_time_s" in r and r.get("time", 0.0) > since]
+    if len(rows) < 2 or rows[-1]["time"] <= rows[0]["time"]:
         return current
-    wait = sum(r["learner/wait_time_s"] for r in rows)
-    busy = sum(r["learner/step_time_s"] + r.get("learner/publish_time_s", 0.0) for r in rows)
-    budget = (cfg.buffer.max_staleness + 1) * cfg.global_batch_groups
-    if wait > 0.2 * (wait + busy):
-        return min(current + 1, cfg.actor.max_actors)
-    if rows[-1].get("buffer/groups", 0) >= budget:
-        return max(current - 1, cfg.actor.min_actors)
+    wait = sum(r["learner/wait_time_s"] for r in rows[1:])
+    busy = sum(r["learner/step_time_s"] + r.get("learner/publish_time_s", 0.0) for r in rows[1:])
+    full = rows[-1].get("buffer/full_s", 0.0) - rows[0].get("buffer/full_s", 0.0)
+    if full < 0:  # a restarted buffer counts from zero again: no signal from this window
+        return current
+    fill = full / (rows[-1]["time"] - rows[0]["time"])
+    if fill > act.autoscale_fill_high:
+        return max(current - 1, act.min_actors)
+    if fill < act.autoscale_fill_low and wait > act.autoscale_grow_idle * (wait + busy):
+        return min(current + 1, act.max_actors)
     return current
 
 
@@ -254,6 +263,7 @@ class Run:
             except ray.exceptions.RayError:  # dead or hung: it goes anyway
                 pass
             ray.kill(handle)
+        write_json_atomic(actors_file(self.run_dir), {"actors": len(self.actors)})
 
     def poll(self) -> list[str]:
         """Ping every process (without waiting) and act on what the answers say.
@@ -376,7 +386,7 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
             run.launch()
             display.print(f"run directory {run.run_dir}; {len(run.actors)} actor(s)")
             last_tokens, last_time = 0, time.monotonic()
-            last_scaled, fleet_seen = time.monotonic(), time.time()
+            last_scaled, fleet_seen = time.time(), time.time()
             while True:
                 new = tail.read()
                 if new:  # actor throughput since the previous rows
@@ -398,12 +408,14 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
                     break
                 wanted, fleet_seen = requested_fleet(run.run_dir, cfg, fleet_seen)
                 wanted = len(run.actors) if wanted is None else wanted
-                now = time.monotonic()
+                now = time.time()
                 if cfg.actor.autoscale and now - last_scaled > cfg.actor.autoscale_interval_s:
-                    wanted, last_scaled = autoscale(list(rows), cfg, len(run.actors)), now
+                    wanted = autoscale(list(rows), cfg, len(run.actors), since=last_scaled)
+                    last_scaled = now  # the next decision sees only rows of this fleet
                 if wanted != len(run.actors):
                     display.print(f"fleet: {len(run.actors)} -> {wanted} actors")
                     run.scale(wanted)
+                    last_scaled = now
                 time.sleep(0.5)
     except KeyboardInterrupt:
         interrupted = True

@@ -154,6 +154,11 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def actors_file(run_dir: Path) -> Path:
+    """Where the driver says how many actors the fleet has (the learner logs it)."""
+    return Path(run_dir) / "control" / "actors.json"
+
+
 def publish_endpoints(run_dir: Path, service: str, addresses: dict[str, str]) -> None:
     """Record a service's addresses under `service` in `<run_dir>/endpoints/<service>.json`."""
     write_json_atomic(run_dir / "endpoints" / f"{service}.json", addresses)

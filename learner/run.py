@@ -42,7 +42,7 @@ from async_rl.losses import group_advantages, minirl_loss
 from async_rl.security import curve_for
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import load_tokenizer
-from async_rl.transport import publish_endpoints, read_endpoints
+from async_rl.transport import actors_file, publish_endpoints, read_endpoints
 from async_rl.types import RoutingSpec
 from async_rl.weights import WeightAnnouncer, weight_store
 from learner.batch import pack
@@ -135,6 +135,7 @@ class Learner:
         # The buffer's socket belongs to the fetch thread from here on: it asks for the next
         # global batch while the learner trains on this one.
         self.fetcher, self.fetching = Background("fetch"), None  # the version being fetched
+        self.actors_file, self.fleet = actors_file(self.run_dir), (0, 0)
         # the publish thread has a socket of its own (zmq sockets are not thread-safe)
         self.publisher, self.saver = Background("publish"), Background("checkpoint")
         self.publish_buffer = BufferClient(
@@ -229,7 +230,20 @@ class Learner:
                 **{k: v for k, v in info.items() if k.startswith(("buffer/", "rollout/"))},
             }
         )
+        fleet = self.fleet_size()
+        if fleet is not None:  # else the buffer's count of actors seen in the last seconds
+            row["rollout/actors"] = fleet
         return row
+
+    def fleet_size(self) -> int | None:
+        """The fleet size the driver last set (`control/actors.json`), if a driver runs this."""
+        try:
+            mtime = self.actors_file.stat().st_mtime_ns
+            if mtime != self.fleet[0]:
+                self.fleet = (mtime, int(json.loads(self.actors_file.read_bytes())["actors"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return self.fleet[1]
 
     def evaluate(self) -> dict[str, float]:
         cfg = self.cfg

@@ -198,8 +198,9 @@ def test_admission_allows_k_plus_one_batches_ahead(tmp_path):
     assert buf.sample(0) is not None
     assert buf.lease("a0", now=0.0) is None  # trained on 2, pending 2: still 4
     buf.set_published(1)
-    assert buf.lease("a0", count=3, now=0.0)[0] == 1  # a new version opens B more slots...
-    assert buf.lease("a0", now=0.0) is None  # ...and only B
+    assert buf.lease("a0", count=3, now=2.5)[0] == 1  # a new version opens B more slots...
+    assert buf.metrics()["buffer/full_s"] == 2.5  # actors were held back from 0.0 to 2.5
+    assert buf.lease("a0", now=3.0) is None  # ...and only B
     # leases expire: their prompts go to the next actor that asks
     min_version, again = buf.lease("a1", count=5, version=1, now=10_000.0)
     assert [prompt for _, prompt in again] == [4, 5]

@@ -85,6 +85,7 @@ def test_resolved_config_round_trips(tmp_path):
         (['task.ops=["/"]'], "task.ops", "'/'"),
         (["task.type=file"], "task.path", "required"),
         (["actor.num_actors=9"], "actor.num_actors", "max_actors"),
+        (["actor.autoscale_fill_low=0.8"], "actor.autoscale_fill_low", "autoscale_fill_high"),
         (["run.bind_host=0.0.0.0"], "run.bind_host", "loopback"),
         (["tis_cap=2"], "tis_cap", "section.key"),
     ],

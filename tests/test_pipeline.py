@@ -20,7 +20,7 @@ from async_rl.tasks import task_from_config
 from async_rl.tokenizer import Tokenizer
 from async_rl.types import RoutingSpec, batch_to_trajectories
 from learner.batch import pack
-from learner.hf import export_hf, import_hf
+from learner.hf import export_hf, hf_state_dict, import_hf
 from learner.run import Learner
 from learner.sft import run_sft
 from learner.train import TrainStep
@@ -146,3 +146,28 @@ def test_k0_one_minibatch_is_a_synchronous_generate_then_train_loop(tmp_path, st
         ], f"step {v}: different samples"
         packed = pack(served, spec, g, functools.partial(group_advantages, std_norm=False), 0)
         assert step(packed)["loss"] == rows[v]["learner/loss"], f"step {v}: different loss"
+
+
+def test_an_actor_told_of_a_version_collected_before_it_reads_it_loads_the_newest(tmp_path, start):
+    """Versions fly by faster than a busy actor reads them: the one it was told of is gone
+    (the learner keeps the newest `learner.keep_versions`), so it swaps to the newest."""
+    cfg = make_config(tmp_path, "gone", "run.num_steps=4", "learner.keep_versions=2")
+    ctx = zmq.Context()
+    buffer = BufferService(cfg, cfg.run_dir, ctx=ctx)
+    buffer_thread = threading.Thread(target=buffer.run, daemon=True)
+    buffer_thread.start()
+    learner = Learner(cfg, cfg.run_dir, start, ctx=ctx)
+    actor = Actor(cfg, cfg.run_dir, "a0", ctx=ctx)
+    try:
+        state = hf_state_dict(learner.model, cfg.model)
+        for v in range(1, 5):
+            learner.store.publish(v, state)
+        assert learner.store.collect(set()) == [1, 2]
+        actor.weights.newest = lambda timeout_ms=0: 1  # the announcement it got was of v1
+        actor.sync_weights()
+        assert actor.engine.version == 4 and actor.stats["weight_swaps"] == 1
+    finally:
+        actor.close()
+        learner.close()
+        buffer.stop()
+        buffer_thread.join(30)

@@ -209,3 +209,64 @@ def end_session(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _rows(t0: float, n: int, wait: float, step: float, full_per_row: float) -> list[dict]:
+    """Metric rows a step apart with the learner waiting `wait` s per step and the buffer full
+    `full_per_row` s per step."""
+    return [
+        {
+            "time": t0 + i * (wait + step),
+            "learner/wait_time_s": wait,
+            "learner/step_time_s": step,
+            "learner/publish_time_s": 0.0,
+            "buffer/full_s": 100.0 + i * full_per_row,
+        }
+        for i in range(n)
+    ]
+
+
+def test_the_autoscaler_keeps_the_buffer_fill_between_its_bounds():
+    from async_rl.config import Config
+    from async_rl.orchestrate import autoscale
+
+    cfg = Config()
+    cfg.actor.min_actors, cfg.actor.max_actors = 1, 3
+    dry = _rows(1000.0, 10, wait=0.5, step=0.5, full_per_row=0.0)  # the learner waits half
+    full = _rows(1000.0, 10, wait=0.0, step=1.0, full_per_row=0.9)  # actors held back 90%
+    latency = _rows(1000.0, 10, wait=0.3, step=0.7, full_per_row=0.3)  # waits, actors ahead
+    assert autoscale(dry, cfg, 2) == 3 and autoscale(dry, cfg, 3) == 3  # grows up to max
+    assert autoscale(full, cfg, 2) == 1 and autoscale(full, cfg, 1) == 1  # shrinks down to min
+    assert autoscale(latency, cfg, 2) == 2  # more actors would only be held back too
+    busy = _rows(1000.0, 10, wait=0.01, step=0.99, full_per_row=0.0)
+    assert autoscale(busy, cfg, 2) == 2  # never ahead, but the learner is not waiting
+    assert autoscale(dry, cfg, 2, since=2000.0) == 2  # only rows after the last decision count
+    cfg.actor.autoscale_fill_high = 0.95
+    assert autoscale(full, cfg, 2) == 2  # the bounds are the config's
+    restarted = full[:5] + [{**r, "buffer/full_s": 1.0} for r in full[5:]]
+    assert autoscale(restarted, cfg, 2) == 2  # a restarted buffer's counter is no signal
+
+
+def test_the_autoscaler_shrinks_an_oversized_fleet_in_a_real_run(tmp_path, start):
+    """Three actors for a learner that one keeps fed: admission holds them back, the fleet
+    shrinks until the buffer's fill is within bounds, and stays there (no flapping)."""
+    run_dir = tmp_path / "auto"
+    proc = train(
+        *overrides(tmp_path, start, "auto", 20000),
+        "actor.num_actors=3",
+        "actor.max_actors=3",
+        "actor.autoscale=true",
+        "actor.autoscale_interval_s=3",
+    )
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and 3 in fleet_sizes(run_dir))
+        wait_for(lambda: fleet_sizes(run_dir)[-1] == 1, proc=proc)
+        settled = len(fleet_sizes(run_dir))
+        time.sleep(15)  # five more decisions
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "fleet: 3 -> 2 actors" in out and "fleet: 2 -> 1 actors" in out
+    assert "fleet: 1 -> 2 actors" not in out
+    assert set(fleet_sizes(run_dir)[settled:]) == {1}
