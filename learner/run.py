@@ -124,25 +124,21 @@ class Learner:
         self.announcer = WeightAnnouncer(self.ctx, cfg.run.bind_host, self.curve, previous)
         publish_endpoints(self.run_dir, "learner", {"weights": self.announcer.address})
         self.stopping = threading.Event()
-        self.buffer = BufferClient(
-            self.run_dir,
-            ctx=self.ctx,
-            curve=self.curve,
-            retry_s=cfg.buffer.wait_timeout_s,
-            stopping=self.stopping,
-        )
+        self.buffer = self._buffer_client()
         self.buffer.publish(self.version)
         # The buffer's socket belongs to the fetch thread from here on: it asks for the next
         # global batch while the learner trains on this one.
-        self.fetcher, self.fetching = Background("fetch"), None  # the version being fetched
-        self.actors_file, self.fleet = actors_file(self.run_dir), (0, 0)
+        self.fetcher = Background("fetch")
         # the publish thread has a socket of its own (zmq sockets are not thread-safe)
         self.publisher, self.saver = Background("publish"), Background("checkpoint")
-        self.publish_buffer = BufferClient(
+        self.publish_buffer = self._buffer_client()
+
+    def _buffer_client(self) -> BufferClient:
+        return BufferClient(
             self.run_dir,
             ctx=self.ctx,
             curve=self.curve,
-            retry_s=cfg.buffer.wait_timeout_s,
+            retry_s=self.cfg.buffer.wait_timeout_s,
             stopping=self.stopping,
         )
 
@@ -181,10 +177,6 @@ class Learner:
         )
         return packed, info
 
-    def prefetch(self, version: int) -> None:
-        self.fetcher.submit(self.fetch, version)
-        self.fetching = version
-
     def publish(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]):
         """On the publish thread: the store writes the version (manifest last), the
         announcement goes out, the buffer learns it (admission), old versions are collected."""
@@ -195,17 +187,16 @@ class Learner:
 
     def train_one(self) -> dict | None:
         start = time.monotonic()
-        if self.fetching is None:
-            self.prefetch(self.version)
-        assert self.fetching == self.version, (self.fetching, self.version)
-        got, self.fetching = self.fetcher.wait(), None
+        if self.fetcher.pending is None:  # else the previous step asked for this version
+            self.fetcher.submit(self.fetch, self.version)
+        got = self.fetcher.wait()
         waited = time.monotonic() - start
         if got is None:
             return None
         packed, info = got
         cfg = self.cfg
         if self.version + 1 < cfg.run.num_steps:
-            self.prefetch(self.version + 1)  # fetched and packed while this step trains
+            self.fetcher.submit(self.fetch, self.version + 1)  # fetched while this step trains
         metrics = self.step(packed)
         self.version += 1
         published = time.monotonic()  # the learner's share: a copy (and a slow previous one)
@@ -238,12 +229,9 @@ class Learner:
     def fleet_size(self) -> int | None:
         """The fleet size the driver last set (`control/actors.json`), if a driver runs this."""
         try:
-            mtime = self.actors_file.stat().st_mtime_ns
-            if mtime != self.fleet[0]:
-                self.fleet = (mtime, int(json.loads(self.actors_file.read_bytes())["actors"]))
+            return int(json.loads(actors_file(self.run_dir).read_bytes())["actors"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return self.fleet[1]
 
     def evaluate(self) -> dict[str, float]:
         cfg = self.cfg

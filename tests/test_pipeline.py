@@ -1,5 +1,6 @@
 """Buffer service, learner and actor together (threads of one process, real zmq and files)."""
 
+import contextlib
 import functools
 import threading
 
@@ -62,24 +63,33 @@ def start(tmp_path_factory):
     return out
 
 
-def run_async(cfg, start, steps):
-    """The three services of a run, in threads; returns the learner's metric rows."""
+@contextlib.contextmanager
+def services(cfg, start):
+    """The buffer service (in a thread), a learner and an actor of one run; closed after."""
     ctx = zmq.Context()
     buffer = BufferService(cfg, cfg.run_dir, ctx=ctx)
     buffer_thread = threading.Thread(target=buffer.run, daemon=True)
     buffer_thread.start()
     learner = Learner(cfg, cfg.run_dir, start, ctx=ctx)
     actor = Actor(cfg, cfg.run_dir, "a0", ctx=ctx)
-    thread = threading.Thread(target=actor.run, daemon=True)
-    thread.start()
-    rows = []
-    learner.run(rows.append)
-    actor.stop()
-    thread.join(30)
-    actor.close()
-    learner.close()
-    buffer.stop()
-    buffer_thread.join(30)
+    try:
+        yield learner, actor
+    finally:
+        actor.close()
+        learner.close()
+        buffer.stop()
+        buffer_thread.join(30)
+
+
+def run_async(cfg, start, steps):
+    """The three services of a run, in threads; returns the learner's metric rows."""
+    with services(cfg, start) as (learner, actor):
+        thread = threading.Thread(target=actor.run, daemon=True)
+        thread.start()
+        rows = []
+        learner.run(rows.append)
+        actor.stop()
+        thread.join(30)
     assert learner.version == steps
     return rows
 
@@ -152,13 +162,7 @@ def test_an_actor_told_of_a_version_collected_before_it_reads_it_loads_the_newes
     """Versions fly by faster than a busy actor reads them: the one it was told of is gone
     (the learner keeps the newest `learner.keep_versions`), so it swaps to the newest."""
     cfg = make_config(tmp_path, "gone", "run.num_steps=4", "learner.keep_versions=2")
-    ctx = zmq.Context()
-    buffer = BufferService(cfg, cfg.run_dir, ctx=ctx)
-    buffer_thread = threading.Thread(target=buffer.run, daemon=True)
-    buffer_thread.start()
-    learner = Learner(cfg, cfg.run_dir, start, ctx=ctx)
-    actor = Actor(cfg, cfg.run_dir, "a0", ctx=ctx)
-    try:
+    with services(cfg, start) as (learner, actor):
         state = hf_state_dict(learner.model, cfg.model)
         for v in range(1, 5):
             learner.store.publish(v, state)
@@ -166,8 +170,3 @@ def test_an_actor_told_of_a_version_collected_before_it_reads_it_loads_the_newes
         actor.weights.newest = lambda timeout_ms=0: 1  # the announcement it got was of v1
         actor.sync_weights()
         assert actor.engine.version == 4 and actor.stats["weight_swaps"] == 1
-    finally:
-        actor.close()
-        learner.close()
-        buffer.stop()
-        buffer_thread.join(30)
