@@ -7,9 +7,10 @@ E = experts, K = experts per token, F = expert hidden size, L = MoE layers, N = 
 forward (B * T), R = routed (token, expert) pairs (N * K).
 
 The model is Hugging Face's `Qwen3MoeForCausalLM`, read from the checkpoint directory the
-learner exports (config.json + safetensors with per-expert keys): RMSNorm, q/k norm, RoPE,
-grouped-query attention (SDPA), every layer a sparse MoE with a softmax router, top-k,
-renormalised top-k weights (`norm_topk_prob`), SiLU-gated experts, untied lm_head.
+learner exports (config.json, read by `async_rl.hf_config`, and safetensors with per-expert
+keys): RMSNorm, q/k norm, RoPE, grouped-query attention (SDPA), every layer a sparse MoE with a
+softmax router, top-k, renormalised top-k weights (`norm_topk_prob`), SiLU-gated experts,
+untied lm_head.
 
 - Batching: prompts are left-padded; padding is masked out of attention and every row's RoPE
   positions count from its own first token, so a row's result does not depend on the other
@@ -49,125 +50,14 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from actors.engine import Generation, SamplingParams, WeightsSource, capabilities_of
+from actors.engine import Generation, SamplingParams, capabilities_of
+from async_rl.hf_config import ModelSpec, check_tensors, read_model_spec
+from async_rl.weights import WeightsSource
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float32}
-_REQUIRED = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "moe_intermediate_size",
-    "num_experts",
-    "num_experts_per_tok",
-    "max_position_embeddings",
-    "rms_norm_eps",
-)
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoint
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What config.json says about the model (only what inference needs)."""
-
-    vocab_size: int
-    dim: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    moe_hidden_dim: int
-    num_experts: int
-    top_k: int
-    max_positions: int
-    rope_theta: float
-    norm_eps: float
-    norm_topk_prob: bool
-    tie_embeddings: bool
-    eos_ids: tuple[int, ...]
-    pad_id: int
-
-
-def read_spec(path: Path) -> ModelSpec:
-    """Parse and check `path/config.json`; anything but a Qwen3-MoE we can run is a ValueError."""
-    file = path / "config.json"
-    try:
-        c = json.loads(file.read_text())
-    except OSError as e:
-        raise ValueError(f"{file}: cannot read checkpoint config ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if c.get("model_type") != "qwen3_moe":
-        raise ValueError(f"{file}: model_type must be 'qwen3_moe', got {c.get('model_type')!r}")
-    missing = [k for k in _REQUIRED if not isinstance(c.get(k), (int, float))]
-    if missing:
-        raise ValueError(f"{file}: missing or non-numeric {', '.join(missing)}")
-    rope = c.get("rope_parameters") or {}
-    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
-    scaling = c.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default" or scaling:
-        raise ValueError(f"{file}: only default RoPE is supported, got rope scaling {scaling}")
-    if c.get("mlp_only_layers") or c.get("decoder_sparse_step", 1) != 1:
-        raise ValueError(f"{file}: only checkpoints whose every layer is MoE are supported")
-    if c.get("hidden_act", "silu") != "silu" or c.get("attention_bias", False):
-        raise ValueError(f"{file}: needs hidden_act 'silu' and no attention bias")
-    eos = c.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-    if not eos_ids or not all(isinstance(e, int) for e in eos_ids):
-        raise ValueError(f"{file}: eos_token_id must be an id or a list of ids, got {eos!r}")
-    num_heads = int(c["num_attention_heads"])
-    return ModelSpec(
-        vocab_size=int(c["vocab_size"]),
-        dim=int(c["hidden_size"]),
-        num_layers=int(c["num_hidden_layers"]),
-        num_heads=num_heads,
-        num_kv_heads=int(c["num_key_value_heads"]),
-        head_dim=int(c.get("head_dim") or c["hidden_size"] // num_heads),
-        moe_hidden_dim=int(c["moe_intermediate_size"]),
-        num_experts=int(c["num_experts"]),
-        top_k=int(c["num_experts_per_tok"]),
-        max_positions=int(c["max_position_embeddings"]),
-        rope_theta=float(theta),
-        norm_eps=float(c["rms_norm_eps"]),
-        norm_topk_prob=bool(c.get("norm_topk_prob", True)),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        eos_ids=eos_ids,
-        pad_id=int(c.get("pad_token_id") or 0),
-    )
-
-
-def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor the checkpoint must hold, in Hugging Face names, with its shape."""
-    s = spec
-    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-    out = {"model.embed_tokens.weight": (s.vocab_size, s.dim), "model.norm.weight": (s.dim,)}
-    if not s.tie_embeddings:
-        out["lm_head.weight"] = (s.vocab_size, s.dim)
-    for i in range(s.num_layers):
-        p = f"model.layers.{i}."
-        out |= {
-            p + "input_layernorm.weight": (s.dim,),
-            p + "post_attention_layernorm.weight": (s.dim,),
-            p + "self_attn.q_proj.weight": (q, s.dim),
-            p + "self_attn.k_proj.weight": (kv, s.dim),
-            p + "self_attn.v_proj.weight": (kv, s.dim),
-            p + "self_attn.o_proj.weight": (s.dim, q),
-            p + "self_attn.q_norm.weight": (s.head_dim,),
-            p + "self_attn.k_norm.weight": (s.head_dim,),
-            p + "mlp.gate.weight": (s.num_experts, s.dim),
-        }
-        for e in range(s.num_experts):
-            out |= {
-                f"{p}mlp.experts.{e}.gate_proj.weight": (s.moe_hidden_dim, s.dim),
-                f"{p}mlp.experts.{e}.up_proj.weight": (s.moe_hidden_dim, s.dim),
-                f"{p}mlp.experts.{e}.down_proj.weight": (s.dim, s.moe_hidden_dim),
-            }
-    return out
 
 
 def read_tensors(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -187,25 +77,6 @@ def read_tensors(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
         except (OSError, SafetensorError) as e:
             raise ValueError(f"{path / name}: cannot read safetensors weights ({e})") from None
     return check_tensors(tensors, spec, str(path))
-
-
-def check_tensors(tensors: dict[str, torch.Tensor], spec: ModelSpec, where: str) -> dict:
-    """`tensors` if they are exactly the weights `spec` describes, else a ValueError."""
-    expected = expected_shapes(spec)
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected and not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise ValueError(
-            f"{where}: weights do not match the model config: missing {missing[:4]}"
-            f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-        )
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(
-                f"{where}: {key} has shape {list(tensors[key].shape)}, the model config gives "
-                f"{list(shape)}"
-            )
-    return tensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,7 +370,7 @@ class EmbeddedEngine:
         """Swap to a checkpoint directory, or to Hugging Face tensors of the model already
         served (the Ray weight store's `fetch`), quantized in fp8; on error nothing changes."""
         if isinstance(source, (str, Path)):
-            spec = read_spec(Path(source))
+            spec = read_model_spec(source)
             tensors = read_tensors(Path(source), spec)
         else:
             spec = self._model().spec
@@ -540,7 +411,7 @@ class EmbeddedEngine:
             model, logits_PV, cache, lens_P, num_samples, params, generator, keep_logits
         )
         pad_P = (lens_P.max() - lens_P).tolist()
-        np_dtype = np.uint8 if model.spec.num_experts <= 256 else np.uint16
+        np_dtype = model.spec.routing.numpy_dtype
         prompt_routing = routing_PTLK.cpu().numpy().astype(np_dtype)
         decode_routing = out.routing.numpy().astype(np_dtype)
         tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()

@@ -9,27 +9,25 @@ position was sent to) for Routing Replay R3.
     groups = engine.generate(prompts, SamplingParams(1.0, 1.0, 8, seed=0), num_samples=8)
     groups[i][g].tokens, groups[i][g].logprobs, groups[i][g].routing   # prompt i, sample g
     engine.load_weights("runs/tiny/weights/v1", version=1)             # swap in place
+    engine.load_weights(store.source(2), version=2)                    # a directory or tensors
 
 Engines know nothing of the learner or the loss; weights arrive as Hugging Face Qwen3-MoE
-checkpoint directories (config.json + safetensors), the format the learner exports.
+checkpoint directories (config.json + safetensors), the format the learner exports, or as that
+checkpoint's tensors by Hugging Face name (`async_rl.weights.WeightsSource`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from async_rl.config import ENGINE_CAPABILITIES, ActorConfig
+from async_rl.weights import WeightsSource
 
 ENGINES = ("embedded", "vllm")
-
-# Where weights come from: a Hugging Face checkpoint directory, or (to swap the weights of a model
-# the engine already serves) its tensors by Hugging Face name, as the Ray weight store fetches them.
-WeightsSource = str | Path | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class Generation:
     tokens: list[int]  # [C] completion ids, eos included when it was sampled
     logprobs: list[float]  # [C] log mu(token): after temperature and top-p renormalisation
     # [P + C - 1, L, K] expert ids of every position run forward (the prompt and every completion
-    # token but the last), in the router's top-k order; uint8, uint16 above 256 experts.
+    # token but the last), in the router's top-k order; `RoutingSpec.numpy_dtype`.
     routing: np.ndarray | None
     finish_reason: str  # "stop" (eos sampled) or "length" (max_new_tokens or the context ran out)
 
@@ -91,7 +89,8 @@ class Engine(Protocol):
         ...
 
     def load_weights(self, source: WeightsSource, version: int) -> None:
-        """Swap in place to the weights at `source` and serve them as `version`."""
+        """Swap in place to the weights of `source` (a checkpoint directory, or tensors of the
+        model already served) and serve them as `version`; on error nothing changes."""
         ...
 
     def close(self) -> None:

@@ -31,13 +31,15 @@ from pathlib import Path
 import zmq
 
 from actors.engine import Engine, SamplingParams, build_engine
-from async_rl.buffer_service import BufferClient, wait_for_endpoints
+from async_rl.clients import RolloutSink, ZmqRolloutSink
 from async_rl.config import Config, load_config
+from async_rl.messages import ActorStats
+from async_rl.paths import RunPaths, wait_for_endpoints
 from async_rl.security import curve_for
 from async_rl.tasks import Task, task_from_config
 from async_rl.tokenizer import Tokenizer, load_tokenizer
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch
-from async_rl.weights import FsWeightStore, WeightSubscriber, weight_store
+from async_rl.weights import WeightSubscriber, weight_store
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,9 @@ class Actor:
         ctx: zmq.Context | None = None,
         prompts_per_step: int | None = None,
         start: Path | None = None,
+        sink: RolloutSink | None = None,
     ):
+        """`sink` defaults to the run's buffer service (`ZmqRolloutSink`)."""
         self.cfg, self.run_dir, self.actor_id = cfg, Path(run_dir), actor_id
         self.start = start  # the run's starting checkpoint: the model's config and tokenizer
         self.spec = RoutingSpec.of(cfg.model)
@@ -68,39 +72,35 @@ class Actor:
         self.stopping = threading.Event()
         self.store = weight_store(cfg, self.run_dir)
         curve = curve_for(cfg)
-        self.buffer = BufferClient(
+        self.sink = sink or ZmqRolloutSink(
             self.run_dir,
             ctx=self.ctx,
             curve=curve,
             retry_s=cfg.buffer.wait_timeout_s,
             stopping=self.stopping,
         )
-        learner = wait_for_endpoints(self.run_dir, "learner", timeout_s=600)
+        learner = wait_for_endpoints(RunPaths(self.run_dir), "learner", timeout_s=600)
         self.weights = WeightSubscriber(self.ctx, learner["weights"], curve)
         self.engine = engine or self._build_engine()
-        self.buffer.hello(actor_id)  # releases leases an earlier incarnation left behind
-        # paused_s: back-pressure; weights_s: waiting for and loading weights; generate_s: work
-        self.stats = {
-            "groups": 0,
-            "tokens": 0,
-            "weight_swaps": 0,
-            "paused_s": 0.0,
-            "weights_s": 0.0,
-            "generate_s": 0.0,
-        }
+        self.sink.hello(actor_id)  # releases leases an earlier incarnation left behind
+        self.stats = ActorStats(version=self.engine.version)
         self._last_store_check = 0.0
 
     def _build_engine(self) -> Engine:
         return self._newest(self._engine_at, self._wait_for_version(0))
 
     def _engine_at(self, version: int) -> Engine:
-        if isinstance(self.store, FsWeightStore):
-            engine = build_engine(self.cfg.actor, self.store.path(version))
+        source = self.store.source(version)
+        if isinstance(source, (str, Path)):  # a whole checkpoint: the engine is built from it
+            engine = build_engine(self.cfg.actor, source)
         else:  # tensors only: the architecture comes from the starting checkpoint
             if self.start is None:
-                raise ValueError("an actor on the ray weight store needs the start checkpoint")
+                raise ValueError(
+                    f"learner.weight_store = {self.cfg.learner.weight_store!r} hands out "
+                    "tensors: the actor needs the run's starting checkpoint for the model"
+                )
             engine = build_engine(self.cfg.actor, self.start)
-            engine.load_weights(self.store.fetch(version), version)
+            engine.load_weights(source, version)
         engine.version = version
         return engine
 
@@ -118,11 +118,6 @@ class Actor:
                     raise
                 log.info("%s: version %d was collected; loading %d", self.actor_id, version, latest)
                 version = latest
-
-    def _checkpoint(self, version: int):
-        if isinstance(self.store, FsWeightStore):
-            return self.store.path(version)
-        return self.store.fetch(version)
 
     def _wait_for_version(self, at_least: int) -> int:
         while True:
@@ -143,22 +138,23 @@ class Actor:
         if self.engine.version < at_least:
             newest = self._wait_for_version(at_least)
         if newest is not None and newest > self.engine.version:
-            self._newest(lambda v: self.engine.load_weights(self._checkpoint(v), v), newest)
-            self.stats["weight_swaps"] += 1
-        self.stats["weights_s"] += time.monotonic() - start
+            self._newest(lambda v: self.engine.load_weights(self.store.source(v), v), newest)
+            self.stats.weight_swaps += 1
+        self.stats.version = self.engine.version
+        self.stats.weights_s += time.monotonic() - start
 
     def step(self) -> int:
         """One generation step; returns the number of groups pushed (0 when paused)."""
         self.sync_weights()
         start = time.monotonic()
-        grant = self.buffer.lease(
+        grant = self.sink.lease(
             self.actor_id, self.prompts_per_step, version=self.engine.version, wait_s=0.5
         )
         if grant is None:
-            self.stats["paused_s"] += time.monotonic() - start
+            self.stats.paused_s += time.monotonic() - start
             return 0
-        min_version, leases = grant
-        self.sync_weights(at_least=min_version)
+        leases = grant.leases
+        self.sync_weights(at_least=grant.min_version)
         start = time.monotonic()
         version = self.engine.version
         problems = [self.task.train_problem(index) for _, index in leases]
@@ -174,10 +170,10 @@ class Actor:
         for (lease, _), problem, prompt, group in zip(
             leases, problems, prompts, generations, strict=True
         ):
-            self.buffer.push(self._group(problem, prompt, group, version, params), lease)
-            self.stats["groups"] += 1
-            self.stats["tokens"] += sum(len(g.tokens) for g in group)
-        self.stats["generate_s"] += time.monotonic() - start
+            self.sink.push(self._group(problem, prompt, group, version, params), lease)
+            self.stats.groups += 1
+            self.stats.tokens += sum(len(g.tokens) for g in group)
+        self.stats.generate_s += time.monotonic() - start
         return len(leases)
 
     def _group(self, problem, prompt, group, version, params):
@@ -206,6 +202,13 @@ class Actor:
         return group_to_batch(rows, self.spec)
 
     def run(self) -> None:
+        """Generation steps until `stop()`, on whatever thread calls it."""
+        import torch
+
+        # OpenMP's thread count is per thread: a thread started after the process set it uses
+        # every core until told, and vLLM's CPU attention refuses a count that differs from
+        # the one it planned with ("thread_num == thread_num (2 vs. 1)").
+        torch.set_num_threads(self.cfg.run.num_threads)
         while not self.stopping.is_set():
             self.step()
 
@@ -214,7 +217,7 @@ class Actor:
 
     def close(self) -> None:
         self.weights.close()
-        self.buffer.close()  # linger: queued groups are still delivered
+        self.sink.close()  # linger: queued groups are still delivered
         self.engine.close()
 
 
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--actor-id", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.actor_id} %(message)s")
-    cfg = load_config(args.run_dir / "config.toml")
+    cfg = load_config(RunPaths(args.run_dir).config)
     import torch
 
     torch.set_num_threads(cfg.run.num_threads)

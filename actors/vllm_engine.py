@@ -14,10 +14,12 @@ Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = expe
 - Routing (CUDA): `enable_return_routed_experts=True`; vLLM returns each completion's
   `routed_experts` as `[P + C - 1, L, K]` (uint8, uint16 above 256 experts). vLLM's CPU backend
   cannot capture routing, so on CPU `routing` is None.
-- Weight updates: `load_weights` reloads in place from a new checkpoint directory through the
-  worker's `reload_weights(weights_path=...)`; on CPU it then prepacks the MoE experts again
-  (`_repack_moe_experts`: vLLM 0.32 skips that on a reload and the CPU kernel would misread
-  them), and finally drops the prefix cache (its KV entries were computed by the old weights).
+- Weight updates: `load_weights` reloads in place, from a new checkpoint directory through the
+  worker's `reload_weights(weights_path=...)`, or from tensors by Hugging Face name (the `ray`
+  weight store's source) through `reload_weights(weights_iterator=...)`; on CPU it then
+  prepacks the MoE experts again (`_repack_moe_experts`: vLLM 0.32 skips that on a reload and
+  the CPU kernel would misread them), and finally drops the prefix cache (its KV entries were
+  computed by the old weights).
 - On CPU the engine core runs in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set
   in `os.environ`): no worker process to track, no OpenMP thread pinning of the host, and a KV
   cache of `kv_cache_gib` instead of a fraction of the machine's memory. `enforce_eager=True`
@@ -27,27 +29,25 @@ Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = expe
 from __future__ import annotations
 
 import copy
-import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from actors.engine import Generation, SamplingParams, capabilities_of
+from async_rl.hf_config import check_tensors, read_model_spec
+from async_rl.weights import WeightsSource
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
 FINISH_REASONS = ("stop", "length")
-
-
-def _read_config(path: Path) -> dict:
-    file = path / "config.json"
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: cannot read the model config ({e})") from None
-    if config.get("model_type") != "qwen3_moe":
-        raise ValueError(f"{file}: model_type {config.get('model_type')!r}, not 'qwen3_moe'")
-    return config
+# what a reload cannot change: ModelSpec field -> its config.json key
+SHAPE = {
+    "dim": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_experts": "num_experts",
+    "vocab_size": "vocab_size",
+}
 
 
 class VLLMEngine:
@@ -70,8 +70,8 @@ class VLLMEngine:
         self.capabilities, self.quantization, self.device = caps, quantization, device
         self.version = 0
         path = Path(checkpoint_dir)
-        self.config = _read_config(path)
-        self.max_model_len = int(self.config["max_position_embeddings"])
+        self.spec = read_model_spec(path)
+        self.max_model_len = self.spec.max_positions
 
         if device == "cpu":
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -161,14 +161,12 @@ class VLLMEngine:
             ]
         routing = None
         if self.capabilities.routing:
-            num_layers = self.config["num_hidden_layers"]
-            top_k = self.config["num_experts_per_tok"]
-            dtype = np.uint8 if self.config["num_experts"] <= 256 else np.uint16
+            spec = self.spec.routing
             rows = prompt_len + len(tokens) - 1
             if completion.routed_experts is None:
                 raise RuntimeError("vLLM returned no routed experts for a completion")
-            routing = np.asarray(completion.routed_experts).reshape(rows, num_layers, top_k)
-            routing = routing.astype(dtype, copy=False)
+            routing = np.asarray(completion.routed_experts, dtype=spec.numpy_dtype)
+            routing = routing.reshape(rows, spec.num_layers, spec.top_k)
         return Generation(
             tokens=tokens,
             logprobs=logprobs,
@@ -177,17 +175,22 @@ class VLLMEngine:
         )
 
     # ------------------------------------------------------------------ weights
-    def load_weights(self, path: str | Path, version: int) -> None:
-        """Reload the weights in place from the Hugging Face checkpoint at `path`."""
-        path = Path(path)
-        config = _read_config(path)
-        shape_keys = ("hidden_size", "num_hidden_layers", "num_experts", "vocab_size")
-        changed = [k for k in shape_keys if config.get(k) != self.config.get(k)]
-        if changed:
-            raise ValueError(f"{path}: {', '.join(changed)} differ from the served model's")
-        if not (path / "model.safetensors").is_file():
-            raise ValueError(f"{path}: no model.safetensors")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+    def load_weights(self, source: WeightsSource, version: int) -> None:
+        """Reload the weights in place from a Hugging Face checkpoint directory, or from tensors
+        by Hugging Face name of the model served; a mismatch is a ValueError, nothing changes."""
+        if isinstance(source, Mapping):
+            tensors = check_tensors(dict(source), self.spec, f"weights of version {version}")
+            kwargs = {"weights_iterator": list(tensors.items())}
+        else:
+            path = Path(source)
+            spec = read_model_spec(path)
+            changed = [hf for k, hf in SHAPE.items() if getattr(spec, k) != getattr(self.spec, k)]
+            if changed:
+                raise ValueError(f"{path}: {', '.join(changed)} differ from the served model's")
+            if not (path / "model.safetensors").is_file():
+                raise ValueError(f"{path}: no model.safetensors")
+            kwargs = {"weights_path": str(path)}
+        self.llm.collective_rpc("reload_weights", kwargs=kwargs)
         if self.device == "cpu":
             self.llm.apply_model(_repack_moe_experts)
         self.llm.reset_prefix_cache()

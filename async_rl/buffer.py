@@ -1,143 +1,33 @@
-"""The replay buffer: durable Arrow storage, staleness-controlled sampling, admission control.
+"""The replay buffer: a `SegmentStore` (storage, sampling) and an `Admission` controller.
 
-Invariants (each is a test):
-- A trajectory is never trained on with staleness `v - policy_version > K` (`buffer.max_staleness`);
-  staler groups are dropped, logged and counted, never served.
-- Every accepted group is on disk before it counts as accepted, and survives a SIGKILL. A write
-  that fails (disk full) is cut back to the last commit and raises `StorageError`: none of its
-  groups counts as accepted, and the buffer is reopened (recovered) before it is used again.
-- A group is served at most `buffer.reuse` times; the batch served for learner version v is
-  logged before it is sent, and a repeated request for the same v (after a crash of the buffer
-  or the learner) gets the same groups again, never others.
-- K = 0 with one mini-batch is synchronous RL: admission lets exactly one global batch be
-  generated per published version, so the learner gets the samples a generate-then-train loop gets.
+    store      append, recover, sample by learner version: never staler than K, every accepted
+               group durable, served at most `buffer.reuse` times (`async_rl.segments`)
+    admission  leases, prompt indices, actor versions: at most (K + p + 1) * B groups accepted
+               or leased, so none is generated only to be dropped (`async_rl.admission`)
 
-Admission control (AReaL's staleness manager, in groups): an actor asks for a lease before it
-generates a group. With p the newest published version, B groups per global batch, and the
-groups already trained on, waiting, or leased counted against the budget, a lease is granted while
-
-    trained_on + pending + leased < (K + p + 1) * B
-
-and carries `min_version = p`: the group is generated from weights >= p, and FIFO serving then
-consumes it by step K + p. With the learner caught up (v = p) this is the back-pressure rule
-"pause above (K + 1) * B unconsumed groups". Leases expire after `buffer.lease_timeout_s`.
-`buffer/full_s` counts the seconds during which a lease was refused and not yet granted.
-
-Layout of `runs/<name>/buffer/`:
-    segment-000001.arrow     closed segments: Arrow IPC files (pyarrow, DuckDB, Polars read them)
-    segment-000002.open      the segment being written: an Arrow IPC stream, fsynced per commit
-    consumed.jsonl           one line per served batch or dropped group, fsynced before replying
-A closed segment is written to a temporary name, fsynced and renamed, so no reader sees a torn
-file. At start-up, open segments left by a crash are closed from their complete messages.
+They share the consumption log (`consumed.jsonl`). The service (`async_rl.buffer_service`)
+holds one `ReplayBuffer` and is its only user in a run; it is single-threaded.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import os
-import time
-import uuid
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from async_rl.types import InvalidGroup, RoutingSpec, check_group, trajectory_schema
+from async_rl.admission import Admission
+from async_rl.config import Config
+from async_rl.paths import RunPaths
+from async_rl.segments import SegmentStore
+from async_rl.types import RoutingSpec
 
 log = logging.getLogger(__name__)
 
-LOG = "consumed.jsonl"
-PROMPT_BLOCK = 1024
-
-
-@dataclass
-class Group:
-    """Index entry of one accepted group; `batch` is kept in memory until the group retires."""
-
-    group_id: str
-    segment: int
-    index: int  # record batch number within its segment
-    policy_version: int
-    num_rows: int
-    reward_sum: float
-    batch: pa.RecordBatch | None
-    served: int = 0
-    dropped: bool = False
-
-
-class StorageError(OSError):
-    """The buffer directory could not be written (disk full, I/O error)."""
-
-
-def _storage_error(path: Path, e: OSError) -> StorageError:
-    cause = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "a write failed"
-    return StorageError(
-        f"cannot write {path}: {e.strerror or e} ({cause}); nothing of this write was accepted "
-        "or served: free space, then resume the run"
-    )
-
-
-def _segment_path(root: Path, n: int, suffix: str) -> Path:
-    return root / f"segment-{n:06d}{suffix}"
-
-
-def read_stream_prefix(path: Path) -> list[pa.RecordBatch]:
-    """Every complete record batch of an Arrow IPC stream file; a torn tail is ignored."""
-    batches: list[pa.RecordBatch] = []
-    try:
-        with pa.OSFile(str(path)) as f:
-            reader = pa.ipc.open_stream(f)
-            while True:
-                try:
-                    batches.append(reader.read_next_batch())
-                except StopIteration:
-                    break
-    except (pa.ArrowInvalid, OSError) as e:
-        log.warning("%s: stopped reading at a torn or bad message (%s)", path, e)
-    return batches
-
-
-def read_log(root: Path) -> list[dict]:
-    """Complete lines of the consumption log (a torn last line is ignored)."""
-    path = root / LOG
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_bytes().split(b"\n"):
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue
-    return [e for e in entries if isinstance(e, dict)]
-
-
-def scan_segments(root: Path) -> list[tuple[int, list[pa.RecordBatch]]]:
-    """Read-only view of every segment, closed and open, in order (used by `inspect`)."""
-    found: dict[int, list[pa.RecordBatch]] = {}
-    for path in sorted(root.glob("segment-*.open")):
-        found[int(path.name[8:14])] = read_stream_prefix(path)
-    for path in sorted(root.glob("segment-*.arrow")):
-        with pa.memory_map(str(path)) as source:
-            reader = pa.ipc.open_file(source)
-            found[int(path.name[8:14])] = [
-                reader.get_batch(i) for i in range(reader.num_record_batches)
-            ]
-    return sorted(found.items())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class ReplayBuffer:
-    """Storage, sampling and admission of one run's trajectories. Single-threaded."""
+    """Storage, sampling and admission of one run's trajectories (module docstring)."""
 
     def __init__(
         self,
@@ -152,379 +42,69 @@ class ReplayBuffer:
         lease_timeout_s: float = 600.0,
         vocab_size: int | None = None,
     ):
-        self.root = Path(root)
-        self.spec, self.schema = spec, trajectory_schema(spec)
-        self.group_size, self.batch_groups = group_size, global_batch_groups
-        self.max_staleness, self.reuse = max_staleness, reuse
-        self.segment_groups, self.lease_timeout_s = segment_groups, lease_timeout_s
-        self.vocab_size = vocab_size
-        self.by_id: dict[str, Group] = {}  # every accepted group, in arrival order
-        self.live: list[Group] = []  # groups that may still be served, in arrival order
-        self.num_trained = self.num_pending = 0
-        self.served_at: dict[int, list[str]] = {}  # learner version -> group ids
-        self.published = 0
-        self.leases: dict[str, tuple[str, float, int]] = {}  # id -> (actor, expiry, prompt)
-        self.reissue: list[int] = []  # prompts of expired or released leases
-        # seconds admission has held an actor back (the budget was full): the autoscaler's
-        # signal to shrink the fleet
-        self.full_s, self.full_since = 0.0, None
-        self.next_prompt = self.prompts_reserved = 0
-        self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (version, seen)
-        self.counters: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter()
-        self._file = self._writer = None
-        self._segment = 0
-        self._segment_count = 0
-        self._committed = 0  # bytes of the open segment that are fsynced
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._recover()
-
-    # ---------------------------------------------------------------- recovery and storage
-    def _recover(self) -> None:
-        for tmp in self.root.glob("*.tmp"):
-            tmp.unlink()
-        for path in sorted(self.root.glob("segment-*.open")):
-            n = int(path.name[8:14])
-            if not _segment_path(self.root, n, ".arrow").exists():
-                self._write_closed(n, read_stream_prefix(path))
-            path.unlink()
-        for n, batches in scan_segments(self.root):
-            for i, batch in enumerate(batches):
-                self._index(batch, n, i)
-            self._segment = max(self._segment, n)
-        self.counters["ingested"] = 0  # counts this process's ingest; the index holds the rest
-        self._replay_log()
-
-    def _replay_log(self) -> None:
-        path = self.root / LOG
-        entries = read_log(self.root)
-        good = b"".join(json.dumps(e).encode() + b"\n" for e in entries)
-        if path.exists() and path.read_bytes() != good:
-            path.write_bytes(good)  # drop a torn tail so later appends start on a fresh line
-        unknown = {gid for e in entries for gid in e.get("served", []) + e.get("dropped", [])}
-        unknown -= self.by_id.keys()
-        if unknown:
-            raise ValueError(
-                f"{path}: names {len(unknown)} group(s) that no segment holds, e.g. "
-                f"{sorted(unknown)[0]!r}; the buffer directory is not consistent"
-            )
-        for e in entries:
-            if "served" in e:
-                self.served_at[e["version"]] = e["served"]
-                for gid in e["served"]:
-                    self._serve(self.by_id[gid])
-            for gid in e.get("dropped", []):
-                self._drop(self.by_id[gid])
-            if "published" in e:
-                self.published = max(self.published, e["published"])
-            if "prompts_reserved" in e:
-                self.prompts_reserved = max(self.prompts_reserved, e["prompts_reserved"])
-        self.next_prompt = self.prompts_reserved
-        self._prune()
-
-    def _index(self, batch: pa.RecordBatch, segment: int, index: int) -> Group:
-        versions = batch.column("policy_version").to_pylist()
-        g = Group(
-            group_id=batch.column("group_id")[0].as_py(),
-            segment=segment,
-            index=index,
-            policy_version=min(versions),
-            num_rows=batch.num_rows,
-            reward_sum=float(sum(batch.column("reward").to_pylist())),
-            batch=batch,
+        self.store = SegmentStore(
+            root,
+            spec,
+            group_size=group_size,
+            global_batch_groups=global_batch_groups,
+            max_staleness=max_staleness,
+            reuse=reuse,
+            segment_groups=segment_groups,
+            vocab_size=vocab_size,
         )
-        self.by_id[g.group_id] = g
-        self.live.append(g)
-        self.num_pending += 1
-        return g
+        self.admission = Admission(
+            global_batch_groups=global_batch_groups,
+            max_staleness=max_staleness,
+            lease_timeout_s=lease_timeout_s,
+            log=self.store.log.append,
+            recovered=self.store.recovered,
+        )
+        self.rejected: Counter[str] = Counter()
 
-    def _serve(self, g: Group) -> None:
-        if g.served == 0:
-            self.num_pending -= 1
-            self.num_trained += 1
-        g.served += 1
+    @classmethod
+    def of_run(cls, cfg: Config, run_dir: Path) -> ReplayBuffer:
+        """The buffer of a run directory, as its config sets it up."""
+        return cls(
+            RunPaths(run_dir).buffer,
+            RoutingSpec.of(cfg.model),
+            group_size=cfg.algo.group_size,
+            global_batch_groups=cfg.global_batch_groups,
+            max_staleness=cfg.buffer.max_staleness,
+            reuse=cfg.buffer.reuse,
+            segment_groups=cfg.buffer.segment_groups,
+            lease_timeout_s=cfg.buffer.lease_timeout_s,
+            vocab_size=cfg.model.vocab_size,
+        )
 
-    def _drop(self, g: Group) -> None:
-        if g.served == 0:
-            self.num_pending -= 1
-        g.dropped = True
-        self.counters["dropped_stale"] += 1
-
-    def _prune(self) -> None:
-        for g in self.live:
-            if g.dropped or g.served >= self.reuse:
-                g.batch = None
-        self.live = [g for g in self.live if g.batch is not None]
-
-    def _write_closed(self, n: int, batches: list[pa.RecordBatch]) -> None:
-        tmp = _segment_path(self.root, n, ".arrow.tmp")
-        with open(tmp, "wb") as f:
-            with pa.ipc.new_file(f, self.schema) as writer:
-                for b in batches:
-                    writer.write_batch(b)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, _segment_path(self.root, n, ".arrow"))
-        _fsync_dir(self.root)
-
-    def _open_segment(self) -> None:
-        self._segment += 1
-        self._segment_count = self._committed = 0
-        self._file = open(_segment_path(self.root, self._segment, ".open"), "wb")
-        self._writer = pa.ipc.new_stream(self._file, self.schema)
-
-    def _abandon_segment(self) -> None:
-        """After a failed write: cut the open segment back to its last commit, stop writing it.
-
-        What was committed stays a readable stream prefix, closed by the next recovery.
-        """
-        if self._file is None:
-            return
-        try:
-            self._file.close()  # flushes what it can; that tail is cut off below
-        except OSError:
-            pass
-        os.truncate(_segment_path(self.root, self._segment, ".open"), self._committed)
-        self._writer = self._file = None
-
-    def close_segment(self) -> None:
-        """Turn the open segment into a closed Arrow IPC file (done when full and at shutdown)."""
-        if self._writer is None:
-            return
-        self._writer.close()
-        self._file.close()
-        self._writer = self._file = None
-        path = _segment_path(self.root, self._segment, ".open")
-        self._write_closed(self._segment, read_stream_prefix(path))
-        path.unlink()
-
-    # ---------------------------------------------------------------- ingest
     def check(self, batch: pa.RecordBatch) -> None:
         """Raise `InvalidGroup` unless `batch` may be stored."""
-        check_group(batch, self.spec, self.group_size)
-        gid = batch.column("group_id")[0].as_py()
-        if gid in self.by_id:
-            raise InvalidGroup("duplicate", f"group {gid!r} was already accepted")
-        if self.vocab_size is not None:
-            for name in ("prompt_tokens", "completion_tokens"):
-                ids = batch.column(name).flatten().to_numpy(zero_copy_only=False)
-                if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-                    raise InvalidGroup("tokens", f"{name} outside the vocabulary")
+        self.store.check(batch)
 
     def reject(self, reason: str, detail: str) -> None:
         self.rejected[reason] += 1
         log.warning("rejected a message (%s): %s", reason, detail)
 
-    def append(self, batches: list[tuple[pa.RecordBatch, str | None]]) -> None:
-        """Store checked groups durably (one fsync for the lot), then index them."""
-        if not batches:
-            return
-        try:
-            self._append(batches)
-        except OSError as e:
-            self._abandon_segment()
-            raise _storage_error(_segment_path(self.root, self._segment, ".open"), e) from None
-
-    def _append(self, batches: list[tuple[pa.RecordBatch, str | None]]) -> None:
-        written: list[tuple[int, int, pa.RecordBatch]] = []
-        for batch, lease in batches:
-            if self._writer is None or self._segment_count >= self.segment_groups:
-                if self._writer is not None:
-                    self._commit()
-                    self._finish_index(written)
-                    written = []
-                    self.close_segment()
-                self._open_segment()
-            self._writer.write_batch(batch)
-            written.append((self._segment, self._segment_count, batch))
-            self._segment_count += 1
-            self.leases.pop(lease or "", None)
-        self._commit()
-        self._finish_index(written)
-
-    def _commit(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._committed = self._file.tell()
-
-    def _finish_index(self, written: list[tuple[int, int, pa.RecordBatch]]) -> None:
-        for segment, index, batch in written:
-            self._index(batch, segment, index)
-            self.counters["ingested"] += 1
-            self.counters["bytes_written"] += batch.nbytes
-
-    # ---------------------------------------------------------------- sampling
-    def _log(self, entry: dict) -> None:
-        try:
-            with open(self.root / LOG, "ab") as f:
-                f.write(json.dumps(entry).encode() + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:  # a torn line is dropped by the next recovery
-            raise _storage_error(self.root / LOG, e) from None
-
-    def _load(self, g: Group) -> pa.RecordBatch:
-        if g.batch is not None:
-            return g.batch
-        if g.segment == self._segment and self._writer is not None:
-            return read_stream_prefix(_segment_path(self.root, g.segment, ".open"))[g.index]
-        with pa.memory_map(str(_segment_path(self.root, g.segment, ".arrow"))) as source:
-            return pa.ipc.open_file(source).get_batch(g.index)
+    def append(self, groups: list[tuple[pa.RecordBatch, str | None]]) -> None:
+        """Store checked groups durably, then spend the leases they were generated under."""
+        self.store.append([batch for batch, _ in groups])
+        for _, lease in groups:
+            self.admission.fulfilled(lease)
 
     def sample(self, version: int) -> pa.Table | None:
-        """The global batch for learner `version`, or None while not enough fresh groups wait.
-
-        Oldest groups first; groups with `version - policy_version > K` are dropped on the way.
-        """
-        if version in self.served_at:
-            groups = [self.by_id[gid] for gid in self.served_at[version]]
-            return pa.Table.from_batches([self._load(g) for g in groups], self.schema)
-        if self.served_at and version < max(self.served_at):
-            raise ValueError(
-                f"version {version} is older than the last served version "
-                f"{max(self.served_at)} and was never served"
-            )
-        chosen, stale = [], []
-        for g in self.live:
-            if version - g.policy_version > self.max_staleness:
-                stale.append(g)
-            elif len(chosen) < self.batch_groups:
-                chosen.append(g)
-        if stale:
-            self._log({"version": version, "dropped": [g.group_id for g in stale]})
-            for g in stale:
-                self._drop(g)
-            self._prune()
-        if len(chosen) < self.batch_groups:
-            return None
-        self._log({"version": version, "served": [g.group_id for g in chosen]})
-        self.served_at[version] = [g.group_id for g in chosen]
-        table = pa.Table.from_batches([g.batch for g in chosen], self.schema)
-        for g in chosen:
-            self._serve(g)
-        self._prune()
-        return table
-
-    def staleness(self, version: int) -> list[int]:
-        return [version - self.by_id[gid].policy_version for gid in self.served_at[version]]
-
-    # ---------------------------------------------------------------- admission
-    def set_published(self, version: int) -> None:
-        if version > self.published:
-            self.published = version
-            self._log({"published": version})
+        return self.store.sample(version)
 
     def lease(
         self, actor_id: str, count: int = 1, version: int | None = None, now: float | None = None
     ) -> tuple[int, list[tuple[str, int]]] | None:
-        """Up to `count` leases for `actor_id`, or None while actors must pause.
-
-        Returns the minimum weights version to generate with and, per lease, its id and the
-        index of the training prompt to generate for. Prompts are handed out once each, in
-        order, whatever the size of the fleet; the prompt of an expired lease is handed out
-        again. `version` is the weights version the actor holds (kept for garbage collection).
-        """
-        now = time.monotonic() if now is None else now
-        if version is not None:
-            self.actor_versions[actor_id] = (version, now)
-        for lease_id, (_, expiry, prompt) in list(self.leases.items()):
-            if expiry <= now:
-                del self.leases[lease_id]
-                self.reissue.append(prompt)
-        used = self.num_trained + self.num_pending + len(self.leases)
-        room = (self.max_staleness + self.published + 1) * self.batch_groups - used
-        if room <= 0:
-            if self.full_since is None:
-                self.full_since = now
-            return None
-        if self.full_since is not None:
-            self.full_s += now - self.full_since
-            self.full_since = None
-        granted = []
-        for _ in range(min(count, room)):
-            lease_id = uuid.uuid4().hex
-            prompt = self.reissue.pop(0) if self.reissue else self._next_prompt()
-            self.leases[lease_id] = (actor_id, now + self.lease_timeout_s, prompt)
-            granted.append((lease_id, prompt))
-        return self.published, granted
-
-    def _next_prompt(self) -> int:
-        if self.next_prompt >= self.prompts_reserved:
-            # Reserve prompt indices in blocks: after a crash the run skips at most a block
-            # of prompts and never hands one out twice.
-            self.prompts_reserved = self.next_prompt + PROMPT_BLOCK
-            self._log({"prompts_reserved": self.prompts_reserved})
-        self.next_prompt += 1
-        return self.next_prompt - 1
-
-    def release(self, actor_id: str) -> None:
-        """Drop an actor's leases (it restarted or left); their prompts are handed out again."""
-        for lease_id, (owner, _, prompt) in list(self.leases.items()):
-            if owner == actor_id:
-                del self.leases[lease_id]
-                self.reissue.append(prompt)
-
-    def versions_in_use(self, now: float | None = None) -> list[int]:
-        """Weights versions that actors reported within the lease timeout."""
-        now = time.monotonic() if now is None else now
-        return sorted(
-            {v for v, seen in self.actor_versions.values() if now - seen < self.lease_timeout_s}
-        )
+        """Leases for `actor_id` within the staleness budget (`Admission.lease`)."""
+        return self.admission.lease(actor_id, self.store.num_accepted, count, version, now)
 
     def metrics(self) -> dict[str, float]:
         return {
-            "buffer/size": sum(g.num_rows for g in self.live if g.served == 0),
-            "buffer/groups": self.num_pending,
-            "buffer/ingested": self.counters["ingested"],
-            "buffer/stored": len(self.by_id),
-            "buffer/dropped_stale": self.counters["dropped_stale"],
+            **self.store.metrics(),
+            **self.admission.metrics(),
             "buffer/rejected": sum(self.rejected.values()),
-            "buffer/bytes_written": self.counters["bytes_written"],
-            "buffer/leases": len(self.leases),
-            "buffer/published": self.published,
-            "buffer/full_s": self.full_s
-            + (time.monotonic() - self.full_since if self.full_since is not None else 0.0),
-            "rollout/actors": sum(
-                1 for _, seen in self.actor_versions.values() if time.monotonic() - seen < 10
-            ),
         }
 
     def close(self) -> None:
-        self.close_segment()
-
-
-def inspect(root: Path) -> dict:
-    """What a buffer directory holds, read-only (safe while the service runs)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no buffer directory")
-    by_version: Counter[int] = Counter()
-    versions: dict[str, int] = {}
-    rows = reward_sum = 0.0
-    for _, batches in scan_segments(root):
-        for b in batches:
-            v = min(b.column("policy_version").to_pylist())
-            versions[b.column("group_id")[0].as_py()] = v
-            by_version[v] += 1
-            rows += b.num_rows
-            reward_sum += sum(b.column("reward").to_pylist())
-    staleness: Counter[int] = Counter()
-    served, dropped = Counter(), set()
-    for e in read_log(root):
-        for gid in e.get("served", []):
-            served[gid] += 1
-            staleness[e["version"] - versions.get(gid, e["version"])] += 1
-        dropped.update(e.get("dropped", []))
-    return {
-        "groups": len(versions),
-        "trajectories": int(rows),
-        "reward_mean": reward_sum / rows if rows else float("nan"),
-        "groups_by_version": dict(sorted(by_version.items())),
-        "staleness_histogram": dict(sorted(staleness.items())),
-        "trained_groups": len(served),
-        "dropped_stale": len(dropped),
-        "waiting_groups": len(versions.keys() - served.keys() - dropped),
-        "segments": len(list(root.glob("segment-*.arrow"))),
-        "open_segments": len(list(root.glob("segment-*.open"))),
-        "bytes_on_disk": sum(p.stat().st_size for p in root.iterdir() if p.is_file()),
-    }
+        self.store.close()

@@ -378,7 +378,13 @@ def is_loopback(host: str) -> bool:
 
 def validate(cfg: Config) -> None:
     """Checks that involve more than one field (single fields are checked as they are set)."""
-    m, a, t, act = cfg.model, cfg.algo, cfg.task, cfg.actor
+    _validate_model_and_task(cfg)
+    _validate_actor(cfg)
+    _validate_run(cfg)
+
+
+def _validate_model_and_task(cfg: Config) -> None:
+    m, t = cfg.model, cfg.task
     if m.top_k > m.num_experts:
         raise ConfigError(
             "model.top_k", f"must be <= model.num_experts ({m.num_experts}), got {m.top_k}"
@@ -396,6 +402,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("task.reward", "the arithmetic task is scored by 'exact_match'")
     if not t.ops:
         raise ConfigError("task.ops", "needs at least one operator")
+
+
+def _validate_actor(cfg: Config) -> None:
+    act = cfg.actor
     caps = ENGINE_CAPABILITIES[(act.engine, act.device)]
     if act.quantization not in caps["quantization"]:
         raise ConfigError(
@@ -403,7 +413,7 @@ def validate(cfg: Config) -> None:
             f"engine {act.engine!r} on {act.device} supports "
             f"{', '.join(caps['quantization'])}, not {act.quantization!r}",
         )
-    if a.routing_replay == "r3" and not caps["routing"]:
+    if cfg.algo.routing_replay == "r3" and not caps["routing"]:
         raise ConfigError(
             "algo.routing_replay",
             f"'r3' replays the actor's routing, but engine "
@@ -422,8 +432,13 @@ def validate(cfg: Config) -> None:
             f"must be below actor.autoscale_fill_high ({act.autoscale_fill_high}), "
             f"got {act.autoscale_fill_low}",
         )
-    if act.max_new_tokens >= m.max_seq_len:
-        raise ConfigError("actor.max_new_tokens", f"must be < model.max_seq_len ({m.max_seq_len})")
+    if act.max_new_tokens >= cfg.model.max_seq_len:
+        raise ConfigError(
+            "actor.max_new_tokens", f"must be < model.max_seq_len ({cfg.model.max_seq_len})"
+        )
+
+
+def _validate_run(cfg: Config) -> None:
     if not is_loopback(cfg.run.bind_host) and not cfg.run.curve_keys:
         raise ConfigError(
             "run.bind_host",

@@ -18,10 +18,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from async_rl.paths import RunPaths
+
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     """Every complete row of a run's metrics.jsonl (a torn last line is left out)."""
-    return MetricsTail(Path(run_dir) / "metrics.jsonl").read()
+    return MetricsTail(RunPaths(run_dir).metrics).read()
 
 
 def steps_logged(run_dir: Path) -> int:
@@ -93,7 +95,7 @@ class WandbLogger:
 
 def _wandb_id(run_dir: Path) -> str:
     """One wandb run per run directory, kept across resumes."""
-    file = run_dir / "wandb_id"
+    file = RunPaths(run_dir).wandb_id
     if not file.exists():
         import uuid
 

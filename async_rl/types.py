@@ -2,7 +2,8 @@
 
 Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = experts per token.
 
-Only these types, their Arrow form and JSON headers cross a process boundary. One row is one
+Only these types, their Arrow form and the messages of `async_rl.messages` cross a process
+boundary. One row is one
 completion; the G completions of a prompt form a group, which travels, is stored, sampled and
 dropped as one Arrow record batch of G rows.
 
@@ -23,7 +24,12 @@ import pyarrow as pa
 
 @dataclass(frozen=True)
 class RoutingSpec:
-    """What a routing trace of this model looks like: `[T, num_layers, top_k]` expert ids."""
+    """What a routing trace of this model looks like: `[T, num_layers, top_k]` expert ids.
+
+    The one owner of the id width: uint8 up to 256 experts, uint16 above, on the wire (Arrow,
+    numpy); in torch, which cannot index with uint16, uint8 or int16 (ids stay below 32768).
+    Example: `RoutingSpec(num_layers=2, top_k=2, num_experts=8).numpy_dtype == np.uint8`.
+    """
 
     num_layers: int
     top_k: int
@@ -39,8 +45,15 @@ class RoutingSpec:
         return np.dtype(np.uint8 if self.num_experts <= 256 else np.uint16)
 
     @property
+    def torch_dtype(self):
+        """`torch.uint8` or `torch.int16` (torch is imported only by those who ask)."""
+        import torch
+
+        return torch.uint8 if self.num_experts <= 256 else torch.int16
+
+    @property
     def arrow_type(self) -> pa.DataType:
-        value = pa.uint8() if self.num_experts <= 256 else pa.uint16()
+        value = pa.from_numpy_dtype(self.numpy_dtype)
         return pa.list_(pa.list_(value, self.width))
 
     @classmethod

@@ -14,8 +14,11 @@ Backends (`learner.weight_store`):
 Both hand out Hugging Face tensor names (`model.layers.0.mlp.experts.3.gate_proj.weight`), the
 layout vLLM and transformers read. Nothing is unpickled: files are safetensors and JSON.
 
-Announcements: the learner's PUB socket sends `[b"weights", {"version": v}, b""]`; actors SUB
-and also ask the store for `latest()`, so a missed announcement only delays a swap.
+An actor asks the store for `source(version)`: what its engine loads, a checkpoint directory
+(`fs`) or tensors by Hugging Face name (`ray`); no caller needs to know which store it has.
+
+Announcements: the learner's PUB socket sends `WeightsReady(version=v)` (`async_rl.messages`);
+actors SUB and also ask the store for `latest()`, so a missed announcement only delays a swap.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -33,7 +37,9 @@ import zmq
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from async_rl.transport import bind, decode, encode, write_json_atomic
+from async_rl.messages import BadMessage, WeightsReady, decode, encode
+from async_rl.paths import RunPaths, write_json_atomic
+from async_rl.transport import bind
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -46,14 +52,27 @@ TEMPLATE_FILES = (
 )
 
 
+# What an engine loads a version from: a Hugging Face checkpoint directory, or (to swap the
+# weights of the model it already serves) that checkpoint's tensors by Hugging Face name.
+WeightsSource = str | Path | Mapping[str, torch.Tensor]
+
+
 class WeightStore(Protocol):
-    def publish(self, version: int, hf_state: dict[str, torch.Tensor]) -> None: ...
+    def publish(self, version: int, hf_state: dict[str, torch.Tensor]) -> None:
+        """Store `version` completely before any reader can see it."""
+        ...
 
-    def latest(self) -> int | None: ...
+    def latest(self) -> int | None:
+        """The newest complete version, None before the first."""
+        ...
 
-    def fetch(self, version: int) -> dict[str, torch.Tensor]: ...
+    def source(self, version: int) -> WeightsSource:
+        """What an engine loads `version` from; `ValueError` if it is not (or no longer) here."""
+        ...
 
-    def collect(self, in_use: set[int]) -> list[int]: ...
+    def collect(self, in_use: set[int]) -> list[int]:
+        """Delete versions no actor uses, keeping the newest `learner.keep_versions`."""
+        ...
 
 
 def _version_dir(root: Path, version: int) -> Path:
@@ -151,7 +170,12 @@ class FsWeightStore:
         versions = self.versions()
         return versions[-1] if versions else None
 
+    def source(self, version: int) -> Path:
+        """The version's checkpoint directory: engines load it as it is."""
+        return self.path(version)
+
     def fetch(self, version: int) -> dict[str, torch.Tensor]:
+        """The version's tensors by Hugging Face name."""
         file = self.path(version) / WEIGHTS
         try:
             return load_file(file)
@@ -181,7 +205,7 @@ class WeightAnnouncer:
         self.address = bind(self.socket, host, previous)
 
     def announce(self, version: int) -> None:
-        self.socket.send_multipart(encode("weights", {"version": version}))
+        self.socket.send_multipart(encode(WeightsReady(version=version)))
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -195,7 +219,7 @@ class WeightSubscriber:
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             curve.connect(self.socket)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"weights")
+        self.socket.setsockopt(zmq.SUBSCRIBE, WeightsReady.KIND.encode())
         self.socket.connect(address)
 
     def newest(self, timeout_ms: int = 0) -> int | None:
@@ -207,12 +231,10 @@ class WeightSubscriber:
             if not self.socket.poll(wait):
                 return best
             try:
-                _, header, _ = decode(self.socket.recv_multipart(), ("weights",))
-            except ValueError:
+                announcement, _ = decode(self.socket.recv_multipart(), WeightsReady)
+            except BadMessage:
                 continue  # a bad announcement is ignored; the store is the source of truth
-            v = header.get("version")
-            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-                best = v if best is None else max(best, v)
+            best = max(best or 0, announcement.version)
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -261,6 +283,10 @@ class RayWeightStore:
     def latest(self) -> int | None:
         return self.ray.get(self.registry.latest.remote())
 
+    def source(self, version: int) -> dict[str, torch.Tensor]:
+        """The version's tensors: the engine swaps them into the model it serves."""
+        return self.fetch(version)
+
     def fetch(self, version: int) -> dict[str, torch.Tensor]:
         refs = self.ray.get(self.registry.get.remote(version))
         if not refs:
@@ -289,4 +315,5 @@ def weight_store(
     """The run's store (`learner.weight_store`); the learner creates it, actors open it."""
     if cfg.learner.weight_store == "ray":
         return RayWeightStore(f"{cfg.run.name}-weights", cfg.learner.keep_versions, create=create)
-    return FsWeightStore(Path(run_dir) / "weights", template=start, keep=cfg.learner.keep_versions)
+    weights = RunPaths(run_dir).weights
+    return FsWeightStore(weights, template=start, keep=cfg.learner.keep_versions)

@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILE = os.environ.get("BENCH_PROFILE", "").split()
 sys.path.insert(0, str(ROOT))
 
-from async_rl.buffer_service import BufferClient  # noqa: E402
+from async_rl.clients import ZmqBatchSource, ZmqRolloutSink  # noqa: E402
 from async_rl.config import load_config, to_toml  # noqa: E402
-from async_rl.transport import encode, send, table_to_ipc  # noqa: E402
+from async_rl.messages import Group, encode, table_to_ipc  # noqa: E402
+from async_rl.transport import send  # noqa: E402
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch  # noqa: E402
 
 
@@ -124,12 +125,13 @@ def main() -> None:
     )
     raw, service, serve = [], [], []
     try:
-        client = BufferClient(cfg.run_dir, ctx=zmq.Context())
+        ctx = zmq.Context()
+        client, source = ZmqRolloutSink(cfg.run_dir, ctx=ctx), ZmqBatchSource(cfg.run_dir, ctx=ctx)
         client.stats()  # connected and serving
         for rep in range(args.repeats):  # alternate, flushing the page cache between runs
             os.sync()
             raw.append(raw_write(groups, tmp / f"raw{rep}.arrows"))
-            payloads = [encode("group", {}, table_to_ipc(relabel(b, rep))) for b in groups]
+            payloads = [encode(Group(), table_to_ipc(relabel(b, rep))) for b in groups]
             os.sync()
             start = time.perf_counter()
             for frames in payloads:
@@ -139,10 +141,11 @@ def main() -> None:
             service.append(time.perf_counter() - start)
         for v in range(args.repeats * args.groups // batch_groups):
             t = time.perf_counter()
-            table, _ = client.sample(v, wait_s=5)
+            table, _ = source.sample(v, wait_s=5)
             serve.append(time.perf_counter() - t)
             assert table is not None and table.num_rows == batch_groups * args.group_size
         client.close()
+        source.close()
     finally:
         proc.terminate()
         proc.wait(30)

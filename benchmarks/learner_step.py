@@ -47,15 +47,16 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from actors.embedded import EmbeddedEngine  # noqa: E402
 from actors.engine import SamplingParams  # noqa: E402
-from async_rl.config import AlgoConfig, LearnerConfig, ModelConfig  # noqa: E402
-from async_rl.losses import group_advantages, minirl_loss  # noqa: E402
+from async_rl.config import Config, ModelConfig, load_config  # noqa: E402
 from async_rl.tasks import ArithmeticTask  # noqa: E402
 from async_rl.tokenizer import Tokenizer  # noqa: E402
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch  # noqa: E402
 from async_rl.weights import FsWeightStore, WeightAnnouncer  # noqa: E402
 from learner.batch import PackedBatch, pack  # noqa: E402
 from learner.hf import export_hf, hf_state_dict, import_hf  # noqa: E402
+from learner.loss import MiniRL  # noqa: E402
 from learner.model import build_model, entropy, token_logprobs  # noqa: E402
+from learner.optim import build_optimizer  # noqa: E402
 from learner.train import TrainStep  # noqa: E402
 
 CFG = ModelConfig()
@@ -93,27 +94,17 @@ def rollouts(checkpoint: Path, num_prompts: int, group_size: int, new_tokens: in
             for i, gen in enumerate(group)
         ]
         batches.append(group_to_batch(rows, spec))
-    advantages = functools.partial(group_advantages, std_norm=False)
-    batch = pack(pa.Table.from_batches(batches), spec, group_size, advantages, tok.pad_id)
-    return batch
+    return pack(pa.Table.from_batches(batches), spec, tok.pad_id)
 
 
-def new_optimizer(model: torch.nn.Module, learner: LearnerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        model.parameters(),
-        lr=learner.lr,
-        betas=(learner.adam_beta1, learner.adam_beta2),
-        weight_decay=learner.weight_decay,
-    )
-
-
-def bare_step(model: torch.nn.Module, learner: LearnerConfig) -> Callable[[PackedBatch], None]:
+def bare_step(model: torch.nn.Module, cfg: Config) -> Callable[[PackedBatch], None]:
     """Forward, -(1/B) sum A log pi, backward, AdamW: the floor a training step cannot beat."""
-    optimizer = new_optimizer(model, learner)
+    optimizer = build_optimizer(model, cfg.learner)
 
     def step(batch: PackedBatch) -> None:
+        advantages_B = MiniRL(cfg.algo).advantages(batch.rewards_B)
         logp_BT = token_logprobs(model(batch.inputs_BT), batch.targets_BT)
-        loss = -(batch.advantages_B[:, None] * logp_BT * batch.mask_BT).sum() / batch.num_rows
+        loss = -(advantages_B[:, None] * logp_BT * batch.mask_BT).sum() / batch.num_rows
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,22 +121,11 @@ def prox_pass(model: torch.nn.Module, batch: PackedBatch) -> None:
     entropy(logits_BTV)[batch.mask_BT].mean().item()
 
 
-def train_step(model: torch.nn.Module, learner: LearnerConfig, replay: str) -> TrainStep:
+def train_step(model: torch.nn.Module, group_size: int, replay: str) -> TrainStep:
     """The learner's global step as `learner.run.Learner` builds it, N = 1."""
-    algo = AlgoConfig()
-    return TrainStep(
-        model,
-        new_optimizer(model, learner),
-        functools.partial(minirl_loss, cfg=algo),
-        num_minibatches=1,
-        routing_replay=replay,
-        temperature=1.0,
-        grad_clip=learner.grad_clip,
-        lr=learner.lr,
-        warmup_steps=learner.warmup_steps,
-        lr_schedule=learner.lr_schedule,
-        total_updates=10_000,
-    )
+    overrides = [f"algo.group_size={group_size}", f"algo.routing_replay={replay}"]
+    cfg = load_config(None, [*overrides, "run.num_steps=10000"])
+    return TrainStep(model, build_optimizer(model, cfg.learner), cfg)
 
 
 def publishers(model: torch.nn.Module, store: FsWeightStore, announcer: WeightAnnouncer, root):
@@ -219,7 +199,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=20, help="calls per profile")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    learner = LearnerConfig()
+    cfg = load_config(None, [f"algo.group_size={args.group_size}"])
 
     with tempfile.TemporaryDirectory(prefix="learner_step.") as tmp:
         root = Path(tmp)
@@ -238,9 +218,9 @@ def main() -> None:
         def fresh() -> torch.nn.Module:
             return import_hf(checkpoint, CFG)[0]
 
-        steps = {"bare": bare_step(fresh(), learner)}
+        steps = {"bare": bare_step(fresh(), cfg)}
         for replay in ("none", "r2", "r3"):
-            steps[f"TrainStep {replay}"] = train_step(fresh(), learner, replay)
+            steps[f"TrainStep {replay}"] = train_step(fresh(), args.group_size, replay)
         calls = {name: functools.partial(fn, batch) for name, fn in steps.items()}
         calls["prox"] = functools.partial(prox_pass, fresh(), batch)
         # CPU time of this (single-threaded) process: what other processes on a shared machine

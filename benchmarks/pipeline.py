@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from async_rl.app.driver import train  # noqa: E402
 from async_rl.config import load_config  # noqa: E402
 from async_rl.metrics import read_rows  # noqa: E402
-from async_rl.orchestrate import train  # noqa: E402
 
 
 def run(mode: str, k: int, steps: int, start: Path, out: Path, rep: int) -> dict:
@@ -52,8 +52,8 @@ def run(mode: str, k: int, steps: int, start: Path, out: Path, rep: int) -> dict
     first = next(r for r in read_rows(cfg.run_dir) if "learner/step_time_s" in r)
     loop = rows[-1]["time"] - first["time"]
     actors = list(summary["actors"].values())
-    gen = sum(a["generate_s"] for a in actors)
-    idle = sum(a["paused_s"] + a["weights_s"] for a in actors)
+    gen = sum(a.generate_s for a in actors)
+    idle = sum(a.paused_s + a.weights_s for a in actors)
     wait = sum(r["learner/wait_time_s"] for r in rows)
     train_s = sum(r["learner/step_time_s"] + r["learner/publish_time_s"] for r in rows)
     return {

@@ -37,7 +37,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from async_rl.config import ModelConfig, load_config  # noqa: E402
 from async_rl.types import RoutingSpec  # noqa: E402
-from tests import faults  # noqa: E402
+from tests import faults, helpers  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -144,7 +144,7 @@ def main() -> int:
     cfg = load_config(None, settings)
     run_dir, log = cfg.run_dir, out / "soak.log"
     rng = random.Random(args.seed)
-    proc = faults.launch(log, *settings)
+    proc = helpers.launch(log, *settings)
     print(f"soak: {args.minutes:g} min, run {run_dir}, log {log}", flush=True)
     began = time.monotonic()
     samples, seen_at, injected = [], {}, []
@@ -154,7 +154,7 @@ def main() -> int:
     try:
         while time.monotonic() - began < args.minutes * 60 and proc.poll() is None:
             now = time.monotonic()
-            for v in faults.versions(run_dir):
+            for v in helpers.versions(run_dir):
                 seen_at.setdefault(v, now - began)
             if now >= next_sample:
                 for pid, name in processes(proc.pid, run_dir).items():
@@ -171,10 +171,10 @@ def main() -> int:
                 next_kill += args.interval
             if now >= next_scale:
                 fleet = rng.choice([n for n in range(1, cfg.actor.max_actors + 1) if n != fleet])
-                scale = [sys.executable, "-m", "async_rl.cli", "scale", str(run_dir)]
+                scale = [sys.executable, "-m", "async_rl.app.cli", "scale", str(run_dir)]
                 subprocess.run(
                     [*scale, "--actors", str(fleet)],
-                    env=faults.ENV,
+                    env=helpers.ENV,
                     check=True,
                     capture_output=True,
                 )
@@ -185,7 +185,7 @@ def main() -> int:
         pass
     finally:
         elapsed = time.monotonic() - began
-        code = faults.stop(proc)
+        code = helpers.stop(proc)
     report = faults.audit(
         run_dir, RoutingSpec.of(cfg.model), cfg.algo.group_size, cfg.buffer.max_staleness
     )

@@ -14,8 +14,8 @@ end with eos the way a trained policy's do.
   model), router aux loss off, `experts_implementation` = `--experts` (`grouped_mm`, the fastest
   on CPU: `--time-kernels` times them all), `--threads` torch threads in this one process; one
   optimizer step per generation of prompts x G (num_iterations 1), mean-only advantages.
-- async-rl: `orchestrate.train` as `async-rl train` runs it (Ray, buffer, learner, one actor,
-  FP8-emulated rollouts, K = 1), `run.num_threads = threads // 2` in each of its two busy
+- async-rl: `async_rl.app.driver.train`, as `async-rl train` runs it (Ray, buffer, learner, one
+  actor, FP8-emulated rollouts, K = 1), `run.num_threads = threads // 2` in each of its two busy
   processes (learner, actor), so both tools get the same thread budget.
 
 Timed, per run: from the end of optimizer step `--warmup` to the end of step `--warmup +
@@ -102,7 +102,7 @@ def window(args, times: list[float], tokens: list[int], cpu: dict[int, float], b
 
 
 def run_async_rl(args, start: Path, out: Path, name: str) -> tuple[list, list, dict]:
-    from async_rl.orchestrate import train
+    from async_rl.app.driver import train
 
     cfg = load_config(
         ROOT / "configs" / "tiny.toml",

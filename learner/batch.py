@@ -6,7 +6,8 @@ L = MoE layers, K = experts per token.
 A row `prompt + completion` becomes the model input `x = seq[:-1]` and targets `y = seq[1:]`;
 completion token j sits at target position `P - 1 + j`. The actor's routing trace covers
 exactly the input positions (`P + C - 1`), so it lines up with `x` as `[B, T, L, K]`. Rows are
-right-padded; with a causal mask padding never changes a real position.
+right-padded; with a causal mask padding never changes a real position. Packing knows nothing
+of the algorithm: the learner's objective computes the advantages (`TrainStep`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ class PackedBatch:
     mask_BT: torch.Tensor  # bool: the target is a completion token
     behavior_logprobs_BT: torch.Tensor  # float32 log mu at completion targets, 0 elsewhere
     rewards_B: torch.Tensor  # float32
-    advantages_B: torch.Tensor  # float32, per group (computed before any split)
     policy_versions_B: torch.Tensor  # int64
     routing_BTLK: torch.Tensor | None  # the actor's trace, None if the engine gave none
+    # float32, per group: set by the step's objective on the whole global batch, before any split
+    advantages_B: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -58,14 +60,8 @@ class PackedBatch:
         return PackedBatch(**out)
 
 
-def pack(
-    table: pa.Table,
-    spec: RoutingSpec,
-    group_size: int,
-    advantages: callable,
-    pad_id: int,
-) -> PackedBatch:
-    """Tensors of a global batch; `advantages(rewards_B, group_size) -> advantages_B`."""
+def pack(table: pa.Table, spec: RoutingSpec, pad_id: int) -> PackedBatch:
+    """The tensors of a global batch (rows in the table's order)."""
     prompts = table.column("prompt_tokens").to_pylist()
     completions = table.column("completion_tokens").to_pylist()
     behavior = table.column("behavior_logprobs").to_pylist()
@@ -81,35 +77,32 @@ def pack(
         targets[i, : lengths[i]] = seq[1:]
         mask[i, len(p) - 1 : lengths[i]] = True
         mu[i, len(p) - 1 : lengths[i]] = lp
-    routing = None
-    column = table.column("routing")
-    if column.null_count == 0:
-        # Padding positions replay experts 0..K-1: distinct ids, as every real position has
-        # (a repeated id would make the MoE miscount its tokens and corrupt real rows).
-        routing = np.empty((b, t, spec.num_layers, spec.top_k), spec.numpy_dtype)
-        routing[:] = np.arange(spec.top_k, dtype=spec.numpy_dtype)
-        flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        ids = flat.flatten().flatten().to_numpy(zero_copy_only=False)
-        ids = ids.reshape(-1, spec.num_layers, spec.top_k)
-        offsets = flat.offsets.to_numpy()
-        for i in range(b):
-            routing[i, : lengths[i]] = ids[offsets[i] : offsets[i + 1]]
-    elif column.null_count != len(column):
-        raise ValueError("a batch mixes rows with and without routing traces")
-    rewards = torch.tensor(table.column("reward").to_numpy(), dtype=torch.float32)
+    routing = _pack_routing(table.column("routing"), spec, lengths, t)
     return PackedBatch(
         inputs_BT=torch.from_numpy(inputs),
         targets_BT=torch.from_numpy(targets),
         mask_BT=torch.from_numpy(mask),
         behavior_logprobs_BT=torch.from_numpy(mu),
-        rewards_B=rewards,
-        advantages_B=advantages(rewards, group_size),
+        rewards_B=torch.tensor(table.column("reward").to_numpy(), dtype=torch.float32),
         policy_versions_B=torch.tensor(table.column("policy_version").to_pylist()),
-        routing_BTLK=None if routing is None else torch.from_numpy(_torch_ids(routing)),
+        routing_BTLK=routing,
     )
 
 
-def _torch_ids(routing: np.ndarray) -> np.ndarray:
-    # torch has no uint16 indexing support; traces above 256 experts travel as int16 like
-    # `learner.routing.routing_dtype` (expert ids stay far below 32768).
-    return routing if routing.dtype == np.uint8 else routing.astype(np.int16)
+def _pack_routing(column, spec: RoutingSpec, lengths: list[int], width: int):
+    """The actors' traces as `[B, T, L, K]` (`spec.torch_dtype`), None if rows have none."""
+    if column.null_count == len(column):
+        return None
+    if column.null_count:
+        raise ValueError("a batch mixes rows with and without routing traces")
+    # Padding positions replay experts 0..K-1: distinct ids, as every real position has
+    # (a repeated id would make the MoE miscount its tokens and corrupt real rows).
+    routing = np.empty((len(lengths), width, spec.num_layers, spec.top_k), spec.numpy_dtype)
+    routing[:] = np.arange(spec.top_k, dtype=spec.numpy_dtype)
+    flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    ids = flat.flatten().flatten().to_numpy(zero_copy_only=False)
+    ids = ids.reshape(-1, spec.num_layers, spec.top_k)
+    offsets = flat.offsets.to_numpy()
+    for i, length in enumerate(lengths):
+        routing[i, :length] = ids[offsets[i] : offsets[i + 1]]
+    return torch.from_numpy(routing).to(spec.torch_dtype)

@@ -23,78 +23,17 @@ from safetensors.torch import load_file, save_file
 from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
 
 from async_rl.config import ModelConfig
+from async_rl.hf_config import hf_config, read_model_spec
 from async_rl.tokenizer import Tokenizer
-from learner.model import DTYPES, build_model, titan_config
+from learner.model import build_model, titan_config
 
 WEIGHTS = "model.safetensors"
 
-# config.json key -> ModelConfig field
-_HF_KEYS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "dim",
-    "num_hidden_layers": "num_layers",
-    "num_attention_heads": "num_heads",
-    "num_key_value_heads": "num_kv_heads",
-    "head_dim": "head_dim",
-    "moe_intermediate_size": "moe_hidden_dim",
-    "num_experts": "num_experts",
-    "num_experts_per_tok": "top_k",
-    "max_position_embeddings": "max_seq_len",
-    "rope_theta": "rope_theta",
-    "rms_norm_eps": "norm_eps",
-}
-
-
-def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
-    """config.json for `cfg`: every layer sparse, top-k weights renormalised, untied head."""
-    out = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}
-    out.update({hf: getattr(cfg, ours) for hf, ours in _HF_KEYS.items()})
-    out.update(
-        intermediate_size=cfg.moe_hidden_dim,  # dense FFN size; unused when every layer is MoE
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        norm_topk_prob=True,
-        hidden_act="silu",
-        attention_bias=False,
-        tie_word_embeddings=False,
-        rope_scaling=None,
-        output_router_logits=False,
-        router_aux_loss_coef=0.0,
-        torch_dtype=cfg.dtype,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
-    )
-    return out
-
 
 def model_config_from_hf(path: str | Path) -> ModelConfig:
-    """Read a checkpoint's config.json back into a `ModelConfig` (tokenizer = the dir itself)."""
-    file = Path(path) / "config.json"
-    try:
-        data = json.loads(file.read_text())
-    except OSError as e:
-        raise ValueError(f"{file}: cannot read checkpoint config ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if data.get("model_type") != "qwen3_moe":
-        raise ValueError(f"{file}: model_type must be 'qwen3_moe', got {data.get('model_type')!r}")
-    if "rope_theta" not in data and isinstance(data.get("rope_parameters"), dict):
-        data["rope_theta"] = data["rope_parameters"].get("rope_theta")
-    data.setdefault(
-        "head_dim", data.get("hidden_size", 0) // max(data.get("num_attention_heads", 1), 1)
-    )
-    missing = [k for k in _HF_KEYS if data.get(k) is None]
-    if missing:
-        raise ValueError(f"{file}: missing {', '.join(missing)}")
-    if data.get("mlp_only_layers") or data.get("decoder_sparse_step", 1) != 1:
-        raise ValueError(f"{file}: only checkpoints whose every layer is MoE are supported")
-    cfg = ModelConfig(tokenizer=str(path))
-    for hf, ours in _HF_KEYS.items():
-        setattr(cfg, ours, type(getattr(cfg, ours))(data[hf]))
-    dtype = data.get("torch_dtype") or data.get("dtype") or "float32"
-    cfg.dtype = dtype if dtype in DTYPES else "float32"
-    return cfg
+    """A checkpoint's `ModelConfig` (tokenizer = the directory itself), read and checked by
+    `async_rl.hf_config.read_model_spec`."""
+    return read_model_spec(path).model_config(tokenizer=str(path))
 
 
 def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -114,7 +53,8 @@ def export_hf(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(hf_state, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer), indent=2) + "\n")
+        config = hf_config(cfg, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         gen = {
             "bos_token_id": tokenizer.bos_id,
             "eos_token_id": tokenizer.eos_id,

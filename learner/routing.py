@@ -5,7 +5,7 @@ Shape legend: B = batch, T = tokens, L = MoE layers, K = experts per token, E = 
     hooks = RoutingHooks(model)
     with hooks.record() as trace:          # R2: the proximal pass records the learner's routing
         logits = model(tokens)
-    trace.experts                          # [B, T, L, K], uint8 (int16 above 256 experts)
+    trace.experts                          # [B, T, L, K], `RoutingSpec.torch_dtype`
     with hooks.replay(trace.experts):      # every update forward then reuses those experts
         logits = model(tokens)
 
@@ -23,12 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from async_rl.types import RoutingSpec
 from learner.model import moe_routers
-
-
-def routing_dtype(num_experts: int) -> torch.dtype:
-    """The smallest integer dtype that holds expert ids (the Arrow trace uses the same width)."""
-    return torch.uint8 if num_experts <= 256 else torch.int16
 
 
 @dataclass
@@ -65,6 +61,10 @@ class RoutingHooks:
     def num_layers(self) -> int:
         return len(self.routers)
 
+    @property
+    def spec(self) -> RoutingSpec:
+        return RoutingSpec(self.num_layers, self.top_k, self.num_experts)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -72,7 +72,7 @@ class RoutingHooks:
 
     @contextlib.contextmanager
     def record(self) -> Iterator[RoutingTrace]:
-        trace = RoutingTrace([None] * self.num_layers, routing_dtype(self.num_experts))
+        trace = RoutingTrace([None] * self.num_layers, self.spec.torch_dtype)
         self._trace = trace
         try:
             yield trace

@@ -21,7 +21,6 @@ Run on its own: `python -m learner.run RUN_DIR` (reads `RUN_DIR/config.toml`).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,19 +36,20 @@ import pyarrow as pa
 import torch
 import zmq
 
-from async_rl.buffer_service import BufferClient
+from async_rl.clients import BatchSource, ZmqBatchSource
 from async_rl.config import Config, load_config
-from async_rl.losses import group_advantages, minirl_loss
+from async_rl.messages import Batch
+from async_rl.paths import RunPaths, publish_endpoints, read_endpoints, read_fleet_size
 from async_rl.security import curve_for
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import load_tokenizer
-from async_rl.transport import actors_file, publish_endpoints, read_endpoints
 from async_rl.types import RoutingSpec
 from async_rl.weights import WeightAnnouncer, weight_store
-from learner.batch import pack
+from learner.batch import PackedBatch, pack
 from learner.checkpoint import Snapshot, latest_checkpoint, load_checkpoint
-from learner.evaluate import evaluate
+from learner.evaluate import evaluate_run
 from learner.hf import hf_state_dict, import_hf
+from learner.optim import build_optimizer
 from learner.train import TrainStep
 
 log = logging.getLogger(__name__)
@@ -81,35 +82,27 @@ class Background:
 
 
 class Learner:
-    def __init__(self, cfg: Config, run_dir: Path, start: Path, ctx: zmq.Context | None = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+    """The learner process of a run (module docstring). `sources` makes its batch sources (the
+    fetch and publish threads have one each); by default the run's buffer service."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        start: Path,
+        ctx: zmq.Context | None = None,
+        sources: Callable[[], BatchSource] | None = None,
+    ):
+        self.cfg, self.paths = cfg, RunPaths(run_dir)
+        self.run_dir = self.paths.root
         torch.manual_seed(cfg.run.seed)
         self.model, _ = import_hf(start, cfg.model)
         self.tokenizer = load_tokenizer(str(start))
-        self.pad_id = self.tokenizer.pad_id
         self.task = task_from_config(cfg)
-        learner, algo = cfg.learner, cfg.algo
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=learner.lr,
-            betas=(learner.adam_beta1, learner.adam_beta2),
-            weight_decay=learner.weight_decay,
-        )
-        self.step = TrainStep(
-            self.model,
-            self.optimizer,
-            functools.partial(minirl_loss, cfg=algo),
-            num_minibatches=algo.num_minibatches,
-            routing_replay=algo.routing_replay,
-            temperature=cfg.actor.temperature,
-            grad_clip=learner.grad_clip,
-            lr=learner.lr,
-            warmup_steps=learner.warmup_steps,
-            lr_schedule=learner.lr_schedule,
-            total_updates=cfg.run.num_steps * algo.num_minibatches,
-        )
+        self.optimizer = build_optimizer(self.model, cfg.learner)
+        self.step = TrainStep(self.model, self.optimizer, cfg)
         self.version = 0
-        checkpoint = latest_checkpoint(self.run_dir / "checkpoints" / "learner")
+        checkpoint = latest_checkpoint(self.paths.learner_checkpoints)
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, self.model, self.optimizer)
             self.version, self.step.updates = state["version"], state["updates"]
@@ -120,21 +113,22 @@ class Learner:
             self.store.publish(self.version, hf_state_dict(self.model, cfg.model))
         self.ctx = ctx or zmq.Context.instance()
         self.curve = curve_for(cfg)
-        previous = (read_endpoints(self.run_dir, "learner") or {}).get("weights")
+        previous = (read_endpoints(self.paths, "learner") or {}).get("weights")
         self.announcer = WeightAnnouncer(self.ctx, cfg.run.bind_host, self.curve, previous)
-        publish_endpoints(self.run_dir, "learner", {"weights": self.announcer.address})
+        publish_endpoints(self.paths, "learner", {"weights": self.announcer.address})
         self.stopping = threading.Event()
-        self.buffer = self._buffer_client()
-        self.buffer.publish(self.version)
-        # The buffer's socket belongs to the fetch thread from here on: it asks for the next
+        sources = sources or self._buffer_source
+        self.source = sources()
+        self.source.publish(self.version)
+        # The batch source belongs to the fetch thread from here on: it asks for the next
         # global batch while the learner trains on this one.
         self.fetcher = Background("fetch")
-        # the publish thread has a socket of its own (zmq sockets are not thread-safe)
+        # the publish thread has a source of its own (zmq sockets are not thread-safe)
         self.publisher, self.saver = Background("publish"), Background("checkpoint")
-        self.publish_buffer = self._buffer_client()
+        self.publish_source = sources()
 
-    def _buffer_client(self) -> BufferClient:
-        return BufferClient(
+    def _buffer_source(self) -> ZmqBatchSource:
+        return ZmqBatchSource(
             self.run_dir,
             ctx=self.ctx,
             curve=self.curve,
@@ -142,50 +136,45 @@ class Learner:
             stopping=self.stopping,
         )
 
-    def next_batch(self, version: int) -> tuple[pa.Table | None, dict]:
+    def next_batch(self, version: int) -> tuple[pa.Table, Batch] | None:
         """The buffer's global batch for `version` (None when the learner is stopping)."""
         deadline = time.monotonic() + self.cfg.buffer.wait_timeout_s
         while not self.stopping.is_set():
             try:
-                table, info = self.buffer.sample(version, wait_s=1.0)
+                table, reply = self.source.sample(version, wait_s=1.0)
             except TimeoutError:  # asked again for wait_timeout_s already
                 if self.stopping.is_set():
                     break
                 raise
             if table is not None:
-                return table, info
+                return table, reply
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"no global batch for version {version} within "
                     f"buffer.wait_timeout_s = {self.cfg.buffer.wait_timeout_s:.0f}s "
-                    f"({info.get('buffer/groups', 0)} fresh groups waiting; are actors running?)"
+                    f"({reply.metrics.get('buffer/groups', 0)} fresh groups waiting; "
+                    "are actors running?)"
                 )
-        return None, {}
+        return None
 
-    def fetch(self, version: int):
-        """On the fetch thread: the global batch for `version`, packed, and the buffer's info."""
-        table, info = self.next_batch(version)
-        if table is None:
+    def fetch(self, version: int) -> tuple[PackedBatch, Batch] | None:
+        """On the fetch thread: the global batch for `version`, packed, and the buffer's reply."""
+        got = self.next_batch(version)
+        if got is None:
             return None
-        cfg = self.cfg
-        packed = pack(
-            table,
-            RoutingSpec.of(cfg.model),
-            cfg.algo.group_size,
-            functools.partial(group_advantages, std_norm=cfg.algo.adv_std_norm),
-            self.pad_id,
-        )
-        return packed, info
+        table, reply = got
+        return pack(table, RoutingSpec.of(self.cfg.model), self.tokenizer.pad_id), reply
 
     def publish(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]):
         """On the publish thread: the store writes the version (manifest last), the
         announcement goes out, the buffer learns it (admission), old versions are collected."""
         self.store.publish(version, hf_state)
         self.announcer.announce(version)
-        self.publish_buffer.publish(version)
+        self.publish_source.publish(version)
         self.store.collect(in_use)
 
     def train_one(self) -> dict | None:
+        """One global step: its metrics row, or None when the learner is stopping."""
         start = time.monotonic()
         if self.fetcher.pending is None:  # else the previous step asked for this version
             self.fetcher.submit(self.fetch, self.version)
@@ -193,57 +182,45 @@ class Learner:
         waited = time.monotonic() - start
         if got is None:
             return None
-        packed, info = got
-        cfg = self.cfg
-        if self.version + 1 < cfg.run.num_steps:
+        packed, reply = got
+        if self.version + 1 < self.cfg.run.num_steps:
             self.fetcher.submit(self.fetch, self.version + 1)  # fetched while this step trains
         metrics = self.step(packed)
         self.version += 1
         published = time.monotonic()  # the learner's share: a copy (and a slow previous one)
+        state = hf_state_dict(self.model, self.cfg.model)
         self.publisher.submit(
             self.publish,
             self.version,
-            {k: v.clone() for k, v in hf_state_dict(self.model, cfg.model).items()},
-            set(info.get("versions_in_use", [])),
+            {k: v.clone() for k, v in state.items()},
+            set(reply.versions_in_use),
         )
         metrics["publish_time_s"] = time.monotonic() - published
-        rollout = ("reward_mean", "response_len_mean")
+        metrics["wait_time_s"] = waited
+        return self.metrics_row(metrics, reply)
+
+    def metrics_row(self, metrics: dict, reply: Batch) -> dict:
+        """`metrics.jsonl`'s row of this version (DESIGN.md section 8): the step's metrics as
+        `learner/*` and `rollout/*`, the buffer's as it served the batch, the fleet size."""
         row = {"version": self.version}
-        row.update({f"rollout/{k}": metrics.pop(k) for k in rollout})
+        row.update({f"rollout/{k}": metrics.pop(k) for k in ("reward_mean", "response_len_mean")})
         row.update({f"learner/{k}": v for k, v in metrics.items()})
         row.update(
             {
                 "learner/version": self.version,
-                "learner/wait_time_s": waited,
-                "learner/staleness_mean": info["staleness_mean"],
-                "learner/staleness_max": info["staleness_max"],
+                "learner/staleness_mean": reply.staleness_mean,
+                "learner/staleness_max": reply.staleness_max,
                 "learner/tokens_per_s": metrics["num_tokens"] / max(metrics["step_time_s"], 1e-9),
-                **{k: v for k, v in info.items() if k.startswith(("buffer/", "rollout/"))},
+                **reply.metrics,
             }
         )
-        fleet = self.fleet_size()
-        if fleet is not None:  # else the buffer's count of actors seen in the last seconds
-            row["rollout/actors"] = fleet
+        # the size the driver runs; without a driver, the actors the buffer saw lately
+        fleet = read_fleet_size(self.paths)
+        row["rollout/actors"] = fleet if fleet is not None else reply.metrics["buffer/actors_seen"]
         return row
 
-    def fleet_size(self) -> int | None:
-        """The fleet size the driver last set (`control/actors.json`), if a driver runs this."""
-        try:
-            return int(json.loads(actors_file(self.run_dir).read_bytes())["actors"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
     def evaluate(self) -> dict[str, float]:
-        cfg = self.cfg
-        result = evaluate(
-            self.model,
-            self.tokenizer,
-            self.task,
-            k=cfg.run.eval_k,
-            temperature=cfg.actor.temperature,
-            max_new_tokens=cfg.actor.max_new_tokens,
-            seed=cfg.run.seed,
-        )
+        result = evaluate_run(self.model, self.tokenizer, self.task, self.cfg)
         self.model.train()
         return {"eval/accuracy": result.avg_at_k, "eval/greedy_accuracy": result.greedy}
 
@@ -255,14 +232,14 @@ class Learner:
             self.optimizer,
             {"version": self.version, "updates": self.step.updates},
         )
-        self.saver.submit(snapshot.write, self.run_dir / "checkpoints" / "learner")
+        self.saver.submit(snapshot.write, self.paths.learner_checkpoints)
         if wait:
             self.saver.wait()
 
     def run(self, on_metrics=None) -> None:
         every, steps = self.cfg.run.eval_every, self.cfg.run.num_steps
         save_every = self.cfg.learner.checkpoint_every
-        with (self.run_dir / "metrics.jsonl").open("a+b") as out:
+        with self.paths.metrics.open("a+b") as out:
             if out.tell():
                 out.seek(-1, os.SEEK_END)
                 if out.read(1) != b"\n":
@@ -300,7 +277,7 @@ class Learner:
             # not trained is served again to the learner that resumes this run
             self.stopping.set()
             self.fetcher.pool.shutdown()
-            for socket in (self.announcer, self.publish_buffer, self.buffer):
+            for socket in (self.announcer, self.publish_source, self.source):
                 socket.close()
 
 
@@ -310,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=Path, required=True, help="starting HF checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
-    cfg = load_config(args.run_dir / "config.toml")
+    cfg = load_config(RunPaths(args.run_dir).config)
     torch.set_num_threads(cfg.run.num_threads)
     learner = Learner(cfg, args.run_dir, args.start)
     signal.signal(signal.SIGTERM, lambda *_: learner.stopping.set())

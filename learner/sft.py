@@ -9,7 +9,6 @@ loss on completion tokens and eos only. The result is written as a Hugging Face 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -17,11 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from async_rl.config import Config
+from async_rl.paths import RunPaths
 from async_rl.tasks import Problem, Task
 from async_rl.tokenizer import Tokenizer
-from learner.evaluate import EvalResult, evaluate
+from learner.evaluate import EvalResult, evaluate_run
 from learner.hf import export_hf
 from learner.model import build_model
+from learner.optim import lr_multiplier
+
+LR_FLOOR = 0.1  # the cosine decay ends at this share of the peak
 
 
 def sft_batch(
@@ -50,14 +53,6 @@ def sft_batch(
     return inputs, targets, mask
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int, floor: float = 0.1) -> float:
-    """Linear warm-up to `peak`, then cosine decay to `floor * peak` at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=print) -> EvalResult:
     """Train from scratch for `cfg.learner.sft_steps`, export to `out_dir`, return eval."""
     torch.manual_seed(cfg.run.seed)
@@ -66,7 +61,7 @@ def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=pr
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.learner.sft_lr, betas=(0.9, 0.98), weight_decay=0.0
     )
-    metrics_file = cfg.run_dir / "sft_metrics.jsonl"
+    metrics_file = RunPaths(cfg.run_dir).sft_metrics
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     bs, start, index = cfg.learner.sft_batch_size, time.monotonic(), 0
     with metrics_file.open("w") as metrics:
@@ -83,8 +78,8 @@ def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=pr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            lr = lr_at(
-                step, cfg.learner.sft_lr, cfg.learner.sft_warmup_steps, cfg.learner.sft_steps
+            lr = cfg.learner.sft_lr * lr_multiplier(
+                step, cfg.learner.sft_warmup_steps, cfg.learner.sft_steps, "cosine", LR_FLOOR
             )
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -103,12 +98,4 @@ def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=pr
                     f"lr {lr:.2e}  {row['elapsed_s']:.0f}s"
                 )
     export_hf(model, cfg.model, tokenizer, out_dir)
-    return evaluate(
-        model,
-        tokenizer,
-        task,
-        k=cfg.run.eval_k,
-        temperature=cfg.actor.temperature,
-        max_new_tokens=cfg.actor.max_new_tokens,
-        seed=cfg.run.seed,
-    )
+    return evaluate_run(model, tokenizer, task, cfg)

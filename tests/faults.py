@@ -1,10 +1,8 @@
 """Fault injection for real runs, and the audit of a run directory after the faults.
 
-Used by `tests/test_faults.py` and `benchmarks/soak.py`:
-- `launch()` starts `async-rl train` in its own session, output to a log file; `stop()` ends it
-  (SIGINT, then SIGKILL of its process group) so that nothing it started outlives a test;
-  `spawn()` and `end()` do the same for a service run on its own (`python -m learner.run`);
-- `pid_of()`, `wait_for()`, `versions()`: what the run directory says about its processes;
+Used by `tests/test_faults.py` and `benchmarks/soak.py` (with the process helpers of
+`tests/helpers.py`):
+- `state()`, `alive()`: what /proc says about a process (a SIGSTOPped one is `T`);
 - `tmpfs()`: a small filesystem under a path (disk full), `fill()` takes all its free space;
 - `FaultProxy`: a ZeroMQ proxy between clients and the buffer that drops, delays and corrupts;
 - `audit()`: the invariants of a run directory, read with pyarrow and json only.
@@ -14,12 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import json
 import os
 import random
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,72 +23,12 @@ from pathlib import Path
 import pyarrow as pa
 import zmq
 
+from async_rl.messages import REPLIES, REQUESTS, BadMessage, Lease, Leases, decode
 from async_rl.types import InvalidGroup, RoutingSpec, check_group
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
+from tests.helpers import json_lines
 
 
 # ---------------------------------------------------------------------- processes
-def launch(log: Path, *args: str, command: str = "train") -> subprocess.Popen:
-    """`async-rl <command> ARGS` in a session of its own, stdout and stderr to `log`."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "async_rl.cli", command, *args],
-            cwd=ROOT,
-            env=ENV,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def stop(proc: subprocess.Popen, timeout: float = 300) -> int:
-    """Ctrl-C the driver and wait; if it does not end, kill its process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-    return proc.returncode
-
-
-def spawn(log: Path, module: str, *args) -> subprocess.Popen:
-    """`python -m module ARGS` (a service on its own), in its own session, output to `log`."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", module, *map(str, args)],
-            cwd=ROOT,
-            env=ENV,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def end(procs: list[subprocess.Popen], timeout: float = 60) -> None:
-    """SIGTERM each process, wait, then SIGKILL what is left."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-
-
-def pid_of(run_dir: Path, name: str) -> int | None:
-    try:
-        return int((run_dir / "control" / "pids" / f"{name}.pid").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def state(pid: int | None) -> str | None:
     """The process state letter (`R`, `S`, `T` stopped, `Z` zombie), None if there is none."""
     if pid is None:
@@ -106,26 +41,6 @@ def state(pid: int | None) -> str | None:
 
 def alive(pid: int | None) -> bool:
     return state(pid) not in (None, "Z")
-
-
-def versions(run_dir: Path) -> list[int]:
-    """The version of every complete metrics row, in the order they were written."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r["version"] for r in _json_lines(path) if "version" in r]
-
-
-def wait_for(predicate, timeout: float = 240, proc: subprocess.Popen | None = None, log=None):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            tail = Path(log).read_text()[-4000:] if log else ""
-            raise AssertionError(f"train exited early ({proc.returncode}):\n{tail}")
-        if time.monotonic() > deadline:
-            tail = Path(log).read_text()[-4000:] if log else ""
-            raise AssertionError(f"timed out waiting for {predicate.__name__}:\n{tail}")
-        time.sleep(0.25)
 
 
 # ---------------------------------------------------------------------- disk
@@ -192,7 +107,7 @@ class FaultProxy:
             "requests": f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}",
         }
         self.backends: dict[bytes, zmq.Socket] = {}  # one DEALER per client, as it would be
-        self.kinds: dict[str, str] = {}  # request id -> kind, to know what a reply answers
+        self.leases: set[str] = set()  # ids of lease requests passed on
         self.later: list[tuple[float, int, list[bytes]]] = []
         self.counts: Counter[str] = Counter()
         self.stopping = threading.Event()
@@ -232,10 +147,13 @@ class FaultProxy:
 
     def _request(self, frames: list[bytes]) -> None:
         peer, rest = frames[0], frames[1:]
-        kind = rest[0].decode(errors="replace") if rest else ""
-        with contextlib.suppress(ValueError, IndexError, AttributeError):
-            self.kinds[json.loads(rest[1])["rid"]] = kind
-        if kind == "lease" and self._chance(self.drop_leases):
+        is_lease = False
+        with contextlib.suppress(BadMessage):  # what does not decode goes on as it came
+            request, _ = decode(rest, *REQUESTS)
+            if isinstance(request, Lease):
+                self.leases.add(request.rid)
+                is_lease = True
+        if is_lease and self._chance(self.drop_leases):
             self.counts["lease/request_dropped"] += 1
             return
         if peer not in self.backends:
@@ -246,8 +164,10 @@ class FaultProxy:
         self.backends[peer].send_multipart(rest)
 
     def _reply(self, peer: bytes, frames: list[bytes]) -> None:
-        with contextlib.suppress(ValueError, IndexError, AttributeError):
-            if self.kinds.pop(json.loads(frames[1])["rid"], "") == "lease":
+        with contextlib.suppress(BadMessage):
+            reply, _ = decode(frames, *REPLIES)
+            if isinstance(reply, Leases) and reply.rid in self.leases:
+                self.leases.discard(reply.rid)
                 if self._chance(self.drop_leases):
                     self.counts["lease/reply_dropped"] += 1
                     return
@@ -271,17 +191,6 @@ class FaultProxy:
 
 
 # ---------------------------------------------------------------------- the audit
-def _json_lines(path: Path) -> list[dict]:
-    """Parsed lines; a torn line (a killed writer) is skipped."""
-    rows = []
-    for line in path.read_bytes().splitlines():
-        with contextlib.suppress(ValueError):
-            row = json.loads(line)
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
 def segment_batches(buffer_dir: Path) -> list[pa.RecordBatch]:
     """Every record batch of the buffer's segments, in arrival order (pyarrow only).
 
@@ -336,7 +245,7 @@ def audit(run_dir: Path, spec: RoutingSpec, group_size: int, max_staleness: int)
     served_versions: Counter[int] = Counter()
     dropped, staleness = set(), Counter()
     log = buffer_dir / "consumed.jsonl"
-    for entry in _json_lines(log) if log.exists() else []:
+    for entry in json_lines(log):
         for gid in entry.get("served", []):
             served[gid] += 1
             if gid not in version_of:
@@ -351,7 +260,7 @@ def audit(run_dir: Path, spec: RoutingSpec, group_size: int, max_staleness: int)
     problems += [f"group {g} was served {n} times" for g, n in served.items() if n > 1]
     problems += [f"version {v} was served {n} batches" for v, n in served_versions.items() if n > 1]
 
-    rows = _json_lines(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    rows = json_lines(run_dir / "metrics.jsonl")
     steps = [r["version"] for r in rows if "learner/loss" in r]
     restarts = sum(1 for a, b in zip(steps, steps[1:], strict=False) if b <= a)
     for a, b in zip(steps, steps[1:], strict=False):

@@ -4,54 +4,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from async_rl.buffer import ReplayBuffer, read_log
+from async_rl.segments import read_log
 from async_rl.types import (
     InvalidGroup,
     RoutingSpec,
-    Trajectory,
     batch_to_trajectories,
     check_group,
     group_to_batch,
 )
-
-SPEC = RoutingSpec(num_layers=2, top_k=2, num_experts=8)
-G = 4
-
-
-def make_group(gid: str, version: int, g: int = G, seed: int = 0, routing: bool = True):
-    rng = np.random.default_rng(seed)
-    prompt = rng.integers(4, 30, size=int(rng.integers(2, 6))).tolist()
-    rows = []
-    for i in range(g):
-        completion = rng.integers(4, 30, size=int(rng.integers(1, 5))).tolist()
-        trace = rng.integers(0, 8, size=(len(prompt) + len(completion) - 1, 2, 2))
-        rows.append(
-            Trajectory(
-                sample_id=f"{gid}-{i}",
-                group_id=gid,
-                prompt_id=f"p-{gid}",
-                actor_id="a0",
-                engine="embedded",
-                policy_version=version,
-                policy_version_max=version,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                behavior_logprobs=(-rng.random(len(completion))).tolist(),
-                routing=trace.astype(np.uint8) if routing else None,
-                reward=float(rng.integers(0, 2)),
-                finish_reason="stop",
-                temperature=1.0,
-                top_p=1.0,
-                quantization="fp8",
-            )
-        )
-    return group_to_batch(rows, SPEC)
-
-
-def new_buffer(root, **kw):
-    args = dict(group_size=G, global_batch_groups=2, max_staleness=1, segment_groups=3)
-    args.update(kw)
-    return ReplayBuffer(root, SPEC, vocab_size=32, **args)
+from tests.helpers import SPEC, G, make_group, new_buffer
 
 
 def served_ids(table):
@@ -134,7 +95,7 @@ def test_serves_oldest_fresh_groups_and_drops_stale_ones(tmp_path):
     table = buf.sample(2)  # g0, g1 have staleness 2 > K = 1
     assert served_ids(table) == ["g2", "g3"]
     assert buf.metrics()["buffer/dropped_stale"] == 2
-    assert buf.staleness(2) == [1, 0]
+    assert buf.store.staleness(2) == [1, 0]
     assert buf.sample(3) is None  # only g4 left: not a full batch
     assert buf.metrics()["buffer/groups"] == 1
     assert table.num_rows == 2 * G
@@ -159,7 +120,7 @@ def test_never_serves_staleness_above_k_property(tmp_path):
             )
             n += 4
             if buf.sample(version) is not None:
-                assert max(buf.staleness(version)) <= k
+                assert max(buf.store.staleness(version)) <= k
                 version += 1
         assert version > 3
 
@@ -197,16 +158,16 @@ def test_admission_allows_k_plus_one_batches_ahead(tmp_path):
     assert buf.lease("a0", now=0.0) is None  # 4 pending
     assert buf.sample(0) is not None
     assert buf.lease("a0", now=0.0) is None  # trained on 2, pending 2: still 4
-    buf.set_published(1)
+    buf.admission.set_published(1)
     assert buf.lease("a0", count=3, now=2.5)[0] == 1  # a new version opens B more slots...
     assert buf.metrics()["buffer/full_s"] == 2.5  # actors were held back from 0.0 to 2.5
     assert buf.lease("a0", now=3.0) is None  # ...and only B
     # leases expire: their prompts go to the next actor that asks
     min_version, again = buf.lease("a1", count=5, version=1, now=10_000.0)
     assert [prompt for _, prompt in again] == [4, 5]
-    assert buf.versions_in_use(now=10_000.0) == [1]  # a0's report is older than the timeout
-    buf.release("a1")
-    assert not buf.leases and buf.reissue == [4, 5]
+    assert buf.admission.versions_in_use(now=10_000.0) == [1]  # a0 reported too long ago
+    buf.admission.release("a1")
+    assert not buf.admission.leases and buf.admission.reissue == [4, 5]
 
 
 def test_prompt_indices_are_never_handed_out_twice_across_restarts(tmp_path):
@@ -228,7 +189,7 @@ def test_sync_mode_admits_exactly_one_batch_per_version(tmp_path):
         ids = [lease for lease, _ in leases]
         buf.append([(make_group(lease, version, seed=i), lease) for i, lease in enumerate(ids)])
         assert served_ids(buf.sample(version)) == ids
-        buf.set_published(version + 1)
+        buf.admission.set_published(version + 1)
     assert buf.metrics()["buffer/dropped_stale"] == 0
 
 
@@ -262,7 +223,7 @@ def test_crash_recovery_keeps_every_accepted_group_and_serves_none_twice(tmp_pat
     del buf
     again = new_buffer(tmp_path, segment_groups=3, max_staleness=9)
     assert not list(tmp_path.glob("*.open"))
-    assert len(again.by_id) == 7
+    assert len(again.store.by_id) == 7
     assert served_ids(again.sample(0)) == first  # the same request gets the same batch
     rest = served_ids(again.sample(1)) + served_ids(again.sample(2))
     assert sorted(first + rest) == [f"g{i}" for i in range(6)]
@@ -285,7 +246,7 @@ def test_check_refuses_duplicates_and_tokens_outside_the_vocabulary(tmp_path):
 
 
 def test_inspect_command_reports_counts_staleness_and_bytes(tmp_path, capsys):
-    from async_rl.cli import main
+    from async_rl.app.cli import main
 
     buf = new_buffer(tmp_path / "run" / "buffer", segment_groups=3, max_staleness=1)
     buf.append([(make_group(f"g{i}", i // 2, seed=i), None) for i in range(9)])
@@ -301,7 +262,7 @@ def test_inspect_command_reports_counts_staleness_and_bytes(tmp_path, capsys):
 
 
 def test_inspect_sums_many_versions_into_ranges():
-    from async_rl.cli import _histogram
+    from async_rl.app.cli import _histogram
 
     counts = {v: 8 for v in range(1001)}  # a long run: one entry per version would be unreadable
     line = _histogram(counts)

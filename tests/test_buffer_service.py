@@ -6,52 +6,16 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import zmq
 
-from async_rl.buffer_service import BufferClient, BufferService
-from async_rl.config import load_config, to_toml
-from async_rl.transport import encode, table_to_ipc
+from async_rl.buffer_service import BufferService
+from async_rl.messages import Group, encode, table_to_ipc
 from async_rl.types import RoutingSpec, batch_to_trajectories, group_to_batch
-from tests.test_buffer import G, make_group
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_config(tmp_path, *overrides):
-    cfg = load_config(
-        None,
-        [
-            f"run.output_dir={tmp_path}",
-            "run.name=r",
-            f"algo.group_size={G}",
-            "algo.prompts_per_minibatch=2",
-            "buffer.max_staleness=9",
-            "buffer.segment_groups=4",
-            "buffer.max_message_mib=0.05",
-            *overrides,
-        ],
-    )
-    cfg.run_dir.mkdir(parents=True)
-    (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
-    return cfg
-
-
-@pytest.fixture
-def service(tmp_path):
-    cfg = run_config(tmp_path)
-    svc = BufferService(cfg, cfg.run_dir, ctx=zmq.Context())
-    thread = threading.Thread(target=svc.run, daemon=True)
-    thread.start()
-    client = BufferClient(cfg.run_dir, ctx=svc.ctx)
-    yield svc, client
-    client.close()
-    svc.stop()
-    thread.join(10)
+from tests.helpers import ROOT, BufferClient, G, make_group, run_config
 
 
 def wait_ingested(client, n, timeout=30):
@@ -62,8 +26,8 @@ def wait_ingested(client, n, timeout=30):
     return stats
 
 
-def test_fuzzed_messages_are_rejected_and_counted_while_valid_traffic_flows(service):
-    svc, client = service
+def test_fuzzed_messages_are_rejected_and_counted_while_valid_traffic_flows(buffer_service):
+    svc, client = buffer_service
     rng = np.random.default_rng(0)
     good = make_group("ok0", 0, seed=0)
     rows = batch_to_trajectories(make_group("bad-len", 0, seed=1), RoutingSpec(2, 2, 8))
@@ -80,16 +44,17 @@ def test_fuzzed_messages_are_rejected_and_counted_while_valid_traffic_flows(serv
     bad = [
         [rng.bytes(int(rng.integers(1, 2000)))],  # random single frames
         [rng.bytes(100), rng.bytes(10), rng.bytes(50)],
-        encode("group", {}, rng.bytes(500)),  # garbage payload
-        encode("group", {}, table_to_ipc(good)[:-40]),  # truncated Arrow stream
+        encode(Group(), rng.bytes(500)),  # garbage payload
+        encode(Group(), table_to_ipc(good)[:-40]),  # truncated Arrow stream
         [b"group", b"{not json", table_to_ipc(good)],
-        encode("nonsense", {}, table_to_ipc(good)),
-        encode("group", {}, table_to_ipc(wrong_schema)),
-        encode("group", {}, table_to_ipc(mismatched)),
-        encode("group", {}, table_to_ipc(wrong_routing)),  # [T, 2, 3] traces: schema
-        encode("group", {}, table_to_ipc(short_routing)),
-        encode("group", {}, table_to_ipc(good.slice(0, 2))),  # half a group
-        encode("group", {}, b"\0" * 80_000),  # over buffer.max_message_mib
+        [b"nonsense", b"{}", table_to_ipc(good)],
+        [b"group", b'{"lease": 7}', table_to_ipc(good)],  # a header field of the wrong type
+        encode(Group(), table_to_ipc(wrong_schema)),
+        encode(Group(), table_to_ipc(mismatched)),
+        encode(Group(), table_to_ipc(wrong_routing)),  # [T, 2, 3] traces: schema
+        encode(Group(), table_to_ipc(short_routing)),
+        encode(Group(), table_to_ipc(good.slice(0, 2))),  # half a group
+        encode(Group(), b"\0" * 80_000),  # over buffer.max_message_mib
     ]
     for i, frames in enumerate(bad):
         client.push_socket.send_multipart(frames)
@@ -105,20 +70,25 @@ def test_fuzzed_messages_are_rejected_and_counted_while_valid_traffic_flows(serv
         assert stats[f"buffer/rejected/{reason}"] >= 1, reason
     assert stats["buffer/rejected/size"] == 1 and stats["buffer/rejected/duplicate"] == 1
     # bad requests are refused with a reason, and the service still answers
-    with pytest.raises(RuntimeError, match="version"):
-        client.requests.request("sample", {"version": "x"})
-    table, info = client.sample(0)
-    assert table.num_rows == 2 * G and info["buffer/rejected"] == len(bad) + 2
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.connect(client.requests.address)
+    raw.send_multipart([b"sample", b'{"rid": "r1", "version": "x"}', b""])
+    assert raw.poll(10_000)
+    kind, header, _ = raw.recv_multipart()
+    assert kind == b"error" and b"sample.version" in header and b'"r1"' in header
+    raw.close(linger=0)
+    table, reply = client.sample(0)
+    assert table.num_rows == 2 * G and reply.metrics["buffer/rejected"] == len(bad) + 2
     assert table.column("group_id").unique().to_pylist() == ["ok0", "ok1"]
 
 
-def test_requests_wait_and_are_answered_when_they_can_be(service):
-    svc, client = service
+def test_requests_wait_and_are_answered_when_they_can_be(buffer_service):
+    svc, client = buffer_service
     table, info = client.sample(0, wait_s=0.2)
-    assert table is None and info["buffer/groups"] == 0
+    assert table is None and info.metrics["buffer/groups"] == 0
     # K = 9, B = 2: 20 leases, then actors must pause
-    assert len(client.lease("a0", count=19, wait_s=0.0)[1]) == 19
-    assert len(client.lease("a0", count=5, wait_s=0.0)[1]) == 1
+    assert len(client.lease("a0", count=19, wait_s=0.0).leases) == 19
+    assert len(client.lease("a0", count=5, wait_s=0.0).leases) == 1
     assert client.lease("a0", wait_s=0.0) is None
     client.hello("a0")  # the actor restarted: its leases are released
     assert client.lease("a0", wait_s=0.0) is not None
@@ -132,17 +102,20 @@ def test_requests_wait_and_are_answered_when_they_can_be(service):
 
     thread = threading.Thread(target=learner)
     thread.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while not svc.held:  # the buffer holds the request: not ready yet
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     client.push(make_group("g0", 0, seed=0))
     client.push(make_group("g1", 0, seed=1))
     thread.join(15)
     table, info = got["batch"]
     assert table.num_rows == 2 * G
-    assert info["staleness_max"] == 0
+    assert info.staleness_max == 0
 
 
 def svc_dir(svc):
-    return svc.buffer.root.parent
+    return svc.buffer.store.root.parent
 
 
 def test_sigkill_loses_no_accepted_group_and_serves_none_twice(tmp_path):
@@ -207,9 +180,9 @@ def _run_async(tmp_path, k: int, steps: int):
             lease = client.lease("a0", wait_s=0.2)
             if lease is None:
                 continue
-            min_version, [(lease_id, prompt)] = lease
+            [(lease_id, prompt)] = lease.leases
             assert prompt == index  # the buffer hands out prompts in order
-            while published[0] < min_version:  # load weights >= min_version
+            while published[0] < lease.min_version:  # load weights >= min_version
                 time.sleep(0.001)
             client.push(_policy(published[0], prompt), lease_id)
             index += 1
@@ -222,7 +195,7 @@ def _run_async(tmp_path, k: int, steps: int):
         table = None
         while table is None:
             table, info = learner.sample(v, wait_s=5)
-        assert info["staleness_max"] <= k
+        assert info.staleness_max <= k
         batches.append(table.drop_columns(["created_at"]))
         time.sleep(0.01)  # training
         published[0] = v + 1

@@ -15,18 +15,27 @@ import time
 import pytest
 import torch
 
-from async_rl.buffer import StorageError
 from async_rl.config import ModelConfig, load_config, to_toml
-from async_rl.transport import publish_endpoints, read_endpoints
+from async_rl.paths import RunPaths, publish_endpoints, read_endpoints
+from async_rl.segments import StorageError
 from async_rl.types import RoutingSpec
 from async_rl.weights import FsWeightStore
 from learner.checkpoint import latest_checkpoint, save_checkpoint
-from tests import faults, test_train_ray
-from tests.test_buffer import make_group, new_buffer
-from tests.test_train_ray import overrides
+from tests import faults
+from tests.helpers import (
+    end,
+    launch,
+    make_group,
+    new_buffer,
+    pid_of,
+    spawn,
+    stop,
+    train_overrides,
+    versions,
+    wait_for,
+)
 
 TINY = RoutingSpec.of(ModelConfig())
-start = test_train_ray.start  # the fixture: a start checkpoint exported from a random init
 
 
 @pytest.fixture
@@ -49,12 +58,12 @@ def test_full_disk_accepts_nothing_it_cannot_store_and_loses_nothing_it_accepted
         for i in range(4, 10_000):
             buf.append([(make_group(f"g{i}", 0, seed=i), None), (make_group(f"h{i}", 0), None)])
             accepted += [f"g{i}", f"h{i}"]
-    assert list(buf.by_id) == accepted  # the failed write was not accepted
+    assert list(buf.store.by_id) == accepted  # the failed write was not accepted
     assert buf.metrics()["buffer/stored"] == len(accepted)
     filler.unlink()  # space comes back: a reopened buffer has exactly what was accepted
     again = new_buffer(small_disk / "buffer", segment_groups=1000, max_staleness=999)
-    assert list(again.by_id) == accepted
-    assert all(g.num_rows == 4 for g in again.by_id.values())
+    assert list(again.store.by_id) == accepted
+    assert all(g.num_rows == 4 for g in again.store.by_id.values())
     served = again.sample(0)
     assert served.column("group_id").unique().to_pylist() == accepted[:2]
 
@@ -64,10 +73,10 @@ def test_full_disk_accepts_nothing_it_cannot_store_and_loses_nothing_it_accepted
     with pytest.raises(StorageError, match="consumed.jsonl.*the disk is full"):
         for version in range(1, 150):
             again.sample(version)
-    assert version not in again.served_at
+    assert version not in again.store.served_at
     filler.unlink()
     third = new_buffer(small_disk / "buffer", segment_groups=1000, max_staleness=999)
-    assert sorted(third.served_at) == list(range(version))
+    assert sorted(third.store.served_at) == list(range(version))
     expected = (accepted + more)[2 * version : 2 * version + 2]
     assert third.sample(version).column("group_id").unique().to_pylist() == expected
 
@@ -90,7 +99,7 @@ def test_full_disk_leaves_no_partial_weights_or_checkpoint(small_disk):
 
 def _train_overrides(tmp_path, start, name, steps, *extra):
     return [
-        *overrides(tmp_path, start, name, steps),
+        *train_overrides(tmp_path, start, name, steps),
         "logging.progress=false",
         "buffer.wait_timeout_s=240",
         *extra,
@@ -100,23 +109,23 @@ def _train_overrides(tmp_path, start, name, steps, *extra):
 def _inject(run_dir, target, sig, rng, proc, log, stopped):
     """Send `sig` to the process `target`, then wait until it runs again and training goes on."""
     name = rng.choice(["a0", "a1"]) if target == "actor" else target
-    pid = faults.pid_of(run_dir, name)
+    pid = pid_of(run_dir, name)
     os.kill(pid, getattr(signal, sig))
     if sig == "SIGSTOP":
         stopped.append((name, pid))
     began = time.monotonic()
 
     def replaced():
-        new = faults.pid_of(run_dir, name)
+        new = pid_of(run_dir, name)
         return new != pid and faults.alive(new) and not faults.alive(pid)
 
-    faults.wait_for(replaced, timeout=240, proc=proc, log=log)
-    at = len(faults.versions(run_dir))
+    wait_for(replaced, timeout=240, proc=proc, log=log)
+    at = len(versions(run_dir))
 
     def trains():
-        return len(faults.versions(run_dir)) > at
+        return len(versions(run_dir)) > at
 
-    faults.wait_for(trains, timeout=240, proc=proc, log=log)
+    wait_for(trains, timeout=240, proc=proc, log=log)
     return f"{sig} {name}: replaced and training again after {time.monotonic() - began:.0f}s"
 
 
@@ -127,7 +136,7 @@ def test_random_kills_terms_and_stops_of_every_process(tmp_path, start):
     args = _train_overrides(
         tmp_path, start, "faults", 10_000, "actor.num_actors=2", "run.heartbeat_timeout_s=10"
     )
-    proc = faults.launch(log, *args)
+    proc = launch(log, *args)
     rng = random.Random(7)
     plan = [
         (t, s) for t in ("actor", "buffer", "learner") for s in ("SIGKILL", "SIGTERM", "SIGSTOP")
@@ -135,8 +144,8 @@ def test_random_kills_terms_and_stops_of_every_process(tmp_path, start):
     rng.shuffle(plan)
     done, stopped = [], []
     try:
-        faults.wait_for(
-            lambda: len(faults.versions(run_dir)) >= 2 and faults.pid_of(run_dir, "a1"),
+        wait_for(
+            lambda: len(versions(run_dir)) >= 2 and pid_of(run_dir, "a1"),
             proc=proc,
             log=log,
         )
@@ -146,7 +155,7 @@ def test_random_kills_terms_and_stops_of_every_process(tmp_path, start):
         proc.send_signal(signal.SIGTERM)  # to the driver: stops like Ctrl-C
         assert proc.wait(300) == 0, log.read_text()[-4000:]
     finally:
-        faults.stop(proc)
+        stop(proc)
         for _, pid in stopped:  # a process this test stopped and the run did not end
             if faults.state(pid) == "T":
                 os.kill(pid, signal.SIGKILL)
@@ -186,35 +195,35 @@ def test_full_disk_stops_the_run_with_a_clear_error_and_resume_continues(tmp_pat
     try:
         with faults.tmpfs(run_dir / "buffer", "4m") as buffer_disk:
             # 1. the buffer's disk fills up: the run stops, naming it
-            proc = faults.launch(log, *_train_overrides(out_dir, start, "disk", 10_000))
+            proc = launch(log, *_train_overrides(out_dir, start, "disk", 10_000))
             try:
-                faults.wait_for(lambda: len(faults.versions(run_dir)) >= 2, proc=proc, log=log)
+                wait_for(lambda: len(versions(run_dir)) >= 2, proc=proc, log=log)
                 filler = faults.fill(buffer_disk)
                 errors.append(_stops_with(proc, log, "the buffer stopped", "the disk is full"))
             finally:
-                faults.stop(proc)
+                stop(proc)
             first = faults.audit(run_dir, TINY, group_size=4, max_staleness=1)
             assert not first["problems"] and first["groups_lost"] == 0
             filler.unlink()
 
             # 2. space came back: resume; then the learner's disk fills up
-            at = len(faults.versions(run_dir))
-            proc = faults.launch(log, "--resume", str(run_dir), "run.num_steps=10000")
+            at = len(versions(run_dir))
+            proc = launch(log, "--resume", str(run_dir), "run.num_steps=10000")
             try:
-                faults.wait_for(lambda: len(faults.versions(run_dir)) >= at + 2, proc=proc, log=log)
+                wait_for(lambda: len(versions(run_dir)) >= at + 2, proc=proc, log=log)
                 filler = faults.fill(out_dir)
                 errors.append(_stops_with(proc, log, "the learner stopped", "No space left"))
             finally:
-                faults.stop(proc)
+                stop(proc)
             filler.unlink()
 
             # 3. and the run goes on from its last checkpoint
-            steps = max(faults.versions(run_dir)) + 2
-            proc = faults.launch(log, "--resume", str(run_dir), f"run.num_steps={steps}")
+            steps = max(versions(run_dir)) + 2
+            proc = launch(log, "--resume", str(run_dir), f"run.num_steps={steps}")
             try:
                 assert proc.wait(300) == 0, log.read_text()[-4000:]
             finally:
-                faults.stop(proc)
+                stop(proc)
             report = faults.audit(run_dir, TINY, group_size=4, max_staleness=1)
     finally:
         outer.__exit__(None, None, None)
@@ -230,7 +239,7 @@ def test_dropped_delayed_and_corrupted_zmq_traffic(tmp_path, start):
     cfg = load_config(
         None,
         [
-            *overrides(tmp_path, start, "zmq", 12),
+            *train_overrides(tmp_path, start, "zmq", 12),
             "buffer.lease_timeout_s=3",  # a dropped group's prompt is handed out again soon
             "buffer.wait_timeout_s=120",
         ],
@@ -238,21 +247,22 @@ def test_dropped_delayed_and_corrupted_zmq_traffic(tmp_path, start):
     run_dir, log = cfg.run_dir, tmp_path / "zmq.log"
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
-    procs = [faults.spawn(log, "async_rl.buffer_service", run_dir)]
+    procs = [spawn(log, "async_rl.buffer_service", run_dir)]
     try:
-        faults.wait_for(lambda: read_endpoints(run_dir, "buffer"), timeout=60)
-        target = read_endpoints(run_dir, "buffer")
+        paths = RunPaths(run_dir)
+        wait_for(lambda: read_endpoints(paths, "buffer"), timeout=60)
+        target = read_endpoints(paths, "buffer")
         with faults.FaultProxy(target, seed=3, drop=0.15, delay=0.15, corrupt=0.15) as proxy:
-            publish_endpoints(run_dir, "buffer", proxy.addresses)  # clients find the proxy
-            learner = faults.spawn(log, "learner.run", run_dir, "--start", start)
+            publish_endpoints(paths, "buffer", proxy.addresses)  # clients find the proxy
+            learner = spawn(log, "learner.run", run_dir, "--start", start)
             procs += [learner] + [
-                faults.spawn(log, "actors.loop", run_dir, "--actor-id", a) for a in ("a0", "a1")
+                spawn(log, "actors.loop", run_dir, "--actor-id", a) for a in ("a0", "a1")
             ]
             assert learner.wait(400) == 0, log.read_text()[-4000:]  # never stalled for good
             counts = dict(proxy.counts)
     finally:
-        faults.end(procs[1:])  # actors, then the buffer closes its segment
-        faults.end(procs[:1])
+        end(procs[1:])  # actors, then the buffer closes its segment
+        end(procs[:1])
     print(counts)
     report = faults.audit(run_dir, TINY, group_size=4, max_staleness=1)
     print(json.dumps(report, indent=1))

@@ -1,5 +1,6 @@
 """Property-based fuzzing of everything that reads outside input: no crash, always a reason.
 
+- messages: random headers for every kind, through the public decoder (`async_rl.messages`);
 - buffer ingest: random and mutated message frames (the service's parsing and validation);
 - config loader: random TOML documents and dotted overrides;
 - weight manifests: random and mutated manifest files.
@@ -16,12 +17,22 @@ from hypothesis import strategies as st
 from async_rl.buffer import ReplayBuffer
 from async_rl.buffer_service import BufferService
 from async_rl.config import ConfigError, load_config
-from async_rl.transport import BadMessage, encode, table_to_ipc
-from async_rl.types import InvalidGroup, RoutingSpec
+from async_rl.messages import (
+    REPLIES,
+    REQUESTS,
+    BadMessage,
+    Group,
+    Lease,
+    WeightsReady,
+    decode,
+    encode,
+    table_to_ipc,
+)
+from async_rl.types import InvalidGroup
 from async_rl.weights import read_manifest
-from tests.test_buffer import G, make_group
+from tests.helpers import SPEC, G, make_group
 
-SPEC = RoutingSpec(2, 2, 8)
+KINDS = (*REQUESTS, *REPLIES, Group, WeightsReady)
 GOOD = table_to_ipc(make_group("good", 0, seed=0)).to_pybytes()
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -58,8 +69,8 @@ def test_ingest_rejects_random_and_mutated_messages_with_a_reason(
     parser = _Parser(buffer)
     candidates = [
         frames,
-        encode("group", {}, _mutate(GOOD, positions, values)),
-        encode("group", {}, GOOD[:cut]),
+        encode(Group(), _mutate(GOOD, positions, values)),
+        encode(Group(), GOOD[:cut]),
         [b"group", bytes(_mutate(b'{"lease": "x"}', positions, values)), GOOD],
     ]
     for message in candidates:
@@ -69,8 +80,54 @@ def test_ingest_rejects_random_and_mutated_messages_with_a_reason(
             assert e.reason  # a counted, named reason
             continue
         buffer.append([(batch, None)])  # whatever passes is a well-formed group
-    for g in buffer.by_id.values():
+    for g in buffer.store.by_id.values():
         assert g.num_rows == G
+
+
+JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 2**40), st.floats(), st.text(max_size=6)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+FIELDS = sorted({f for cls in KINDS for f in cls.__dataclass_fields__} | {"nonsense"})
+
+
+@FUZZ
+@given(
+    kind=st.sampled_from(KINDS),
+    header=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=5),
+)
+def test_every_message_kind_decodes_to_its_type_or_refuses_with_a_reason(kind, header):
+    frames = [kind.KIND.encode(), json.dumps(header).encode(), b""]
+    try:
+        message, _ = decode(frames, *KINDS)
+    except BadMessage as e:
+        assert e.reason in ("header", "kind")
+        return
+    assert type(message) is kind
+    assert decode(encode(message), kind)[0] == message  # what decodes encodes back the same
+
+
+def test_decoded_fields_have_their_declared_types_and_ranges():
+    message, _ = decode(encode(Lease(rid="r", actor_id="a0", count=3, wait_s=2)), Lease)
+    assert message == Lease(rid="r", actor_id="a0", count=3, version=None, wait_s=2.0)
+    for header, reason in [
+        ({"rid": "r", "actor_id": ""}, "non-empty string"),
+        ({"rid": "r", "actor_id": "a0", "count": -1}, "non-negative integer"),
+        ({"rid": "r", "actor_id": "a0", "count": True}, "non-negative integer"),
+        ({"rid": "r", "actor_id": "a0", "wait_s": 1e9}, "0..3600"),
+        ({"rid": "r", "actor_id": "a0", "wait_s": float("nan")}, "0..3600"),
+        ({"rid": "r"}, "missing 'actor_id'"),
+        ({"rid": "r", "actor_id": "a0", "extra": 1}, "unknown field"),
+    ]:
+        try:
+            decode([b"lease", json.dumps(header).encode(), b""], Lease)
+        except BadMessage as e:
+            assert reason in str(e), (header, str(e))
+        else:
+            raise AssertionError(f"{header} was accepted")
 
 
 @FUZZ
@@ -162,5 +219,5 @@ def test_manifest_reader_refuses_with_a_reason(tmp_path_factory, manifest):
 
 def test_a_clean_message_still_passes_the_parser(tmp_path):
     buffer = ReplayBuffer(tmp_path, SPEC, group_size=G, global_batch_groups=1, max_staleness=1)
-    batch, lease = _Parser(buffer).parse(encode("group", {"lease": "l1"}, GOOD))
+    batch, lease = _Parser(buffer).parse(encode(Group(lease="l1"), GOOD))
     assert lease == "l1" and pa.Table.from_batches([batch]).num_rows == G

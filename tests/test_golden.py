@@ -66,7 +66,7 @@ def record_batch() -> None:
         params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0)
         generations = engine.generate(prompts, params, G)
     batches = []
-    for g, (problem, prompt, group) in enumerate(zip(problems, prompts, generations)):
+    for g, (problem, prompt, group) in enumerate(zip(problems, prompts, generations, strict=True)):
         rows = [
             Trajectory(
                 sample_id=f"g{g}-{i}",
@@ -96,38 +96,17 @@ def record_batch() -> None:
 
 
 def run_variant(replay: str, n: int) -> list[dict[str, float]]:
-    """The metrics of 20 global steps of a fresh seeded learner (the API of this commit)."""
-    import functools
-
-    from async_rl.losses import group_advantages, minirl_loss
+    """The metrics of 20 global steps of a fresh seeded learner."""
     from async_rl.types import RoutingSpec
     from learner.batch import pack
     from learner.model import build_model
+    from learner.optim import build_optimizer
     from learner.train import TrainStep
 
     cfg = config(replay, n)
-    table = pa.ipc.open_file(str(BATCH)).read_all()
-    adv = functools.partial(group_advantages, std_norm=cfg.algo.adv_std_norm)
-    batch = pack(table, RoutingSpec.of(cfg.model), G, adv, 0)
+    batch = pack(pa.ipc.open_file(str(BATCH)).read_all(), RoutingSpec.of(cfg.model), pad_id=0)
     model = build_model(cfg.model, seed=0)
-    lrn = cfg.learner
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lrn.lr, betas=(lrn.adam_beta1, lrn.adam_beta2),
-        weight_decay=lrn.weight_decay,
-    )
-    step = TrainStep(
-        model,
-        optimizer,
-        functools.partial(minirl_loss, cfg=cfg.algo),
-        num_minibatches=n,
-        routing_replay=replay,
-        temperature=cfg.actor.temperature,
-        grad_clip=lrn.grad_clip,
-        lr=lrn.lr,
-        warmup_steps=lrn.warmup_steps,
-        lr_schedule=lrn.lr_schedule,
-        total_updates=cfg.run.num_steps * n,
-    )
+    step = TrainStep(model, build_optimizer(model, cfg.learner), cfg)
     out = []
     for _ in range(STEPS):
         metrics = step(batch)

@@ -5,30 +5,21 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actors.sampler import sample
 from async_rl.config import ModelConfig
 from async_rl.tasks import ArithmeticTask
 from async_rl.tokenizer import Tokenizer
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch
 from learner.batch import pack
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.evaluate import sample
 from learner.model import build_model, token_logprobs
+from learner.optim import lr_multiplier
 from learner.routing import RoutingHooks
-from learner.train import TrainStep, lr_multiplier, routing_agreement
+from learner.train import replayed_routing, routing_agreement
 
 CFG = ModelConfig()
 SPEC = RoutingSpec.of(CFG)
 G = 4
-
-
-def mean_advantages(rewards, group_size):
-    return rewards - rewards.view(-1, group_size).mean(1).repeat_interleave(group_size)
-
-
-def simple_loss(logp, prox, behavior, adv, mask):
-    """-(1/B) sum A log pi: enough to drive the step; the MiniRL loss has its own tests."""
-    loss = -(adv[:, None] * logp * mask).sum() / logp.shape[0]
-    return loss, {"kl": ((behavior - prox) * mask).sum().item() / mask.sum().item()}
 
 
 def rollouts(actor_model, num_groups=4, seed=0, noise=0.0):
@@ -85,24 +76,27 @@ def rollouts(actor_model, num_groups=4, seed=0, noise=0.0):
 
 
 def packed(table):
-    return pack(table, SPEC, G, mean_advantages, pad_id=0)
+    return pack(table, SPEC, pad_id=0)
 
 
-def new_step(model, replay="none", n=1, lr=1e-3):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    return TrainStep(
-        model,
-        opt,
-        simple_loss,
-        num_minibatches=n,
-        routing_replay=replay,
-        temperature=1.0,
-        grad_clip=1.0,
-        lr=lr,
-        warmup_steps=0,
-        lr_schedule="constant",
-        total_updates=100,
-    )
+@pytest.fixture
+def new_step(make_step):
+    """A step with the plain policy gradient -(1/B) sum A log pi (no IS weight, no clipping):
+    enough to drive the step; the MiniRL loss has its own tests."""
+
+    def build(model, replay="none", n=1, lr=1e-3):
+        return make_step(
+            model,
+            f"algo.routing_replay={replay}",
+            f"algo.num_minibatches={n}",
+            f"learner.lr={lr}",
+            f"algo.group_size={G}",
+            "algo.tis_mode=none",
+            "algo.clip=false",
+            "run.num_steps=100",
+        )
+
+    return build
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +127,10 @@ def test_pack_aligns_targets_behaviour_and_routing(base):
     with torch.no_grad():
         logp = token_logprobs(base.eval()(batch.inputs_BT), batch.targets_BT)
     assert torch.allclose(logp[batch.mask_BT], batch.behavior_logprobs_BT[batch.mask_BT], atol=1e-5)
-    adv = batch.advantages_B.view(-1, G)
-    assert torch.allclose(adv.sum(1), torch.zeros(2), atol=1e-6)
+    assert batch.advantages_B is None  # the learner's objective computes them, not packing
 
 
-def test_r3_replays_the_actor_trace_and_r2_is_a_no_op_on_policy(base):
+def test_r3_replays_the_actor_trace_and_r2_is_a_no_op_on_policy(base, new_step):
     table = rollouts(base, noise=0.02)  # a "quantized" actor: its routing differs a little
     batch = packed(table)
     free = new_step(clone(base))(batch)
@@ -155,7 +148,7 @@ def test_r3_replays_the_actor_trace_and_r2_is_a_no_op_on_policy(base):
     assert losses["none"] == losses["r2"]
 
 
-def test_r2_with_several_minibatches_keeps_the_prox_routing(base):
+def test_r2_with_several_minibatches_keeps_the_prox_routing(base, new_step):
     """After the first update, free routing drifts; R2 keeps replaying the prox pass's choice."""
     table = rollouts(base)
     batch = packed(table)
@@ -178,7 +171,7 @@ def test_r2_with_several_minibatches_keeps_the_prox_routing(base):
     assert len(seen) == 1 and seen[0] < 1.0
 
 
-def test_n_minibatches_make_n_optimizer_steps(base):
+def test_n_minibatches_make_n_optimizer_steps(base, new_step):
     batch = packed(rollouts(base))
     step = new_step(clone(base), n=4)
     metrics = step(batch)
@@ -187,7 +180,7 @@ def test_n_minibatches_make_n_optimizer_steps(base):
         new_step(clone(base), n=3)(batch)
 
 
-def test_resume_from_checkpoint_continues_the_same_loss_trace(base, tmp_path):
+def test_resume_from_checkpoint_continues_the_same_loss_trace(base, new_step, tmp_path):
     batches = [packed(rollouts(base, seed=s)) for s in range(4)]
     model = clone(base)
     step = new_step(model)
@@ -206,7 +199,7 @@ def test_resume_from_checkpoint_continues_the_same_loss_trace(base, tmp_path):
     assert first + rest == straight
 
 
-def test_checkpoint_errors_name_the_problem(base, tmp_path):
+def test_checkpoint_errors_name_the_problem(base, new_step, tmp_path):
     model = clone(base)
     step = new_step(model)
     path = save_checkpoint(tmp_path, 1, model, step.optimizer, {"version": 1, "updates": 0})
@@ -216,6 +209,16 @@ def test_checkpoint_errors_name_the_problem(base, tmp_path):
     (path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable learner checkpoint"):
         load_checkpoint(path, model, step.optimizer)
+
+
+def test_the_replay_rule_is_table_1_of_the_paper():
+    actor, recorded = torch.zeros(1), torch.ones(1)
+    for i in (0, 1, 3):
+        assert replayed_routing("none", i, actor, recorded) is None
+        assert replayed_routing("r3", i, actor, recorded) is actor  # e^mu_old everywhere
+    assert replayed_routing("r2", 0, actor, None) is None  # e^pi_old = e^pi: nothing to replay
+    assert replayed_routing("r2", 1, actor, recorded) is recorded
+    assert replayed_routing("r2", 3, actor, recorded) is recorded
 
 
 def test_lr_schedules():

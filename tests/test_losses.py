@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from async_rl.config import AlgoConfig
-from async_rl.losses import group_advantages, minirl_loss
+from learner.loss import group_advantages, minirl_loss
 
 
 def reference(logp, prox, mu, rewards, lengths, G, cfg):

@@ -1,6 +1,5 @@
 """Data-parallel learner: two gloo ranks with FSDP2 make the same update as one process."""
 
-import functools
 import json
 import os
 import socket
@@ -14,8 +13,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from async_rl.config import AlgoConfig, ModelConfig
-from async_rl.losses import group_advantages, minirl_loss
+from async_rl.config import ModelConfig, load_config
 from learner.batch import PackedBatch
 from learner.model import build_model
 from learner.parallel import (
@@ -82,7 +80,6 @@ def global_batch(seed: int) -> PackedBatch:
         mask_BT=mask,
         behavior_logprobs_BT=torch.where(mask, mu, 0.0),
         rewards_B=rewards,
-        advantages_B=group_advantages(rewards, G, std_norm=False),
         policy_versions_B=torch.zeros(b, dtype=torch.long),
         routing_BTLK=routing,
     )
@@ -106,21 +103,18 @@ def train(num_minibatches: int, replay: str, optimizer: str, dp: DataParallel | 
             grads[f"{update}/{names[p]}"] = g.detach().clone()
 
     opt.register_step_pre_hook(keep_grads)
-    step = TrainStep(
-        model,
-        opt,
-        functools.partial(minirl_loss, cfg=AlgoConfig()),
-        num_minibatches=num_minibatches,
-        routing_replay=replay,
-        temperature=1.0,
-        grad_clip=GRAD_CLIP,
-        lr=lr,
-        warmup_steps=0,
-        lr_schedule="constant",
-        total_updates=100,
-        dp=dp,
-        group_size=G,
+    cfg = load_config(
+        None,
+        [
+            f"algo.group_size={G}",
+            f"algo.num_minibatches={num_minibatches}",
+            f"algo.routing_replay={replay}",
+            f"learner.grad_clip={GRAD_CLIP}",
+            f"learner.lr={lr}",
+            "run.num_steps=100",
+        ],
     )
+    step = TrainStep(model, opt, cfg, dp=dp)
     metrics = [step(global_batch(seed)) for seed in range(NUM_STEPS[optimizer])]
     return full_state_dict(model), metrics, grads
 
@@ -241,7 +235,7 @@ def test_local_batch_holds_the_rows_trimmed():
     assert local.inputs_BT.shape == (4, width)
     assert torch.equal(local.inputs_BT, batch.inputs_BT[index, :width])
     assert torch.equal(local.routing_BTLK, batch.routing_BTLK[index, :width])
-    assert torch.equal(local.advantages_B, batch.advantages_B[index])
+    assert torch.equal(local.rewards_B, batch.rewards_B[index])
     contiguous = select_rows(batch, torch.arange(2, 4))
     assert torch.equal(contiguous.mask_BT, batch.rows(2, 4).mask_BT)
 
@@ -265,20 +259,7 @@ def test_init_distributed_reads_the_environment(monkeypatch):
     assert single.is_main and not single.enabled
 
 
-def test_train_step_refuses_an_unsharded_model_with_several_ranks():
+def test_train_step_refuses_an_unsharded_model_with_several_ranks(make_step):
     model = build_model(CFG, seed=0)
     with pytest.raises(ValueError, match="apply_fsdp"):
-        TrainStep(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            functools.partial(minirl_loss, cfg=AlgoConfig()),
-            num_minibatches=1,
-            routing_replay="none",
-            temperature=1.0,
-            grad_clip=1.0,
-            lr=0.1,
-            warmup_steps=0,
-            lr_schedule="constant",
-            total_updates=1,
-            dp=DataParallel(0, 2),
-        )
+        make_step(model, dp=DataParallel(0, 2))

@@ -1,102 +1,27 @@
 """Buffer service, learner and actor together (threads of one process, real zmq and files)."""
 
-import contextlib
-import functools
-import threading
-
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-import zmq
 
 from actors.embedded import EmbeddedEngine
 from actors.engine import SamplingParams
-from actors.loop import Actor, group_seed
-from async_rl.buffer import inspect
-from async_rl.buffer_service import BufferService
-from async_rl.config import load_config, to_toml
-from async_rl.losses import group_advantages, minirl_loss
+from actors.loop import group_seed
+from async_rl.segments import inspect
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import Tokenizer
 from async_rl.types import RoutingSpec, batch_to_trajectories
 from learner.batch import pack
 from learner.hf import export_hf, hf_state_dict, import_hf
-from learner.run import Learner
-from learner.sft import run_sft
+from learner.optim import build_optimizer
 from learner.train import TrainStep
+from tests.helpers import pipeline_config
 
 
-def make_config(tmp_path, name, *overrides):
-    cfg = load_config(
-        None,
-        [
-            f"run.output_dir={tmp_path}",
-            f"run.name={name}",
-            "run.eval_every=0",
-            'task.ops=["+"]',
-            "task.max_digits=1",
-            "task.heldout_size=20",
-            "actor.max_new_tokens=4",
-            "actor.quantization=fp32",
-            "algo.group_size=4",
-            "algo.prompts_per_minibatch=2",
-            "learner.lr=1e-3",
-            "learner.sft_steps=80",
-            "learner.sft_batch_size=32",
-            *overrides,
-        ],
-    )
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    """A briefly cold-started policy: right on some prompts, so advantages are not all zero."""
-    tmp = tmp_path_factory.mktemp("start")
-    cfg = make_config(tmp, "sft")
-    torch.manual_seed(0)
-    out = tmp / "sft"
-    run_sft(cfg, Tokenizer.arithmetic(), task_from_config(cfg), out, log=lambda *_: None)
-    return out
-
-
-@contextlib.contextmanager
-def services(cfg, start):
-    """The buffer service (in a thread), a learner and an actor of one run; closed after."""
-    ctx = zmq.Context()
-    buffer = BufferService(cfg, cfg.run_dir, ctx=ctx)
-    buffer_thread = threading.Thread(target=buffer.run, daemon=True)
-    buffer_thread.start()
-    learner = Learner(cfg, cfg.run_dir, start, ctx=ctx)
-    actor = Actor(cfg, cfg.run_dir, "a0", ctx=ctx)
-    try:
-        yield learner, actor
-    finally:
-        actor.close()
-        learner.close()
-        buffer.stop()
-        buffer_thread.join(30)
-
-
-def run_async(cfg, start, steps):
-    """The three services of a run, in threads; returns the learner's metric rows."""
-    with services(cfg, start) as (learner, actor):
-        thread = threading.Thread(target=actor.run, daemon=True)
-        thread.start()
-        rows = []
-        learner.run(rows.append)
-        actor.stop()
-        thread.join(30)
-    assert learner.version == steps
-    return rows
-
-
-def test_async_run_trains_publishes_and_respects_staleness(tmp_path, start):
-    cfg = make_config(tmp_path, "async", "run.num_steps=4", "buffer.max_staleness=1")
-    rows = run_async(cfg, start, 4)
+def test_async_run_trains_publishes_and_respects_staleness(tmp_path, cold_start, train_in_threads):
+    cfg = pipeline_config(tmp_path, "async", "run.num_steps=4", "buffer.max_staleness=1")
+    rows, _, _ = train_in_threads(cfg, cold_start)
     assert [r["version"] for r in rows] == [1, 2, 3, 4]
     assert all(r["learner/staleness_max"] <= 1 for r in rows)
     fresh = [r for r in rows if r["learner/staleness_max"] == 0]
@@ -111,37 +36,21 @@ def test_async_run_trains_publishes_and_respects_staleness(tmp_path, start):
     assert (cfg.run_dir / "checkpoints" / "learner").exists()
 
 
-def test_k0_one_minibatch_is_a_synchronous_generate_then_train_loop(tmp_path, start):
+def test_k0_one_minibatch_is_a_synchronous_generate_then_train_loop(
+    tmp_path, cold_start, train_in_threads
+):
     """K = 0, N = 1: the learner trains on exactly the samples, and computes exactly the losses,
     of a loop that generates a global batch with the current weights, trains on it, repeats."""
     steps = 3
-    cfg = make_config(tmp_path, "k0", f"run.num_steps={steps}", "buffer.max_staleness=0")
-    rows = run_async(cfg, start, steps)
+    cfg = pipeline_config(tmp_path, "k0", f"run.num_steps={steps}", "buffer.max_staleness=0")
+    rows, _, _ = train_in_threads(cfg, cold_start)
     spec = RoutingSpec.of(cfg.model)
     stored = pa.concat_tables(
         pa.ipc.open_file(p).read_all() for p in sorted((cfg.run_dir / "buffer").glob("*.arrow"))
     )
 
-    model, _ = import_hf(start, cfg.model)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.learner.lr,
-        betas=(cfg.learner.adam_beta1, cfg.learner.adam_beta2),
-        weight_decay=cfg.learner.weight_decay,
-    )
-    step = TrainStep(
-        model,
-        optimizer,
-        functools.partial(minirl_loss, cfg=cfg.algo),
-        num_minibatches=1,
-        routing_replay="none",
-        temperature=1.0,
-        grad_clip=cfg.learner.grad_clip,
-        lr=cfg.learner.lr,
-        warmup_steps=0,
-        lr_schedule="constant",
-        total_updates=steps,
-    )
+    model, _ = import_hf(cold_start, cfg.model)
+    step = TrainStep(model, build_optimizer(model, cfg.learner), cfg)  # as the learner builds it
     task, tok = task_from_config(cfg), Tokenizer.arithmetic()
     b, g = cfg.global_batch_groups, cfg.algo.group_size
     for v in range(steps):
@@ -154,19 +63,62 @@ def test_k0_one_minibatch_is_a_synchronous_generate_then_train_loop(tmp_path, st
         assert [r.completion_tokens for r in batch_to_trajectories(served, spec)] == [
             gen.tokens for group in groups for gen in group
         ], f"step {v}: different samples"
-        packed = pack(served, spec, g, functools.partial(group_advantages, std_norm=False), 0)
+        packed = pack(served, spec, pad_id=0)
         assert step(packed)["loss"] == rows[v]["learner/loss"], f"step {v}: different loss"
 
 
-def test_an_actor_told_of_a_version_collected_before_it_reads_it_loads_the_newest(tmp_path, start):
+def test_an_actor_told_of_a_version_collected_before_it_reads_it_loads_the_newest(
+    tmp_path, cold_start, run_services
+):
     """Versions fly by faster than a busy actor reads them: the one it was told of is gone
     (the learner keeps the newest `learner.keep_versions`), so it swaps to the newest."""
-    cfg = make_config(tmp_path, "gone", "run.num_steps=4", "learner.keep_versions=2")
-    with services(cfg, start) as (learner, actor):
+    cfg = pipeline_config(tmp_path, "gone", "run.num_steps=4", "learner.keep_versions=2")
+    with run_services(cfg, cold_start) as (learner, actor):
         state = hf_state_dict(learner.model, cfg.model)
         for v in range(1, 5):
             learner.store.publish(v, state)
         assert learner.store.collect(set()) == [1, 2]
         actor.weights.newest = lambda timeout_ms=0: 1  # the announcement it got was of v1
         actor.sync_weights()
-        assert actor.engine.version == 4 and actor.stats["weight_swaps"] == 1
+        assert actor.engine.version == 4 and actor.stats.weight_swaps == 1
+
+
+class TensorStore:
+    """What the `ray` weight store hands an actor: tensors by Hugging Face name, no directory
+    (here read from the learner's `fs` store, without a Ray cluster)."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def latest(self):
+        return self.files.latest()
+
+    def source(self, version):
+        return self.files.fetch(version)
+
+
+def test_an_actor_on_a_store_of_tensors_builds_from_the_start_and_swaps_them(
+    tmp_path, cold_start, run_services
+):
+    cfg = pipeline_config(tmp_path, "tensors", "run.num_steps=2")
+    with run_services(cfg, cold_start) as (learner, actor):
+        actor.store = TensorStore(learner.store)
+        engine = actor._build_engine()  # tensors only: the model is the start checkpoint's
+        assert engine.version == 0
+        actor.engine = engine
+        model, _ = import_hf(cold_start, cfg.model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)
+        learner.store.publish(1, hf_state_dict(model, cfg.model))
+        actor.sync_weights(at_least=1)
+        assert actor.engine.version == 1 and actor.stats.weight_swaps == 1
+        from_dir = EmbeddedEngine(learner.store.path(1), quantization="fp32")
+        params = SamplingParams(0.0, 1.0, 4, seed=0)
+        prompts = [[2, 5, 13, 6, 14], [2, 7, 13, 8, 14]]
+        assert [g.tokens for grp in actor.engine.generate(prompts, params, 1) for g in grp] == [
+            g.tokens for grp in from_dir.generate(prompts, params, 1) for g in grp
+        ]
+        actor.start = None
+        with pytest.raises(ValueError, match="starting checkpoint"):
+            actor._build_engine()

@@ -14,22 +14,20 @@ from the actor (Zheng et al. 2025, section 3.2):
 References are computed row by row, unpadded, in float64, outside `TrainStep`.
 """
 
-import functools
-
 import pyarrow as pa
 import pytest
 import torch
 
 from actors.embedded import EmbeddedEngine
 from actors.engine import SamplingParams
-from async_rl.config import AlgoConfig, load_config
-from async_rl.losses import group_advantages, minirl_loss
+from async_rl.config import load_config
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import Tokenizer
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch
 from learner.batch import pack
 from learner.hf import import_hf
 from learner.model import token_logprobs
+from learner.optim import build_optimizer
 from learner.routing import RoutingHooks
 from learner.sft import run_sft
 from learner.train import TrainStep, routing_agreement
@@ -93,13 +91,7 @@ def setup(tmp_path_factory):
         ]
         rollouts += rows
         batches.append(group_to_batch(rows, spec))
-    batch = pack(
-        pa.Table.from_batches(batches),
-        spec,
-        G,
-        functools.partial(group_advantages, std_norm=False),
-        tok.pad_id,
-    )
+    batch = pack(pa.Table.from_batches(batches), spec, tok.pad_id)
     yield cfg, path, rollouts, batch
     torch.set_num_threads(threads)
 
@@ -108,20 +100,17 @@ def new_step(setup, replay: str, n: int = 1, lr: float = 1e-3) -> TrainStep:
     """A fresh learner on the checkpoint's weights, with the MiniRL loss."""
     cfg, path, _, _ = setup
     model, _ = import_hf(path, cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    return TrainStep(
-        model,
-        optimizer,
-        functools.partial(minirl_loss, cfg=AlgoConfig()),
-        num_minibatches=n,
-        routing_replay=replay,
-        temperature=1.0,
-        grad_clip=1.0,
-        lr=lr,
-        warmup_steps=0,
-        lr_schedule="constant",
-        total_updates=100,
+    step_cfg = load_config(
+        None,
+        [
+            f"algo.group_size={G}",
+            f"algo.num_minibatches={n}",
+            f"algo.routing_replay={replay}",
+            f"learner.lr={lr}",
+            "run.num_steps=100",
+        ],
     )
+    return TrainStep(model, build_optimizer(model, step_cfg.learner), step_cfg)
 
 
 def per_row_reference(setup, replay: bool) -> dict[str, float]:

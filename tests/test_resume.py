@@ -7,37 +7,11 @@ uninterrupted one must agree exactly, step for step.
 """
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import pytest
+from tests.helpers import end, run_config, spawn, wait_for
 
-from async_rl.config import ModelConfig, load_config, to_toml
-from async_rl.tokenizer import Tokenizer
-from learner.hf import export_hf
-from learner.model import build_model
-
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    out = tmp_path_factory.mktemp("start") / "ckpt"
-    return export_hf(build_model(ModelConfig(), seed=1), ModelConfig(), Tokenizer.arithmetic(), out)
-
-
-def spawn(module, *args):
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *map(str, args)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
 
 
 def losses(run_dir):
@@ -51,52 +25,38 @@ def losses(run_dir):
 
 
 def run(tmp_path, start, name, kill_after=None):
-    cfg = load_config(
-        None,
-        [
-            f"run.output_dir={tmp_path}",
-            f"run.name={name}",
-            f"run.num_steps={STEPS}",
-            "run.eval_every=0",
-            "task.heldout_size=16",
-            "algo.group_size=4",
-            "algo.prompts_per_minibatch=2",
-            "actor.max_new_tokens=4",
-            "actor.quantization=fp32",
-            "buffer.max_staleness=0",
-            "learner.lr=1e-3",
-            "learner.checkpoint_every=2",
-        ],
+    cfg = run_config(
+        tmp_path / name,
+        f"run.num_steps={STEPS}",
+        "run.eval_every=0",
+        "task.heldout_size=16",
+        "actor.max_new_tokens=4",
+        "actor.quantization=fp32",
+        "buffer.max_staleness=0",
+        "buffer.max_message_mib=64",
+        "learner.lr=1e-3",
+        "learner.checkpoint_every=2",
     )
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    procs = [spawn("async_rl.buffer_service", run_dir)]
+    run_dir, log = cfg.run_dir, tmp_path / f"{name}.log"
+    procs = [spawn(log, "async_rl.buffer_service", run_dir)]
     try:
-        learner = spawn("learner.run", run_dir, "--start", start)
-        procs += [learner, spawn("actors.loop", run_dir, "--actor-id", "a0")]
+        learner = spawn(log, "learner.run", run_dir, "--start", start)
+        procs += [learner, spawn(log, "actors.loop", run_dir, "--actor-id", "a0")]
         if kill_after is not None:
-            deadline = time.monotonic() + 240
-            while (
-                not (run_dir / "metrics.jsonl").exists()
-                or max(losses(run_dir), default=0) < kill_after
-            ):
-                assert time.monotonic() < deadline and learner.poll() is None
-                time.sleep(0.1)
+
+            def trained_past_kill_point():
+                exists = (run_dir / "metrics.jsonl").exists()
+                return exists and max(losses(run_dir), default=0) >= kill_after
+
+            wait_for(trained_past_kill_point, proc=learner, log=log)
             learner.send_signal(signal.SIGKILL)
             learner.wait(30)
-            learner = spawn("learner.run", run_dir, "--start", start)  # resumes by itself
+            learner = spawn(log, "learner.run", run_dir, "--start", start)  # resumes by itself
             procs.append(learner)
-        assert learner.wait(300) == 0, learner.stderr.read().decode()[-3000:]
+        assert learner.wait(300) == 0, log.read_text()[-3000:]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
+        end(procs[2:] + procs[1:2])  # actors and learners, then the buffer closes its segment
+        end(procs[:1])
     return run_dir
 
 

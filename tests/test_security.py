@@ -7,11 +7,12 @@ import threading
 import pytest
 import zmq
 
-from async_rl.buffer_service import BufferClient, BufferService
-from async_rl.cli import main
+from async_rl.app.cli import main
+from async_rl.buffer_service import BufferService
 from async_rl.config import ConfigError, load_config
+from async_rl.messages import Counters, Stats
 from async_rl.security import create_keys
-from tests.test_buffer_service import run_config
+from tests.helpers import BufferClient, run_config
 
 
 def test_keys_command_writes_private_secret_files(tmp_path, capsys):
@@ -51,10 +52,10 @@ def test_only_clients_with_the_run_key_get_in_and_refusals_are_counted(tmp_path)
         intruder.server_public = Curve(keys).server_public  # knows the server, not the client key
         bad = BufferClient(cfg.run_dir, ctx=zmq.Context(), curve=intruder)
         with pytest.raises(TimeoutError):
-            bad.requests.request("stats", {}, timeout_s=1.0)
+            bad.ask(Stats(), Counters, timeout_s=1.0)
         plain = BufferClient(cfg.run_dir, ctx=zmq.Context())
         with pytest.raises(TimeoutError):
-            plain.requests.request("stats", {}, timeout_s=1.0)
+            plain.ask(Stats(), Counters, timeout_s=1.0)
         assert good.stats()["buffer/auth_denied"] >= 1
         for c in (good, bad, plain):
             c.close()
@@ -119,7 +120,7 @@ def test_the_local_ray_instance_listens_on_loopback_only(tmp_path):
     script = (
         "import os, sys, time, ray\n"
         "from async_rl.config import load_config\n"
-        "from async_rl.orchestrate import init_ray\n"
+        "from async_rl.app.driver import init_ray\n"
         "init_ray(load_config(None, []), None)\n"
         "@ray.remote\n"
         "class Probe:\n"

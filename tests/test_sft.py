@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
-from actors.sampler import sample
 from async_rl.config import ModelConfig
 from async_rl.tasks import ArithmeticTask
 from async_rl.tokenizer import Tokenizer
+from learner.evaluate import sample
 from learner.model import build_model
-from learner.sft import lr_at, sft_batch
+from learner.optim import lr_multiplier
+from learner.sft import LR_FLOOR, sft_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,15 +63,15 @@ def test_sft_batch_masks_exactly_the_completion_and_eos():
         assert tok.decode(inputs[i][: len(p.prompt) + 1].tolist()) == p.prompt
 
 
-def test_lr_schedule_warms_up_then_decays_to_floor():
-    assert lr_at(0, 1.0, 10, 100) == 0.1
-    assert lr_at(9, 1.0, 10, 100) == 1.0
-    assert abs(lr_at(100, 1.0, 10, 100) - 0.1) < 1e-9
+def test_the_cold_start_schedule_warms_up_then_decays_to_its_floor():
+    lr = lambda step: lr_multiplier(step, 10, 100, "cosine", LR_FLOOR)  # noqa: E731
+    assert lr(0) == 0.1 and lr(9) == 1.0
+    assert abs(lr(100) - 0.1) < 1e-9 and abs(lr(55) - 0.55) < 1e-9
 
 
 def _cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "async_rl.cli", *args],
+        [sys.executable, "-m", "async_rl.app.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from async_rl.sweep import load_sweep
+from async_rl.app.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
@@ -52,7 +52,7 @@ def test_shipped_sweeps_parse(name, variants):
 
 def test_two_variant_sweep_runs_resumes_and_plots(tmp_path):
     path = write_sweep(tmp_path)
-    cli = [sys.executable, "-m", "async_rl.cli"]
+    cli = [sys.executable, "-m", "async_rl.app.cli"]
     out = subprocess.run(
         [*cli, "sweep", str(path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
     )

@@ -12,106 +12,53 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pytest
-
 from async_rl.config import ModelConfig
-from async_rl.tokenizer import Tokenizer
 from async_rl.types import RoutingSpec, check_group
-from learner.hf import export_hf
-from learner.model import build_model
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
-
-
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    out = tmp_path_factory.mktemp("start") / "ckpt"
-    return export_hf(build_model(ModelConfig(), seed=0), ModelConfig(), Tokenizer.arithmetic(), out)
-
-
-def overrides(tmp_path, start, name, steps):
-    return [
-        f"run.output_dir={tmp_path}",
-        f"run.name={name}",
-        f"run.init_checkpoint={start}",
-        f"run.num_steps={steps}",
-        "run.eval_every=0",
-        "task.heldout_size=16",
-        "algo.group_size=4",
-        "algo.prompts_per_minibatch=2",
-        "actor.max_new_tokens=4",
-        "learner.checkpoint_every=2",
-    ]
-
-
-def train(*args, env=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "async_rl.cli", "train", *args],
-        cwd=ROOT,
-        env=env or ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def versions(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["version"] for line in path.read_text().splitlines() if line]
-
-
-def fleet_sizes(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x).get("rollout/actors", 0) for x in path.read_text().splitlines() if x]
-
-
-def wait_for(predicate, timeout=240, proc=None):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"train exited early:\n{proc.stdout.read()}")
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.5)
+from tests.helpers import (
+    ENV,
+    ROOT,
+    fleet_sizes,
+    launch,
+    stop,
+    stored_groups,
+    train_overrides,
+    versions,
+    wait_for,
+)
 
 
 def scale(run_dir: Path, actors: int) -> None:
-    command = [sys.executable, "-m", "async_rl.cli", "scale", str(run_dir), "--actors", str(actors)]
+    cli = [sys.executable, "-m", "async_rl.app.cli"]
+    command = [*cli, "scale", str(run_dir), "--actors", str(actors)]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
-def stored_groups(run_dir: Path):
-    tables = [pa.ipc.open_file(p).read_all() for p in sorted((run_dir / "buffer").glob("*.arrow"))]
-    return [b for t in tables for b in t.to_batches()]
-
-
 def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, start):
-    run_dir = tmp_path / "kill"
-    proc = train(*overrides(tmp_path, start, "kill", 20000))  # stopped with Ctrl-C below
+    run_dir, log = tmp_path / "kill", tmp_path / "kill.log"
+    proc = launch(log, *train_overrides(tmp_path, start, "kill", 20000))  # Ctrl-C below
     pids = run_dir / "control" / "pids"
-    wait_for(lambda: len(versions(run_dir)) >= 2 and (pids / "a0.pid").exists(), proc=proc)
-    first_pid = int((pids / "a0.pid").read_text())
-    os.kill(first_pid, signal.SIGKILL)  # mid-run, possibly mid-group
-    wait_for(lambda: int((pids / "a0.pid").read_text()) != first_pid, proc=proc)
-    killed_at = len(versions(run_dir))
-    wait_for(lambda: len(versions(run_dir)) >= killed_at + 2, proc=proc)  # training goes on
-    # grow the fleet while the run goes on, then shrink it back; the fleet size is a metric
-    scale(run_dir, 2)
-    wait_for(lambda: 2 in fleet_sizes(run_dir), proc=proc)
-    grown_at = len(versions(run_dir))
-    wait_for(lambda: (pids / "a1.pid").exists(), proc=proc)
-    wait_for(lambda: len(versions(run_dir)) >= grown_at + 2, proc=proc)  # both actors at work
-    scale(run_dir, 1)
-    wait_for(lambda: fleet_sizes(run_dir)[-1] == 1, proc=proc)
-    shrunk_at = len(versions(run_dir))
-    wait_for(lambda: len(versions(run_dir)) >= shrunk_at + 2, proc=proc)  # one actor goes on
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
+    try:
+        wait_for(lambda: len(versions(run_dir)) >= 2 and (pids / "a0.pid").exists(), 240, proc, log)
+        first_pid = int((pids / "a0.pid").read_text())
+        os.kill(first_pid, signal.SIGKILL)  # mid-run, possibly mid-group
+        wait_for(lambda: int((pids / "a0.pid").read_text()) != first_pid, 240, proc, log)
+        killed_at = len(versions(run_dir))
+        wait_for(lambda: len(versions(run_dir)) >= killed_at + 2, 240, proc, log)  # goes on
+        # grow the fleet while the run goes on, then shrink it back; the fleet size is a metric
+        scale(run_dir, 2)
+        wait_for(lambda: 2 in fleet_sizes(run_dir), 240, proc, log)
+        grown_at = len(versions(run_dir))
+        wait_for(lambda: (pids / "a1.pid").exists(), 240, proc, log)
+        wait_for(lambda: len(versions(run_dir)) >= grown_at + 2, 240, proc, log)  # both at work
+        scale(run_dir, 1)
+        wait_for(lambda: fleet_sizes(run_dir)[-1] == 1, 240, proc, log)
+        shrunk_at = len(versions(run_dir))
+        wait_for(lambda: len(versions(run_dir)) >= shrunk_at + 2, 240, proc, log)  # one goes on
+    finally:
+        returncode = stop(proc)
+    out = log.read_text()
+    assert returncode == 0, out
     assert "fleet: 1 -> 2 actors" in out and "fleet: 2 -> 1 actors" in out
     assert "interrupted" in out
     sizes = fleet_sizes(run_dir)
@@ -129,12 +76,14 @@ def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, st
 
 
 def test_ctrl_c_leaves_a_run_that_resume_continues(tmp_path, start):
-    run_dir = tmp_path / "intr"
-    proc = train(*overrides(tmp_path, start, "intr", 30))
-    wait_for(lambda: len(versions(run_dir)) >= 3, proc=proc)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
+    run_dir, log = tmp_path / "intr", tmp_path / "intr.log"
+    proc = launch(log, *train_overrides(tmp_path, start, "intr", 30))
+    try:
+        wait_for(lambda: len(versions(run_dir)) >= 3, 240, proc, log)
+    finally:
+        returncode = stop(proc)
+    out = log.read_text()
+    assert returncode == 0, out
     assert "interrupted" in out and f"async-rl train --resume {run_dir}" in out
     done = versions(run_dir)
     assert done == list(range(1, len(done) + 1))
@@ -142,9 +91,8 @@ def test_ctrl_c_leaves_a_run_that_resume_continues(tmp_path, start):
     saved = json.loads((checkpoint / "state.json").read_text())["version"]
     assert saved == done[-1]  # the learner checkpointed where it stopped
 
-    resumed = train("--resume", str(run_dir), "run.num_steps=" + str(done[-1] + 3))
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
+    resumed = launch(log, "--resume", str(run_dir), "run.num_steps=" + str(done[-1] + 3))
+    assert resumed.wait(300) == 0, log.read_text()
     after = versions(run_dir)
     assert after == list(range(1, done[-1] + 4))  # versions continue, none repeated or skipped
 
@@ -184,9 +132,9 @@ def test_train_joins_an_existing_ray_cluster(tmp_path, start):
         wait_for(lambda: head.poll() is not None or started in log.read_text(), timeout=120)
         assert head.poll() is None, log.read_text()
         address = f"127.0.0.1:{port}"
-        proc = train(*overrides(tmp_path, start, "joined", 3), "--ray-address", address, env=env)
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out
+        joined = [*train_overrides(tmp_path, start, "joined", 3), "--ray-address", address]
+        proc = launch(tmp_path / "joined.log", *joined, env=env)
+        assert proc.wait(300) == 0, (tmp_path / "joined.log").read_text()
         assert versions(tmp_path / "joined") == [1, 2, 3]
     finally:
         end_session(head)
@@ -227,8 +175,8 @@ def _rows(t0: float, n: int, wait: float, step: float, full_per_row: float) -> l
 
 
 def test_the_autoscaler_keeps_the_buffer_fill_between_its_bounds():
+    from async_rl.app.driver import autoscale
     from async_rl.config import Config
-    from async_rl.orchestrate import autoscale
 
     cfg = Config()
     cfg.actor.min_actors, cfg.actor.max_actors = 1, 3
@@ -250,23 +198,24 @@ def test_the_autoscaler_keeps_the_buffer_fill_between_its_bounds():
 def test_the_autoscaler_shrinks_an_oversized_fleet_in_a_real_run(tmp_path, start):
     """Three actors for a learner that one keeps fed: admission holds them back, the fleet
     shrinks until the buffer's fill is within bounds, and stays there (no flapping)."""
-    run_dir = tmp_path / "auto"
-    proc = train(
-        *overrides(tmp_path, start, "auto", 20000),
+    run_dir, log = tmp_path / "auto", tmp_path / "auto.log"
+    proc = launch(
+        log,
+        *train_overrides(tmp_path, start, "auto", 20000),
         "actor.num_actors=3",
         "actor.max_actors=3",
         "actor.autoscale=true",
         "actor.autoscale_interval_s=3",
     )
     try:
-        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and 3 in fleet_sizes(run_dir))
-        wait_for(lambda: fleet_sizes(run_dir)[-1] == 1, proc=proc)
+        wait_for(lambda: 3 in fleet_sizes(run_dir), 240, proc, log)
+        wait_for(lambda: fleet_sizes(run_dir)[-1] == 1, 240, proc, log)
         settled = len(fleet_sizes(run_dir))
-        time.sleep(15)  # five more decisions
+        time.sleep(15)  # five more decisions: nothing to await, the fleet must just stay
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
+        returncode = stop(proc)
+    out = log.read_text()
+    assert returncode == 0, out
     assert "fleet: 3 -> 2 actors" in out and "fleet: 2 -> 1 actors" in out
     assert "fleet: 1 -> 2 actors" not in out
     assert set(fleet_sizes(run_dir)[settled:]) == {1}

@@ -10,6 +10,7 @@ back when it is done, so test order does not matter.
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 pytest.importorskip("vllm")
 
@@ -21,6 +22,7 @@ from async_rl.tokenizer import Tokenizer  # noqa: E402
 from learner.hf import export_hf  # noqa: E402
 from learner.model import build_model  # noqa: E402
 from learner.sft import sft_batch  # noqa: E402
+from tests.helpers import pipeline_config  # noqa: E402
 
 CFG = ModelConfig()
 TOK = Tokenizer.arithmetic()
@@ -200,6 +202,24 @@ def test_reload_serves_the_new_weights(engine, checkpoints):
     _assert_close(_logprob_errors(groups, model_a, 0.7), engine.quantization)
 
 
+def test_reload_from_tensors_serves_them_like_the_directory(engine, checkpoints):
+    """The `ray` weight store hands out tensors by Hugging Face name, not a directory."""
+    (path_a, model_a), (path_b, model_b) = checkpoints
+    params = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=8, seed=5)
+    try:
+        engine.load_weights(load_file(path_b / "model.safetensors"), version=3)
+        assert engine.version == 3
+        groups = engine.generate(PROMPTS, params, num_samples=4)
+        _assert_close(_logprob_errors(groups, model_b, 0.7), engine.quantization)
+        partial = load_file(path_a / "model.safetensors")
+        partial.pop("lm_head.weight")
+        with pytest.raises(ValueError, match="missing"):
+            engine.load_weights(partial, version=4)
+        assert engine.version == 3
+    finally:
+        engine.load_weights(path_a, version=2)
+
+
 def test_reload_rejects_a_different_model(engine, tmp_path):
     other = ModelConfig(num_layers=1)
     path = export_hf(build_model(other, seed=0), other, TOK, tmp_path / "other")
@@ -216,3 +236,28 @@ def test_capabilities_and_unsupported_settings(engine, checkpoints):
         VLLMEngine(path_a, "fp8", "cpu")
     with pytest.raises(ValueError, match="device"):
         VLLMEngine(path_a, "fp32", "tpu")
+
+
+def test_an_actor_on_the_ray_weight_store_serves_vllm(tmp_path, checkpoints, train_in_threads):
+    """`actor.engine = "vllm"` with `learner.weight_store = "ray"` (the pair the paper-scale
+    config uses): the store hands out tensors, so the actor builds vLLM from the run's starting
+    checkpoint and swaps the tensors of every new version in."""
+    ray = pytest.importorskip("ray")
+    (path_a, _), _ = checkpoints
+    cfg = pipeline_config(
+        tmp_path,
+        "vllm-ray",
+        "run.num_steps=2",
+        "actor.engine=vllm",
+        "learner.weight_store=ray",
+        "buffer.max_staleness=0",  # the second batch needs version 1: a swap of tensors
+    )
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        rows, _, actor = train_in_threads(cfg, path_a)
+    finally:
+        ray.shutdown()
+    assert isinstance(actor.engine, VLLMEngine)
+    assert [r["version"] for r in rows] == [1, 2]
+    assert actor.stats.weight_swaps >= 1 and actor.engine.version >= 1
+    assert rows[0]["learner/train_infer_kl_k3"] < 1e-4  # vLLM fp32 samples what the learner has

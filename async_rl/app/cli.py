@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from async_rl.config import Config, ConfigError, load_config, reference, to_toml
+from async_rl.paths import RunPaths
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -36,16 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
         "(MiniRL, Routing Replay R2/R3).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
+    _add_run_commands(sub)
+    _add_tool_commands(sub)
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """The commands that take a run configuration: train, sft, eval."""
     epilog = "configuration keys (section.key = default):\n" + reference()
 
-    train = sub.add_parser(
-        "train",
-        help="train a policy (CPU default with no arguments)",
-        epilog=epilog,
-        formatter_class=fmt,
-    )
-    _add_config_args(train)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        _add_config_args(p)
+        return p
+
+    train = command("train", "train a policy (CPU default with no arguments)")
     train.add_argument(
         "--ray-address", default=None, help="join this Ray cluster instead of starting one"
     )
@@ -56,49 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR with its own config.toml (overrides still apply)",
     )
-
-    sft = sub.add_parser(
-        "sft",
-        help="supervised cold start; writes runs/<name>/checkpoints/sft",
-        epilog=epilog,
-        formatter_class=fmt,
-    )
-    _add_config_args(sft)
-
-    ev = sub.add_parser(
-        "eval",
-        help="held-out accuracy of a checkpoint (greedy and avg@k)",
-        epilog=epilog,
-        formatter_class=fmt,
-    )
+    command("sft", "supervised cold start; writes runs/<name>/checkpoints/sft")
+    ev = command("eval", "held-out accuracy of a checkpoint (greedy and avg@k)")
     ev.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
-    _add_config_args(ev)
 
+
+def _add_tool_commands(sub) -> None:
+    """The commands around runs: buffer inspect, keys, sweep, plot, scale."""
     buffer = sub.add_parser("buffer", help="look into a run's replay buffer")
     buffer_sub = buffer.add_subparsers(dest="buffer_command", metavar="ACTION", required=True)
     inspect = buffer_sub.add_parser(
         "inspect", help="counts by version, staleness histogram, reward mean, bytes on disk"
     )
     inspect.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/tiny")
-
     keys = sub.add_parser(
         "keys", help="make CURVE keys for a run that binds a non-loopback address"
     )
     keys.add_argument("directory", type=Path, help="where to write the keys (created 0700)")
-
     sweep = sub.add_parser("sweep", help="run a grid of variants x seeds from a sweep file")
     sweep.add_argument("file", type=Path, help="sweep file, e.g. configs/sweeps/offpolicy.toml")
-
     plot = sub.add_parser("plot", help="figures and a summary table from run directories")
     plot.add_argument("runs", type=Path, nargs="+", help="run directories or sweep directories")
     plot.add_argument("--out", type=Path, required=True, help="the PNG to write (and .md table)")
     plot.add_argument("--title", default="", help="figure title")
-
     scale = sub.add_parser("scale", help="change the number of actors of a running run")
     scale.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/tiny")
     scale.add_argument("--actors", type=int, required=True, help="the fleet size wanted")
-    return parser
 
 
 def _setup(cfg: Config):
@@ -123,7 +115,7 @@ def cmd_sft(cfg: Config) -> Path:
     from learner.sft import run_sft
 
     tokenizer, task = _setup(cfg)
-    out_dir = cfg.run_dir / "checkpoints" / "sft"
+    out_dir = RunPaths(cfg.run_dir).sft_checkpoint
     start = time.monotonic()
     result = run_sft(cfg, tokenizer, task, out_dir)
     print(f"cold start done in {time.monotonic() - start:.0f}s; checkpoint: {out_dir}")
@@ -132,25 +124,14 @@ def cmd_sft(cfg: Config) -> Path:
 
 
 def cmd_eval(cfg: Config, checkpoint: str, limit: int | None) -> None:
-    from learner.evaluate import evaluate
+    from async_rl.tokenizer import load_tokenizer
+    from learner.evaluate import evaluate_run
     from learner.hf import import_hf
 
     _, task = _setup(cfg)
-    model, model_cfg = import_hf(checkpoint)
-    from async_rl.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(checkpoint)
+    model, _ = import_hf(checkpoint)
     start = time.monotonic()
-    result = evaluate(
-        model,
-        tokenizer,
-        task,
-        k=cfg.run.eval_k,
-        temperature=cfg.actor.temperature,
-        max_new_tokens=cfg.actor.max_new_tokens,
-        seed=cfg.run.seed,
-        limit=limit,
-    )
+    result = evaluate_run(model, load_tokenizer(checkpoint), task, cfg, limit=limit)
     _print_eval(f"{checkpoint} ({time.monotonic() - start:.0f}s)", result)
 
 
@@ -167,18 +148,19 @@ def cmd_train(cfg: Config, ray_address: str | None) -> None:
         return
     if done:
         print(f"continuing {cfg.run_dir} from its newest checkpoint ({done} versions logged)")
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+    paths = RunPaths(cfg.run_dir)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.config.write_text(to_toml(cfg))
     start = cfg.run.init_checkpoint
     if not start:
-        cached = cfg.run_dir / "checkpoints" / "sft"
+        cached = paths.sft_checkpoint
         if (cached / "config.json").exists():
             print(f"reusing cold start {cached}")
         else:
             cmd_sft(cfg)
         start = str(cached)
     print(f"starting checkpoint (version 0): {start}")
-    from async_rl.orchestrate import train
+    from async_rl.app.driver import train
 
     summary = train(cfg, Path(start), ray_address)
     accuracy = summary["accuracy"]
@@ -193,23 +175,23 @@ def cmd_train(cfg: Config, ray_address: str | None) -> None:
 
 
 def cmd_scale(run_dir: Path, actors: int) -> None:
-    from async_rl.config import load_config
-    from async_rl.orchestrate import request_fleet
+    from async_rl.paths import request_fleet
 
-    cfg = load_config(run_dir / "config.toml")
+    paths = RunPaths(run_dir)
+    cfg = load_config(paths.config)
     if not cfg.actor.min_actors <= actors <= cfg.actor.max_actors:
         raise ValueError(
             f"--actors {actors} is outside actor.min_actors..actor.max_actors "
             f"({cfg.actor.min_actors}..{cfg.actor.max_actors}) of {run_dir}"
         )
-    request_fleet(run_dir, actors)
+    request_fleet(paths, actors)
     print(f"asked {run_dir} for {actors} actor(s)")
 
 
 def cmd_buffer_inspect(run_dir: Path) -> None:
-    from async_rl.buffer import inspect
+    from async_rl.segments import inspect
 
-    info = inspect(run_dir / "buffer")
+    info = inspect(RunPaths(run_dir).buffer)
     print(f"buffer of {run_dir}")
     print(
         f"  groups {info['groups']}  trajectories {info['trajectories']}  "
@@ -241,41 +223,53 @@ def _histogram(counts: dict[int, int], bins: int = 10) -> str:
     return "  ".join(f"{k}: {v}" for k, v in counts.items()) or "-"
 
 
+TOOLS = ("buffer", "scale", "keys", "plot", "sweep")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command in ("buffer", "scale", "keys", "plot", "sweep"):
+    if args.command in TOOLS:
         try:
-            if args.command == "sweep":
-                from async_rl.sweep import run_sweep
-
-                specs = run_sweep(args.file)
-                print(f"sweep done: {len(specs)} runs under {specs[0].run_dir.parent}")
-            elif args.command == "plot":
-                from async_rl.plots import plot
-
-                figure, table = plot(args.runs, args.out, args.title)
-                print(f"wrote {figure} and {table}")
-                print(table.read_text(), end="")
-            elif args.command == "buffer":
-                cmd_buffer_inspect(args.run_dir)
-            elif args.command == "keys":
-                from async_rl.security import create_keys
-
-                where = create_keys(args.directory)
-                print(f"keys written to {where}; set run.curve_keys = {str(where)!r}")
-            else:
-                cmd_scale(args.run_dir, args.actors)
+            _run_tool(args)
         except (ValueError, FileNotFoundError, ConfigError, RuntimeError) as e:
             print(f"async-rl: error: {e}", file=sys.stderr)
             return 2
         return 0
+    return _run_configured(args)
+
+
+def _run_tool(args: argparse.Namespace) -> None:
+    if args.command == "sweep":
+        from async_rl.app.sweep import run_sweep
+
+        specs = run_sweep(args.file)
+        print(f"sweep done: {len(specs)} runs under {specs[0].run_dir.parent}")
+    elif args.command == "plot":
+        from async_rl.app.plots import plot
+
+        figure, table = plot(args.runs, args.out, args.title)
+        print(f"wrote {figure} and {table}")
+        print(table.read_text(), end="")
+    elif args.command == "buffer":
+        cmd_buffer_inspect(args.run_dir)
+    elif args.command == "keys":
+        from async_rl.security import create_keys
+
+        where = create_keys(args.directory)
+        print(f"keys written to {where}; set run.curve_keys = {str(where)!r}")
+    else:
+        cmd_scale(args.run_dir, args.actors)
+
+
+def _run_configured(args: argparse.Namespace) -> int:
+    """train, sft or eval: resolve the config, then run; the exit code."""
     config = args.config
     if getattr(args, "resume", None) is not None:
-        config = args.resume / "config.toml"
+        config = RunPaths(args.resume).config
         if not config.exists():
             print(f"async-rl: error: {config} not found: nothing to resume", file=sys.stderr)
             return 2

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from async_rl.paths import RunPaths
+
 FINAL_STEPS = 10
 SMOOTH = 0.05
 PANELS = (  # key, title, log scale, smoothed
@@ -37,7 +39,7 @@ PANELS = (  # key, title, log scale, smoothed
 def read_run(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Metric name -> [(version, value)] from `metrics.jsonl` (the last value per version)."""
     series: dict[str, dict[int, float]] = defaultdict(dict)
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunPaths(run_dir).metrics
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run directory?)")
     for line in path.read_text().splitlines():
@@ -53,7 +55,7 @@ def read_run(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def variant_of(run_dir: Path) -> str:
     try:
-        return json.loads((Path(run_dir) / "variant.json").read_text())["variant"]
+        return json.loads(RunPaths(run_dir).variant.read_text())["variant"]
     except (FileNotFoundError, ValueError, KeyError):
         return Path(run_dir).name
 
@@ -62,10 +64,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
     """Run directories given directly or found one level below (a sweep directory)."""
     found = []
     for p in paths:
-        if (p / "metrics.jsonl").exists():
+        if RunPaths(p).metrics.exists():
             found.append(p)
         else:
-            found += sorted(q for q in p.iterdir() if (q / "metrics.jsonl").exists())
+            found += sorted(q for q in p.iterdir() if RunPaths(q).metrics.exists())
     if not found:
         raise FileNotFoundError(f"no run directories with metrics.jsonl in {paths}")
     return found

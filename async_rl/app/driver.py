@@ -23,7 +23,6 @@ final checkpoint, buffer closing its segment) and leaves a resumable run directo
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
 import threading
@@ -33,18 +32,16 @@ from typing import Any
 
 import ray
 
-from async_rl.config import Config, is_loopback, to_toml
-from async_rl.transport import actors_file, write_json_atomic
+from async_rl.config import Config, is_loopback, load_config, to_toml
+from async_rl.messages import ActorStats, ProcessStatus
+from async_rl.paths import RunPaths, read_fleet_request, write_fleet_size, write_pid
 
 
 def _setup_process(run_dir: str, name: str) -> Config:
-    """Config, threads, and `control/pids/<name>.pid` (for operators and fault-injection tests)."""
-    from async_rl.config import load_config
-
-    pids = Path(run_dir) / "control" / "pids"
-    pids.mkdir(parents=True, exist_ok=True)
-    (pids / f"{name}.pid").write_text(str(os.getpid()))
-    cfg = load_config(Path(run_dir) / "config.toml")
+    """Config, threads, and the process's pid file (for operators and fault-injection tests)."""
+    paths = RunPaths(run_dir)
+    write_pid(paths, name)
+    cfg = load_config(paths.config)
     import torch
 
     torch.set_num_threads(cfg.run.num_threads)
@@ -88,9 +85,9 @@ class _Threaded:
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ProcessStatus:
         node = ray.get_runtime_context().get_node_id()
-        return {"finished": self.finished, "error": self.error, "pid": os.getpid(), "node": node}
+        return ProcessStatus(finished=self.finished, error=self.error, pid=os.getpid(), node=node)
 
 
 class BufferWorker(_Threaded):
@@ -131,8 +128,8 @@ class ActorWorker(_Threaded):
         self.actor = Actor(cfg, Path(run_dir), actor_id, start=Path(start))
         self._start(self.actor.run)
 
-    def stats(self) -> dict[str, Any]:
-        return {**self.actor.stats, "version": self.actor.engine.version}
+    def stats(self) -> ActorStats:
+        return self.actor.stats
 
     def stop(self) -> None:
         self.actor.stop()
@@ -165,16 +162,6 @@ def init_ray(cfg: Config, address: str | None) -> None:
     )
 
 
-def fleet_file(run_dir: Path) -> Path:
-    """Where `async-rl scale` asks the driver for a fleet size."""
-    return run_dir / "control" / "fleet.json"
-
-
-def request_fleet(run_dir: Path, actors: int) -> None:
-    """What `async-rl scale` does: ask the running driver for `actors` actors."""
-    write_json_atomic(fleet_file(run_dir), {"actors": actors, "requested_at": time.time()})
-
-
 def autoscale(rows: list[dict[str, Any]], cfg: Config, current: int, since: float = 0.0) -> int:
     """The fleet size the autoscaler wants after the metric rows written after `since` (unix s).
 
@@ -203,15 +190,12 @@ def autoscale(rows: list[dict[str, Any]], cfg: Config, current: int, since: floa
     return current
 
 
-def requested_fleet(run_dir: Path, cfg: Config, seen: float) -> tuple[int | None, float]:
+def requested_fleet(paths: RunPaths, cfg: Config, seen: float) -> tuple[int | None, float]:
     """A fleet size asked for with `async-rl scale` after time `seen`, clamped to the bounds."""
-    try:
-        data = json.loads(fleet_file(run_dir).read_text())
-        wanted, at = data["actors"], float(data["requested_at"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    request = read_fleet_request(paths)
+    if request is None or request[1] <= seen:
         return None, seen
-    if not isinstance(wanted, int) or at <= seen:
-        return None, seen
+    wanted, at = request
     return min(max(wanted, cfg.actor.min_actors), cfg.actor.max_actors), at
 
 
@@ -225,9 +209,10 @@ class Run:
 
     def __init__(self, cfg: Config, start: Path):
         self.cfg, self.run_dir, self.start = cfg, cfg.run_dir.resolve(), start
+        self.paths = RunPaths(self.run_dir)
         self.actors: dict[str, Any] = {}
         self.pings: dict[str, tuple[Any, float]] = {}  # process -> (status ref, sent at)
-        self.statuses: dict[str, dict[str, Any]] = {}  # process -> its last answer
+        self.statuses: dict[str, ProcessStatus] = {}  # process -> its last answer
         self.up: set[str] = set()  # processes that answered since they last (re)started
         self.down_since: dict[str, float] = {}
         self.next_actor = 0
@@ -235,7 +220,7 @@ class Run:
 
     def launch(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
+        self.paths.config.write_text(to_toml(self.cfg))
         opts = {"max_restarts": -1, "max_task_retries": 0}
         self.buffer = ray.remote(BufferWorker).options(num_cpus=0, **opts).remote(str(self.run_dir))
         ray.get(self.buffer.status.remote())
@@ -263,7 +248,7 @@ class Run:
             except ray.exceptions.RayError:  # dead or hung: it goes anyway
                 pass
             ray.kill(handle)
-        write_json_atomic(actors_file(self.run_dir), {"actors": len(self.actors)})
+        write_fleet_size(self.paths, len(self.actors))
 
     def poll(self) -> list[str]:
         """Ping every process (without waiting) and act on what the answers say.
@@ -289,10 +274,10 @@ class Run:
                     continue
                 self.up.add(name)
                 self.down_since.pop(name, None)
-                if status["error"] and name in ("learner", "buffer"):
-                    raise RuntimeError(f"the {name} stopped: {status['error']}")
-                if status["finished"] and name in self.actors:
-                    events.append(f"{name} stopped ({status['error']}): replacing it")
+                if status.error and name in ("learner", "buffer"):
+                    raise RuntimeError(f"the {name} stopped: {status.error}")
+                if status.finished and name in self.actors:
+                    events.append(f"{name} stopped ({status.error}): replacing it")
                     self._restart(name, handle)
             elif name in self.up:
                 if self._died(name):  # while Ray restarts it, its ping waits for the new one
@@ -300,7 +285,7 @@ class Run:
                     self.down_since[name] = now
                 elif now - sent > self.cfg.run.heartbeat_timeout_s:
                     events.append(
-                        f"{name} (pid {self.statuses[name]['pid']}) did not answer for "
+                        f"{name} (pid {self.statuses[name].pid}) did not answer for "
                         f"{now - sent:.0f}s (stopped or hung): killing it; Ray starts it again"
                     )
                     self._restart(name, handle)
@@ -318,10 +303,10 @@ class Run:
     def _died(self, name: str) -> bool:
         """Whether the process that last answered for `name` is gone (known on this node only)."""
         last = self.statuses[name]
-        if last.get("node") != ray.get_runtime_context().get_node_id():
+        if last.node != ray.get_runtime_context().get_node_id():
             return False
         try:
-            os.kill(last["pid"], 0)
+            os.kill(last.pid, 0)
         except ProcessLookupError:
             return True
         except PermissionError:
@@ -335,9 +320,10 @@ class Run:
         self.down_since[name] = time.monotonic()
 
     def learner_done(self) -> bool:
-        return self.statuses.get("learner", {}).get("finished", False)
+        status = self.statuses.get("learner")
+        return status is not None and status.finished
 
-    def actor_stats(self) -> dict[str, dict[str, Any]]:
+    def actor_stats(self) -> dict[str, ActorStats]:
         """Counters of the actors that answer within a few seconds (restarting ones start over)."""
         refs = {h.stats.remote(): actor_id for actor_id, h in self.actors.items()}
         stats = {}
@@ -366,57 +352,94 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+class _Metrics:
+    """What the driver keeps of `metrics.jsonl` (only what the summary and the autoscaler need:
+    a run of days must not grow the driver), and the actors' throughput between rows."""
+
+    def __init__(self, path: Path):
+        from async_rl.metrics import MetricsTail
+
+        self.tail = MetricsTail(path)
+        self.tail.read()  # a resumed run's earlier steps are already logged
+        self.rows: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
+        self.accuracy: list[float] = []  # held-out accuracy of this session's evaluations
+        self.last_tokens, self.last_time = 0, time.monotonic()
+
+    def new_rows(self, run: Run) -> list[dict[str, Any]]:
+        """Rows written since the last call, with `rollout/tokens_per_s` of the actors."""
+        new = self.tail.read()
+        if new:
+            tokens = sum(s.tokens for s in run.actor_stats().values())
+            now = time.monotonic()
+            rate = max(tokens - self.last_tokens, 0) / max(now - self.last_time, 1e-9)
+            self.last_tokens, self.last_time = tokens, now
+        for row in new:
+            row["rollout/tokens_per_s"] = rate
+            self.keep(row)
+        return new
+
+    def keep(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if "eval/accuracy" in row:
+            self.accuracy.append(row["eval/accuracy"])
+
+
+class _Fleet:
+    """The fleet size wanted: `async-rl scale` requests, and the autoscaler's decisions."""
+
+    def __init__(self, cfg: Config, paths: RunPaths):
+        self.cfg, self.paths = cfg, paths
+        self.last_scaled = self.seen = time.time()
+
+    def wanted(self, rows: list[dict[str, Any]], current: int) -> int:
+        wanted, self.seen = requested_fleet(self.paths, self.cfg, self.seen)
+        wanted = current if wanted is None else wanted
+        now, act = time.time(), self.cfg.actor
+        if act.autoscale and now - self.last_scaled > act.autoscale_interval_s:
+            wanted = autoscale(rows, self.cfg, current, since=self.last_scaled)
+            self.last_scaled = now  # the next decision sees only rows of this fleet
+        return wanted
+
+    def scaled(self) -> None:
+        self.last_scaled = time.time()
+
+
+def _supervise(run: Run, metrics: _Metrics, wandb, display) -> None:
+    """The driver's loop until the learner is done: metrics to wandb and the terminal, the
+    heartbeat of every process, the fleet's size."""
+    fleet = _Fleet(run.cfg, run.paths)
+    while True:
+        for row in metrics.new_rows(run):
+            wandb.log(row)
+            display.update(row, len(run.actors))
+        for event in run.poll():
+            display.print(event)
+        if run.learner_done():
+            return
+        wanted = fleet.wanted(list(metrics.rows), len(run.actors))
+        if wanted != len(run.actors):
+            display.print(f"fleet: {len(run.actors)} -> {wanted} actors")
+            run.scale(wanted)
+            fleet.scaled()
+        time.sleep(0.5)
+
+
 def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str, Any]:
     """Run (or continue) a run to `run.num_steps`; returns a summary."""
-    from async_rl.metrics import MetricsTail, ProgressDisplay, WandbLogger
+    from async_rl.metrics import ProgressDisplay, WandbLogger
 
     init_ray(cfg, ray_address)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     run = Run(cfg, start)
-    # only what the summary and the autoscaler need: a run of days must not grow the driver
     began, interrupted = time.monotonic(), False
-    rows: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
-    accuracy: list[float] = []
-    tail = MetricsTail(cfg.run_dir / "metrics.jsonl")
-    tail.read()  # a resumed run's earlier steps are already logged
+    metrics = _Metrics(run.paths.metrics)
     wandb = WandbLogger(cfg, cfg.run_dir)
     try:
         with ProgressDisplay(cfg.run.num_steps, cfg.logging.progress) as display:
             run.launch()
             display.print(f"run directory {run.run_dir}; {len(run.actors)} actor(s)")
-            last_tokens, last_time = 0, time.monotonic()
-            last_scaled, fleet_seen = time.time(), time.time()
-            while True:
-                new = tail.read()
-                if new:  # actor throughput since the previous rows
-                    tokens = sum(s["tokens"] for s in run.actor_stats().values())
-                    now = time.monotonic()
-                    rate = max(tokens - last_tokens, 0) / max(now - last_time, 1e-9)
-                    last_tokens, last_time = tokens, now
-                for row in new:
-                    row["rollout/actors"] = len(run.actors)
-                    row["rollout/tokens_per_s"] = rate
-                    rows.append(row)
-                    if "eval/accuracy" in row:
-                        accuracy.append(row["eval/accuracy"])
-                    wandb.log(row)
-                    display.update(row, len(run.actors))
-                for event in run.poll():
-                    display.print(event)
-                if run.learner_done():
-                    break
-                wanted, fleet_seen = requested_fleet(run.run_dir, cfg, fleet_seen)
-                wanted = len(run.actors) if wanted is None else wanted
-                now = time.time()
-                if cfg.actor.autoscale and now - last_scaled > cfg.actor.autoscale_interval_s:
-                    wanted = autoscale(list(rows), cfg, len(run.actors), since=last_scaled)
-                    last_scaled = now  # the next decision sees only rows of this fleet
-                if wanted != len(run.actors):
-                    display.print(f"fleet: {len(run.actors)} -> {wanted} actors")
-                    run.scale(wanted)
-                    last_scaled = now
-                time.sleep(0.5)
+            _supervise(run, metrics, wandb, display)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -424,16 +447,15 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
         run.shutdown()
         wandb.close()
         ray.shutdown()
-    for row in tail.read():
-        rows.append(row)
-        if "eval/accuracy" in row:
-            accuracy.append(row["eval/accuracy"])
+    for row in metrics.tail.read():
+        metrics.keep(row)
+    rows = metrics.rows
     return {
         "steps": rows[-1]["version"] if rows else 0,
         "wall_time_s": time.monotonic() - began,
         "run_dir": str(run.run_dir),
         "interrupted": interrupted,
         "last": rows[-1] if rows else {},
-        "accuracy": accuracy,  # held-out accuracy of this session's evaluations, in order
+        "accuracy": metrics.accuracy,  # held-out accuracy of this session's evaluations
         "actors": actors,
     }

@@ -34,6 +34,9 @@ from pathlib import Path
 
 from async_rl.config import ConfigError, load_config
 from async_rl.metrics import steps_logged
+from async_rl.paths import RunPaths
+
+CLI = [sys.executable, "-m", "async_rl.app.cli"]
 
 
 @dataclass
@@ -54,8 +57,7 @@ def _override_value(value) -> str:
     return json.dumps(value) if isinstance(value, list) else str(value).lower()
 
 
-def load_sweep(path: Path) -> tuple[dict, list[RunSpec]]:
-    path = Path(path)
+def _read(path: Path) -> dict:
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -66,36 +68,42 @@ def load_sweep(path: Path) -> tuple[dict, list[RunSpec]]:
     name = data.get("name")
     if not isinstance(name, str) or not name or "/" in name:
         _fail(path, "'name' must be a plain directory name")
-    seeds = data.get("seeds", [0])
+    seeds = data.setdefault("seeds", [0])
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
         _fail(path, "'seeds' must be a non-empty list of integers")
+    return data
+
+
+def _variants(path: Path, data: dict) -> list[tuple[str, list[str]]]:
+    """(label, overrides) of every variant: the [[variant]] tables, then the [grid]'s product."""
     variants: list[tuple[str, list[str]]] = []
     for v in data.get("variant", []):
         if not isinstance(v.get("name"), str) or not isinstance(v.get("overrides", []), list):
             _fail(path, "each [[variant]] needs a 'name' and a list of 'overrides'")
         variants.append((v["name"], [str(o) for o in v.get("overrides", [])]))
     grid = data.get("grid", {})
-    if grid:
-        keys = list(grid)
-        if not all(isinstance(grid[k], list) and grid[k] for k in keys):
-            _fail(path, "every [grid] entry must be a non-empty list")
-        for values in itertools.product(*(grid[k] for k in keys)):
-            label = "-".join(
-                f"{k.split('.')[-1]}={_override_value(v)}"
-                for k, v in zip(keys, values, strict=True)
-            )
-            variants.append(
-                (label, [f"{k}={_override_value(v)}" for k, v in zip(keys, values, strict=True)])
-            )
+    keys = list(grid)
+    if not all(isinstance(grid[k], list) and grid[k] for k in keys):
+        _fail(path, "every [grid] entry must be a non-empty list")
+    for values in itertools.product(*(grid[k] for k in keys)) if keys else ():
+        pairs = list(zip(keys, values, strict=True))
+        label = "-".join(f"{k.split('.')[-1]}={_override_value(v)}" for k, v in pairs)
+        variants.append((label, [f"{k}={_override_value(v)}" for k, v in pairs]))
     if not variants:
         _fail(path, "no variants: give [[variant]] tables or a [grid]")
+    return variants
+
+
+def load_sweep(path: Path) -> tuple[dict, list[RunSpec]]:
+    """The sweep's settings and its runs; every run's config is checked before any starts."""
+    path = Path(path)
+    data = _read(path)
     base = data.get("config", "configs/tiny.toml")
     common = [str(o) for o in data.get("overrides", [])]
-    cfg = load_config(base, common)
-    root = cfg.run_dir.parent / name
+    root = load_config(base, common).run_dir.parent / data["name"]
     specs = []
-    for label, overrides in variants:
-        for seed in seeds:
+    for label, overrides in _variants(path, data):
+        for seed in data["seeds"]:
             run_name = f"{label}-s{seed}".replace("/", "_")
             every = [
                 *common,
@@ -105,12 +113,12 @@ def load_sweep(path: Path) -> tuple[dict, list[RunSpec]]:
                 f"run.name={run_name}",
             ]
             try:
-                load_config(base, every)  # every run's config is checked before any starts
+                load_config(base, every)
             except ConfigError as e:
                 _fail(path, f"variant {label!r}: {e}")
             specs.append(RunSpec(label, seed, every, root / run_name))
     meta = {
-        "name": name,
+        "name": data["name"],
         "config": base,
         "root": root,
         "common": common,
@@ -119,25 +127,20 @@ def load_sweep(path: Path) -> tuple[dict, list[RunSpec]]:
     return meta, specs
 
 
-def run_sweep(path: Path, log=print) -> list[RunSpec]:
-    meta, specs = load_sweep(path)
+def _cold_start(meta: dict, log) -> Path:
+    """The sweep's one cold start (made once), which every run starts from."""
     root: Path = meta["root"]
     root.mkdir(parents=True, exist_ok=True)
-    cold = root / "_cold_start" / "checkpoints" / "sft"
+    cold = RunPaths(root / "_cold_start").sft_checkpoint
     if not (cold / "config.json").exists():
         log(f"cold start for the sweep -> {cold}")
-        cmd = [
-            sys.executable,
-            "-m",
-            "async_rl.cli",
-            "sft",
-            "--config",
-            meta["config"],
-            *meta["common"],
-            f"run.output_dir={root}",
-            "run.name=_cold_start",
-        ]
-        subprocess.run(cmd, check=True)
+        cmd = [*CLI, "sft", "--config", meta["config"], *meta["common"]]
+        subprocess.run([*cmd, f"run.output_dir={root}", "run.name=_cold_start"], check=True)
+    return cold
+
+
+def _pending(meta: dict, specs: list[RunSpec], log) -> list[RunSpec]:
+    """The runs not finished yet (each with its variant.json written)."""
     pending = []
     for spec in specs:
         cfg = load_config(meta["config"], spec.overrides)
@@ -145,28 +148,27 @@ def run_sweep(path: Path, log=print) -> list[RunSpec]:
             log(f"done already: {spec.run_dir.name}")
             continue
         spec.run_dir.mkdir(parents=True, exist_ok=True)
-        (spec.run_dir / "variant.json").write_text(
+        RunPaths(spec.run_dir).variant.write_text(
             json.dumps({"variant": spec.variant, "seed": spec.seed, "overrides": spec.overrides})
         )
         pending.append(spec)
+    return pending
+
+
+def run_sweep(path: Path, log=print) -> list[RunSpec]:
+    """Run every unfinished run of the sweep, `parallel` at a time; raise if any failed."""
+    meta, specs = load_sweep(path)
+    cold = _cold_start(meta, log)
+    pending = _pending(meta, specs, log)
     running: list[tuple[RunSpec, subprocess.Popen]] = []
     failed = []
     while pending or running:
         while pending and len(running) < meta["parallel"]:
             spec = pending.pop(0)
-            cmd = [
-                sys.executable,
-                "-m",
-                "async_rl.cli",
-                "train",
-                "--config",
-                meta["config"],
-                *spec.overrides,
-                f"run.init_checkpoint={cold}",
-                "logging.progress=false",
-            ]
+            cmd = [*CLI, "train", "--config", meta["config"], *spec.overrides]
+            cmd += [f"run.init_checkpoint={cold}", "logging.progress=false"]
             log(f"start {spec.run_dir.name}")
-            out = open(spec.run_dir / "train.log", "a")
+            out = open(RunPaths(spec.run_dir).train_log, "a")
             running.append((spec, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)))
         time.sleep(1.0)
         for spec, proc in list(running):

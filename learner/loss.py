@@ -1,4 +1,4 @@
-"""The MiniRL objective and group advantages, as pure functions of tensors.
+"""The learner's objective: the MiniRL loss and group advantages, as pure functions of tensors.
 
 Zheng et al. 2025, "Stabilizing Reinforcement Learning with LLMs: Formulation and Practices",
 eq. (7) with truncated importance sampling (TIS, Yao et al. 2025) on the token IS weight, as
@@ -45,6 +45,8 @@ log rho = log pi_prox - log mu:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -149,17 +151,49 @@ def minirl_loss(
     if cfg.length_norm:
         per_response_B = per_response_B / valid.sum(dim=1).clamp(min=1).to(dtype)
     loss = -per_response_B.mean()
+    return loss, _metrics(prox, mu, valid, clipped, truncated)
 
-    with torch.no_grad():
-        # In float64: k3 of nearby policies is a small difference of O(1) numbers.
-        n = valid.sum().clamp(min=1).double()
-        log_rho = (prox - mu).double()  # log pi_prox / mu; 0 on padding
-        k3 = torch.expm1(log_rho) - log_rho  # (rho - 1) - log rho
-        metrics = {
-            "clip_frac": ((clipped & valid).sum() / n).item(),
-            "tis_trunc_frac": ((truncated & valid).sum() / n).item(),
-            "train_infer_kl": (-log_rho.sum() / n).item(),
-            "train_infer_kl_k3": (k3.sum() / n).item(),
-            "extreme_token_frac": (((log_rho.abs() > math.log(2)) & valid).sum() / n).item(),
-        }
-    return loss, metrics
+
+@torch.no_grad()
+def _metrics(prox, mu, valid, clipped, truncated) -> dict[str, float]:
+    """The loss's metrics (module docstring), token means over the completion tokens."""
+    # In float64: k3 of nearby policies is a small difference of O(1) numbers.
+    n = valid.sum().clamp(min=1).double()
+    log_rho = (prox - mu).double()  # log pi_prox / mu; 0 on padding
+    k3 = torch.expm1(log_rho) - log_rho  # (rho - 1) - log rho
+    return {
+        "clip_frac": ((clipped & valid).sum() / n).item(),
+        "tis_trunc_frac": ((truncated & valid).sum() / n).item(),
+        "train_infer_kl": (-log_rho.sum() / n).item(),
+        "train_infer_kl_k3": (k3.sum() / n).item(),
+        "extreme_token_frac": (((log_rho.abs() > math.log(2)) & valid).sum() / n).item(),
+    }
+
+
+class Objective(Protocol):
+    """What `learner.train.TrainStep` calls: the algorithm, from rewards to a loss."""
+
+    def advantages(self, rewards_B: torch.Tensor) -> torch.Tensor:
+        """`[B]` advantages of a global batch's rewards (whole groups of G, contiguous)."""
+        ...
+
+    def loss(
+        self, logprobs_BT, prox_logprobs_BT, behavior_logprobs_BT, advantages_B, mask_BT
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """A mini-batch's loss (with grad through `logprobs_BT`) and its metrics."""
+        ...
+
+
+@dataclass(frozen=True)
+class MiniRL:
+    """The MiniRL objective of `[algo]`: group advantages and `minirl_loss`."""
+
+    algo: AlgoConfig
+
+    def advantages(self, rewards_B: torch.Tensor) -> torch.Tensor:
+        return group_advantages(rewards_B, self.algo.group_size, self.algo.adv_std_norm)
+
+    def loss(self, logprobs_BT, prox_logprobs_BT, behavior_logprobs_BT, advantages_B, mask_BT):
+        return minirl_loss(
+            logprobs_BT, prox_logprobs_BT, behavior_logprobs_BT, advantages_B, mask_BT, self.algo
+        )

@@ -1,0 +1,138 @@
+"""Admission control: which actor may generate which prompt, from weights of which version.
+
+Invariant (AReaL's staleness manager, in groups): with p the newest published version, B groups
+per global batch and K = `buffer.max_staleness`, a lease is granted only while
+
+    accepted + leased < (K + p + 1) * B
+
+where `accepted` counts the groups already trained on or waiting (the `SegmentStore`'s) and
+`leased` the leases outstanding. A lease carries `min_version = p`: its group is generated from
+weights >= p, and FIFO serving consumes it by learner version K + p, so it is never dropped as
+stale. With the learner caught up (v = p) this is the back-pressure rule "pause above
+(K + 1) * B unconsumed groups"; with K = 0 and one mini-batch exactly one global batch is
+generated per published version, from that version: synchronous RL, sample for sample.
+
+- Training prompts are handed out once each, in order, whatever the size of the fleet; the
+  prompt of an expired (`buffer.lease_timeout_s`) or released lease is handed out again. Prompt
+  indices are reserved in blocks in the consumption log, so after a crash the run skips at most
+  a block of prompts and never hands one out twice.
+- The published version is logged too: a restarted buffer admits as before.
+- `full_s` counts the seconds during which a lease was refused and not yet granted: the
+  buffer's fill, the autoscaler's signal.
+- Actors report the weights version they hold with each lease; `versions_in_use()` is what the
+  weight store must keep.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+PROMPT_BLOCK = 1024
+ACTOR_SEEN_S = 10.0  # an actor that leased within this many seconds counts as running
+
+
+class Admission:
+    """Leases, prompt indices and actor versions of one run. Single-threaded."""
+
+    def __init__(
+        self,
+        *,
+        global_batch_groups: int,
+        max_staleness: int,
+        lease_timeout_s: float,
+        log: Callable[[dict], None],
+        recovered: list[dict] = (),
+    ):
+        """`log` appends an entry to the consumption log; `recovered` are its entries so far."""
+        self.batch_groups, self.max_staleness = global_batch_groups, max_staleness
+        self.lease_timeout_s, self.log = lease_timeout_s, log
+        self.published = max((e["published"] for e in recovered if "published" in e), default=0)
+        self.prompts_reserved = max(
+            (e["prompts_reserved"] for e in recovered if "prompts_reserved" in e), default=0
+        )
+        self.next_prompt = self.prompts_reserved
+        self.leases: dict[str, tuple[str, float, int]] = {}  # id -> (actor, expiry, prompt)
+        self.reissue: list[int] = []  # prompts of expired or released leases
+        self.full_s, self.full_since = 0.0, None
+        self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (version, seen)
+
+    def set_published(self, version: int) -> None:
+        if version > self.published:
+            self.published = version
+            self.log({"published": version})
+
+    def lease(
+        self,
+        actor_id: str,
+        accepted: int,
+        count: int = 1,
+        version: int | None = None,
+        now: float | None = None,
+    ) -> tuple[int, list[tuple[str, int]]] | None:
+        """Up to `count` leases for `actor_id`, or None while actors must pause.
+
+        `accepted` is the store's count of groups trained on or waiting. Returns the minimum
+        weights version to generate with and, per lease, its id and the index of the training
+        prompt to generate for. `version` is the weights version the actor holds.
+        """
+        now = time.monotonic() if now is None else now
+        if version is not None:
+            self.actor_versions[actor_id] = (version, now)
+        for lease_id, (_, expiry, prompt) in list(self.leases.items()):
+            if expiry <= now:
+                del self.leases[lease_id]
+                self.reissue.append(prompt)
+        room = (self.max_staleness + self.published + 1) * self.batch_groups
+        room -= accepted + len(self.leases)
+        if room <= 0:
+            if self.full_since is None:
+                self.full_since = now
+            return None
+        if self.full_since is not None:
+            self.full_s += now - self.full_since
+            self.full_since = None
+        granted = []
+        for _ in range(min(count, room)):
+            lease_id = uuid.uuid4().hex
+            prompt = self.reissue.pop(0) if self.reissue else self._next_prompt()
+            self.leases[lease_id] = (actor_id, now + self.lease_timeout_s, prompt)
+            granted.append((lease_id, prompt))
+        return self.published, granted
+
+    def _next_prompt(self) -> int:
+        if self.next_prompt >= self.prompts_reserved:
+            self.prompts_reserved = self.next_prompt + PROMPT_BLOCK
+            self.log({"prompts_reserved": self.prompts_reserved})
+        self.next_prompt += 1
+        return self.next_prompt - 1
+
+    def fulfilled(self, lease_id: str | None) -> None:
+        """The group of a lease was accepted: the lease is spent."""
+        self.leases.pop(lease_id or "", None)
+
+    def release(self, actor_id: str) -> None:
+        """Drop an actor's leases (it restarted or left); their prompts are handed out again."""
+        for lease_id, (owner, _, prompt) in list(self.leases.items()):
+            if owner == actor_id:
+                del self.leases[lease_id]
+                self.reissue.append(prompt)
+
+    def versions_in_use(self, now: float | None = None) -> list[int]:
+        """Weights versions that actors reported within the lease timeout."""
+        now = time.monotonic() if now is None else now
+        return sorted(
+            {v for v, seen in self.actor_versions.values() if now - seen < self.lease_timeout_s}
+        )
+
+    def metrics(self, now: float | None = None) -> dict[str, float]:
+        now = time.monotonic() if now is None else now
+        full = self.full_s + (now - self.full_since if self.full_since is not None else 0.0)
+        seen = [s for _, s in self.actor_versions.values() if now - s < ACTOR_SEEN_S]
+        return {
+            "buffer/leases": len(self.leases),
+            "buffer/published": self.published,
+            "buffer/full_s": full,
+            "buffer/actors_seen": len(seen),
+        }

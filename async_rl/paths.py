@@ -1,0 +1,176 @@
+"""The run directory: every path of `runs/<name>/`, named once, and its small JSON files.
+
+    runs/<name>/
+      config.toml            the resolved configuration (`RunPaths.config`)
+      metrics.jsonl          one row per global step (the learner writes it)
+      buffer/                Arrow IPC segments and consumed.jsonl (`async_rl.segments`)
+      weights/v000012/       weight versions of the `fs` store (`async_rl.weights`)
+      checkpoints/sft/       the cold start; checkpoints/learner/step-*/: learner checkpoints
+      endpoints/<service>.json   ZeroMQ addresses a service bound ({"ingest": "tcp://..."})
+      control/pids/<name>.pid    the pid of each process of the run
+      control/fleet.json     a fleet size asked for with `async-rl scale`
+      control/actors.json    the fleet size the driver runs (the learner logs it)
+      wandb/, wandb_id       the wandb run, and its id kept across resumes
+      sft_metrics.jsonl      the cold start's loss curve
+      variant.json, train.log    a sweep's run: its variant, and its `async-rl train` output
+
+JSON files are written atomically (write, fsync, rename): a reader sees the old file or the new
+one, never a torn one. Readers check what they read and name the file when it is bad.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The paths of one run directory. Example: `RunPaths(Path("runs/tiny")).buffer`."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def sft_metrics(self) -> Path:
+        return self.root / "sft_metrics.jsonl"
+
+    @property
+    def buffer(self) -> Path:
+        return self.root / "buffer"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "weights"
+
+    @property
+    def sft_checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "sft"
+
+    @property
+    def learner_checkpoints(self) -> Path:
+        return self.root / "checkpoints" / "learner"
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.root / "wandb_id"
+
+    @property
+    def variant(self) -> Path:
+        """A sweep's run: which variant and seed it is (`async-rl sweep`)."""
+        return self.root / "variant.json"
+
+    @property
+    def train_log(self) -> Path:
+        """A sweep's run: the output of its `async-rl train`."""
+        return self.root / "train.log"
+
+    @property
+    def fleet(self) -> Path:
+        """Where `async-rl scale` asks the driver for a fleet size."""
+        return self.root / "control" / "fleet.json"
+
+    @property
+    def actors(self) -> Path:
+        """Where the driver says how many actors the fleet has."""
+        return self.root / "control" / "actors.json"
+
+    def endpoint(self, service: str) -> Path:
+        return self.root / "endpoints" / f"{service}.json"
+
+    def pid(self, name: str) -> Path:
+        return self.root / "control" / "pids" / f"{name}.pid"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write, fsync, rename: a reader sees the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def publish_endpoints(paths: RunPaths, service: str, addresses: dict[str, str]) -> None:
+    """Record the addresses a service bound, for clients started anywhere in the run."""
+    write_json_atomic(paths.endpoint(service), addresses)
+
+
+def read_endpoints(paths: RunPaths, service: str) -> dict[str, str] | None:
+    """A service's addresses, None before it published them; `ValueError` if the file is bad."""
+    path = paths.endpoint(service)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError(f"{path}: expected an object of addresses")
+    return data
+
+
+def wait_for_endpoints(paths: RunPaths, service: str, timeout_s: float = 60.0) -> dict[str, str]:
+    """A service's addresses, once it published them; `TimeoutError` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while (found := read_endpoints(paths, service)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{service} did not publish its endpoints in {paths.root}")
+        time.sleep(0.05)
+    return found
+
+
+def write_pid(paths: RunPaths, name: str) -> None:
+    """`control/pids/<name>.pid` (for operators and fault-injection tests)."""
+    path = paths.pid(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(os.getpid()))
+
+
+def request_fleet(paths: RunPaths, actors: int) -> None:
+    """What `async-rl scale` does: ask the running driver for `actors` actors."""
+    write_json_atomic(paths.fleet, {"actors": actors, "requested_at": time.time()})
+
+
+def read_fleet_request(paths: RunPaths) -> tuple[int, float] | None:
+    """(actors, requested_at) of the last `async-rl scale`, or None (none, or unreadable)."""
+    try:
+        data = json.loads(paths.fleet.read_text())
+        wanted, at = data["actors"], float(data["requested_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (wanted, at) if isinstance(wanted, int) and not isinstance(wanted, bool) else None
+
+
+def write_fleet_size(paths: RunPaths, actors: int) -> None:
+    """The driver says how many actors it runs."""
+    write_json_atomic(paths.actors, {"actors": actors})
+
+
+def read_fleet_size(paths: RunPaths) -> int | None:
+    """The fleet size the driver last set, None if no driver runs this directory."""
+    try:
+        return int(json.loads(paths.actors.read_bytes())["actors"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,240 @@
+"""Builders and process helpers the test modules share (their fixtures are in `conftest.py`).
+
+- groups and buffers: `make_group()`, `new_buffer()`, `BufferClient` (both sides of the buffer);
+- run configurations: `run_config()` (a buffer service's), `pipeline_config()` (a small run of
+  threads in one process), `train_overrides()` (a real `async-rl train`);
+- processes: `launch()` starts `async-rl <command>` in its own session with output to a log,
+  `stop()` ends it (SIGINT, then SIGKILL of its process group) so that nothing it started
+  outlives a test; `spawn()` and `end()` do the same for a service run on its own
+  (`python -m learner.run`); `pid_of()`, `versions()`, `fleet_sizes()`, `wait_for()` read what
+  the run directory says. Tests read run directories by their documented layout, as an
+  outsider would, not through `async_rl.paths`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from async_rl.buffer import ReplayBuffer
+from async_rl.clients import ZmqBatchSource, ZmqRolloutSink
+from async_rl.config import Config, load_config, to_toml
+from async_rl.types import RoutingSpec, Trajectory, group_to_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
+SPEC = RoutingSpec(num_layers=2, top_k=2, num_experts=8)  # the tiny model's
+G = 4
+
+
+# ---------------------------------------------------------------------- groups and buffers
+def make_group(gid: str, version: int, g: int = G, seed: int = 0, routing: bool = True):
+    """A well-formed group of `g` random completions of one prompt, from weights `version`."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(4, 30, size=int(rng.integers(2, 6))).tolist()
+    rows = []
+    for i in range(g):
+        completion = rng.integers(4, 30, size=int(rng.integers(1, 5))).tolist()
+        trace = rng.integers(0, 8, size=(len(prompt) + len(completion) - 1, 2, 2))
+        rows.append(
+            Trajectory(
+                sample_id=f"{gid}-{i}",
+                group_id=gid,
+                prompt_id=f"p-{gid}",
+                actor_id="a0",
+                engine="embedded",
+                policy_version=version,
+                policy_version_max=version,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                behavior_logprobs=(-rng.random(len(completion))).tolist(),
+                routing=trace.astype(np.uint8) if routing else None,
+                reward=float(rng.integers(0, 2)),
+                finish_reason="stop",
+                temperature=1.0,
+                top_p=1.0,
+                quantization="fp8",
+            )
+        )
+    return group_to_batch(rows, SPEC)
+
+
+def new_buffer(root, **kw) -> ReplayBuffer:
+    args = dict(group_size=G, global_batch_groups=2, max_staleness=1, segment_groups=3)
+    args.update(kw)
+    return ReplayBuffer(root, SPEC, vocab_size=32, **args)
+
+
+class BufferClient(ZmqRolloutSink, ZmqBatchSource):
+    """Both sides of a buffer service in one client: what an actor and the learner call."""
+
+
+# ---------------------------------------------------------------------- configurations
+def _written(cfg: Config) -> Config:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+    return cfg
+
+
+def run_config(tmp_path: Path, *overrides: str) -> Config:
+    """A run directory for a buffer service alone: groups of G, 2 per global batch."""
+    base = [f"run.output_dir={tmp_path}", "run.name=r", f"algo.group_size={G}"]
+    base += ["algo.prompts_per_minibatch=2", "buffer.max_staleness=9"]
+    base += ["buffer.segment_groups=4", "buffer.max_message_mib=0.05"]
+    return _written(load_config(None, [*base, *overrides]))
+
+
+def pipeline_config(tmp_path: Path, name: str, *overrides: str) -> Config:
+    """A small run for services in threads of one process: one-digit sums, fp32 actor."""
+    return _written(
+        load_config(
+            None,
+            [
+                f"run.output_dir={tmp_path}",
+                f"run.name={name}",
+                "run.eval_every=0",
+                'task.ops=["+"]',
+                "task.max_digits=1",
+                "task.heldout_size=20",
+                "actor.max_new_tokens=4",
+                "actor.quantization=fp32",
+                "algo.group_size=4",
+                "algo.prompts_per_minibatch=2",
+                "learner.lr=1e-3",
+                "learner.sft_steps=80",
+                "learner.sft_batch_size=32",
+                *overrides,
+            ],
+        )
+    )
+
+
+def train_overrides(tmp_path: Path, start: Path, name: str, steps: int) -> list[str]:
+    """Overrides of a short real `async-rl train` from the checkpoint `start`."""
+    return [
+        f"run.output_dir={tmp_path}",
+        f"run.name={name}",
+        f"run.init_checkpoint={start}",
+        f"run.num_steps={steps}",
+        "run.eval_every=0",
+        "task.heldout_size=16",
+        "algo.group_size=4",
+        "algo.prompts_per_minibatch=2",
+        "actor.max_new_tokens=4",
+        "learner.checkpoint_every=2",
+    ]
+
+
+# ---------------------------------------------------------------------- processes
+def launch(log: Path, *args: str, command: str = "train", env=None) -> subprocess.Popen:
+    """`async-rl <command> ARGS` in a session of its own, stdout and stderr to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "async_rl.app.cli", command, *args],
+            cwd=ROOT,
+            env=env or ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop(proc: subprocess.Popen, timeout: float = 300) -> int:
+    """Ctrl-C the driver and wait; if it does not end, kill its process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    return proc.returncode
+
+
+def spawn(log: Path, module: str, *args) -> subprocess.Popen:
+    """`python -m module ARGS` (a service on its own), in its own session, output to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *map(str, args)],
+            cwd=ROOT,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def end(procs: list[subprocess.Popen], timeout: float = 60) -> None:
+    """SIGTERM each process, wait, then SIGKILL what is left."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
+def pid_of(run_dir: Path, name: str) -> int | None:
+    try:
+        return int((run_dir / "control" / "pids" / f"{name}.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def json_lines(path: Path) -> list[dict]:
+    """Parsed lines of a JSONL file (none if it is missing); a torn line is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_bytes().splitlines():
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def versions(run_dir: Path) -> list[int]:
+    """The version of every complete metrics row, in the order they were written."""
+    return [r["version"] for r in json_lines(run_dir / "metrics.jsonl") if "version" in r]
+
+
+def fleet_sizes(run_dir: Path) -> list[int]:
+    return [r.get("rollout/actors", 0) for r in json_lines(run_dir / "metrics.jsonl")]
+
+
+def wait_for(predicate, timeout: float = 240, proc: subprocess.Popen | None = None, log=None):
+    """Poll `predicate` until it holds; fail if `proc` exits first or `timeout` passes."""
+
+    def tail() -> str:  # a pipe is read only once its writer exited (else it would block)
+        if log:
+            return Path(log).read_text()[-4000:]
+        exited = proc is not None and proc.poll() is not None and proc.stdout is not None
+        return proc.stdout.read()[-4000:] if exited else ""
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited early ({proc.returncode}):\n{tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {predicate.__name__}:\n{tail()}")
+        time.sleep(0.25)
+
+
+def stored_groups(run_dir: Path) -> list[pa.RecordBatch]:
+    """Every group in the buffer's closed segments (pyarrow only)."""
+    tables = [pa.ipc.open_file(p).read_all() for p in sorted((run_dir / "buffer").glob("*.arrow"))]
+    return [b for t in tables for b in t.to_batches()]
