@@ -1,12 +1,19 @@
 """The actor loop: lease prompts, generate G completions each, score, tag, push groups.
 
-    loop:
-        swap to the newest weights version (announcement or store), between generation steps
-        lease <- buffer.lease(count = prompts per step)      None = back-pressure: pause
-        load weights >= lease.min_version if behind          (the buffer's staleness budget)
-        generate G completions for each leased prompt       (engine: embedded | vllm)
-        reward, tag (actor, engine, versions, sampling, quantization), push one Arrow batch per
-        group                                                (a group is one zmq message)
+    actor.batching = "static"                           actor.batching = "continuous"
+    loop:                                               loop, one decode step at a time:
+        swap to the newest weights version                  newer weights? in flight: load now;
+        lease <- buffer.lease(prompts per step)                 between groups: admit nothing new
+            None = back-pressure: pause                         until the running rows finish
+        load weights >= lease.min_version                   lease while rows are free; submit
+        generate every leased group together                    what the weights allow
+        push each group                                     engine.step(); push finished groups
+
+Either way a group is generated from weights >= its lease's `min_version` (the buffer's
+staleness budget), sampled from the seed `group_seed(run, prompt index, version)`, scored, tagged
+(actor, engine, per-token versions, sampling, quantization) and pushed as one Arrow batch, one
+zmq message. With in-flight updates a completion's tokens can come from several versions:
+`policy_version` is the oldest, `policy_version_max` the newest (DESIGN.md section 4).
 
 Prompts come from the buffer's leases: each training prompt index is handed out once, in order,
 whatever the size of the fleet, so actors can join and leave without re-sharding. A killed actor
@@ -30,13 +37,20 @@ from pathlib import Path
 
 import zmq
 
-from actors.engine import Engine, SamplingParams, build_engine
+from actors.engine import (
+    Engine,
+    Generation,
+    GroupRequest,
+    SamplingParams,
+    build_engine,
+    run_to_completion,
+)
 from async_rl.clients import RolloutSink, ZmqRolloutSink
 from async_rl.config import Config, load_config
 from async_rl.messages import ActorStats
 from async_rl.paths import RunPaths, wait_for_endpoints
 from async_rl.security import curve_for
-from async_rl.tasks import Task, task_from_config
+from async_rl.tasks import Problem, Task, task_from_config
 from async_rl.tokenizer import Tokenizer, load_tokenizer
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch
 from async_rl.weights import WeightSubscriber, weight_store
@@ -84,7 +98,10 @@ class Actor:
         self.engine = engine or self._build_engine()
         self.sink.hello(actor_id)  # releases leases an earlier incarnation left behind
         self.stats = ActorStats(version=self.engine.version)
-        self._last_store_check = 0.0
+        self._last_store_check = self._next_lease = 0.0
+        self.pending_version = 0  # the newest version known to be needed or available
+        self.held: list[tuple[str, int, int]] = []  # leased, not submitted: (lease, prompt, min v)
+        self.submitted: dict[str, tuple[GroupRequest, Problem]] = {}  # by lease, until pushed
 
     def _build_engine(self) -> Engine:
         return self._newest(self._engine_at, self._wait_for_version(0))
@@ -128,55 +145,128 @@ class Actor:
                 raise InterruptedError("actor stopped while waiting for weights")
             self.weights.newest(timeout_ms=50)  # wakes up at an announcement
 
+    def _newest_known(self) -> int | None:
+        """The newest version announced since the last call, or (every 2 s, for missed
+        announcements) the store's newest."""
+        newest, now = self.weights.newest(), time.monotonic()
+        if newest is None and now - self._last_store_check > 2.0:
+            newest, self._last_store_check = self.store.latest(), now
+        return newest
+
+    def _load(self, version: int) -> None:
+        """Swap to `version` (or a newer one, if it was collected meanwhile)."""
+        in_flight = self.engine.num_running > 0
+        self._newest(lambda v: self.engine.load_weights(self.store.source(v), v), version)
+        self.stats.weight_swaps += 1
+        self.stats.swaps_in_flight += in_flight
+        self.stats.version = self.engine.version
+
     def sync_weights(self, at_least: int = 0) -> None:
         """Swap to the newest version if a newer one is announced, found, or required."""
         start = time.monotonic()
-        newest = self.weights.newest()
-        now = time.monotonic()
-        if newest is None and now - self._last_store_check > 2.0:
-            newest, self._last_store_check = self.store.latest(), now  # missed announcements
+        newest = self._newest_known()
         if self.engine.version < at_least:
             newest = self._wait_for_version(at_least)
         if newest is not None and newest > self.engine.version:
-            self._newest(lambda v: self.engine.load_weights(self.store.source(v), v), newest)
-            self.stats.weight_swaps += 1
-        self.stats.version = self.engine.version
+            self._load(newest)
         self.stats.weights_s += time.monotonic() - start
 
     def step(self) -> int:
-        """One generation step; returns the number of groups pushed (0 when paused)."""
+        """One step of the loop (module docstring); the number of groups pushed."""
+        if self.cfg.actor.batching == "static":
+            return self._static_step()
+        return self._continuous_step()
+
+    def _static_step(self) -> int:
         self.sync_weights()
         start = time.monotonic()
-        grant = self.sink.lease(
-            self.actor_id, self.prompts_per_step, version=self.engine.version, wait_s=0.5
-        )
+        grant = self._lease(self.prompts_per_step, wait_s=0.5)
         if grant is None:
             self.stats.paused_s += time.monotonic() - start
             return 0
-        leases = grant.leases
         self.sync_weights(at_least=grant.min_version)
         start = time.monotonic()
-        version = self.engine.version
-        problems = [self.task.train_problem(index) for _, index in leases]
-        act = self.cfg.actor
+        requests = [self._request(lease, index) for lease, index in grant.leases]
+        for request, group in zip(requests, run_to_completion(self.engine, requests), strict=True):
+            self._push(request.request_id, group)
+        self.stats.generate_s += time.monotonic() - start
+        return len(requests)
+
+    def _continuous_step(self) -> int:
+        start = time.monotonic()
+        known = self._newest_known()
+        self.pending_version = max(self.pending_version, known or 0)
+        busy = self.engine.num_running + self.engine.num_waiting > 0
+        in_flight = self.cfg.actor.weight_update == "in_flight"
+        if self.pending_version > self.engine.version and (in_flight or not busy):
+            self._load(self.pending_version)
+        self.stats.weights_s += time.monotonic() - start
+        if self.pending_version <= self.engine.version:  # else: the running rows finish first
+            self._admit(busy)
+        if not (self.engine.num_running or self.engine.num_waiting):
+            return 0
+        start = time.monotonic()
+        finished = self.engine.step()
+        for request_id, group in finished:
+            self._push(request_id, group)
+        self.stats.running_rows = self.engine.num_running
+        self.stats.generate_s += time.monotonic() - start
+        return len(finished)
+
+    def _admit(self, busy: bool) -> None:
+        """Lease groups while rows are free (without waiting while others generate); submit
+        those whose `min_version` the engine's weights meet."""
+        g, rows = self.cfg.algo.group_size, self.cfg.actor.max_running_rows
+        free = (rows - self.engine.num_running) // g - self.engine.num_waiting - len(self.held)
+        now = time.monotonic()
+        if free > 0 and (not busy or now >= self._next_lease):
+            grant = self._lease(free, wait_s=0.0 if busy else 0.5)
+            if grant is None:
+                self._next_lease = now + 0.05  # the budget is full: ask again in a while
+                if not busy:
+                    self.stats.paused_s += time.monotonic() - now
+            else:
+                self.held += [(lease, index, grant.min_version) for lease, index in grant.leases]
+        ready = [h for h in self.held if h[2] <= self.engine.version]
+        self.held = [h for h in self.held if h[2] > self.engine.version]
+        for lease, index, _ in ready:
+            self.engine.submit(self._request(lease, index))
+        for _, _, min_version in self.held:  # weights this new are needed first
+            self.pending_version = max(self.pending_version, min_version)
+
+    def _lease(self, count: int, wait_s: float):
+        """Leases for `count` groups (None: pause), saying what this actor is doing."""
+        return self.sink.lease(
+            self.actor_id,
+            count,
+            version=self.engine.version,
+            wait_s=wait_s,
+            running_rows=self.engine.num_running,
+            swaps_in_flight=self.stats.swaps_in_flight,
+        )
+
+    def _request(self, lease: str, index: int) -> GroupRequest:
+        """The engine's request for the leased prompt `index`, at the current weights."""
+        act, version = self.cfg.actor, self.engine.version
         params = SamplingParams(
             temperature=act.temperature,
             top_p=act.top_p,
             max_new_tokens=act.max_new_tokens,
-            seed=group_seed(self.cfg.run.seed, leases[0][1], version),
+            seed=group_seed(self.cfg.run.seed, index, version),
         )
-        prompts = [self.tokenizer.encode_prompt(p.prompt) for p in problems]
-        generations = self.engine.generate(prompts, params, self.cfg.algo.group_size)
-        for (lease, _), problem, prompt, group in zip(
-            leases, problems, prompts, generations, strict=True
-        ):
-            self.sink.push(self._group(problem, prompt, group, version, params), lease)
-            self.stats.groups += 1
-            self.stats.tokens += sum(len(g.tokens) for g in group)
-        self.stats.generate_s += time.monotonic() - start
-        return len(leases)
+        problem = self.task.train_problem(index)
+        prompt = self.tokenizer.encode_prompt(problem.prompt)
+        request = GroupRequest(lease, prompt, self.cfg.algo.group_size, params)
+        self.submitted[lease] = (request, problem)
+        return request
 
-    def _group(self, problem, prompt, group, version, params):
+    def _push(self, lease: str, group: list[Generation]) -> None:
+        request, problem = self.submitted.pop(lease)
+        self.sink.push(self._group(problem, request, group), lease)
+        self.stats.groups += 1
+        self.stats.tokens += sum(len(g.tokens) for g in group)
+
+    def _group(self, problem: Problem, request: GroupRequest, group: list[Generation]):
         group_id = f"{self.actor_id}-{problem.prompt_id}-{uuid.uuid4().hex[:8]}"
         rows = [
             Trajectory(
@@ -185,16 +275,17 @@ class Actor:
                 prompt_id=problem.prompt_id,
                 actor_id=self.actor_id,
                 engine=self.cfg.actor.engine,
-                policy_version=version,
-                policy_version_max=version,  # weights are swapped only between steps
-                prompt_tokens=prompt,
+                policy_version=min(g.versions),
+                policy_version_max=max(g.versions),
+                prompt_tokens=request.prompt,
                 completion_tokens=g.tokens,
                 behavior_logprobs=g.logprobs,
+                token_versions=g.versions,
                 routing=g.routing,
                 reward=self.task.reward(problem, self.tokenizer.decode_completion(g.tokens)),
                 finish_reason=g.finish_reason,
-                temperature=params.temperature,
-                top_p=params.top_p,
+                temperature=request.params.temperature,
+                top_p=request.params.top_p,
                 quantization=self.cfg.actor.quantization,
             )
             for i, g in enumerate(group)

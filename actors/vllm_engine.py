@@ -2,9 +2,11 @@
 
 Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = experts per token.
 
-- Prompts go in as token ids (`TokensPrompt`), nothing is detokenised; a prompt's G samples are
-  one request with `n = G` (vLLM gives sample g the seed `seed + g`, so prompt i is given the
-  seed `params.seed + i * G` and every sample of a call has its own).
+- Groups go in as requests of vLLM's own engine (`llm_engine.add_request`, one `step()` of its
+  scheduler per `step()`): continuous batching is vLLM's. Prompts are token ids
+  (`TokensPrompt`), nothing is detokenised; a group's G samples are one request with `n = G`
+  (vLLM gives sample g the seed `seed + g`, the `Engine` contract). Weights are swapped only
+  between groups (in-flight updates through vLLM's pause/update/resume are not wired yet).
 - Behaviour log-probs: `logprobs_mode="processed_logprobs"` makes vLLM report the log-prob of
   the sampled token under the distribution it sampled from: softmax(logits / T), restricted to
   the top-p nucleus and renormalised. Greedy (T = 0) samples from a point mass: log-prob 0;
@@ -35,7 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.engine import Generation, SamplingParams, capabilities_of
+from actors.engine import (
+    Generation,
+    GroupRequest,
+    SamplingParams,
+    capabilities_of,
+    requests_of,
+    run_to_completion,
+)
 from async_rl.hf_config import check_tensors, read_model_spec
 from async_rl.weights import WeightsSource
 
@@ -69,6 +78,7 @@ class VLLMEngine:
             )
         self.capabilities, self.quantization, self.device = caps, quantization, device
         self.version = 0
+        self.requests: dict[str, tuple[GroupRequest, int]] = {}  # running: (request, version)
         path = Path(checkpoint_dir)
         self.spec = read_model_spec(path)
         self.max_model_len = self.spec.max_positions
@@ -105,50 +115,80 @@ class VLLMEngine:
             torch.set_num_threads = set_num_threads
 
     # ------------------------------------------------------------------ sampling
+    @property
+    def num_running(self) -> int:
+        """Rows of the groups vLLM is generating (its own scheduler admits them)."""
+        return sum(r.num_samples for r, _ in self.requests.values())
+
+    @property
+    def num_waiting(self) -> int:
+        return 0  # vLLM queues what its scheduler cannot run yet: it counts as running here
+
+    def submit(self, request: GroupRequest) -> None:
+        """Queue a group as one vLLM request with `n = G` (sample g: seed `params.seed + g`)."""
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self._check(request)
+        params = request.params
+        greedy = params.temperature == 0
+        sampling = VLLMSamplingParams(
+            n=1 if greedy else request.num_samples,  # vLLM refuses n > 1 greedy copies
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            seed=params.seed,
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=False,
+            skip_special_tokens=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt))
+        self.llm.llm_engine.add_request(request.request_id, prompt, sampling)
+        self.requests[request.request_id] = (request, self.version)
+
+    def _check(self, request: GroupRequest) -> None:
+        if not request.prompt:
+            raise ValueError("prompts: need at least one non-empty prompt")
+        if request.num_samples < 1:
+            raise ValueError(f"num_samples: must be >= 1, got {request.num_samples}")
+        if len(request.prompt) >= self.max_model_len:
+            raise ValueError(
+                f"prompts: a prompt of {len(request.prompt)} tokens leaves no room for a "
+                f"completion in the model's {self.max_model_len}-token context"
+            )
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already running")
+
+    def step(self) -> list[tuple[str, list[Generation]]]:
+        """One step of vLLM's scheduler; the groups that finished."""
+        if not self.requests:
+            return []
+        done = []
+        for out in self.llm.llm_engine.step():
+            if not out.finished:
+                continue
+            request, version = self.requests.pop(out.request_id)
+            greedy = request.params.temperature == 0
+            group = [self._generation(len(request.prompt), c, greedy, version) for c in out.outputs]
+            if greedy:
+                group = [copy.deepcopy(group[0]) for _ in range(request.num_samples)]
+            done.append((out.request_id, group))
+        return done
+
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, num_samples: int
     ) -> list[list[Generation]]:
         """`num_samples` completions of every prompt: outer list per prompt, inner per sample."""
-        from vllm import SamplingParams as VLLMSamplingParams
-        from vllm.inputs import TokensPrompt
-
-        if not prompts or any(not p for p in prompts):
+        if not prompts:
             raise ValueError("prompts: need at least one non-empty prompt")
-        if num_samples < 1:
-            raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
-        too_long = [len(p) for p in prompts if len(p) >= self.max_model_len]
-        if too_long:
-            raise ValueError(
-                f"prompts: {len(too_long)} prompt(s) of {max(too_long)} tokens leave no room "
-                f"for a completion in the model's {self.max_model_len}-token context"
-            )
-        greedy = params.temperature == 0
-        n = 1 if greedy else num_samples  # vLLM refuses n > 1 copies of one greedy sample
-        sampling = [
-            VLLMSamplingParams(
-                n=n,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=params.max_new_tokens,
-                seed=None if params.seed is None else params.seed + i * num_samples,
-                logprobs=0,  # the sampled token's log-prob only
-                detokenize=False,
-                skip_special_tokens=False,
-            )
-            for i in range(len(prompts))
-        ]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False
-        )
-        groups = []
-        for p, out in zip(prompts, outputs, strict=True):
-            group = [self._generation(len(p), c, greedy) for c in out.outputs]
-            groups.append(
-                group if not greedy else [copy.deepcopy(group[0]) for _ in range(num_samples)]
-            )
-        return groups
+        requests = requests_of(prompts, params, num_samples)
+        for request in requests:  # nothing is queued unless every request is good
+            self._check(request)
+        return run_to_completion(self, requests)
 
-    def _generation(self, prompt_len: int, completion, greedy: bool) -> Generation:
+    def _generation(self, prompt_len: int, completion, greedy: bool, version: int) -> Generation:
         tokens = list(completion.token_ids)
         if completion.finish_reason not in FINISH_REASONS:
             raise RuntimeError(f"vLLM finished a request with {completion.finish_reason!r}")
@@ -170,6 +210,7 @@ class VLLMEngine:
         return Generation(
             tokens=tokens,
             logprobs=logprobs,
+            versions=[version] * len(tokens),  # weights are swapped only between groups
             routing=routing,
             finish_reason=completion.finish_reason,
         )
@@ -178,6 +219,11 @@ class VLLMEngine:
     def load_weights(self, source: WeightsSource, version: int) -> None:
         """Reload the weights in place from a Hugging Face checkpoint directory, or from tensors
         by Hugging Face name of the model served; a mismatch is a ValueError, nothing changes."""
+        if self.requests:
+            raise RuntimeError(
+                f"vLLM engine: {len(self.requests)} group(s) are running; its weights are "
+                "swapped only between groups (actor.weight_update = 'between_groups')"
+            )
         if isinstance(source, Mapping):
             tensors = check_tensors(dict(source), self.spec, f"weights of version {version}")
             kwargs = {"weights_iterator": list(tensors.items())}

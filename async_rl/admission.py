@@ -57,6 +57,7 @@ class Admission:
         self.reissue: list[int] = []  # prompts of expired or released leases
         self.full_s, self.full_since = 0.0, None
         self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (version, seen)
+        self.actor_work: dict[str, tuple[int, int]] = {}  # actor -> (running rows, swaps)
 
     def set_published(self, version: int) -> None:
         if version > self.published:
@@ -70,16 +71,19 @@ class Admission:
         count: int = 1,
         version: int | None = None,
         now: float | None = None,
+        work: tuple[int, int] = (0, 0),
     ) -> tuple[int, list[tuple[str, int]]] | None:
         """Up to `count` leases for `actor_id`, or None while actors must pause.
 
         `accepted` is the store's count of groups trained on or waiting. Returns the minimum
         weights version to generate with and, per lease, its id and the index of the training
-        prompt to generate for. `version` is the weights version the actor holds.
+        prompt to generate for. `version` is the weights version the actor holds; `work` its
+        running rows and swaps in flight so far.
         """
         now = time.monotonic() if now is None else now
         if version is not None:
             self.actor_versions[actor_id] = (version, now)
+            self.actor_work[actor_id] = work
         for lease_id, (_, expiry, prompt) in list(self.leases.items()):
             if expiry <= now:
                 del self.leases[lease_id]
@@ -129,10 +133,13 @@ class Admission:
     def metrics(self, now: float | None = None) -> dict[str, float]:
         now = time.monotonic() if now is None else now
         full = self.full_s + (now - self.full_since if self.full_since is not None else 0.0)
-        seen = [s for _, s in self.actor_versions.values() if now - s < ACTOR_SEEN_S]
+        seen = [a for a, (_, s) in self.actor_versions.items() if now - s < ACTOR_SEEN_S]
         return {
             "buffer/leases": len(self.leases),
             "buffer/published": self.published,
             "buffer/full_s": full,
             "buffer/actors_seen": len(seen),
+            # what the actors said of their engines with their last leases
+            "rollout/running_rows": sum(self.actor_work.get(a, (0, 0))[0] for a in seen),
+            "rollout/swaps_in_flight": sum(swaps for _, swaps in self.actor_work.values()),
         }

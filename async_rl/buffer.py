@@ -94,10 +94,16 @@ class ReplayBuffer:
         return self.store.sample(version)
 
     def lease(
-        self, actor_id: str, count: int = 1, version: int | None = None, now: float | None = None
+        self,
+        actor_id: str,
+        count: int = 1,
+        version: int | None = None,
+        now: float | None = None,
+        work: tuple[int, int] = (0, 0),
     ) -> tuple[int, list[tuple[str, int]]] | None:
         """Leases for `actor_id` within the staleness budget (`Admission.lease`)."""
-        return self.admission.lease(actor_id, self.store.num_accepted, count, version, now)
+        accepted = self.store.num_accepted
+        return self.admission.lease(actor_id, accepted, count, version, now, work)
 
     def metrics(self) -> dict[str, float]:
         return {

@@ -180,7 +180,8 @@ class BufferService:
             self._reply(peer, Welcome(rid=rid, published=b.admission.published))
         elif isinstance(request, Lease):
             count = min(request.count, MAX_LEASES)
-            grant = b.lease(request.actor_id, count=count, version=request.version)
+            work = (request.running_rows, request.swaps_in_flight)
+            grant = b.lease(request.actor_id, count=count, version=request.version, work=work)
             if grant is None:
                 return False
             self._reply(peer, Leases(rid=rid, min_version=grant[0], leases=grant[1]))

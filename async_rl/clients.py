@@ -55,9 +55,16 @@ class RolloutSink(Protocol):
         ...
 
     def lease(
-        self, actor_id: str, count: int = 1, version: int | None = None, wait_s: float = 1.0
+        self,
+        actor_id: str,
+        count: int = 1,
+        version: int | None = None,
+        wait_s: float = 1.0,
+        running_rows: int = 0,
+        swaps_in_flight: int = 0,
     ) -> Leases | None:
-        """Leases to generate up to `count` groups, or None: pause for now."""
+        """Leases to generate up to `count` groups, or None: pause for now. The actor reports
+        the weights it holds and what its engine is doing (`async_rl.messages.Lease`)."""
         ...
 
     def push(self, batch: pa.RecordBatch, lease: str | None = None) -> None:
@@ -135,9 +142,22 @@ class ZmqRolloutSink(BufferConnection):
         return self.ask(Hello(actor_id=actor_id), Welcome)[0].published
 
     def lease(
-        self, actor_id: str, count: int = 1, version: int | None = None, wait_s: float = 1.0
+        self,
+        actor_id: str,
+        count: int = 1,
+        version: int | None = None,
+        wait_s: float = 1.0,
+        running_rows: int = 0,
+        swaps_in_flight: int = 0,
     ) -> Leases | None:
-        request = Lease(actor_id=actor_id, count=count, version=version, wait_s=wait_s)
+        request = Lease(
+            actor_id=actor_id,
+            count=count,
+            version=version,
+            wait_s=wait_s,
+            running_rows=running_rows,
+            swaps_in_flight=swaps_in_flight,
+        )
         reply, _ = self.ask(request, Leases, Wait, timeout_s=wait_s + 10)
         return reply if isinstance(reply, Leases) else None
 

@@ -51,11 +51,20 @@ def _f(
 
 # What each engine can do, by (engine, device). Engines declare the same in code (`actors/`);
 # it is repeated here so that a bad combination fails at start-up without importing them.
+# in_flight: swaps weights between decode steps while rows keep generating.
 ENGINE_CAPABILITIES: dict[tuple[str, str], dict[str, Any]] = {
-    ("embedded", "cpu"): {"routing": True, "quantization": ("fp8", "bf16", "fp32")},
-    ("embedded", "cuda"): {"routing": True, "quantization": ("fp8", "bf16", "fp32")},
-    ("vllm", "cpu"): {"routing": False, "quantization": ("bf16", "fp32")},
-    ("vllm", "cuda"): {"routing": True, "quantization": ("fp8", "bf16")},
+    ("embedded", "cpu"): {
+        "routing": True,
+        "quantization": ("fp8", "bf16", "fp32"),
+        "in_flight": True,
+    },
+    ("embedded", "cuda"): {
+        "routing": True,
+        "quantization": ("fp8", "bf16", "fp32"),
+        "in_flight": True,
+    },
+    ("vllm", "cpu"): {"routing": False, "quantization": ("bf16", "fp32"), "in_flight": False},
+    ("vllm", "cuda"): {"routing": True, "quantization": ("fp8", "bf16"), "in_flight": False},
 }
 
 
@@ -129,6 +138,11 @@ class TaskConfig:
     min_digits: int = _f(1, "Fewest digits of an arithmetic operand.", ge=1, le=9)
     max_digits: int = _f(3, "Most digits of an arithmetic operand.", ge=1, le=9)
     heldout_size: int = _f(256, "Size of the fixed held-out set (never trained on).", ge=1)
+    worked: bool = _f(
+        False,
+        "Arithmetic completions write out their working (column sums with carries, partial "
+        "products) before ` =answer`; the reward reads the text after the last `=`.",
+    )
 
 
 @dataclass
@@ -146,6 +160,30 @@ class ActorConfig:
     temperature: float = _f(1.0, "Sampling temperature.", gt=0)
     top_p: float = _f(1.0, "Nucleus sampling mass.", gt=0, le=1)
     max_new_tokens: int = _f(8, "Longest completion, in tokens.", ge=1)
+    batching: str = _f(
+        "static",
+        "`static`: an actor leases a step's prompts and generates them together (a batch waits "
+        "for its longest row); `continuous`: up to max_running_rows rows run at once, new "
+        "prompts join as rows finish, and each group is pushed as soon as it is done.",
+        choices=("static", "continuous"),
+    )
+    max_running_rows: int = _f(
+        256, "Most rows (completions) an actor's engine runs at once (continuous batching).", ge=1
+    )
+    weight_update: str = _f(
+        "between_groups",
+        "When an actor loads a new weights version: `between_groups` (static: between batches; "
+        "continuous: new groups wait while the running ones finish) or `in_flight` (between "
+        "two decode steps: running rows go on with the new weights, each token tagged with "
+        "the version that sampled it; needs batching = continuous).",
+        choices=("between_groups", "in_flight"),
+    )
+    kv_on_swap: str = _f(
+        "keep",
+        "In-flight updates: `keep` the KV entries the old weights computed (PipelineRL) or "
+        "`recompute` them with the new weights.",
+        choices=("keep", "recompute"),
+    )
     autoscale: bool = _f(
         False,
         "Resize the fleet (within min_actors..max_actors) to keep the buffer's fill, the share "
@@ -402,6 +440,8 @@ def _validate_model_and_task(cfg: Config) -> None:
         raise ConfigError("task.reward", "the arithmetic task is scored by 'exact_match'")
     if not t.ops:
         raise ConfigError("task.ops", "needs at least one operator")
+    if t.worked and "-" in t.ops:
+        raise ConfigError("task.ops", "worked solutions (task.worked) are written for + and *")
 
 
 def _validate_actor(cfg: Config) -> None:
@@ -420,6 +460,19 @@ def _validate_actor(cfg: Config) -> None:
             f"{act.engine!r} on {act.device} returns no routing traces; use "
             "'none' or 'r2', or an engine that returns routing",
         )
+    if act.weight_update == "in_flight":
+        if act.batching != "continuous":
+            raise ConfigError(
+                "actor.weight_update",
+                "'in_flight' swaps weights between decode steps of running rows: it needs "
+                "actor.batching = 'continuous'",
+            )
+        if not caps["in_flight"]:
+            raise ConfigError(
+                "actor.weight_update",
+                f"engine {act.engine!r} on {act.device} cannot swap weights in flight; use "
+                "'between_groups'",
+            )
     if not act.min_actors <= act.num_actors <= act.max_actors:
         raise ConfigError(
             "actor.num_actors",

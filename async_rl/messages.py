@@ -9,7 +9,8 @@ with a short reason (the buffer counts rejects by it). Nothing read from a socke
     kind       from -> to (socket)                 header                          payload
     hello      actor -> buffer (DEALER/ROUTER)     actor_id                        -
     lease      actor -> buffer                     actor_id, count, version?,      -
-                                                   wait_s
+                                                   wait_s, running_rows,
+                                                   swaps_in_flight
     group      actor -> buffer (PUSH/PULL)         lease?                          one group
     publish    learner -> buffer                   version                         -
     sample     learner -> buffer                   version, wait_s                 -
@@ -97,6 +98,8 @@ class Lease(Request):
     count: int = 1  # groups wanted; the buffer grants at most 1024 at once
     version: int | None = None  # the weights version the actor holds (garbage collection)
     wait_s: float = _wait("how long the buffer may hold the request before answering `wait`")
+    running_rows: int = 0  # rows the actor's engine is generating (continuous batching)
+    swaps_in_flight: int = 0  # weight versions it loaded under running rows, since it started
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +216,8 @@ class ActorStats:
     groups: int = 0  # groups pushed
     tokens: int = 0  # completion tokens generated
     weight_swaps: int = 0  # weight versions loaded after the first
+    swaps_in_flight: int = 0  # of those, loaded while rows were being generated
+    running_rows: int = 0  # rows the engine ran after its last step (continuous batching)
     paused_s: float = 0.0  # held back by admission (the buffer's staleness budget)
     weights_s: float = 0.0  # waiting for and loading weights
     generate_s: float = 0.0  # generating, scoring and pushing

@@ -104,7 +104,9 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 class ProgressDisplay:
-    """Rich progress bar: step, reward, held-out accuracy, KL, staleness, actors, tokens/s."""
+    """Rich progress bar: step, reward, held-out accuracy, KL, staleness, actors, response
+    lengths (median / 90th percentile), generation tokens/s, running rows and weights versions
+    per completion (continuous batching and in-flight updates)."""
 
     def __init__(self, total: int, enabled: bool):
         self.console = Console(stderr=True)
@@ -135,8 +137,14 @@ class ProgressDisplay:
             f"reward {row.get('rollout/reward_mean', 0):.3f}  acc {acc}  "
             f"kl {row.get('learner/train_infer_kl', 0):.2e}  "
             f"stale {row.get('learner/staleness_mean', 0):.2f}  actors {actors}  "
-            f"{row.get('learner/tokens_per_s', 0):.0f} tok/s"
+            f"len {row.get('rollout/response_len_p50', 0):.0f}/"
+            f"{row.get('rollout/response_len_p90', 0):.0f}  "
+            f"{row.get('rollout/tokens_per_s', 0):.0f} gen tok/s"
         )
+        if row.get("rollout/running_rows"):
+            info += f"  rows {row['rollout/running_rows']:.0f}"
+        if row.get("rollout/versions_per_completion", 1.0) > 1.0:
+            info += f"  vers/compl {row['rollout/versions_per_completion']:.2f}"
         self.progress.update(self.task, completed=row["version"], info=info)
 
     def print(self, text: str) -> None:

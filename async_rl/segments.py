@@ -31,11 +31,18 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from async_rl.types import InvalidGroup, RoutingSpec, check_group, trajectory_schema
+from async_rl.types import (
+    InvalidGroup,
+    RoutingSpec,
+    check_group,
+    schema_diff,
+    trajectory_schema,
+)
 
 log = logging.getLogger(__name__)
 
 LOG = "consumed.jsonl"
+LENGTH_BIN = 8  # `inspect` counts completion lengths in bins of this many tokens
 
 
 @dataclass
@@ -199,6 +206,13 @@ class SegmentStore:
                 self._write_closed(n, read_stream_prefix(path))
             path.unlink()
         for n, batches in scan_segments(self.root):
+            if batches and not batches[0].schema.equals(self.schema):
+                raise ValueError(
+                    f"{_segment_path(self.root, n, '.arrow')}: its trajectories have another "
+                    f"schema ({schema_diff(batches[0].schema, self.schema)}): written by "
+                    "another version of async-rl; continue it with that version, or start a "
+                    "new run (run.name)"
+                )
             for i, batch in enumerate(batches):
                 self._index(batch, n, i)
             self._segment = max(self._segment, n)
@@ -346,6 +360,7 @@ class SegmentStore:
             self._index(batch, segment, index)
             self.counters["ingested"] += 1
             self.counters["bytes_written"] += batch.nbytes
+            self.counters["completion_tokens"] += len(batch.column("completion_tokens").flatten())
 
     # ---------------------------------------------------------------- sampling
     def _load(self, g: Group) -> pa.RecordBatch:
@@ -402,6 +417,7 @@ class SegmentStore:
             "buffer/stored": len(self.by_id),
             "buffer/dropped_stale": self.counters["dropped_stale"],
             "buffer/bytes_written": self.counters["bytes_written"],
+            "buffer/completion_tokens": self.counters["completion_tokens"],
         }
 
     def close(self) -> None:
@@ -414,15 +430,21 @@ def inspect(root: Path) -> dict:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no buffer directory")
     by_version: Counter[int] = Counter()
+    lengths: Counter[int] = Counter()  # completion lengths, in bins of LENGTH_BIN tokens
+    spans: Counter[int] = Counter()  # weights versions per completion
     versions: dict[str, int] = {}
     rows = reward_sum = 0.0
     for _, batches in scan_segments(root):
         for b in batches:
-            v = min(b.column("policy_version").to_pylist())
-            versions[b.column("group_id")[0].as_py()] = v
-            by_version[v] += 1
+            low = b.column("policy_version").to_pylist()
+            versions[b.column("group_id")[0].as_py()] = min(low)
+            by_version[min(low)] += 1
             rows += b.num_rows
             reward_sum += sum(b.column("reward").to_pylist())
+            offsets = b.column("completion_tokens").offsets.to_numpy()
+            lengths.update(int(n) // LENGTH_BIN * LENGTH_BIN for n in offsets[1:] - offsets[:-1])
+            high = b.column("policy_version_max").to_pylist()
+            spans.update(h - v + 1 for v, h in zip(low, high, strict=True))
     staleness: Counter[int] = Counter()
     served, dropped = Counter(), set()
     for e in read_log(root):
@@ -436,6 +458,8 @@ def inspect(root: Path) -> dict:
         "reward_mean": reward_sum / rows if rows else float("nan"),
         "groups_by_version": dict(sorted(by_version.items())),
         "staleness_histogram": dict(sorted(staleness.items())),
+        "response_length_histogram": dict(sorted(lengths.items())),
+        "versions_per_completion": dict(sorted(spans.items())),
         "trained_groups": len(served),
         "dropped_stale": len(dropped),
         "waiting_groups": len(versions.keys() - served.keys() - dropped),

@@ -5,7 +5,9 @@ actors can take disjoint shards (`index = rank + K * j`) without coordinating, a
 actor regenerates exactly the problems it had. Each task also has a fixed held-out set that never
 appears in its training stream.
 
-- `ArithmeticTask`: an unbounded stream of generated problems such as `"347+589="` -> `"936"`.
+- `ArithmeticTask`: an unbounded stream of generated problems such as `"347+589="` -> `"936"`;
+  with `worked=True` the completion writes out its working before the answer (`worked()`), so
+  completions run from about 8 to about 110 tokens, and the reward looks at the final answer.
 - `FileTask`: a user's JSONL or Parquet file with string columns `prompt` and `answer`, cycled
   in epochs, reshuffled (seeded) every epoch.
 
@@ -93,6 +95,10 @@ class ArithmeticTask:
 
     The held-out set has `heldout_size` distinct problems from a separate stream; a training
     draw that collides with it is re-drawn (deterministically, with an attempt counter).
+
+    `worked`: the cold start's completion is `worked(prompt)` (the column-by-column working,
+    then ` =` and the answer), and a completion scores 1 when the text after its last `=` is
+    the answer.
     """
 
     def __init__(
@@ -102,10 +108,13 @@ class ArithmeticTask:
         min_digits: int = 1,
         max_digits: int = 3,
         heldout_size: int = 256,
+        worked: bool = False,
     ):
         ops = tuple(ops)
         if not ops:
             raise ValueError(f"ops: must name at least one of {list(ARITH_OPS)}")
+        if worked and "-" in ops:
+            raise ValueError("ops: worked solutions are written for '+' and '*' only")
         bad = [op for op in ops if op not in ARITH_OPS]
         if bad:
             raise ValueError(f"ops: unknown operator(s) {bad}; allowed: {list(ARITH_OPS)}")
@@ -128,7 +137,7 @@ class ArithmeticTask:
                 f"{min_digits}..{max_digits} digits give only {distinct} distinct problems "
                 f"(at most half may be held out)"
             )
-        self.seed = seed
+        self.seed, self.worked = seed, worked
         self.ops = ops
         self.min_digits = min_digits
         self.max_digits = max_digits
@@ -192,10 +201,65 @@ class ArithmeticTask:
         return list(self._heldout)
 
     def reward(self, problem: Problem, completion: str) -> float:
-        return 1.0 if completion.strip() == problem.answer else 0.0
+        final = completion.rsplit("=", 1)[-1] if self.worked else completion
+        return 1.0 if final.strip() == problem.answer else 0.0
 
     def sft_completion(self, problem: Problem) -> str:
-        return problem.answer
+        return worked(problem.prompt) if self.worked else problem.answer
+
+
+def _columns(a: str, b: str) -> tuple[list[str], str]:
+    """Column addition of two digit strings, right to left: the steps and the sum."""
+    width = max(len(a), len(b))
+    a, b = a.rjust(width, "0"), b.rjust(width, "0")
+    steps, digits, carry = [], [], 0
+    for x, y in zip(reversed(a), reversed(b), strict=True):
+        total = int(x) + int(y) + carry
+        steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}")
+        digits.append(str(total % 10))
+        carry = total // 10
+    result = (str(carry) if carry else "") + "".join(reversed(digits))
+    return steps, result
+
+
+def _times_digit(a: str, d: str) -> tuple[list[str], str]:
+    """`a` times one digit `d`, right to left: the steps and the partial product."""
+    steps, digits, carry = [], [], 0
+    for x in reversed(a):
+        total = int(x) * int(d) + carry
+        steps.append(f"{x}*{d}" + (f"+{carry}" if carry else "") + f"={total}")
+        digits.append(str(total % 10))
+        carry = total // 10
+    result = (str(carry) if carry else "") + "".join(reversed(digits))
+    return steps, str(int(result))
+
+
+def worked(prompt: str) -> str:
+    """The working of `"a+b="` or `"a*b="`, then ` =` and the answer (what the cold start learns).
+
+    A sum is added column by column from the right, each column `x+y(+carry)=total`; a product
+    multiplies by each digit of b the same way (`x*d(+carry)=total`, then ` =partial`), and two
+    partial products are then summed by columns. Examples:
+        worked("347+589=") == "7+9=16 4+8+1=13 3+5+1=9 =936"
+        worked("47*25=") == ("7*5=35 4*5+3=23 =235 7*2=14 4*2+1=9 =94 "
+                             "235+940 5+0=5 3+4=7 2+9=11 =1175")
+    """
+    expr = prompt.rstrip("=")
+    op = "+" if "+" in expr else "*"
+    a, _, b = expr.partition(op)
+    if op == "+":
+        steps, result = _columns(a, b)
+        return " ".join(steps) + f" ={result}"
+    parts, partials = [], []
+    for shift, d in enumerate(reversed(b)):
+        steps, partial = _times_digit(a, d)
+        parts.append(" ".join(steps) + f" ={partial}")
+        partials.append(partial + "0" * shift if partial != "0" else "0")
+    if len(partials) == 1:
+        return parts[0]
+    steps, result = _columns(*partials)
+    addition = f"{partials[0]}+{partials[1]} " + " ".join(steps)
+    return " ".join(parts) + f" {addition} ={int(result)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,12 +479,13 @@ def build_task(
     min_digits: int = 1,
     max_digits: int = 3,
     heldout_size: int = 256,
+    worked: bool = False,
 ) -> Task:
     """The task `kind` ("arithmetic" or "file"); arguments the kind does not use are ignored."""
     if kind == "arithmetic":
         if reward != "exact_match":
             raise ValueError(f"reward: arithmetic tasks use 'exact_match', got {reward!r}")
-        return ArithmeticTask(seed, ops, min_digits, max_digits, heldout_size)
+        return ArithmeticTask(seed, ops, min_digits, max_digits, heldout_size, worked)
     if kind == "file":
         if not str(path):
             raise ValueError("path: a prompt file is required for kind 'file'")
@@ -440,4 +505,5 @@ def task_from_config(cfg: Any) -> Task:
         min_digits=t.min_digits,
         max_digits=t.max_digits,
         heldout_size=t.heldout_size,
+        worked=t.worked,
     )

@@ -67,7 +67,9 @@ class Trajectory:
     """One completion with everything the learner needs and the tags that explain it.
 
     Example: prompt "12+7=" -> completion "19<eos>", reward 1.0, sampled by actor "a0" from
-    weights version 3 (`policy_version = policy_version_max = 3`).
+    weights version 3 (`token_versions = [3, 3, 3]`, `policy_version = policy_version_max = 3`).
+    With in-flight weight updates one completion's tokens can come from several versions:
+    `token_versions = [3, 3, 4]`, `policy_version = 3`, `policy_version_max = 4`.
     """
 
     sample_id: str  # unique per completion, e.g. "a0-17-3"
@@ -75,11 +77,12 @@ class Trajectory:
     prompt_id: str  # the task's id of the prompt, e.g. "arith-train-17"
     actor_id: str  # which actor produced it, e.g. "a0"
     engine: str  # "embedded" | "vllm"
-    policy_version: int  # weights version when generation began
-    policy_version_max: int  # newest version that produced any token (>= policy_version)
+    policy_version: int  # the oldest version that sampled a token: min(token_versions)
+    policy_version_max: int  # the newest: max(token_versions)
     prompt_tokens: list[int]  # [P]
     completion_tokens: list[int]  # [C], eos included when sampled
     behavior_logprobs: list[float]  # [C], log mu(token) of the distribution sampled from
+    token_versions: list[int]  # [C], the weights version that sampled each token
     routing: np.ndarray | None  # [P + C - 1, L, K] expert ids, uint8 (uint16 above 256 experts)
     reward: float  # scalar sequence reward
     finish_reason: str  # "stop" | "length"
@@ -103,6 +106,7 @@ def trajectory_schema(spec: RoutingSpec) -> pa.Schema:
             pa.field("prompt_tokens", pa.list_(pa.int32()), nullable=False),
             pa.field("completion_tokens", pa.list_(pa.int32()), nullable=False),
             pa.field("behavior_logprobs", pa.list_(pa.float32()), nullable=False),
+            pa.field("token_versions", pa.list_(pa.int32()), nullable=False),
             pa.field("routing", spec.arrow_type, nullable=True),
             pa.field("reward", pa.float32(), nullable=False),
             pa.field("finish_reason", pa.string(), nullable=False),
@@ -156,6 +160,7 @@ def group_to_batch(rows: list[Trajectory], spec: RoutingSpec) -> pa.RecordBatch:
     columns["prompt_tokens"] = [r.prompt_tokens for r in rows]
     columns["completion_tokens"] = [r.completion_tokens for r in rows]
     columns["behavior_logprobs"] = [r.behavior_logprobs for r in rows]
+    columns["token_versions"] = [r.token_versions for r in rows]
     columns["created_at"] = [r.created_at_ms for r in rows]
     schema = trajectory_schema(spec)
     arrays = [
@@ -194,6 +199,7 @@ def batch_to_trajectories(batch: pa.RecordBatch | pa.Table, spec: RoutingSpec) -
             prompt_tokens=d["prompt_tokens"][i],
             completion_tokens=d["completion_tokens"][i],
             behavior_logprobs=d["behavior_logprobs"][i],
+            token_versions=d["token_versions"][i],
             routing=traces[i],
             created_at_ms=created[i],
         )
@@ -213,7 +219,7 @@ def check_group(batch: pa.RecordBatch, spec: RoutingSpec, group_size: int) -> No
     """Raise `InvalidGroup` unless `batch` is one well-formed group of `group_size` rows."""
     expected = trajectory_schema(spec)
     if not batch.schema.equals(expected):
-        raise InvalidGroup("schema", _schema_diff(batch.schema, expected))
+        raise InvalidGroup("schema", schema_diff(batch.schema, expected))
     nulls = [f.name for f in expected if f.name != "routing" and batch.column(f.name).null_count]
     if nulls:
         raise InvalidGroup("nulls", f"null values in {nulls}")
@@ -239,6 +245,9 @@ def check_group(batch: pa.RecordBatch, spec: RoutingSpec, group_size: int) -> No
         raise InvalidGroup("lengths", "empty prompt or completion")
     if not (_lengths(batch, "behavior_logprobs") == completion_lens).all():
         raise InvalidGroup("lengths", "behavior_logprobs and completion_tokens differ in length")
+    if not (_lengths(batch, "token_versions") == completion_lens).all():
+        raise InvalidGroup("lengths", "token_versions and completion_tokens differ in length")
+    _check_token_versions(batch, d["policy_version"], d["policy_version_max"])
     prompts = batch.column("prompt_tokens")
     if any(not prompts[i].equals(prompts[0]) for i in range(1, batch.num_rows)):
         raise InvalidGroup("ids", "rows of one group must share prompt_tokens")
@@ -249,6 +258,18 @@ def check_group(batch: pa.RecordBatch, spec: RoutingSpec, group_size: int) -> No
     if not np.isfinite(rewards).all():
         raise InvalidGroup("reward", "reward must be finite")
     _check_routing(batch, spec, prompt_lens + completion_lens - 1)
+
+
+def _check_token_versions(batch: pa.RecordBatch, lows: list[int], highs: list[int]) -> None:
+    for row, (versions, low, high) in enumerate(
+        zip(batch.column("token_versions").to_pylist(), lows, highs, strict=True)
+    ):
+        if min(versions) != low or max(versions) != high:
+            raise InvalidGroup(
+                "version",
+                f"row {row}: token_versions span {min(versions)}..{max(versions)}, but "
+                f"policy_version..policy_version_max is {low}..{high}",
+            )
 
 
 def _lengths(batch: pa.RecordBatch, name: str) -> np.ndarray:
@@ -277,7 +298,8 @@ def _check_routing(batch: pa.RecordBatch, spec: RoutingSpec, positions: np.ndarr
         raise InvalidGroup("routing", f"expert id {int(ids.max())} >= {spec.num_experts}")
 
 
-def _schema_diff(got: pa.Schema, expected: pa.Schema) -> str:
+def schema_diff(got: pa.Schema, expected: pa.Schema) -> str:
+    """The first difference of `got` from `expected`, in words."""
     for f in expected:
         if f.name not in got.names:
             return f"missing column {f.name!r}"

@@ -57,6 +57,7 @@ def make_groups(args, spec: RoutingSpec, prefix: str) -> list[pa.RecordBatch]:
                     prompt_tokens=prompt,
                     completion_tokens=rng.integers(0, 150_000, n).tolist(),
                     behavior_logprobs=(-rng.random(n)).tolist(),
+                    token_versions=[0] * n,
                     routing=rng.integers(
                         0, spec.num_experts, (args.prompt + n - 1, spec.num_layers, spec.top_k)
                     ),

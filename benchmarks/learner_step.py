@@ -84,6 +84,7 @@ def rollouts(checkpoint: Path, num_prompts: int, group_size: int, new_tokens: in
                 prompt_tokens=prompt,
                 completion_tokens=gen.tokens,
                 behavior_logprobs=gen.logprobs,
+                token_versions=gen.versions,
                 routing=gen.routing,
                 reward=float(i % 2),  # nonzero advantages in every group
                 finish_reason=gen.finish_reason,

@@ -216,8 +216,10 @@ def make_start(args, out: Path) -> Path:
     import torch
 
     torch.set_num_threads(args.threads)
-    path = out / "sft"
-    result = run_sft(cfg, load_tokenizer(cfg.model.tokenizer), task_from_config(cfg), path)
+    from async_rl.app.evaluation import evaluate_checkpoint
+
+    path = run_sft(cfg, load_tokenizer(cfg.model.tokenizer), task_from_config(cfg), out / "sft")
+    result = evaluate_checkpoint(cfg, path)
     print(f"cold start: {args.sft_steps} SFT steps, held-out greedy accuracy {result.greedy:.2f}")
     return path
 

@@ -106,3 +106,22 @@ def _pack_routing(column, spec: RoutingSpec, lengths: list[int], width: int):
     for i, length in enumerate(lengths):
         routing[i, :length] = ids[offsets[i] : offsets[i + 1]]
     return torch.from_numpy(routing).to(spec.torch_dtype)
+
+
+def rollout_metrics(table: pa.Table) -> dict[str, float]:
+    """What a global batch says of its rollouts: response lengths (their spread matters for
+    continuous batching) and weights versions per completion (in-flight updates)."""
+    lengths = np.diff(_offsets(table.column("completion_tokens")))
+    low = table.column("policy_version").to_numpy()
+    high = table.column("policy_version_max").to_numpy()
+    return {
+        "rollout/response_len_p50": float(np.percentile(lengths, 50)),
+        "rollout/response_len_p90": float(np.percentile(lengths, 90)),
+        "rollout/response_len_max": int(lengths.max()),
+        "rollout/versions_per_completion": float((high - low + 1).mean()),
+    }
+
+
+def _offsets(column) -> np.ndarray:
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return column.offsets.to_numpy()

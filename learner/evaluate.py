@@ -1,11 +1,16 @@
 """Held-out accuracy of a policy: greedy and avg@k (the mean reward over k samples per prompt).
 
-The learner's model samples for itself here (`sample()`), without an inference engine: batched
-autoregressive sampling that recomputes the whole (short) sequence at every step instead of
-keeping a KV cache, exact and simple, and fast enough for held-out prompts of about 10 tokens
-and completions of a few. Sequences are right-padded: row i is `prompt_i + generated_i`
-followed by padding, so with a causal mask every real token sees exactly its own prefix,
-whatever the other rows' lengths. The actors' engines live in `actors/`.
+    evaluate(generate, tokenizer, task, k=4, temperature=1.0)   any way of generating
+    evaluate_run(model, tokenizer, task, cfg)                   the learner's model itself
+
+`generate(prompts, temperature, repeats)` returns `repeats` completions (token ids) of each
+prompt. An inference engine with a KV cache is the fast way (`actors.engine.engine_generate`;
+`async-rl train` and `async-rl eval` evaluate that way); the learner's model can also sample for
+itself (`sample()`, `model_generate`), without an engine: batched autoregressive sampling that
+recomputes the whole sequence at every step instead of keeping a KV cache, exact and simple,
+and fast enough for prompts of about 10 tokens and completions of a few. Sequences are
+right-padded: row i is `prompt_i + generated_i` followed by padding, so with a causal mask every
+real token sees exactly its own prefix, whatever the other rows' lengths.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from async_rl.config import Config
 from async_rl.tasks import Task
 from async_rl.tokenizer import Tokenizer
 
+# (prompts, temperature, repeats) -> per prompt, `repeats` completions of token ids
+Generate = Callable[[list[list[int]], float, int], list[list[list[int]]]]
+
 
 @dataclass
 class EvalResult:
@@ -28,6 +36,60 @@ class EvalResult:
     num_prompts: int
 
 
+def evaluate(
+    generate: Generate,
+    tokenizer: Tokenizer,
+    task: Task,
+    *,
+    k: int,
+    temperature: float,
+    batch_size: int = 256,
+    limit: int | None = None,
+) -> EvalResult:
+    """Greedy accuracy and avg@k on the task's held-out set (or its first `limit` problems)."""
+    problems = task.heldout()[:limit]
+    greedy_hits, sampled_hits = 0.0, 0.0
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        prompts = [tokenizer.encode_prompt(p.prompt) for p in chunk]
+        for temp, repeats in ((0.0, 1), (temperature, k)):
+            completions = generate(prompts, temp, repeats)
+            hits = sum(
+                task.reward(problem, tokenizer.decode_completion(c))
+                for problem, group in zip(chunk, completions, strict=True)
+                for c in group
+            )
+            if temp == 0.0:
+                greedy_hits += hits
+            else:
+                sampled_hits += hits / k
+    n = max(len(problems), 1)
+    return EvalResult(greedy_hits / n, sampled_hits / n, k, len(problems))
+
+
+def model_generate(
+    model: torch.nn.Module, tokenizer: Tokenizer, max_new_tokens: int, seed: int
+) -> Generate:
+    """The learner's model sampling for itself, one random stream for all the calls."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def generate(prompts: list[list[int]], temperature: float, repeats: int):
+        out = sample(
+            model,
+            [p for p in prompts for _ in range(repeats)],
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            temperature=temperature,
+            generator=generator,
+        )
+        rows = out.completions
+        return [rows[i * repeats : (i + 1) * repeats] for i in range(len(prompts))]
+
+    return generate
+
+
+@torch.no_grad()
 def evaluate_run(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -35,63 +97,16 @@ def evaluate_run(
     cfg: Config,
     limit: int | None = None,
 ) -> EvalResult:
-    """`evaluate` as a run's config sets it: `run.eval_k` samples at the actors' temperature
-    and length, seeded by `run.seed`."""
-    return evaluate(
-        model,
-        tokenizer,
-        task,
-        k=cfg.run.eval_k,
-        temperature=cfg.actor.temperature,
-        max_new_tokens=cfg.actor.max_new_tokens,
-        seed=cfg.run.seed,
-        limit=limit,
-    )
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    tokenizer: Tokenizer,
-    task: Task,
-    *,
-    k: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int = 0,
-    batch_size: int = 256,
-    limit: int | None = None,
-) -> EvalResult:
-    """Greedy accuracy and avg@k on the task's held-out set (or its first `limit` problems)."""
+    """`evaluate` of the learner's model as a run's config sets it: `run.eval_k` samples at
+    the actors' temperature and length, seeded by `run.seed`."""
     was_training = model.training
     model.eval()
-    problems = task.heldout()[:limit]
-    generator = torch.Generator().manual_seed(seed)
-    greedy_hits, sampled_hits = 0.0, 0.0
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        prompts = [tokenizer.encode_prompt(p.prompt) for p in chunk]
-        for temp, repeats in ((0.0, 1), (temperature, k)):
-            out = sample(
-                model,
-                [p for p in prompts for _ in range(repeats)],
-                max_new_tokens=max_new_tokens,
-                eos_id=tokenizer.eos_id,
-                pad_id=tokenizer.pad_id,
-                temperature=temp,
-                generator=generator,
-            )
-            rewards = [
-                task.reward(chunk[i // repeats], tokenizer.decode_completion(c))
-                for i, c in enumerate(out.completions)
-            ]
-            if temp == 0.0:
-                greedy_hits += sum(rewards)
-            else:
-                sampled_hits += sum(rewards) / k
-    model.train(was_training)
-    n = max(len(problems), 1)
-    return EvalResult(greedy_hits / n, sampled_hits / n, k, len(problems))
+    try:
+        generate = model_generate(model, tokenizer, cfg.actor.max_new_tokens, cfg.run.seed)
+        k, temperature = cfg.run.eval_k, cfg.actor.temperature
+        return evaluate(generate, tokenizer, task, k=k, temperature=temperature, limit=limit)
+    finally:
+        model.train(was_training)
 
 
 @dataclass

@@ -45,9 +45,9 @@ from async_rl.tasks import task_from_config
 from async_rl.tokenizer import load_tokenizer
 from async_rl.types import RoutingSpec
 from async_rl.weights import WeightAnnouncer, weight_store
-from learner.batch import PackedBatch, pack
+from learner.batch import PackedBatch, pack, rollout_metrics
 from learner.checkpoint import Snapshot, latest_checkpoint, load_checkpoint
-from learner.evaluate import evaluate_run
+from learner.evaluate import EvalResult, evaluate_run
 from learner.hf import hf_state_dict, import_hf
 from learner.optim import build_optimizer
 from learner.train import TrainStep
@@ -83,7 +83,9 @@ class Background:
 
 class Learner:
     """The learner process of a run (module docstring). `sources` makes its batch sources (the
-    fetch and publish threads have one each); by default the run's buffer service."""
+    fetch and publish threads have one each); by default the run's buffer service.
+    `evaluator(model)` measures held-out accuracy; by default the model samples for itself
+    (`async-rl train` evaluates through an inference engine, `async_rl.app.evaluation`)."""
 
     def __init__(
         self,
@@ -92,6 +94,7 @@ class Learner:
         start: Path,
         ctx: zmq.Context | None = None,
         sources: Callable[[], BatchSource] | None = None,
+        evaluator: Callable[[torch.nn.Module], EvalResult] | None = None,
     ):
         self.cfg, self.paths = cfg, RunPaths(run_dir)
         self.run_dir = self.paths.root
@@ -99,9 +102,13 @@ class Learner:
         self.model, _ = import_hf(start, cfg.model)
         self.tokenizer = load_tokenizer(str(start))
         self.task = task_from_config(cfg)
+        self.evaluator = evaluator or (
+            lambda model: evaluate_run(model, self.tokenizer, self.task, self.cfg)
+        )
         self.optimizer = build_optimizer(self.model, cfg.learner)
         self.step = TrainStep(self.model, self.optimizer, cfg)
         self.version = 0
+        self._last_tokens: tuple[float, float] | None = None  # (time, buffer's token count)
         checkpoint = latest_checkpoint(self.paths.learner_checkpoints)
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, self.model, self.optimizer)
@@ -157,13 +164,24 @@ class Learner:
                 )
         return None
 
-    def fetch(self, version: int) -> tuple[PackedBatch, Batch] | None:
-        """On the fetch thread: the global batch for `version`, packed, and the buffer's reply."""
+    def fetch(self, version: int) -> tuple[PackedBatch, Batch, dict[str, float]] | None:
+        """On the fetch thread: the global batch for `version`, packed, the buffer's reply and
+        the rollout metrics of the batch."""
         got = self.next_batch(version)
         if got is None:
             return None
         table, reply = got
-        return pack(table, RoutingSpec.of(self.cfg.model), self.tokenizer.pad_id), reply
+        rollout = rollout_metrics(table) | self._generation_rate(reply)
+        return pack(table, RoutingSpec.of(self.cfg.model), self.tokenizer.pad_id), reply, rollout
+
+    def _generation_rate(self, reply: Batch) -> dict[str, float]:
+        """`rollout/tokens_per_s`: completion tokens the buffer accepted per second since the
+        previous batch (none across a restart of the buffer, whose counter starts again)."""
+        now, tokens = time.monotonic(), reply.metrics.get("buffer/completion_tokens", 0.0)
+        last, self._last_tokens = self._last_tokens, (now, tokens)
+        if last is None or tokens < last[1] or now <= last[0]:
+            return {}
+        return {"rollout/tokens_per_s": (tokens - last[1]) / (now - last[0])}
 
     def publish(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]):
         """On the publish thread: the store writes the version (manifest last), the
@@ -182,7 +200,7 @@ class Learner:
         waited = time.monotonic() - start
         if got is None:
             return None
-        packed, reply = got
+        packed, reply, rollout = got
         if self.version + 1 < self.cfg.run.num_steps:
             self.fetcher.submit(self.fetch, self.version + 1)  # fetched while this step trains
         metrics = self.step(packed)
@@ -197,7 +215,7 @@ class Learner:
         )
         metrics["publish_time_s"] = time.monotonic() - published
         metrics["wait_time_s"] = waited
-        return self.metrics_row(metrics, reply)
+        return self.metrics_row(metrics, reply) | rollout
 
     def metrics_row(self, metrics: dict, reply: Batch) -> dict:
         """`metrics.jsonl`'s row of this version (DESIGN.md section 8): the step's metrics as
@@ -220,7 +238,7 @@ class Learner:
         return row
 
     def evaluate(self) -> dict[str, float]:
-        result = evaluate_run(self.model, self.tokenizer, self.task, self.cfg)
+        result = self.evaluator(self.model)
         self.model.train()
         return {"eval/accuracy": result.avg_at_k, "eval/greedy_accuracy": result.greedy}
 

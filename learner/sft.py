@@ -19,7 +19,6 @@ from async_rl.config import Config
 from async_rl.paths import RunPaths
 from async_rl.tasks import Problem, Task
 from async_rl.tokenizer import Tokenizer
-from learner.evaluate import EvalResult, evaluate_run
 from learner.hf import export_hf
 from learner.model import build_model
 from learner.optim import lr_multiplier
@@ -53,8 +52,8 @@ def sft_batch(
     return inputs, targets, mask
 
 
-def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=print) -> EvalResult:
-    """Train from scratch for `cfg.learner.sft_steps`, export to `out_dir`, return eval."""
+def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=print) -> Path:
+    """Train from scratch for `cfg.learner.sft_steps`; the checkpoint exported to `out_dir`."""
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, seed=cfg.run.seed)
     model.train()
@@ -97,5 +96,4 @@ def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=pr
                     f"sft step {step + 1}/{cfg.learner.sft_steps}  loss {row['loss']:.4f}  "
                     f"lr {lr:.2e}  {row['elapsed_s']:.0f}s"
                 )
-    export_hf(model, cfg.model, tokenizer, out_dir)
-    return evaluate_run(model, tokenizer, task, cfg)
+    return export_hf(model, cfg.model, tokenizer, out_dir)

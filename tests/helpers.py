@@ -57,6 +57,7 @@ def make_group(gid: str, version: int, g: int = G, seed: int = 0, routing: bool 
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 behavior_logprobs=(-rng.random(len(completion))).tolist(),
+                token_versions=[version] * len(completion),
                 routing=trace.astype(np.uint8) if routing else None,
                 reward=float(rng.integers(0, 2)),
                 finish_reason="stop",

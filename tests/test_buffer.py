@@ -48,7 +48,7 @@ def _with_column(batch: pa.RecordBatch, name: str, values) -> pa.RecordBatch:
     [
         (lambda b: b.slice(0, G - 1), "group_size"),
         (lambda b: b.drop_columns(["reward"]), "schema"),
-        (lambda b: b.cast(b.schema.set(11, pa.field("reward", pa.float64(), False))), "schema"),
+        (lambda b: b.cast(b.schema.set(12, pa.field("reward", pa.float64(), False))), "schema"),
         (lambda b: _with_column(b, "behavior_logprobs", [[-0.1]] * G), "lengths"),
         (lambda b: _with_column(b, "group_id", ["g", "g", "g", "other"]), "ids"),
         (lambda b: _with_column(b, "sample_id", ["s"] * G), "ids"),
@@ -249,14 +249,18 @@ def test_inspect_command_reports_counts_staleness_and_bytes(tmp_path, capsys):
     from async_rl.app.cli import main
 
     buf = new_buffer(tmp_path / "run" / "buffer", segment_groups=3, max_staleness=1)
-    buf.append([(make_group(f"g{i}", i // 2, seed=i), None) for i in range(9)])
+    groups = [make_group(f"g{i}", i // 2, seed=i) for i in range(8)]
+    buf.append([(g, None) for g in groups] + [(_spanning("g8", [4, 5]), None)])
     buf.sample(2)  # drops g0, g1 (version 0); trains on g2, g3 (version 1)
     assert main(["buffer", "inspect", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "groups 9  trajectories 36" in out
     assert "trained on 2  waiting 5  dropped stale 2" in out
-    assert "groups by policy version: 0: 2  1: 2  2: 2  3: 2  4: 1" in out
-    assert "staleness when trained:   1: 2" in out
+    assert "groups by policy version:  0: 2  1: 2  2: 2  3: 2  4: 1" in out
+    assert "staleness when trained:    1: 2" in out
+    assert "completion lengths (from): 0: 36" in out  # make_group's are 1 to 4 tokens long
+    spans = sum(len(c) > 1 for c in _spanning("g8", [4, 5]).column("completion_tokens").to_pylist())
+    assert f"versions per completion:   1: {36 - spans}  2: {spans}" in out
     assert "2 closed, 1 open" in out
     assert main(["buffer", "inspect", str(tmp_path / "missing")]) == 2
 
@@ -270,3 +274,49 @@ def test_inspect_sums_many_versions_into_ranges():
     assert len(pairs) == 10 and pairs[0][0] == "0-100" and pairs[-1][0].endswith("-1000")
     assert sum(int(n) for _, n in pairs) == 8 * 1001
     assert _histogram({0: 3, 1: 5}) == "0: 3  1: 5" and _histogram({}) == "-"
+
+
+def _spanning(gid: str, versions: list[int], seed: int = 0) -> pa.RecordBatch:
+    """A group whose completions' tokens come from several weights versions (in-flight)."""
+    rows = batch_to_trajectories(make_group(gid, min(versions), seed=seed), SPEC)
+    for r in rows:
+        r.token_versions = [
+            versions[min(t, len(versions) - 1)] for t in range(len(r.completion_tokens))
+        ]
+        r.policy_version, r.policy_version_max = min(r.token_versions), max(r.token_versions)
+    return group_to_batch(rows, SPEC)
+
+
+def test_staleness_counts_from_the_oldest_token_of_a_completion(tmp_path):
+    buf = new_buffer(tmp_path, global_batch_groups=1, max_staleness=1)
+    spanning = _spanning("spans-1-3", [1, 3, 3, 3], seed=1)
+    assert batch_to_trajectories(spanning, SPEC)[0].policy_version == 1
+    buf.append([(spanning, None), (make_group("fresh", 3, seed=2), None)])
+    # at learner version 3 the oldest token (version 1) is 2 versions old: dropped, not served
+    assert served_ids(buf.sample(3)) == ["fresh"]
+    assert buf.metrics()["buffer/dropped_stale"] == 1
+
+
+def test_token_versions_must_agree_with_the_policy_versions():
+    good = _spanning("g", [2, 2, 3])
+    check_group(good, SPEC, G)
+    rows = batch_to_trajectories(good, SPEC)
+    rows[0].token_versions = [4] * len(rows[0].completion_tokens)  # newer than its tags say
+    with pytest.raises(InvalidGroup, match="token_versions span"):
+        check_group(group_to_batch(rows, SPEC), SPEC, G)
+    rows = batch_to_trajectories(good, SPEC)
+    rows[1].token_versions = rows[1].token_versions[:-1]
+    with pytest.raises(InvalidGroup, match="token_versions and completion_tokens"):
+        check_group(group_to_batch(rows, SPEC), SPEC, G)
+
+
+def test_a_buffer_of_another_schema_is_refused_by_name_and_left_alone(tmp_path):
+    old = make_group("old", 0).drop_columns(["token_versions"])  # as an older version wrote it
+    (tmp_path / "segment-000001.arrow").write_bytes(b"")
+    with pa.OSFile(str(tmp_path / "segment-000001.arrow"), "wb") as f:
+        with pa.ipc.new_file(f, old.schema) as writer:
+            writer.write_batch(old)
+    before = (tmp_path / "segment-000001.arrow").read_bytes()
+    with pytest.raises(ValueError, match="segment-000001.arrow.*missing column 'token_versions'"):
+        new_buffer(tmp_path)
+    assert (tmp_path / "segment-000001.arrow").read_bytes() == before

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.embedded import EmbeddedEngine, Weight, linear
-from actors.engine import EngineCapabilities, SamplingParams, build_engine
+from actors.embedded import EmbeddedEngine
+from actors.embedded_model import Weight, linear
+from actors.engine import EngineCapabilities, GroupRequest, SamplingParams, build_engine
 from async_rl.config import ENGINE_CAPABILITIES, ActorConfig, ModelConfig
 from async_rl.tokenizer import Tokenizer
 from learner.hf import export_hf, hf_state_dict
@@ -275,3 +276,101 @@ def test_bad_requests_and_engine_choice(ckpts):
     caps = ENGINE_CAPABILITIES[("embedded", "cpu")]
     assert built.capabilities == EngineCapabilities(caps["routing"], caps["quantization"])
     assert built.quantization == "bf16" and built.version == 0
+
+
+@pytest.mark.parametrize("quantization, atol", [("fp32", 1e-5), ("fp8", 1e-2)])
+def test_a_continuous_batch_gives_each_row_the_tokens_it_gets_alone(ckpts, quantization, atol):
+    """Rows join and leave a batch of at most 6 rows; each group samples what it samples alone.
+    (FP8 rounds the activations per token: a value at a rounding boundary may round the other
+    way in a batch, so its log-probs agree to 1e-2, fp32's to 1e-5.)"""
+    engine = EmbeddedEngine(ckpts[0][1], quantization=quantization, max_running_rows=6)
+    requests = [
+        GroupRequest(
+            f"r{i}", PROMPTS[i % 4], 2 + i % 3, SamplingParams(1.0, 0.9, 3 + 2 * i, 50 + i)
+        )
+        for i in range(8)
+    ]
+    for request in requests:
+        engine.submit(request)
+    got, most_running = {}, 0
+    while engine.num_running or engine.num_waiting:
+        got.update(engine.step())
+        most_running = max(most_running, engine.num_running)
+    assert most_running <= 6 and len(got) == len(requests)
+    joined_late = 0
+    for r in requests:
+        (alone,) = EmbeddedEngine(ckpts[0][1], quantization=quantization).generate(
+            [r.prompt], r.params, r.num_samples
+        )
+        for gen, ref in zip(got[r.request_id], alone, strict=True):
+            assert gen.tokens == ref.tokens and gen.versions == [0] * len(gen.tokens)
+            np.testing.assert_allclose(gen.logprobs, ref.logprobs, atol=atol, rtol=0)
+            if quantization == "fp32":
+                np.testing.assert_array_equal(gen.routing, ref.routing)
+        joined_late += r.request_id not in ("r0", "r1")
+    assert joined_late  # groups were admitted while others ran
+
+
+def _swap_mid_completion(path_a, path_b, kv_on_swap, decode_steps=3):
+    """A group of 3 that runs `decode_steps` steps on checkpoint a, then on b (in flight)."""
+    engine = EmbeddedEngine(path_a, quantization="fp32", kv_on_swap=kv_on_swap)
+    request = GroupRequest("g", PROMPTS[1], 3, SamplingParams(1.0, 1.0, 10, seed=7))
+    engine.submit(request)
+    finished = []
+    for _ in range(decode_steps):
+        finished += engine.step()
+    engine.load_weights(path_b, version=1)
+    assert engine.num_running == 3  # the swap happened in flight
+    while engine.num_running:
+        finished += engine.step()
+    ((_, group),) = finished
+    return group
+
+
+def test_a_completion_across_a_swap_carries_both_versions_with_kept_kv(ckpts):
+    """kv_on_swap = keep: every token's log-prob is that of its own version's weights, attending
+    to the KV entries the weights of their time computed (teacher-forced, float64 comparison)."""
+    from actors.embedded_model import Model
+    from async_rl.hf_config import read_model_spec
+
+    (_, path_a), (_, path_b) = ckpts
+    group = _swap_mid_completion(path_a, path_b, "keep")
+    spec = read_model_spec(path_a)
+    models = [
+        Model(spec, load_file(p / "model.safetensors"), "fp32", torch.device("cpu"))
+        for p in (path_a, path_b)
+    ]
+    prompt = PROMPTS[1]
+    for gen in group:
+        k = gen.versions.index(1)  # the first token drawn by the new weights
+        assert gen.versions == [0] * k + [1] * (len(gen.tokens) - k) and k == 4
+        inputs = prompt + gen.tokens[:-1]
+        cache = models[0].new_cache(1)
+        with torch.inference_mode():
+            # old weights: the prompt and the tokens fed before the swap (positions < P + k - 1)
+            old = len(prompt) + k - 1
+            h_old, _ = models[0].forward(
+                torch.tensor([inputs[:old]]), torch.arange(old)[None], cache
+            )
+            rest = torch.arange(old, len(inputs))[None]
+            h_new, _ = models[1].forward(torch.tensor([inputs[old:]]), rest, cache)
+            logits = torch.cat([models[0].logits(h_old[0]), models[1].logits(h_new[0])])
+        logp = torch.log_softmax(logits[len(prompt) - 1 :].double(), -1)
+        expected = logp[torch.arange(len(gen.tokens)), gen.tokens]
+        torch.testing.assert_close(torch.tensor(gen.logprobs).double(), expected, atol=1e-5, rtol=0)
+
+
+def test_a_completion_across_a_swap_with_recomputed_kv_matches_the_learner(ckpts):
+    """kv_on_swap = recompute: tokens after the swap are those of the new weights over the whole
+    sequence, as the learner's torchtitan model computes them (an independent implementation)."""
+    (model_a, path_a), (model_b, path_b) = ckpts
+    group = _swap_mid_completion(path_a, path_b, "recompute")
+    prompt = PROMPTS[1]
+    for gen in group:
+        k = gen.versions.index(1)
+        seq = torch.tensor([prompt + gen.tokens[:-1]])
+        with torch.no_grad():
+            logp = [torch.log_softmax(m(seq)[0].double(), -1) for m in (model_a, model_b)]
+        for t, (token, version) in enumerate(zip(gen.tokens, gen.versions, strict=True)):
+            expected = logp[version][len(prompt) - 1 + t, token].item()
+            assert abs(gen.logprobs[t] - expected) < 1e-4, (t, k)

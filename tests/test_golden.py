@@ -79,6 +79,7 @@ def record_batch() -> None:
                 prompt_tokens=prompt,
                 completion_tokens=gen.tokens,
                 behavior_logprobs=gen.logprobs,
+                token_versions=[g % 2] * len(gen.tokens),
                 routing=gen.routing,
                 reward=float((3 * g + i) % 3 == 0),
                 finish_reason=gen.finish_reason,

@@ -62,6 +62,7 @@ def rollouts(actor_model, num_groups=4, seed=0, noise=0.0):
                     prompt,
                     c,
                     lp,
+                    [0] * len(c),
                     trace.experts[0].numpy(),
                     float(i % 2),  # mixed rewards: nonzero advantages
                     fr,

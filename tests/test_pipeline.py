@@ -36,19 +36,28 @@ def test_async_run_trains_publishes_and_respects_staleness(tmp_path, cold_start,
     assert (cfg.run_dir / "checkpoints" / "learner").exists()
 
 
+MODES = {
+    "static": [],
+    "continuous": ["actor.batching=continuous"],
+    "in-flight": ["actor.batching=continuous", "actor.weight_update=in_flight"],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_k0_one_minibatch_is_a_synchronous_generate_then_train_loop(
-    tmp_path, cold_start, train_in_threads
+    tmp_path, cold_start, train_in_threads, mode
 ):
     """K = 0, N = 1: the learner trains on exactly the samples, and computes exactly the losses,
-    of a loop that generates a global batch with the current weights, trains on it, repeats."""
+    of a loop that generates a global batch with the current weights, trains on it, repeats,
+    however the actor batches its rows and swaps its weights."""
     steps = 3
-    cfg = pipeline_config(tmp_path, "k0", f"run.num_steps={steps}", "buffer.max_staleness=0")
+    overrides = [f"run.num_steps={steps}", "buffer.max_staleness=0", *MODES[mode]]
+    cfg = pipeline_config(tmp_path, "k0", *overrides, "actor.max_running_rows=12")
     rows, _, _ = train_in_threads(cfg, cold_start)
     spec = RoutingSpec.of(cfg.model)
     stored = pa.concat_tables(
         pa.ipc.open_file(p).read_all() for p in sorted((cfg.run_dir / "buffer").glob("*.arrow"))
     )
-
     model, _ = import_hf(cold_start, cfg.model)
     step = TrainStep(model, build_optimizer(model, cfg.learner), cfg)  # as the learner builds it
     task, tok = task_from_config(cfg), Tokenizer.arithmetic()
@@ -56,13 +65,18 @@ def test_k0_one_minibatch_is_a_synchronous_generate_then_train_loop(
     for v in range(steps):
         weights = export_hf(model, cfg.model, tok, tmp_path / f"sync-v{v}")
         engine = EmbeddedEngine(weights, quantization="fp32")
-        problems = [task.train_problem(i) for i in range(v * b, (v + 1) * b)]
-        params = SamplingParams(1.0, 1.0, cfg.actor.max_new_tokens, group_seed(0, v * b, v))
-        groups = engine.generate([tok.encode_prompt(p.prompt) for p in problems], params, g)
+        expected = {}
+        for i in range(v * b, (v + 1) * b):  # generate with these weights, then train
+            problem = task.train_problem(i)
+            params = SamplingParams(1.0, 1.0, cfg.actor.max_new_tokens, group_seed(0, i, v))
+            (group,) = engine.generate([tok.encode_prompt(problem.prompt)], params, g)
+            expected[problem.prompt_id] = [gen.tokens for gen in group]
         served = stored.filter(pc.equal(stored["policy_version"], v))
-        assert [r.completion_tokens for r in batch_to_trajectories(served, spec)] == [
-            gen.tokens for group in groups for gen in group
-        ], f"step {v}: different samples"
+        got = {}
+        for r in batch_to_trajectories(served, spec):
+            got.setdefault(r.prompt_id, []).append(r.completion_tokens)
+            assert r.token_versions == [v] * len(r.completion_tokens)
+        assert got == expected, f"step {v}: different samples"
         packed = pack(served, spec, pad_id=0)
         assert step(packed)["loss"] == rows[v]["learner/loss"], f"step {v}: different loss"
 
@@ -122,3 +136,36 @@ def test_an_actor_on_a_store_of_tensors_builds_from_the_start_and_swaps_them(
         actor.start = None
         with pytest.raises(ValueError, match="starting checkpoint"):
             actor._build_engine()
+
+
+def test_an_in_flight_actor_swaps_weights_under_running_rows(tmp_path, start, run_services):
+    """Continuous batching with in-flight updates: a version published while rows run is loaded
+    between two decode steps; those rows' later tokens carry it, earlier ones the old version."""
+    cfg = pipeline_config(
+        tmp_path,
+        "inflight",
+        "actor.batching=continuous",
+        "actor.weight_update=in_flight",
+        "actor.max_new_tokens=10",
+        "buffer.max_staleness=3",
+    )
+    with run_services(cfg, start) as (learner, actor):
+        pushed = []
+        push = actor.sink.push
+        actor.sink.push = lambda batch, lease: (pushed.append(batch), push(batch, lease))
+        actor.step()  # leases, admits, prefills and decodes once
+        running = actor.engine.num_running
+        assert running > 0
+        model, _ = import_hf(start, cfg.model)
+        learner.store.publish(1, hf_state_dict(model, cfg.model))
+        actor._last_store_check = 0.0  # as if the store's newest were checked now
+        while actor.engine.num_running or actor.engine.num_waiting:
+            actor.step()
+    assert actor.stats.swaps_in_flight == 1 and actor.engine.version == 1
+    rows = [r for b in pushed for r in batch_to_trajectories(b, RoutingSpec.of(cfg.model))]
+    spanning = [r for r in rows if r.policy_version_max > r.policy_version]
+    assert len(spanning) == running  # every row running at the swap finished on version 1
+    for r in spanning:
+        k = r.token_versions.index(1)
+        assert r.token_versions == [0] * k + [1] * (len(r.completion_tokens) - k) and k >= 2
+        assert (r.policy_version, r.policy_version_max) == (0, 1)

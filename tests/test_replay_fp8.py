@@ -80,6 +80,7 @@ def setup(tmp_path_factory):
                 prompt_tokens=prompt,
                 completion_tokens=gen.tokens,
                 behavior_logprobs=gen.logprobs,
+                token_versions=gen.versions,
                 routing=gen.routing,
                 reward=float(i % 2),  # synthetic: nonzero advantages in every group
                 finish_reason=gen.finish_reason,

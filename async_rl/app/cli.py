@@ -112,26 +112,24 @@ def _print_eval(label: str, result) -> None:
 
 
 def cmd_sft(cfg: Config) -> Path:
+    from async_rl.app.evaluation import evaluate_checkpoint
     from learner.sft import run_sft
 
     tokenizer, task = _setup(cfg)
     out_dir = RunPaths(cfg.run_dir).sft_checkpoint
     start = time.monotonic()
-    result = run_sft(cfg, tokenizer, task, out_dir)
+    run_sft(cfg, tokenizer, task, out_dir)
     print(f"cold start done in {time.monotonic() - start:.0f}s; checkpoint: {out_dir}")
-    _print_eval("held-out", result)
+    _print_eval("held-out", evaluate_checkpoint(cfg, out_dir))
     return out_dir
 
 
 def cmd_eval(cfg: Config, checkpoint: str, limit: int | None) -> None:
-    from async_rl.tokenizer import load_tokenizer
-    from learner.evaluate import evaluate_run
-    from learner.hf import import_hf
+    from async_rl.app.evaluation import evaluate_checkpoint
 
-    _, task = _setup(cfg)
-    model, _ = import_hf(checkpoint)
+    _setup(cfg)
     start = time.monotonic()
-    result = evaluate_run(model, load_tokenizer(checkpoint), task, cfg, limit=limit)
+    result = evaluate_checkpoint(cfg, checkpoint, limit=limit)
     _print_eval(f"{checkpoint} ({time.monotonic() - start:.0f}s)", result)
 
 
@@ -205,8 +203,11 @@ def cmd_buffer_inspect(run_dir: Path) -> None:
         f"  segments {info['segments']} closed, {info['open_segments']} open; "
         f"{info['bytes_on_disk'] / 2**20:.2f} MiB on disk"
     )
-    print("  groups by policy version: " + _histogram(info["groups_by_version"]))
-    print("  staleness when trained:   " + _histogram(info["staleness_histogram"]))
+    print("  groups by policy version:  " + _histogram(info["groups_by_version"]))
+    print("  staleness when trained:    " + _histogram(info["staleness_histogram"]))
+    lengths = _histogram(info["response_length_histogram"])
+    print(f"  completion lengths (from): {lengths}")
+    print("  versions per completion:   " + _histogram(info["versions_per_completion"]))
 
 
 def _histogram(counts: dict[int, int], bins: int = 10) -> str:

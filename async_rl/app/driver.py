@@ -105,10 +105,12 @@ class BufferWorker(_Threaded):
 
 class LearnerWorker(_Threaded):
     def __init__(self, run_dir: str, start: str):
+        from async_rl.app.evaluation import EngineEvaluator
         from learner.run import Learner
 
         cfg = _setup_process(run_dir, "learner")
-        self.learner = Learner(cfg, Path(run_dir), Path(start))
+        evaluator = EngineEvaluator(cfg, start) if cfg.run.eval_every else None
+        self.learner = Learner(cfg, Path(run_dir), Path(start), evaluator=evaluator)
         self._start(self.learner.run)
 
     def stop(self) -> None:
@@ -353,8 +355,8 @@ def _interrupt(signum, frame) -> None:
 
 
 class _Metrics:
-    """What the driver keeps of `metrics.jsonl` (only what the summary and the autoscaler need:
-    a run of days must not grow the driver), and the actors' throughput between rows."""
+    """What the driver keeps of `metrics.jsonl`: only what the summary and the autoscaler need
+    (a run of days must not grow the driver)."""
 
     def __init__(self, path: Path):
         from async_rl.metrics import MetricsTail
@@ -363,18 +365,11 @@ class _Metrics:
         self.tail.read()  # a resumed run's earlier steps are already logged
         self.rows: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self.accuracy: list[float] = []  # held-out accuracy of this session's evaluations
-        self.last_tokens, self.last_time = 0, time.monotonic()
 
-    def new_rows(self, run: Run) -> list[dict[str, Any]]:
-        """Rows written since the last call, with `rollout/tokens_per_s` of the actors."""
+    def new_rows(self) -> list[dict[str, Any]]:
+        """Rows written since the last call."""
         new = self.tail.read()
-        if new:
-            tokens = sum(s.tokens for s in run.actor_stats().values())
-            now = time.monotonic()
-            rate = max(tokens - self.last_tokens, 0) / max(now - self.last_time, 1e-9)
-            self.last_tokens, self.last_time = tokens, now
         for row in new:
-            row["rollout/tokens_per_s"] = rate
             self.keep(row)
         return new
 
@@ -409,7 +404,7 @@ def _supervise(run: Run, metrics: _Metrics, wandb, display) -> None:
     heartbeat of every process, the fleet's size."""
     fleet = _Fleet(run.cfg, run.paths)
     while True:
-        for row in metrics.new_rows(run):
+        for row in metrics.new_rows():
             wandb.log(row)
             display.update(row, len(run.actors))
         for event in run.poll():

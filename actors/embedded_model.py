@@ -1,0 +1,279 @@
+"""The embedded engine's model: Qwen3-MoE in plain PyTorch, FP8 W8A8 emulation, a KV cache.
+
+Shape legend: B = rows, T = positions in this forward, S = cache positions, D = hidden size,
+V = vocabulary, H = query heads, J = key/value heads, Dh = head size, E = experts, K = experts
+per token, F = expert hidden size, L = MoE layers, N = tokens in this forward (B * T),
+R = routed (token, expert) pairs (N * K).
+
+The model is Hugging Face's `Qwen3MoeForCausalLM`, read from the checkpoint directory the
+learner exports (config.json, read by `async_rl.hf_config`, and safetensors with per-expert
+keys): RMSNorm, q/k norm, RoPE, grouped-query attention (SDPA), every layer a sparse MoE with a
+softmax router, top-k, renormalised top-k weights (`norm_topk_prob`), SiLU-gated experts,
+untied lm_head.
+
+- KV cache: per layer, keys and values `[B, J, S, Dh]`, one row per sequence; a token at
+  position p (its RoPE position, counted from the row's first token) is cached at index p and
+  attends to indices 0..p of its row. Rows are therefore independent: each has its own length,
+  a row can join or leave a batch between forwards (continuous batching, `actors.embedded`),
+  and right padding never reaches a real token.
+- Precision (`quantization`): `fp32`; `bf16` (weights and activations, as vLLM's
+  `dtype="bfloat16"`); `fp8` = W8A8 as vLLM's `quantization="fp8"`: the attention projections
+  (q, k, v, o) and the experts hold float8 e4m3 weights with one scale per output channel
+  (amax / 448), and activations are quantized to e4m3 per token before each of those matmuls.
+  The router gate, embeddings, norms, attention itself and lm_head stay in high precision, as in
+  vLLM, whose Qwen3-MoE builds the gate with `quant_config=None` and whose `Fp8Config` quantizes
+  only `LinearBase` layers and `FusedMoE` (the lm_head is a `ParallelLMHead`). Unlike vLLM, the
+  high-precision part computes in fp32, not bf16: CPUs without bf16 units run bf16 matmuls about
+  10x slower. So `fp8` here is the quantization error alone; vLLM's adds bf16's (about half as
+  large again in KL on the tiny model, `benchmarks/fp8_mismatch.py`).
+- FP8 matmuls are emulated: e4m3 values dequantized and multiplied in fp32, which is what
+  `torch._scaled_mm` computes with row-wise scales (it runs on CPU in torch 2.13 and agrees to
+  the last bit on these shapes, but is 1.2-4x slower, the most on decode-sized batches).
+- Routing: the top-k expert ids (the router's sorted order) of every MoE layer for every
+  position run forward.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from async_rl.hf_config import ModelSpec, check_tensors
+
+Cache = list[tuple[torch.Tensor, torch.Tensor]]
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float32}
+# ---------------------------------------------------------------------------------------------
+# Checkpoint
+
+
+def read_tensors(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (single or sharded safetensors), checked against `spec`."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+    else:
+        files = ["model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            tensors |= load_file(path / name)
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{path / name}: cannot read safetensors weights ({e})") from None
+    return check_tensors(tensors, spec, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values and float32 scales (amax / 448) along the last dim: per row / output channel."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fake_quant_rows(x_ND: torch.Tensor) -> torch.Tensor:
+    """Per-token dynamic e4m3 quantization of activations, returned dequantized (fp32)."""
+    q, scale = quantize_fp8(x_ND)
+    return q.float() * scale
+
+
+class Weight:
+    """A matmul weight `[..., O, I]` in the engine's precision.
+
+    In fp8, `data` holds the e4m3 values and `scale` `[..., O, 1]` one float32 scale per output
+    channel; `matrix` is their product in fp32, the operand of the emulated W8A8 matmul.
+    """
+
+    def __init__(self, weight: torch.Tensor, quantization: str, device: torch.device):
+        self.fp8 = quantization == "fp8"
+        if self.fp8:
+            self.data, self.scale = quantize_fp8(weight.to(device))
+            self.matrix = self.data.float() * self.scale
+        else:
+            self.data, self.scale = weight.to(device, DTYPES[quantization]), None
+            self.matrix = self.data
+
+
+def linear(x: torch.Tensor, w: Weight, index: int | None = None) -> torch.Tensor:
+    """x W^T (W = `w.matrix[index]` for stacked expert weights); W8A8 when `w` is fp8."""
+    matrix = w.matrix if index is None else w.matrix[index]
+    return F.linear(fake_quant_rows(x) if w.fp8 else x, matrix)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's Qwen3 RMSNorm: normalise in fp32, cast back, scale."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotate(x_BHTD: torch.Tensor, cos_B1TD: torch.Tensor, sin_B1TD: torch.Tensor) -> torch.Tensor:
+    """RoPE, Hugging Face's rotate-half layout."""
+    half = x_BHTD.shape[-1] // 2
+    rotated = torch.cat((-x_BHTD[..., half:], x_BHTD[..., :half]), dim=-1)
+    return x_BHTD * cos_B1TD + rotated * sin_B1TD
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor  # [D]
+    ffn_norm: torch.Tensor  # [D]
+    qkv: Weight  # [(H + 2J) Dh, D], q, k and v stacked (per-channel scales are unaffected)
+    o: Weight  # [D, H Dh]
+    q_norm: torch.Tensor  # [Dh]
+    k_norm: torch.Tensor  # [Dh]
+    gate: torch.Tensor  # [E, D] router, never quantized
+    gate_up: Weight  # [E, 2F, D], gate_proj and up_proj stacked
+    down: Weight  # [E, D, F]
+
+
+class Model:
+    """The weights of one checkpoint and the forward pass over a KV cache."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        t: dict[str, torch.Tensor],
+        quantization: str,
+        device: torch.device,
+    ):
+        """`t`: checked Hugging Face tensors (`check_tensors`); quantized here in fp8."""
+        self.spec = spec
+        dtype = DTYPES[quantization]
+        self.dtype, self.device = dtype, device
+
+        def hp(key: str) -> torch.Tensor:  # high precision: embeddings, norms, router, lm_head
+            return t[key].to(device, dtype)
+
+        self.embed = hp("model.embed_tokens.weight")
+        self.lm_head = self.embed if spec.tie_embeddings else hp("lm_head.weight")
+        self.norm = hp("model.norm.weight")
+        self.layers = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}."
+            experts = [f"{p}mlp.experts.{e}." for e in range(spec.num_experts)]
+            gate_up = torch.stack(
+                [torch.cat([t[e + "gate_proj.weight"], t[e + "up_proj.weight"]]) for e in experts]
+            )
+            down = torch.stack([t[e + "down_proj.weight"] for e in experts])
+            qkv = torch.cat([t[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+            self.layers.append(
+                Layer(
+                    attn_norm=hp(p + "input_layernorm.weight"),
+                    ffn_norm=hp(p + "post_attention_layernorm.weight"),
+                    qkv=Weight(qkv, quantization, device),
+                    o=Weight(t[p + "self_attn.o_proj.weight"], quantization, device),
+                    q_norm=hp(p + "self_attn.q_norm.weight"),
+                    k_norm=hp(p + "self_attn.k_norm.weight"),
+                    gate=hp(p + "mlp.gate.weight"),
+                    gate_up=Weight(gate_up, quantization, device),
+                    down=Weight(down, quantization, device),
+                )
+            )
+        half = torch.arange(0, spec.head_dim, 2, device=device, dtype=torch.float32)
+        self.inv_freq = 1.0 / (spec.rope_theta ** (half / spec.head_dim))
+
+    def new_cache(self, rows: int) -> Cache:
+        """Per layer, key and value caches `[B, J, S, Dh]` for `rows` rows of the model's
+        whole context (S = max_position_embeddings)."""
+        shape = (rows, self.spec.num_kv_heads, self.spec.max_positions, self.spec.head_dim)
+        return [
+            tuple(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in "kv")
+            for _ in self.layers
+        ]
+
+    def forward(
+        self, tokens_BT: torch.Tensor, positions_BT: torch.Tensor, cache: Cache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `tokens_BT` at their positions `positions_BT` (each row's own, from 0), caching
+        them at those indices of `cache`; hidden states `[B, T, D]` after the final norm, and
+        routing `[B, T, L, K]`. A token attends to its row's cache indices 0..its position."""
+        s = self.spec
+        x_BTD = self.embed[tokens_BT]
+        freqs = positions_BT.float()[..., None] * self.inv_freq  # [B, T, Dh / 2]
+        angles_B1TD = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = angles_B1TD.cos().to(self.dtype), angles_B1TD.sin().to(self.dtype)
+        width = int(positions_BT.max()) + 1  # cache indices any token here attends to
+        columns_S = torch.arange(width, device=tokens_BT.device)
+        mask_B1TS = (columns_S <= positions_BT[..., None])[:, None]
+        rows_BT = torch.arange(tokens_BT.shape[0], device=tokens_BT.device)[:, None]
+        where = (rows_BT.expand_as(positions_BT), positions_BT, width)
+        routing = []
+        for layer, kv_cache in zip(self.layers, cache, strict=True):
+            h_BTD = rms_norm(x_BTD, layer.attn_norm, s.norm_eps)
+            x_BTD = x_BTD + self._attention(layer, h_BTD, cos, sin, mask_B1TS, kv_cache, where)
+            h_BTD = rms_norm(x_BTD, layer.ffn_norm, s.norm_eps)
+            moe_ND, ids_NK = self._moe(layer, h_BTD.reshape(-1, s.dim))
+            x_BTD = x_BTD + moe_ND.view_as(x_BTD)
+            routing.append(ids_NK.view(*tokens_BT.shape, s.top_k))
+        return rms_norm(x_BTD, self.norm, s.norm_eps), torch.stack(routing, dim=2)
+
+    def logits(self, h_BD: torch.Tensor) -> torch.Tensor:
+        """Next-token logits `[B, V]` (float32) from final hidden states."""
+        return F.linear(h_BD, self.lm_head).float()
+
+    def _attention(self, layer, h_BTD, cos, sin, mask_B1TS, kv_cache, where):
+        s = self.spec
+        B, T, _ = h_BTD.shape
+        rows_BT, positions_BT, width = where
+        q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        q, k, v = linear(h_BTD, layer.qkv).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q_BHTD = rms_norm(q.view(B, T, -1, s.head_dim), layer.q_norm, s.norm_eps).transpose(1, 2)
+        k_BJTD = rms_norm(k.view(B, T, -1, s.head_dim), layer.k_norm, s.norm_eps).transpose(1, 2)
+        keys, values = kv_cache
+        # advanced indices around a slice: the indexed view is [B, T, J, Dh]
+        keys[rows_BT, :, positions_BT] = rotate(k_BJTD, cos, sin).transpose(1, 2)
+        values[rows_BT, :, positions_BT] = v.view(B, T, -1, s.head_dim)
+        out_BHTD = F.scaled_dot_product_attention(
+            rotate(q_BHTD, cos, sin),
+            keys[:, :, :width],
+            values[:, :, :width],
+            attn_mask=mask_B1TS,
+            enable_gqa=True,
+        )
+        return linear(out_BHTD.transpose(1, 2).reshape(B, T, q_dim), layer.o)
+
+    def _moe(self, layer: Layer, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse MoE: softmax router, top-k, SiLU-gated experts; output and ids `[N, K]`."""
+        s = self.spec
+        probs_NE = torch.softmax(F.linear(x_ND, layer.gate).float(), dim=-1)
+        weights_NK, ids_NK = probs_NE.topk(s.top_k, dim=-1)  # sorted, as HF and vLLM
+        if s.norm_topk_prob:
+            weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
+        # Group the (token, expert) pairs by expert; each expert runs one matmul on its slice.
+        flat_R = ids_NK.reshape(-1)
+        order_R = flat_R.argsort(stable=True)
+        token_R = order_R // s.top_k
+        counts = torch.bincount(flat_R, minlength=s.num_experts).tolist()
+        # Per-token activation scales do not depend on the expert: quantize the input once.
+        x_in = fake_quant_rows(x_ND) if layer.gate_up.fp8 else x_ND
+        x_RD = x_in.index_select(0, token_R)
+        h_RF = x_RD.new_empty(len(token_R), s.moe_hidden_dim)
+        y_RD = x_RD.new_empty(len(token_R), s.dim)
+        spans = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                spans.append((e, start, start + n))
+                start += n
+        for e, a, b in spans:
+            gate_RF, up_RF = F.linear(x_RD[a:b], layer.gate_up.matrix[e]).chunk(2, dim=-1)
+            h_RF[a:b] = F.silu(gate_RF) * up_RF
+        if layer.down.fp8:
+            h_RF = fake_quant_rows(h_RF)
+        for e, a, b in spans:
+            y_RD[a:b] = F.linear(h_RF[a:b], layer.down.matrix[e])
+        y_RD = y_RD * weights_NK.reshape(-1)[order_R, None].to(y_RD.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_R, y_RD), ids_NK
