@@ -374,7 +374,8 @@ class SegmentStore:
     def sample(self, version: int) -> pa.Table | None:
         """The global batch for learner `version`, or None while not enough fresh groups wait.
 
-        Oldest groups first; groups with `version - policy_version > K` are dropped on the way.
+        Oldest groups first (lowest `policy_version`, then arrival); groups with
+        `version - policy_version > K` are dropped on the way.
         """
         if version in self.served_at:
             groups = [self.by_id[gid] for gid in self.served_at[version]]
@@ -385,7 +386,9 @@ class SegmentStore:
                 f"{max(self.served_at)} and was never served"
             )
         chosen, stale = [], []
-        for g in self.live:
+        # the oldest weights first (then arrival): a long completion that arrives after newer
+        # short ones is trained before it goes stale (continuous batching reorders arrivals)
+        for g in sorted(self.live, key=lambda g: g.policy_version):
             if version - g.policy_version > self.max_staleness:
                 stale.append(g)
             elif len(chosen) < self.batch_groups:

@@ -15,18 +15,20 @@ With `--staleness 0` and `--modes static` this is the synchronous loop (generate
 on it, publish, repeat) against which `--staleness 1` measures asynchrony.
 
 Printed per run, in the steady state (from the end of the first step to the end of the last, by
-the wall-clock `time` of the metric rows): the loop time, completion tokens trained per second,
-the learner's idle share (waiting for data / loop time), the actor's idle share (back-pressure
-and weights, over its whole run), and from the buffer (`async-rl buffer inspect`): the staleness
-of the trained groups and the weights versions per completion. Then the ratio of each mode's
-tokens/s to `static`'s at the same K (the issue's goal: in-flight >= 1.3x with the learner idle
-under 10%).
+the wall-clock `time` of the metric rows): the loop time, completion tokens generated (accepted
+by the buffer) and trained per second, the mean length of the trained completions (a continuous
+actor's short completions arrive first), the share of generated groups dropped as stale, the
+learner's idle share (waiting for data / loop time), the actor's idle share (back-pressure and
+weights, over its whole run), and from the buffer (`async-rl buffer inspect`): the staleness of
+the trained groups and the weights versions per completion. Then each mode's rates over
+`static`'s at the same K.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -72,13 +74,17 @@ def run(args, mode: str, k: int, start: Path, out: Path, rep: int) -> dict:
     gen = sum(a.generate_s for a in actors)
     idle = sum(a.paused_s + a.weights_s for a in actors)
     buffer = inspect(cfg.run_dir / "buffer")
+    generated = rows[-1]["buffer/completion_tokens"] - first["buffer/completion_tokens"]
     return {
         "mode": mode,
         "k": k,
         "loop": loop,
         "tokens_per_s": sum(r["learner/num_tokens"] for r in rows) / loop,
+        "generated_per_s": generated / loop,
+        "trained_len": statistics.mean(r["rollout/response_len_mean"] for r in rows),
         "learner_idle": sum(r["learner/wait_time_s"] for r in rows) / loop,
         "actor_idle": idle / max(gen + idle, 1e-9),
+        "dropped": buffer["dropped_stale"] / max(buffer["groups"], 1),
         "staleness": buffer["staleness_histogram"],
         "versions": buffer["versions_per_completion"],
     }
@@ -118,23 +124,25 @@ def main() -> None:
     ]
     print(f"\n{args.config.name}: {args.steps} global steps, 1 actor, {args.repeats} repeat(s)")
     print(
-        f"{'mode':<12}{'K':>3}{'loop s':>8}{'tokens/s':>10}{'learner idle':>14}"
-        f"{'actor idle':>12}  {'staleness':<18}versions per completion"
+        f"{'mode':<12}{'K':>3}{'loop s':>8}{'generated/s':>13}{'trained/s':>11}{'trained len':>13}"
+        f"{'dropped':>9}{'learner idle':>14}{'actor idle':>12}  {'staleness':<20}"
+        "versions per completion"
     )
     for r in results:
         print(
-            f"{r['mode']:<12}{r['k']:>3}{r['loop']:>8.1f}{r['tokens_per_s']:>10.0f}"
-            f"{r['learner_idle']:>14.0%}{r['actor_idle']:>12.0%}  {_share(r['staleness']):<18}"
-            f"{_share(r['versions'])}"
+            f"{r['mode']:<12}{r['k']:>3}{r['loop']:>8.1f}{r['generated_per_s']:>13.0f}"
+            f"{r['tokens_per_s']:>11.0f}{r['trained_len']:>13.1f}{r['dropped']:>9.0%}"
+            f"{r['learner_idle']:>14.0%}"
+            f"{r['actor_idle']:>12.0%}  {_share(r['staleness']):<20}{_share(r['versions'])}"
         )
     for k in args.staleness:
-        base = [r["tokens_per_s"] for r in results if r["k"] == k and r["mode"] == "static"]
-        for mode in args.modes:
-            if mode == "static" or not base:
-                continue
-            rate = [r["tokens_per_s"] for r in results if r["k"] == k and r["mode"] == mode]
-            ratio = sum(rate) / sum(base)
-            print(f"K = {k}: {mode} / static tokens/s = {ratio:.2f}x")
+        for key in ("generated_per_s", "tokens_per_s"):
+            base = [r[key] for r in results if r["k"] == k and r["mode"] == "static"]
+            for mode in args.modes:
+                if mode == "static" or not base:
+                    continue
+                rate = [r[key] for r in results if r["k"] == k and r["mode"] == mode]
+                print(f"K = {k}: {mode} / static {key} = {sum(rate) / sum(base):.2f}x")
 
 
 if __name__ == "__main__":

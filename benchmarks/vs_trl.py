@@ -1,22 +1,25 @@
 """async-rl vs Hugging Face TRL's GRPOTrainer: the same RL work, alternated in one invocation.
 
     pip install -e ".[dev,bench]"
-    python benchmarks/vs_trl.py [--rounds 5] [--steps 30] [--start CHECKPOINT] [--time-kernels]
+    python benchmarks/vs_trl.py [--config configs/tiny.toml] [--rounds 5] [--steps 30]
+        [--start CHECKPOINT] [--time-kernels] [key=value ...]
 
-Both tools train the CPU default's model (configs/tiny.toml: 2-layer Qwen3-MoE, hidden 128,
-8 experts top-2) from the same Hugging Face checkpoint on the same arithmetic prompts, in the
-same order, with the same exact-match reward, G completions per prompt, prompts per optimizer
-step and completion length (`algo.*`, `actor.max_new_tokens`). Without `--start` the checkpoint
-is a short supervised cold start (`--sft-steps`, default 300: about a minute), so completions
-end with eos the way a trained policy's do.
+Both tools train the config's model (configs/tiny.toml by default: 2-layer Qwen3-MoE, hidden
+128, 8 experts top-2) from the same Hugging Face checkpoint on the same prompts, in the same
+order, with the same reward, G completions per prompt, prompts per optimizer step and
+completion length (`algo.*`, `actor.max_new_tokens`); `configs/tiny_cot.toml` compares them on
+long, uneven completions. Without `--start` the checkpoint is a short supervised cold start
+(`--sft-steps`, default 300: a minute or two), so completions end with eos the way a trained
+policy's do.
 
 - TRL 1.16 `GRPOTrainer`: CPU, fp32, transformers generation (no vLLM), beta 0 (no reference
   model), router aux loss off, `experts_implementation` = `--experts` (`grouped_mm`, the fastest
   on CPU: `--time-kernels` times them all), `--threads` torch threads in this one process; one
   optimizer step per generation of prompts x G (num_iterations 1), mean-only advantages.
-- async-rl: `async_rl.app.driver.train`, as `async-rl train` runs it (Ray, buffer, learner, one
-  actor, FP8-emulated rollouts, K = 1), `run.num_threads = threads // 2` in each of its two busy
-  processes (learner, actor), so both tools get the same thread budget.
+- async-rl: `async_rl.app.driver.train`, as `async-rl train` runs the config (Ray, buffer,
+  learner, one actor, its batching and weight updates, FP8-emulated rollouts),
+  `run.num_threads = threads // 2` in each of its two busy processes (learner, actor), so both
+  tools get the same thread budget.
 
 Timed, per run: from the end of optimizer step `--warmup` to the end of step `--warmup +
 --steps` (start-up and warm-up excluded for both). Both run one step more than that: async-rl
@@ -105,8 +108,9 @@ def run_async_rl(args, start: Path, out: Path, name: str) -> tuple[list, list, d
     from async_rl.app.driver import train
 
     cfg = load_config(
-        ROOT / "configs" / "tiny.toml",
+        args.config,
         [
+            *args.overrides,
             f"run.output_dir={out}",
             f"run.name={name}",
             f"run.num_steps={args.warmup + args.steps + 1}",
@@ -137,7 +141,7 @@ def run_trl(args, start: Path, out: Path, kernel: str) -> tuple[list, list, dict
 
     from async_rl.tasks import task_from_config
 
-    cfg = load_config(ROOT / "configs" / "tiny.toml")
+    cfg = load_config(args.config, args.overrides)
     task, g, prompts = task_from_config(cfg), cfg.algo.group_size, cfg.algo.prompts_per_minibatch
     torch.set_num_threads(args.threads)
     steps, marks = args.warmup + args.steps + 1, (args.warmup, args.warmup + args.steps)
@@ -209,10 +213,8 @@ def make_start(args, out: Path) -> Path:
     from async_rl.tokenizer import load_tokenizer
     from learner.sft import run_sft
 
-    cfg = load_config(
-        ROOT / "configs" / "tiny.toml",
-        [f"run.output_dir={out}", "run.name=sft", f"learner.sft_steps={args.sft_steps}"],
-    )
+    sft = [f"learner.sft_steps={args.sft_steps}"] if args.sft_steps else []
+    cfg = load_config(args.config, [*args.overrides, f"run.output_dir={out}", "run.name=sft", *sft])
     import torch
 
     torch.set_num_threads(args.threads)
@@ -220,7 +222,10 @@ def make_start(args, out: Path) -> Path:
 
     path = run_sft(cfg, load_tokenizer(cfg.model.tokenizer), task_from_config(cfg), out / "sft")
     result = evaluate_checkpoint(cfg, path)
-    print(f"cold start: {args.sft_steps} SFT steps, held-out greedy accuracy {result.greedy:.2f}")
+    print(
+        f"cold start: {cfg.learner.sft_steps} SFT steps, held-out greedy accuracy "
+        f"{result.greedy:.2f}"
+    )
     return path
 
 
@@ -233,7 +238,9 @@ def main() -> None:
     p.add_argument("--experts", choices=KERNELS, default="grouped_mm", help="TRL's MoE kernel")
     p.add_argument("--quantization", choices=("fp8", "bf16", "fp32"), default="fp8")
     p.add_argument("--start", type=Path, default=None, help="HF checkpoint (default: short SFT)")
-    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=300, help="cold-start steps (0: the config's)")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.toml")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, as for async-rl train")
     p.add_argument("--time-kernels", action="store_true", help="only time TRL's MoE kernels")
     args = p.parse_args()
     if args.warmup < 1 or args.steps < 1:
@@ -243,7 +250,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     out = Path(tempfile.mkdtemp(prefix="vs-trl-"))
     start = make_start(args, out)
-    algo = load_config(ROOT / "configs" / "tiny.toml").algo
+    algo = load_config(args.config, args.overrides).algo
     batch = algo.group_size * algo.prompts_per_minibatch
     runs = [(f"trl ({k})", k) for k in (KERNELS if args.time_kernels else [args.experts])]
     runs += [] if args.time_kernels else [("async-rl", None)]

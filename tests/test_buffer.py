@@ -320,3 +320,13 @@ def test_a_buffer_of_another_schema_is_refused_by_name_and_left_alone(tmp_path):
     with pytest.raises(ValueError, match="segment-000001.arrow.*missing column 'token_versions'"):
         new_buffer(tmp_path)
     assert (tmp_path / "segment-000001.arrow").read_bytes() == before
+
+
+def test_older_weights_are_served_first_whatever_the_arrival_order(tmp_path):
+    """A continuous actor's long completion (version 0) arrives after newer short ones: it is
+    trained first, before it would go stale."""
+    buf = new_buffer(tmp_path, global_batch_groups=2, max_staleness=1)
+    buf.append([(make_group("new-a", 1, seed=1), None), (make_group("new-b", 1, seed=2), None)])
+    buf.append([(make_group("old", 0, seed=3), None)])
+    assert served_ids(buf.sample(1)) == ["old", "new-a"]
+    assert buf.metrics()["buffer/dropped_stale"] == 0

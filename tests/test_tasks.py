@@ -1,13 +1,22 @@
 """Tasks: deterministic problem streams, disjoint held-out sets, rewards and prompt files."""
 
 import json
+import math
 import operator
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from async_rl.tasks import ArithmeticTask, FileTask, Problem, build_task, load_prompt_file
+from async_rl.tasks import (
+    ArithmeticTask,
+    FileTask,
+    Problem,
+    build_task,
+    load_prompt_file,
+    worked,
+)
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 PROMPT = re.compile(r"^(\d+)([+*-])(\d+)=$")
@@ -285,3 +294,42 @@ def test_build_task(tmp_path):
         build_task("file", seed=0)
     with pytest.raises(ValueError, match="reward"):
         build_task("arithmetic", seed=0, reward="math_verify")
+
+
+def test_worked_solutions_compute_the_answer_step_by_step():
+    assert worked("347+589=") == "7+9=16 4+8+1=13 3+5+1=9 =936"
+    assert worked("47*25=") == (
+        "7*5=35 4*5+3=23 =235 7*2=14 4*2+1=9 =94 235+940 5+0=5 3+4=7 2+9=11 =1175"
+    )
+    task = ArithmeticTask(seed=3, ops=("+", "*"), max_digits=3, heldout_size=16, worked=True)
+    lengths = []
+    for i in range(2000):  # every step of the working is right arithmetic, the end the answer
+        problem = task.train_problem(i)
+        working = task.sft_completion(problem)
+        assert working.rsplit("=", 1)[-1] == problem.answer
+        for step in working.split():
+            if "=" in step and not step.startswith("="):
+                left, right = step.split("=")
+                value = sum(math.prod(map(int, t.split("*"))) for t in left.split("+"))
+                assert value == int(right), (problem.prompt, step)
+        assert task.reward(problem, working) == 1.0
+        lengths.append(len(working) + 1)  # eos
+    assert min(lengths) < 12 and max(lengths) > 100  # two orders of spread, about
+    assert task.reward(problem, working.rsplit("=", 1)[0] + "=0") == (problem.answer == "0")
+    assert task.reward(problem, problem.answer) == 1.0  # the answer alone counts too
+
+
+def test_worked_solutions_refuse_subtraction():
+    with pytest.raises(ValueError, match="worked"):
+        ArithmeticTask(seed=0, ops=("-",), worked=True)
+
+
+def test_the_tiny_cot_config_fits_its_longest_worked_answer():
+    from async_rl.config import load_config
+    from async_rl.tokenizer import Tokenizer
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_cot.toml")
+    tok = Tokenizer.arithmetic()
+    longest = tok.encode(worked("999*99=")) + [tok.eos_id]
+    assert len(longest) <= cfg.actor.max_new_tokens
+    assert len(tok.encode_prompt("999*99=")) + len(longest) <= cfg.model.max_seq_len
