@@ -246,6 +246,32 @@ class LearnerConfig:
     )
     weight_store: str = _f("fs", "How weights reach the actors.", choices=("fs", "ray"))
     keep_versions: int = _f(3, "Weight versions kept after actors stop using them.", ge=1)
+    num_ranks: int = _f(
+        1,
+        "Learner ranks (processes; one GPU each on CUDA): the model is sharded with FSDP2 and "
+        "each rank trains its share of every mini-batch.",
+        ge=1,
+    )
+    expert_parallel: int = _f(
+        1, "Expert-parallel degree of the learner ranks (divides num_ranks).", ge=1
+    )
+    publish_bucket_mib: int = _f(
+        256,
+        "With several ranks, weights are gathered for publishing this many MiB at a time.",
+        ge=1,
+    )
+    max_tokens_per_microbatch: int = _f(
+        0,
+        "Positions (padding included) of one learner forward: mini-batches are split into "
+        "micro-batches of whole rows bucketed by length, gradients accumulated (0 = one "
+        "forward per mini-batch).",
+        ge=0,
+    )
+    activation_checkpointing: str = _f(
+        "none",
+        "torchtitan's activation checkpointing of every transformer block.",
+        choices=("none", "full", "selective"),
+    )
     sft_steps: int = _f(
         4000, "Optimizer steps of the supervised cold start (`async-rl sft`).", ge=1
     )
@@ -418,6 +444,7 @@ def validate(cfg: Config) -> None:
     """Checks that involve more than one field (single fields are checked as they are set)."""
     _validate_model_and_task(cfg)
     _validate_actor(cfg)
+    _validate_learner(cfg)
     _validate_run(cfg)
 
 
@@ -488,6 +515,30 @@ def _validate_actor(cfg: Config) -> None:
     if act.max_new_tokens >= cfg.model.max_seq_len:
         raise ConfigError(
             "actor.max_new_tokens", f"must be < model.max_seq_len ({cfg.model.max_seq_len})"
+        )
+
+
+def _validate_learner(cfg: Config) -> None:
+    lrn, algo = cfg.learner, cfg.algo
+    if lrn.num_ranks % lrn.expert_parallel or cfg.model.num_experts % lrn.expert_parallel:
+        raise ConfigError(
+            "learner.expert_parallel",
+            f"must divide learner.num_ranks ({lrn.num_ranks}) and model.num_experts "
+            f"({cfg.model.num_experts}), got {lrn.expert_parallel}",
+        )
+    if algo.prompts_per_minibatch % lrn.num_ranks:
+        raise ConfigError(
+            "algo.prompts_per_minibatch",
+            f"a mini-batch of {algo.prompts_per_minibatch} groups does not split into whole "
+            f"groups for learner.num_ranks = {lrn.num_ranks} ranks; choose a multiple of "
+            f"{lrn.num_ranks}",
+        )
+    budget = cfg.learner.max_tokens_per_microbatch
+    if budget and budget < cfg.model.max_seq_len:
+        raise ConfigError(
+            "learner.max_tokens_per_microbatch",
+            f"must be 0 or at least model.max_seq_len ({cfg.model.max_seq_len}): rows are "
+            "never split",
         )
 
 

@@ -16,6 +16,13 @@ for publishing, which waits on the disk) and the median of the per-round ratios:
 - `bare`: forward, -(1/B) sum A log pi over completion tokens, backward, AdamW step;
 - `TrainStep none / r2 / r3`: the learner's global step, N = 1, MiniRL loss;
   goals: none <= 1.15 x bare; r2, r3 <= 1.05 x none (the R3 paper reports 3.45%);
+- ranks: the large batch below trained by one process and by `--ranks` gloo ranks with FSDP2,
+  by the wall clock (on this 2-core machine the ranks share the cores: reported, no goal);
+- micro-batches: a global batch of `--micro-copies` copies of the rows in one forward, and in
+  micro-batches of `learner.max_tokens_per_microbatch = --microbatch-tokens` positions (equal
+  tokens), goal <= 1.10 x one shot; and with full activation checkpointing on top (a second
+  forward per block in the backward: reported). A forward of the tiny model has a fixed cost
+  of about 15 ms on this CPU, so small budgets pay for it many times over;
 - `publish + announce`: `hf_state_dict` + `FsWeightStore.publish` (fsynced, manifest last) +
   `WeightAnnouncer.announce`, also with the actor's `fetch`, against `save_file` + `load_file`
   of the same tensors.
@@ -27,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import functools
 import io
+import os
 import pstats
 import statistics
 import sys
@@ -55,7 +64,12 @@ from async_rl.weights import FsWeightStore, WeightAnnouncer  # noqa: E402
 from learner.batch import PackedBatch, pack  # noqa: E402
 from learner.hf import export_hf, hf_state_dict, import_hf  # noqa: E402
 from learner.loss import MiniRL  # noqa: E402
-from learner.model import build_model, entropy, token_logprobs  # noqa: E402
+from learner.model import (  # noqa: E402
+    apply_activation_checkpointing,
+    build_model,
+    entropy,
+    token_logprobs,
+)
 from learner.optim import build_optimizer  # noqa: E402
 from learner.train import TrainStep  # noqa: E402
 
@@ -98,6 +112,18 @@ def rollouts(checkpoint: Path, num_prompts: int, group_size: int, new_tokens: in
     return pack(pa.Table.from_batches(batches), spec, tok.pad_id)
 
 
+def tiled(batch: PackedBatch, copies: int) -> PackedBatch:
+    """`copies` copies of a batch's rows, one after the other (whole groups stay whole)."""
+    return PackedBatch(
+        **{
+            f.name: None
+            if getattr(batch, f.name) is None
+            else getattr(batch, f.name).repeat(copies, *[1] * (getattr(batch, f.name).dim() - 1))
+            for f in dataclasses.fields(batch)
+        }
+    )
+
+
 def bare_step(model: torch.nn.Module, cfg: Config) -> Callable[[PackedBatch], None]:
     """Forward, -(1/B) sum A log pi, backward, AdamW: the floor a training step cannot beat."""
     optimizer = build_optimizer(model, cfg.learner)
@@ -122,10 +148,15 @@ def prox_pass(model: torch.nn.Module, batch: PackedBatch) -> None:
     entropy(logits_BTV)[batch.mask_BT].mean().item()
 
 
-def train_step(model: torch.nn.Module, group_size: int, replay: str) -> TrainStep:
-    """The learner's global step as `learner.run.Learner` builds it, N = 1."""
+def train_step(
+    model: torch.nn.Module, group_size: int, replay: str, microbatch: int = 0, ac: str = "none"
+) -> TrainStep:
+    """The learner's global step as `learner.run.Learner` builds it, N = 1; `microbatch`
+    positions per forward (0: one forward) and activation checkpointing `ac`."""
     overrides = [f"algo.group_size={group_size}", f"algo.routing_replay={replay}"]
+    overrides += [f"learner.max_tokens_per_microbatch={microbatch}"]
     cfg = load_config(None, [*overrides, "run.num_steps=10000"])
+    apply_activation_checkpointing(model, ac)
     return TrainStep(model, build_optimizer(model, cfg.learner), cfg)
 
 
@@ -197,7 +228,14 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
     parser.add_argument("--new-tokens", type=int, default=8, help="longest completion")
     parser.add_argument("--rounds", type=int, default=30, help="timed calls per variant")
+    parser.add_argument(
+        "--microbatch-tokens", type=int, default=2048, help="learner.max_tokens_per_microbatch"
+    )
+    parser.add_argument(
+        "--micro-copies", type=int, default=8, help="the micro-batch case's batch, in copies"
+    )
     parser.add_argument("--profile-steps", type=int, default=20, help="calls per profile")
+    parser.add_argument("--ranks", type=int, default=2, help="learner ranks to compare (1: skip)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(None, [f"algo.group_size={args.group_size}"])
@@ -223,6 +261,14 @@ def main() -> None:
         for replay in ("none", "r2", "r3"):
             steps[f"TrainStep {replay}"] = train_step(fresh(), args.group_size, replay)
         calls = {name: functools.partial(fn, batch) for name, fn in steps.items()}
+        # micro-batches: one global batch `--micro-copies` times as large, in one forward
+        # and in micro-batches of `--microbatch-tokens` positions
+        micro, large = args.microbatch_tokens, tiled(batch, args.micro_copies)
+        for name, budget, ac in (("one shot", 0, "none"), ("micro", micro, "none")) + (
+            ("micro ac", micro, "full"),
+        ):
+            step = train_step(fresh(), args.group_size, "none", budget, ac)
+            calls[name] = functools.partial(step, large)
         calls["prox"] = functools.partial(prox_pass, fresh(), batch)
         # CPU time of this (single-threaded) process: what other processes on a shared machine
         # take is not counted. Publishing waits on the disk, so it is timed by the wall clock.
@@ -240,6 +286,9 @@ def main() -> None:
             ("TrainStep N=1 none", "TrainStep none", "bare", 1.15),
             ("TrainStep N=1 r2", "TrainStep r2", "TrainStep none", 1.05),
             ("TrainStep N=1 r3", "TrainStep r3", "TrainStep none", 1.05),
+            (f"TrainStep N=1 none x{args.micro_copies} rows", "one shot", "one shot", None),
+            (f"  in micro-batches of {micro} positions", "micro", "one shot", 1.10),
+            ("  ... + full activation ckpt", "micro ac", "micro", None),
             ("save_file + load_file", "save_load", "save_load", None),
             ("hf_state_dict + publish + announce", "publish", "save_load", None),
             ("  ... + fetch (the actor's load)", "publish_fetch", "save_load", None),
@@ -270,6 +319,61 @@ def main() -> None:
         print(profile(pub["publish"], args.profile_steps, "tottime", (10,)))
         announcer.close()
         ctx.term()
+        if args.ranks > 1:
+            print(ranks_report(large, checkpoint, args))
+
+
+def _rank_worker(rank: int, world: int, port: int, batch, checkpoint, args, out) -> None:
+    """One learner rank: FSDP2 over `world` gloo ranks, `args.rounds` timed global steps."""
+    from learner.parallel import apply_fsdp, join_group, shutdown
+
+    torch.set_num_threads(1)
+    dp = join_group(rank, world, "127.0.0.1", port, 120)
+    model = apply_fsdp(import_hf(checkpoint, CFG)[0], dp)
+    overrides = [f"algo.group_size={args.group_size}", "run.num_steps=10000"]
+    cfg = load_config(None, [*overrides, f"learner.num_ranks={world}"])
+    step = TrainStep(model, build_optimizer(model, cfg.learner), cfg, dp=dp)
+    step(batch)  # warm-up
+    times = []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - start)
+    if dp.is_main:
+        out.put(times)
+    shutdown()
+
+
+def ranks_report(batch: PackedBatch, checkpoint: Path, args) -> str:
+    """The same global batch trained by one process and by `--ranks` gloo ranks (FSDP2), by
+    the wall clock: the ranks share this machine's cores."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    results = {}
+    for world in (1, args.ranks):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        queue = mp.get_context("spawn").SimpleQueue()
+        if world == 1:
+            _rank_worker(0, 1, 0, batch, checkpoint, args, queue)
+        else:
+            mp.start_processes(
+                _rank_worker,
+                args=(world, port, batch, checkpoint, args, queue),
+                nprocs=world,
+                start_method="spawn",
+                join=False,
+            ).join()
+        results[world] = statistics.median(queue.get())
+    one, many = results[1], results[args.ranks]
+    return (
+        f"\nTrainStep N=1 none x{args.micro_copies} rows, wall clock: 1 process "
+        f"{one * 1e3:.0f} ms, {args.ranks} ranks (FSDP2, gloo) {many * 1e3:.0f} ms: "
+        f"{many / one:.2f}x ({os.cpu_count()} cores shared by the ranks)"
+    )
 
 
 if __name__ == "__main__":

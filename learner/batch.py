@@ -49,15 +49,46 @@ class PackedBatch:
 
     def rows(self, start: int, stop: int) -> PackedBatch:
         """Rows [start, stop), trimmed to their longest sequence."""
-        width = int(self.mask_BT[start:stop].any(0).nonzero().max()) + 1
+        return self.take(slice(start, stop))
+
+    def take(self, index: torch.Tensor | slice) -> PackedBatch:
+        """The rows `index` (indices, in that order, or a slice), trimmed to their longest
+        sequence."""
+        width = int(self.mask_BT[index].any(0).nonzero().max()) + 1
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None or value.ndim == 1:
-                out[f.name] = None if value is None else value[start:stop]
+                out[f.name] = None if value is None else value[index]
             else:
-                out[f.name] = value[start:stop, :width]
+                out[f.name] = value[index, :width]
         return PackedBatch(**out)
+
+
+def microbatches(batch: PackedBatch, max_tokens: int) -> list[torch.Tensor]:
+    """Row indices of the micro-batches of `batch`: whole rows, at most `max_tokens` positions
+    each (rows x the longest row's width, padding included); 0 means one micro-batch.
+
+    Rows are bucketed by length (longest first, so that each micro-batch pads little) and each
+    micro-batch is filled greedily. A row longer than `max_tokens` cannot be split: an error.
+    """
+    if max_tokens <= 0:
+        return [torch.arange(batch.num_rows)]
+    lengths_B = batch.valid_BT.sum(1)
+    longest = int(lengths_B.max())
+    if longest > max_tokens:
+        raise ValueError(
+            f"learner.max_tokens_per_microbatch: {max_tokens} tokens cannot hold a row of "
+            f"{longest} positions (rows are never split); set it to at least model.max_seq_len"
+        )
+    order = torch.sort(lengths_B, descending=True, stable=True).indices.tolist()
+    groups: list[list[int]] = []
+    for row in order:  # descending: the first row of a micro-batch sets its width
+        if groups and (len(groups[-1]) + 1) * int(lengths_B[groups[-1][0]]) <= max_tokens:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return [torch.tensor(g) for g in groups]
 
 
 def pack(table: pa.Table, spec: RoutingSpec, pad_id: int) -> PackedBatch:

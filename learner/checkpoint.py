@@ -6,6 +6,11 @@
 directory is written under a temporary name and renamed, so a checkpoint either exists whole or
 not at all; `latest_checkpoint` picks the newest complete one. A `Snapshot` is taken between
 steps and can be written while the next steps train (torchtitan's asynchronous checkpointing).
+
+With several learner ranks (FSDP2), every rank takes the snapshot (the shards are gathered to
+full tensors) and rank 0 writes it; loading gives every rank its shard of the full tensors.
+A checkpoint therefore holds the same tensors whatever the number of ranks that wrote it, and
+resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -21,12 +26,24 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 STATE = "state.json"
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A full CPU copy; a DTensor shard is gathered first (collective: every rank calls it)."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
     return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _like(value: torch.Tensor, template) -> torch.Tensor:
+    """`value` (a full tensor) laid out as `template`: this rank's shard of a DTensor."""
+    if isinstance(template, DTensor):
+        value = value.to(template.dtype)
+        return distribute_tensor(value, template.device_mesh, template.placements)
+    return value
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -127,8 +144,15 @@ def load_checkpoint(
     except (OSError, SafetensorError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable learner checkpoint ({e})") from None
     try:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+        template = model.state_dict()
+        model.load_state_dict({k: _like(v, template.get(k)) for k, v in model_state.items()})
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        opt_state = _unflatten_optimizer(opt_tensors, state["optimizer"])
+        for idx, entry in opt_state["state"].items():
+            for key, value in entry.items():  # AdamW's moments are laid out as their parameter
+                if isinstance(value, torch.Tensor) and value.shape == params[idx].shape:
+                    entry[key] = _like(value, params[idx])
+        optimizer.load_state_dict(opt_state)
     except (RuntimeError, KeyError, ValueError) as e:
         raise ValueError(f"{path}: does not match this model or optimizer ({e})") from None
     torch.set_rng_state(opt_tensors["rng.torch"])

@@ -26,6 +26,7 @@ from async_rl.config import ModelConfig
 from async_rl.hf_config import hf_config, read_model_spec
 from async_rl.tokenizer import Tokenizer
 from learner.model import build_model, titan_config
+from learner.parallel import gathered_buckets
 
 WEIGHTS = "model.safetensors"
 
@@ -36,11 +37,24 @@ def model_config_from_hf(path: str | Path) -> ModelConfig:
     return read_model_spec(path).model_config(tokenizer=str(path))
 
 
-def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model's weights in Hugging Face Qwen3-MoE names (per-expert keys), on CPU."""
+def hf_state_dict(
+    model: torch.nn.Module, cfg: ModelConfig, bucket_bytes: int = 0, keep: bool = True
+) -> dict[str, torch.Tensor]:
+    """The model's weights in Hugging Face Qwen3-MoE names (per-expert keys), on CPU.
+
+    One process: views of the parameters (copy them before training on). Under FSDP the
+    shards are gathered to full tensors a bucket of at most `bucket_bytes` at a time (one
+    tensor if it is larger; 0: all at once); collective, every rank calls it, and only a rank
+    with `keep` keeps what is gathered (the others return {}), so that no rank ever holds
+    more than the model once, and the others at most a bucket.
+    """
     adapter = Qwen3StateDictAdapter(titan_config(cfg), None)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    return {k: v.contiguous().cpu() for k, v in adapter.to_hf(state).items()}
+    out: dict[str, torch.Tensor] = {}
+    for bucket in gathered_buckets(model.state_dict(), bucket_bytes):
+        if keep:
+            hf = adapter.to_hf({k: v.detach() for k, v in bucket.items()})
+            out.update({k: v.contiguous().cpu() for k, v in hf.items()})
+    return out
 
 
 def export_hf(

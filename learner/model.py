@@ -31,6 +31,7 @@ from torchtitan.models.qwen3 import (
     _qwen3_norm,
 )
 from torchtitan.models.qwen3.model import Qwen3Model
+from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
 
 from async_rl.config import ModelConfig
 
@@ -92,7 +93,7 @@ def titan_config(cfg: ModelConfig) -> Qwen3Model.Config:
         )
     norm = _qwen3_norm(cfg.dim)
     norm.eps = cfg.norm_eps
-    return Qwen3Model.Config(
+    config = Qwen3Model.Config(
         vocab_size=cfg.vocab_size,
         dim=cfg.dim,
         norm=norm,
@@ -104,6 +105,10 @@ def titan_config(cfg: ModelConfig) -> Qwen3Model.Config:
         ),
         layers=layers,
     )
+    # how expert parallelism splits the model (`learner.parallel.apply_fsdp`); inert unless
+    # the model is parallelized
+    set_qwen3_sharding_config(config, enable_sp=False, enable_ep=True)
+    return config
 
 
 def build_model(cfg: ModelConfig, seed: int | None = 0, device: str = "cpu") -> Qwen3Model:
@@ -117,6 +122,27 @@ def build_model(cfg: ModelConfig, seed: int | None = 0, device: str = "cpu") -> 
     else:
         model.init_states(buffer_device=torch.device(device))
     return model.to(DTYPES[cfg.dtype])
+
+
+def apply_activation_checkpointing(model: Qwen3Model, mode: str) -> Qwen3Model:
+    """Wrap every transformer block in torchtitan's activation checkpointing, in place:
+    "full" recomputes a block's activations in the backward pass, "selective" keeps the
+    expensive ops' outputs (torchtitan's op list); "none" leaves the model as it is. Parameter
+    and state-dict names do not change. Apply before FSDP and before building the optimizer.
+
+    Routing replay stays right under recomputation: `TrainStep` keeps a forward's replayed
+    experts in place until its backward has run.
+    """
+    if mode == "none":
+        return model
+    from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+
+    policies = {"full": FullAC, "selective": SelectiveAC}
+    if mode not in policies:
+        raise ValueError(f"activation_checkpointing: {mode!r} is not none, full or selective")
+    policy = policies[mode]
+    policy(policy.Config()).apply(model)
+    return model
 
 
 def moe_routers(model: Qwen3Model) -> list[torch.nn.Module]:

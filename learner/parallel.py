@@ -40,7 +40,9 @@ DTensor shards; the optimizer state too).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -116,6 +118,92 @@ def init_distributed(device_type: str | None = None) -> DataParallel:
     return DataParallel(rank, world_size, device_type)
 
 
+def open_rendezvous(host: str, world_size: int, timeout_s: float, attempts: int = 5):
+    """Rank 0's side of a rendezvous: a TCPStore listening on a free port of `host`.
+
+    The port is chosen by the system and taken at once by the store; if another process takes
+    it in between, the next free port is tried. Returns `(store, port)`; the store must stay
+    open while the group lives (`join_group(..., store=store)`).
+    """
+    last: Exception | None = None
+    for _ in range(attempts):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        try:
+            store = dist.TCPStore(
+                host,
+                port,
+                world_size,
+                is_master=True,
+                timeout=timedelta(seconds=timeout_s),
+                wait_for_workers=False,
+            )
+        except (RuntimeError, OSError) as e:  # taken between the probe and the store
+            last = e
+            continue
+        return store, port
+    raise RuntimeError(f"no free port for the learner's rendezvous on {host}: {last}")
+
+
+def join_group(
+    rank: int,
+    world_size: int,
+    host: str,
+    port: int,
+    timeout_s: float,
+    device_type: str = "cpu",
+    store=None,
+) -> DataParallel:
+    """Join the learner's process group (gloo on CPU, nccl on CUDA) with an explicit timeout,
+    and set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for the libraries that
+    read them. Rank 0 passes the store of `open_rendezvous` (or listens on `port`); the others
+    connect to it.
+
+    A collective that waits longer than `timeout_s` for a peer raises instead of hanging.
+    """
+    if world_size == 1:
+        return DataParallel(0, 1, device_type)
+    local = rank % torch.cuda.device_count() if device_type == "cuda" else rank
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(local),
+        MASTER_ADDR=host,
+        MASTER_PORT=str(port),
+    )
+    timeout = timedelta(seconds=timeout_s)
+    if store is None:  # rank 0 without `open_rendezvous` listens on `port` itself
+        store = dist.TCPStore(
+            host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+        )
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+    dist.init_process_group(
+        backend_for(device_type), store=store, rank=rank, world_size=world_size, timeout=timeout
+    )
+    return DataParallel(rank, world_size, device_type)
+
+
+def broadcast_bytes(payload: bytes | None, dp: DataParallel) -> bytes | None:
+    """Rank 0's `payload` on every rank (None stands for "no more": the learner stops).
+
+    Sent as a length and a uint8 tensor; nothing is pickled.
+    """
+    device = "cuda" if dp.device_type == "cuda" else "cpu"
+    size = torch.tensor([-1 if payload is None else len(payload)], dtype=torch.int64)
+    size = size.to(device)
+    dist.broadcast(size, src=0)
+    if int(size) < 0:
+        return None
+    if dp.is_main:
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    else:
+        data = torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=0)
+    return payload if dp.is_main else data.cpu().numpy().tobytes()
+
+
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
@@ -142,30 +230,19 @@ def share_rows(num_rows: int, num_minibatches: int, dp: DataParallel, group_size
     return (starts[:, None] + torch.arange(share)).flatten()
 
 
-def select_rows(batch: PackedBatch, index: torch.Tensor) -> PackedBatch:
-    """The rows `index` of a batch, in that order, trimmed to their longest sequence."""
-    width = int(batch.mask_BT[index].any(0).nonzero().max()) + 1
-    out = {}
-    for f in fields(batch):
-        value = getattr(batch, f.name)
-        if value is None:
-            out[f.name] = None
-        elif value.ndim == 1:
-            out[f.name] = value[index]
-        else:
-            out[f.name] = value[index, :width]
-    return PackedBatch(**out)
-
-
 def local_batch(
     batch: PackedBatch, num_minibatches: int, dp: DataParallel, group_size: int = 1
 ) -> PackedBatch:
     """This rank's rows of a global batch; its mini-batch i is local rows `[i * S, (i + 1) * S)`."""
-    return select_rows(batch, share_rows(batch.num_rows, num_minibatches, dp, group_size))
+    return batch.take(share_rows(batch.num_rows, num_minibatches, dp, group_size))
 
 
-def apply_fsdp(model: torch.nn.Module, dp: DataParallel) -> torch.nn.Module:
-    """Shard `model` over the ranks with torchtitan's FSDP2 (`apply_fsdp_to_decoder`), in place.
+def apply_fsdp(model: torch.nn.Module, dp: DataParallel, expert_parallel: int = 1):
+    """Shard `model` over the ranks with torchtitan's FSDP2 (`apply_fsdp_to_decoder`), in place;
+    with `expert_parallel = ep > 1` the routed experts are first split over groups of ep ranks
+    (torchtitan's expert parallelism: tokens go to their experts' rank and back by
+    `all_to_all_single`, which gloo implements), and FSDP shards the experts over the
+    remaining `world_size / ep` ranks.
 
     Parameters and reductions stay in the model's dtype (fp32 on CPU; a bf16 model reduces in
     fp32). Gradients are summed over ranks, not averaged: `TrainStep` scales each rank's loss.
@@ -173,17 +250,61 @@ def apply_fsdp(model: torch.nn.Module, dp: DataParallel) -> torch.nn.Module:
     """
     if not dp.enabled:
         return model
-    from torch.distributed.device_mesh import init_device_mesh
     from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 
-    mesh = init_device_mesh(dp.device_type, (dp.world_size,), mesh_dim_names=("fsdp",))
     dtype = next(model.parameters()).dtype
-    apply_fsdp_to_decoder(model, mesh, dtype, torch.float32, pp_enabled=False)
+    if expert_parallel > 1:
+        dims = _parallel_dims(dp, expert_parallel)
+        model.parallelize(dims)
+        apply_fsdp_to_decoder(
+            model,
+            dims.get_mesh("fsdp"),
+            dtype,
+            torch.float32,
+            pp_enabled=False,
+            ep_degree=expert_parallel,
+            edp_mesh=dims.get_optional_mesh("efsdp"),
+        )
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(dp.device_type, (dp.world_size,), mesh_dim_names=("fsdp",))
+        apply_fsdp_to_decoder(model, mesh, dtype, torch.float32, pp_enabled=False)
     if dist.get_backend() == "gloo":  # gloo has no PREMUL_SUM (module docstring)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def _parallel_dims(dp: DataParallel, expert_parallel: int):
+    """torchtitan's mesh for data parallelism over every rank with expert parallelism inside.
+
+    torchtitan 0.3.0 takes its device type from the first accelerator it finds and falls back
+    to "cuda" on a machine without one; on CPU its modules are told "cpu". Its default SPMD
+    backend needs the mesh context its Trainer sets; ours is DTensor placements.
+    """
+    import torchtitan.distributed.parallel_dims as parallel_dims
+    import torchtitan.models.common.token_dispatcher as token_dispatcher
+    import torchtitan.tools.utils as titan_utils
+    from torchtitan.distributed.utils import set_spmd_backend
+
+    if dp.device_type == "cpu":
+        for module in (parallel_dims, token_dispatcher, titan_utils):
+            module.device_type, module.device_module = "cpu", torch.cpu
+    set_spmd_backend("partial_dtensor")
+    dims = parallel_dims.ParallelDims(
+        dp_replicate=1,
+        dp_shard=dp.world_size,
+        cp=1,
+        tp=1,
+        pp=1,
+        ep=expert_parallel,
+        world_size=dp.world_size,
+        spmd_backend="partial_dtensor",
+    )
+    dims.build_mesh()
+    return dims
 
 
 def check_sharded(model: torch.nn.Module, dp: DataParallel) -> None:
@@ -208,9 +329,39 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def global_norm(norm: torch.Tensor) -> torch.Tensor:
-    """A gradient norm as a plain tensor (a DTensor norm of sharded gradients is reduced)."""
+def gathered_buckets(state: dict[str, torch.Tensor], bucket_bytes: int = 0):
+    """`state` in buckets `{name: full tensor}` of at most `bucket_bytes` (one tensor if it is
+    larger; 0: one bucket). DTensor shards are gathered a bucket at a time: collective, every
+    rank iterates to the end. Plain tensors are yielded as they are (views)."""
+    bucket: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if bucket and bucket_bytes and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = {}, 0
+        bucket[name] = value.full_tensor() if isinstance(value, DTensor) else value
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to a global norm of `max_norm`; the norm before clipping, as a plain
+    tensor. Sharded gradients are reduced over their mesh; with expert parallelism the experts
+    live on a mesh of their own, and torchtitan's clipping combines the two norms."""
+    params = list(model.parameters())
+    if any(_on_ep_mesh(p) for p in params):
+        from torchtitan.distributed.utils import clip_grad_norm_
+
+        norm = clip_grad_norm_(params, max_norm, ep_enabled=True)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def _on_ep_mesh(p: torch.Tensor) -> bool:
+    return isinstance(p, DTensor) and "ep" in (p.device_mesh.mesh_dim_names or ())
 
 
 def mean_over_ranks(values: dict[str, float], weight: float, dp: DataParallel) -> dict[str, float]:

@@ -15,12 +15,20 @@ steps (torchtitan's asynchronous checkpointing). A resumed learner asks the buff
 versions again and gets the same groups (the buffer's consumption log), so with a fixed seed on
 CPU the resumed loss trace equals the uninterrupted one.
 
+Several ranks (`learner.num_ranks`, started by the driver, `learner.parallel`): the model is
+sharded with FSDP2 and every rank trains its share of every mini-batch. Rank 0 alone talks to
+the buffer, publishes, evaluates and writes metrics and checkpoints; it broadcasts each global
+batch (Arrow IPC bytes, no pickle) to the other ranks, or "stop", which ends every rank's loop
+at the same step. Gathering weights, evaluating and checkpointing are collective: every rank
+runs the same loop and reaches them together.
+
 Run on its own: `python -m learner.run RUN_DIR` (reads `RUN_DIR/config.toml`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +37,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,7 +47,7 @@ import zmq
 
 from async_rl.clients import BatchSource, ZmqBatchSource
 from async_rl.config import Config, load_config
-from async_rl.messages import Batch
+from async_rl.messages import Batch, ipc_to_table, table_to_ipc
 from async_rl.paths import RunPaths, publish_endpoints, read_endpoints, read_fleet_size
 from async_rl.security import curve_for
 from async_rl.tasks import task_from_config
@@ -49,7 +58,9 @@ from learner.batch import PackedBatch, pack, rollout_metrics
 from learner.checkpoint import Snapshot, latest_checkpoint, load_checkpoint
 from learner.evaluate import EvalResult, evaluate_run
 from learner.hf import hf_state_dict, import_hf
+from learner.model import apply_activation_checkpointing
 from learner.optim import build_optimizer
+from learner.parallel import DataParallel, apply_fsdp, broadcast_bytes, shutdown
 from learner.train import TrainStep
 
 log = logging.getLogger(__name__)
@@ -59,26 +70,36 @@ class Background:
     """Jobs run one at a time on a thread of their own, at most one in flight.
 
     `submit` first waits for the job before it; `wait` returns the job's result. An error of a
-    job is raised in the learner's thread by the next `submit` or `wait`.
+    job is raised in the learner's thread by the next `submit` or `wait`. The threads are
+    daemons: a process that exits (Ctrl-C, SIGTERM) never waits for a fetch asking a buffer
+    that is gone. What they write is safe to cut short: checkpoints and weight versions
+    appear whole (renamed, manifest last) or not at all.
     """
 
     def __init__(self, name: str):
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.name = name
         self.pending: Future | None = None
 
     def submit(self, fn, *args) -> None:
         self.wait()
-        self.pending = self.pool.submit(fn, *args)
+        future: Future = Future()
+
+        def run():
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # raised in the learner's thread by `wait`
+                future.set_exception(e)
+
+        threading.Thread(target=run, name=self.name, daemon=True).start()
+        self.pending = future
 
     def wait(self):
         pending, self.pending = self.pending, None
         return None if pending is None else pending.result()
 
     def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self.pool.shutdown()
+        self.wait()
 
 
 class Learner:
@@ -94,44 +115,57 @@ class Learner:
         start: Path,
         ctx: zmq.Context | None = None,
         sources: Callable[[], BatchSource] | None = None,
-        evaluator: Callable[[torch.nn.Module], EvalResult] | None = None,
+        evaluator: Callable[[dict[str, torch.Tensor]], EvalResult] | None = None,
+        dp: DataParallel | None = None,
     ):
         self.cfg, self.paths = cfg, RunPaths(run_dir)
         self.run_dir = self.paths.root
+        self.dp = dp or DataParallel()
         torch.manual_seed(cfg.run.seed)
         self.model, _ = import_hf(start, cfg.model)
+        apply_activation_checkpointing(self.model, cfg.learner.activation_checkpointing)
+        apply_fsdp(self.model, self.dp, cfg.learner.expert_parallel)
         self.tokenizer = load_tokenizer(str(start))
         self.task = task_from_config(cfg)
+        if evaluator is None and self.dp.enabled and self.dp.is_main and cfg.run.eval_every:
+            raise ValueError("several learner ranks evaluate through an engine (an evaluator)")
         self.evaluator = evaluator or (
-            lambda model: evaluate_run(model, self.tokenizer, self.task, self.cfg)
+            lambda weights: evaluate_run(self.model, self.tokenizer, self.task, self.cfg)
         )
         self.optimizer = build_optimizer(self.model, cfg.learner)
-        self.step = TrainStep(self.model, self.optimizer, cfg)
-        self.version = 0
+        self.step = TrainStep(self.model, self.optimizer, cfg, dp=self.dp)
+        self.version = self.saved = 0  # the version trained to, and the last checkpointed
         self._last_tokens: tuple[float, float] | None = None  # (time, buffer's token count)
         checkpoint = latest_checkpoint(self.paths.learner_checkpoints)
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, self.model, self.optimizer)
             self.version, self.step.updates = state["version"], state["updates"]
+            self.saved = self.version
             log.info("resumed from %s at version %d", checkpoint, self.version)
+        self.stopping = threading.Event()
+        weights = self.hf_weights()
+        self.fetcher = Background("fetch")
+        self.publisher, self.saver = Background("publish"), Background("checkpoint")
+        if self.dp.is_main:
+            self._connect(start, ctx, sources or self._buffer_source, weights)
+
+    def _connect(self, start: Path, ctx, sources: Callable[[], BatchSource], weights) -> None:
+        """Rank 0's side of the run: weight store, announcer, batch sources."""
+        cfg = self.cfg
         self.store = weight_store(cfg, self.run_dir, start, create=True)
         latest = self.store.latest()
         if latest is None or latest < self.version:
-            self.store.publish(self.version, hf_state_dict(self.model, cfg.model))
+            self.store.publish(self.version, weights)
         self.ctx = ctx or zmq.Context.instance()
         self.curve = curve_for(cfg)
         previous = (read_endpoints(self.paths, "learner") or {}).get("weights")
         self.announcer = WeightAnnouncer(self.ctx, cfg.run.bind_host, self.curve, previous)
         publish_endpoints(self.paths, "learner", {"weights": self.announcer.address})
-        self.stopping = threading.Event()
-        sources = sources or self._buffer_source
         self.source = sources()
         self.source.publish(self.version)
         # The batch source belongs to the fetch thread from here on: it asks for the next
-        # global batch while the learner trains on this one.
-        self.fetcher = Background("fetch")
-        # the publish thread has a source of its own (zmq sockets are not thread-safe)
-        self.publisher, self.saver = Background("publish"), Background("checkpoint")
+        # global batch while the learner trains on this one; the publish thread has a source
+        # of its own (zmq sockets are not thread-safe).
         self.publish_source = sources()
 
     def _buffer_source(self) -> ZmqBatchSource:
@@ -164,15 +198,37 @@ class Learner:
                 )
         return None
 
-    def fetch(self, version: int) -> tuple[PackedBatch, Batch, dict[str, float]] | None:
-        """On the fetch thread: the global batch for `version`, packed, the buffer's reply and
-        the rollout metrics of the batch."""
+    def fetch(self, version: int) -> Fetched | None:
+        """On the fetch thread: the global batch for `version`, packed, the buffer's reply,
+        the rollout metrics of the batch and, with several ranks, its bytes to broadcast."""
         got = self.next_batch(version)
         if got is None:
             return None
         table, reply = got
         rollout = rollout_metrics(table) | self._generation_rate(reply)
-        return pack(table, RoutingSpec.of(self.cfg.model), self.tokenizer.pad_id), reply, rollout
+        payload = table_to_ipc(table).to_pybytes() if self.dp.enabled else None
+        return Fetched(self._pack(table), reply, rollout, payload)
+
+    def _pack(self, table: pa.Table) -> PackedBatch:
+        return pack(table, RoutingSpec.of(self.cfg.model), self.tokenizer.pad_id)
+
+    def _next(self) -> Fetched | None:
+        """The global batch of this version on every rank; None on all of them when rank 0
+        stops."""
+        if not self.dp.is_main:
+            payload = broadcast_bytes(None, self.dp)
+            if payload is None:
+                self.stopping.set()
+                return None
+            return Fetched(self._pack(ipc_to_table(payload)), None, {}, None)
+        got = None
+        if not self.stopping.is_set():
+            if self.fetcher.pending is None:  # else the previous step asked for this version
+                self.fetcher.submit(self.fetch, self.version)
+            got = self.fetcher.wait()
+        if self.dp.enabled:
+            broadcast_bytes(None if got is None else got.payload, self.dp)
+        return got
 
     def _generation_rate(self, reply: Batch) -> dict[str, float]:
         """`rollout/tokens_per_s`: completion tokens the buffer accepted per second since the
@@ -192,35 +248,34 @@ class Learner:
         self.store.collect(in_use)
 
     def train_one(self) -> dict | None:
-        """One global step: its metrics row, or None when the learner is stopping."""
+        """One global step: its metrics row (rank 0; {} on the others), or None when the
+        learner is stopping."""
         start = time.monotonic()
-        if self.fetcher.pending is None:  # else the previous step asked for this version
-            self.fetcher.submit(self.fetch, self.version)
-        got = self.fetcher.wait()
+        got = self._next()
         waited = time.monotonic() - start
         if got is None:
             return None
-        packed, reply, rollout = got
-        if self.version + 1 < self.cfg.run.num_steps:
+        main = self.dp.is_main
+        if main and self.version + 1 < self.cfg.run.num_steps:
             self.fetcher.submit(self.fetch, self.version + 1)  # fetched while this step trains
-        metrics = self.step(packed)
+        metrics = self.step(got.packed)
         self.version += 1
         published = time.monotonic()  # the learner's share: a copy (and a slow previous one)
-        state = hf_state_dict(self.model, self.cfg.model)
-        self.publisher.submit(
-            self.publish,
-            self.version,
-            {k: v.clone() for k, v in state.items()},
-            set(reply.versions_in_use),
-        )
+        state = self.hf_weights()
+        if not main:
+            return {}
+        if not self.dp.enabled:  # views of the parameters, which the next step trains
+            state = {k: v.clone() for k, v in state.items()}
+        self.publisher.submit(self.publish, self.version, state, set(got.reply.versions_in_use))
         metrics["publish_time_s"] = time.monotonic() - published
+        metrics["publish_peak_mib"] = self._publish_peak(state) / 2**20
         metrics["wait_time_s"] = waited
-        return self.metrics_row(metrics, reply) | rollout
+        return self.metrics_row(metrics, got.reply) | got.rollout
 
     def metrics_row(self, metrics: dict, reply: Batch) -> dict:
         """`metrics.jsonl`'s row of this version (DESIGN.md section 8): the step's metrics as
         `learner/*` and `rollout/*`, the buffer's as it served the batch, the fleet size."""
-        row = {"version": self.version}
+        row = {"version": self.version, "learner/num_ranks": self.dp.world_size}
         row.update({f"rollout/{k}": metrics.pop(k) for k in ("reward_mean", "response_len_mean")})
         row.update({f"learner/{k}": v for k, v in metrics.items()})
         row.update(
@@ -237,26 +292,75 @@ class Learner:
         row["rollout/actors"] = fleet if fleet is not None else reply.metrics["buffer/actors_seen"]
         return row
 
+    def hf_weights(self) -> dict[str, torch.Tensor]:
+        """The weights of now in Hugging Face names on rank 0 ({} on the others): collective
+        under FSDP, gathered `learner.publish_bucket_mib` at a time (`hf_state_dict`)."""
+        bucket = self.cfg.learner.publish_bucket_mib * 2**20
+        return hf_state_dict(self.model, self.cfg.model, bucket, keep=self.dp.is_main)
+
+    def _publish_peak(self, state: dict[str, torch.Tensor]) -> int:
+        """Bytes rank 0 holds to publish a version beyond the model: the version's copy, and
+        with several ranks the last bucket in flight (the others hold at most a bucket)."""
+        copy = sum(v.numel() * v.element_size() for v in state.values())
+        return copy + (self.cfg.learner.publish_bucket_mib * 2**20 if self.dp.enabled else 0)
+
     def evaluate(self) -> dict[str, float]:
-        result = self.evaluator(self.model)
+        """Held-out accuracy of the weights of now (rank 0 evaluates; {} on the others)."""
+        weights = self.hf_weights()
+        if not self.dp.is_main:
+            return {}
+        result = self.evaluator(weights)
         self.model.train()
         return {"eval/accuracy": result.avg_at_k, "eval/greedy_accuracy": result.greedy}
 
     def checkpoint(self, wait: bool = True) -> None:
-        """Checkpoint this version; with `wait=False` it is written while training goes on."""
+        """Checkpoint this version (collective; rank 0 writes); with `wait=False` it is
+        written while training goes on."""
         snapshot = Snapshot.take(
             self.version,
             self.model,
             self.optimizer,
             {"version": self.version, "updates": self.step.updates},
         )
+        self.saved = self.version
+        if not self.dp.is_main:
+            return
         self.saver.submit(snapshot.write, self.paths.learner_checkpoints)
         if wait:
             self.saver.wait()
 
     def run(self, on_metrics=None) -> None:
+        """Train to `run.num_steps`, or until stopped: a stopped learner checkpoints the
+        version it reached (every rank: checkpoints are collective), one that fails does not
+        (it resumes from its last good checkpoint)."""
         every, steps = self.cfg.run.eval_every, self.cfg.run.num_steps
         save_every = self.cfg.learner.checkpoint_every
+        with self._metrics_log(on_metrics) as emit:
+            if every and self.version == 0:
+                emit({"version": 0, **self.evaluate()})
+            while self.version < steps:
+                row = self.train_one()
+                if row is None:
+                    break
+                if every and (self.version % every == 0 or self.version == steps):
+                    row.update(self.evaluate())
+                emit(row)
+                # after its metrics: a learner resumed from this checkpoint logs every version
+                if (save_every and self.version % save_every == 0) or self.version == steps:
+                    self.checkpoint(wait=False)
+            if self.version > self.saved:  # stopped: it resumes where it stopped
+                self.checkpoint(wait=False)
+            # the last version and checkpoint are complete when the learner is done
+            self.publisher.wait()
+            self.saver.wait()
+
+    @contextlib.contextmanager
+    def _metrics_log(self, on_metrics):
+        """`emit(row)` appends a row to `metrics.jsonl` (rank 0; the other ranks' rows are
+        empty and go nowhere)."""
+        if not self.dp.is_main:
+            yield lambda row: None
+            return
         with self.paths.metrics.open("a+b") as out:
             if out.tell():
                 out.seek(-1, os.SEEK_END)
@@ -270,21 +374,7 @@ class Learner:
                 if on_metrics is not None:
                     on_metrics(row)
 
-            if every and self.version == 0:
-                emit({"version": 0, **self.evaluate()})
-            while self.version < steps and not self.stopping.is_set():
-                row = self.train_one()
-                if row is None:
-                    break
-                if every and (self.version % every == 0 or self.version == steps):
-                    row.update(self.evaluate())
-                emit(row)
-                # after its metrics: a learner resumed from this checkpoint logs every version
-                if (save_every and self.version % save_every == 0) or self.version == steps:
-                    self.checkpoint(wait=False)
-            # the last version and checkpoint are complete when the learner is done
-            self.publisher.wait()
-            self.saver.wait()
+            yield emit
 
     def close(self) -> None:
         try:
@@ -294,9 +384,21 @@ class Learner:
             # a fetch waiting for a batch gives up within a second; a batch fetched ahead and
             # not trained is served again to the learner that resumes this run
             self.stopping.set()
-            self.fetcher.pool.shutdown()
-            for socket in (self.announcer, self.publish_source, self.source):
-                socket.close()
+            if self.dp.is_main:
+                for socket in (self.announcer, self.publish_source, self.source):
+                    socket.close()
+            shutdown()
+
+
+@dataclass
+class Fetched:
+    """A global batch as the learner trains it; rank 0's also carries the buffer's reply, the
+    rollout metrics and, with several ranks, the Arrow IPC bytes it broadcasts."""
+
+    packed: PackedBatch
+    reply: Batch | None
+    rollout: dict[str, float]
+    payload: bytes | None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cfg.run.num_threads)
     learner = Learner(cfg, args.run_dir, args.start)
     signal.signal(signal.SIGTERM, lambda *_: learner.stopping.set())
-    learner.run(lambda m: log.info("version %d: %s", m["version"], m))
-    if learner.stopping.is_set() and learner.step.updates:
-        learner.checkpoint()  # a SIGTERMed learner resumes where it stopped
+    learner.run(lambda m: log.info("version %d: %s", m["version"], m))  # SIGTERM: checkpoints
     learner.close()
     return 0
 

@@ -10,6 +10,14 @@ Shape legend: B = completions, T = positions, L = MoE layers, K = experts per to
                                    one optimizer step, gradient clipping, learning-rate schedule
     metric reduction               token means over the global batch, means over mini-batches
 
+Every forward is bounded by `learner.max_tokens_per_microbatch` positions (padding included;
+0: one forward per mini-batch, and per proximal pass): the rows are bucketed by length into
+micro-batches of whole rows (`learner.batch.microbatches`), the proximal pass runs them one by
+one, and an update accumulates its gradient over them, each micro-batch back-propagating its
+share `m / M` of the mini-batch mean, so that the step equals the one-shot step. A forward's
+replayed routing stays in place until its backward has run, so activation checkpointing
+(`learner.activation_checkpointing`) recomputes exactly the experts the forward used.
+
 The step knows nothing of the loss formula: its objective (`learner.loss.MiniRL`) computes the
 advantages and returns the loss and its metrics. Mini-batches are consecutive groups of the
 global batch, in the buffer's order. Mini-batch 1 is trained at the weights of the start of the
@@ -25,6 +33,7 @@ gradient is the whole mini-batch's, and metrics are reduced over ranks. With one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -32,11 +41,17 @@ from dataclasses import dataclass
 import torch
 
 from async_rl.config import Config
-from learner.batch import PackedBatch
+from learner.batch import PackedBatch, microbatches
 from learner.loss import MiniRL, Objective
 from learner.model import entropy, token_logprobs
 from learner.optim import lr_multiplier
-from learner.parallel import DataParallel, check_sharded, global_norm, local_batch, mean_over_ranks
+from learner.parallel import (
+    DataParallel,
+    check_sharded,
+    clip_gradients,
+    local_batch,
+    mean_over_ranks,
+)
 from learner.routing import RoutingHooks
 
 ROUTING_REPLAY = ("none", "r2", "r3")
@@ -101,6 +116,7 @@ class TrainStep:
         self.warmup, self.schedule = learner.warmup_steps, learner.lr_schedule
         self.total_updates = cfg.run.num_steps * algo.num_minibatches
         self.updates = 0  # optimizer steps taken (restored from checkpoints)
+        self.max_tokens = learner.max_tokens_per_microbatch
         self.dp = dp or DataParallel()
         check_sharded(model, self.dp)
 
@@ -115,11 +131,17 @@ class TrainStep:
         metrics["policy_version_min"] = int(full.policy_versions_B.min())
         return metrics
 
-    def _forward(self, batch: PackedBatch, replay: torch.Tensor | None) -> torch.Tensor:
-        if replay is None:
-            return self.model(batch.inputs_BT)
-        with self.hooks.replay(replay):
-            return self.model(batch.inputs_BT)
+    def _replaying(self, replay: torch.Tensor | None):
+        """The context a forward (and its backward, which activation checkpointing may
+        recompute) runs in: `replay`'s experts, or the model's own routing."""
+        return contextlib.nullcontext() if replay is None else self.hooks.replay(replay)
+
+    def _pieces(self, batch: PackedBatch) -> list[tuple[torch.Tensor | None, PackedBatch]]:
+        """The micro-batches of `batch` as (row indices, rows); one piece is (None, batch)."""
+        parts = microbatches(batch, self.max_tokens)
+        if len(parts) == 1:
+            return [(None, batch)]
+        return [(index, batch.take(index)) for index in parts]
 
     def _local_rows(self, batch: PackedBatch) -> PackedBatch:
         """This rank's rows (all of them in one process), checked for the step."""
@@ -135,19 +157,32 @@ class TrainStep:
 
     # ---------------------------------------------------------------- 1. the proximal pass
     def _proximal_pass(self, batch: PackedBatch) -> Proximal:
-        """log pi_prox and routing of mini-batches 2..N's rows, at the starting weights."""
+        """log pi_prox and routing of mini-batches 2..N's rows, at the starting weights, one
+        micro-batch at a time."""
         prox, size = Proximal(), batch.num_rows // self.num_minibatches
         if self.num_minibatches == 1:
             return prox
         rest = batch.rows(size, batch.num_rows)
-        actor = _rows_of(batch.routing_BTLK, size, batch.num_rows, rest.width)
-        replay = replayed_routing(self.routing_replay, 0, actor, None)
         self.model.eval()  # no dropout in Qwen3-MoE; eval only marks the pass as inference
-        with torch.no_grad(), self.hooks.record() as trace:
-            logits_BTV = self._forward(rest, replay)
-        prox.logprobs_BT = token_logprobs(logits_BTV, rest.targets_BT, self.temperature)
-        prox.routing_BTLK = trace.experts
-        self._prox_metrics(rest, logits_BTV, prox.routing_BTLK, prox)
+        for index, m in self._pieces(rest):
+            replay = replayed_routing(self.routing_replay, 0, m.routing_BTLK, None)
+            with torch.no_grad(), self._replaying(replay), self.hooks.record() as trace:
+                logits_BTV = self.model(m.inputs_BT)
+            logprobs_BT = token_logprobs(logits_BTV, m.targets_BT, self.temperature)
+            self._prox_metrics(m, logits_BTV, trace.experts, prox)
+            if index is None:
+                prox.logprobs_BT, prox.routing_BTLK = logprobs_BT, trace.experts
+                continue
+            if prox.logprobs_BT is None:
+                prox.logprobs_BT = torch.zeros(rest.num_rows, rest.width)
+                # padding replays experts 0..K-1, distinct ids (as `learner.batch` pads)
+                prox.routing_BTLK = torch.empty(
+                    (rest.num_rows, rest.width, *trace.experts.shape[2:]),
+                    dtype=trace.experts.dtype,
+                )
+                prox.routing_BTLK[:] = torch.arange(self.hooks.top_k)
+            prox.logprobs_BT[index, : m.width] = logprobs_BT
+            prox.routing_BTLK[index, : m.width] = trace.experts
         return prox
 
     def _prox_metrics(self, mb: PackedBatch, logits_BTV, experts_BTLK, prox: Proximal) -> None:
@@ -159,41 +194,57 @@ class TrainStep:
 
     # ---------------------------------------------------------------- 2. the updates
     def _update(self, batch: PackedBatch, i: int, prox: Proximal) -> dict[str, float]:
-        """One optimizer step on mini-batch `i`: its loss, gradient norm and loss metrics."""
+        """One optimizer step on mini-batch `i`, its gradient accumulated over micro-batches
+        (each back-propagates its share of the mini-batch mean): loss, gradient norm, metrics."""
         size = batch.num_rows // self.num_minibatches
         mb = batch.rows(i * size, (i + 1) * size)
-        actor = _rows_of(batch.routing_BTLK, i * size, (i + 1) * size, mb.width)
         recorded = _rows_of(prox.routing_BTLK, (i - 1) * size, i * size, mb.width) if i else None
-        replay = replayed_routing(self.routing_replay, i, actor, recorded)
-        if i == 0:  # at the proximal weights: its own forward is its proximal pass
+        prox_BT = prox.logprobs_BT[(i - 1) * size : i * size, : mb.width] if i else None
+        self.optimizer.zero_grad(set_to_none=True)
+        if i == 0:
             self.model.train()
+        parts = []
+        for index, m in self._pieces(mb):
+            rows = slice(None) if index is None else index
+            rec = None if recorded is None else recorded[rows, : m.width]
+            replay = replayed_routing(self.routing_replay, i, m.routing_BTLK, rec)
+            with self._replaying(replay):
+                loss, metrics = self._loss(m, i, prox, None if i == 0 else prox_BT[rows, : m.width])
+                share = m.num_rows / mb.num_rows
+                scaled = loss if index is None else loss * share
+                # Ranks' gradients are summed; equal shares make each rank's weight 1/world_size.
+                (scaled / self.dp.world_size if self.dp.enabled else scaled).backward()
+            parts.append((loss.item() * share, metrics, float(m.mask_BT.sum())))
+        if len(parts) == 1:
+            return self._optimize(loss.item(), metrics, mb)
+        tokens = max(sum(p[2] for p in parts), 1.0)
+        metrics = {k: sum(p[1][k] * p[2] for p in parts) / tokens for k in parts[0][1]}
+        return self._optimize(sum(p[0] for p in parts), metrics, mb)
+
+    def _loss(self, m: PackedBatch, i: int, prox: Proximal, prox_BT: torch.Tensor | None):
+        """The objective's loss of micro-batch `m` of mini-batch `i`; mini-batch 0 is at the
+        proximal weights, so its own forward gives its pi_prox (`prox_BT` None)."""
+        if i:
+            logp_BT = token_logprobs(self.model(m.inputs_BT), m.targets_BT, self.temperature)
+        else:
             with self.hooks.record() as trace:
-                logits_BTV = self._forward(mb, replay)
-            logp_BT = token_logprobs(logits_BTV, mb.targets_BT, self.temperature)
+                logits_BTV = self.model(m.inputs_BT)
+            logp_BT = token_logprobs(logits_BTV, m.targets_BT, self.temperature)
             prox_BT = logp_BT.detach()
             with torch.no_grad():
-                self._prox_metrics(mb, logits_BTV.detach(), trace.experts, prox)
+                self._prox_metrics(m, logits_BTV.detach(), trace.experts, prox)
             del logits_BTV
-        else:
-            logp_BT = token_logprobs(self._forward(mb, replay), mb.targets_BT, self.temperature)
-            prox_BT = prox.logprobs_BT[(i - 1) * size : i * size, : mb.width]
-        loss, metrics = self.objective.loss(
-            logp_BT, prox_BT, mb.behavior_logprobs_BT, mb.advantages_B, mb.mask_BT
+        return self.objective.loss(
+            logp_BT, prox_BT, m.behavior_logprobs_BT, m.advantages_B, m.mask_BT
         )
-        return self._optimize(loss, metrics, mb)
 
-    def _optimize(self, loss: torch.Tensor, metrics: dict, mb: PackedBatch) -> dict[str, float]:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+    def _optimize(self, loss_value: float, metrics: dict, mb: PackedBatch) -> dict[str, float]:
+        """Clip, schedule and step on the accumulated gradient (reduced over ranks by FSDP)."""
         if self.dp.enabled:
-            # Ranks' gradients are summed; equal shares make each rank's weight 1/world_size.
-            (loss / self.dp.world_size).backward()
             loss_value = self._dp_mean(loss_value, mb.num_rows)
             metrics = mean_over_ranks(metrics, float(mb.mask_BT.sum()), self.dp)
-        else:
-            loss.backward()
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = global_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = clip_gradients(self.model, clip)
         factor = lr_multiplier(self.updates, self.warmup, self.total_updates, self.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * factor

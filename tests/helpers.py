@@ -162,6 +162,21 @@ def stop(proc: subprocess.Popen, timeout: float = 300) -> int:
     return proc.returncode
 
 
+def descendants(proc: subprocess.Popen) -> list:
+    """Every process `proc` started (Ray's and the run's), to check after it ended."""
+    import psutil
+
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def left_running(processes: list, timeout: float = 10) -> list[str]:
+    """Those of `processes` still running `timeout` seconds from now (pid and command)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in alive if p.is_running()]
+
+
 def spawn(log: Path, module: str, *args) -> subprocess.Popen:
     """`python -m module ARGS` (a service on its own), in its own session, output to `log`."""
     with open(log, "ab") as out:

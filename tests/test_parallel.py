@@ -15,6 +15,8 @@ from torch.distributed.tensor import DTensor
 
 from async_rl.config import ModelConfig, load_config
 from learner.batch import PackedBatch
+from learner.checkpoint import Snapshot, load_checkpoint
+from learner.hf import hf_state_dict
 from learner.model import build_model
 from learner.parallel import (
     DataParallel,
@@ -24,7 +26,6 @@ from learner.parallel import (
     init_distributed,
     local_batch,
     mean_over_ranks,
-    select_rows,
     share_rows,
     shutdown,
 )
@@ -32,20 +33,24 @@ from learner.train import TrainStep
 
 CFG = ModelConfig()
 G, NUM_GROUPS, WORLD = 2, 4, 2
-# (num_minibatches, routing_replay, optimizer). SGD passes gradient roundoff on unchanged, so
-# weights must agree to float precision. AdamW's first step is lr * g / (|g| + eps): for a small
-# gradient element (|g| ~ 1e-7, e.g. an expert that saw few tokens) the different summation
-# order across ranks moves the update by ~lr * eps * dg / g^2, measured: up to ~2% of lr on ~2%
-# of the weights; the next gradient then sees those weights. So the AdamW case checks the first
-# gradient exactly and the weights to a share of lr. (Adam and clipping hide a wrongly scaled
+# (num_minibatches, routing_replay, optimizer, expert_parallel). SGD passes gradient roundoff on
+# unchanged, so weights must agree to float precision. AdamW's first step is lr * g / (|g| + eps):
+# for a small gradient element (|g| ~ 1e-7, e.g. an expert that saw few tokens) the different
+# summation order across ranks moves the update by ~lr * eps * dg / g^2, measured: up to ~2% of lr
+# on ~2% of the weights; the next gradient then sees those weights. So the AdamW case checks the
+# first gradient exactly and the weights to a share of lr. (Adam and clipping hide a wrongly scaled
 # gradient; the SGD cases and the pre-clip `grad_norm` metric do not.)
 CASES = [
-    (1, "none", "sgd"),
-    (1, "r2", "sgd"),
-    (2, "none", "sgd"),
-    (2, "r2", "sgd"),
-    (2, "r3", "sgd"),
-    (2, "r2", "adamw"),
+    (1, "none", "sgd", 1),
+    (1, "r2", "sgd", 1),
+    (2, "none", "sgd", 1),
+    (2, "r2", "sgd", 1),
+    (2, "r3", "sgd", 1),
+    (2, "r2", "adamw", 1),
+    # expert parallelism over the 2 ranks (the 4th field): tokens to their experts' rank and
+    # back by gloo's all_to_all_single
+    (1, "none", "sgd", 2),
+    (2, "r3", "sgd", 2),
 ]
 LR = {"sgd": 0.5, "adamw": 1e-2}
 NUM_STEPS = {"sgd": 2, "adamw": 1}
@@ -85,12 +90,12 @@ def global_batch(seed: int) -> PackedBatch:
     )
 
 
-def train(num_minibatches: int, replay: str, optimizer: str, dp: DataParallel | None):
+def train(num_minibatches: int, replay: str, optimizer: str, ep: int, dp: DataParallel | None):
     """Global steps from a seeded model: gathered weights, each step's metrics, and the
     clipped gradient of every update as `{"<update>/<parameter>": tensor}`."""
     model = build_model(CFG, seed=0)
     if dp is not None:
-        apply_fsdp(model, dp)
+        apply_fsdp(model, dp, expert_parallel=ep)
     lr = LR[optimizer]
     opt_class = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
     opt = opt_class(model.parameters(), lr=lr)
@@ -119,6 +124,51 @@ def train(num_minibatches: int, replay: str, optimizer: str, dp: DataParallel | 
     return full_state_dict(model), metrics, grads
 
 
+def adamw_learner(dp: DataParallel | None):
+    """A seeded model (sharded over `dp`'s ranks), its AdamW and N = 2 R2 train step."""
+    model = build_model(CFG, seed=0)
+    if dp is not None:
+        apply_fsdp(model, dp)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR["adamw"])
+    overrides = [f"algo.group_size={G}", "algo.num_minibatches=2", "algo.routing_replay=r2"]
+    step = TrainStep(model, opt, load_config(None, [*overrides, "run.num_steps=100"]), dp=dp)
+    return model, opt, step
+
+
+def resave(source: Path, out: Path, dp: DataParallel | None) -> None:
+    """Load a checkpoint (on `dp`'s ranks) and write it again: what the ranks hold of it."""
+    model, opt, _ = adamw_learner(dp)
+    load_checkpoint(source, model, opt)
+    snapshot = Snapshot.take(1, model, opt, {})  # collective: the shards are gathered
+    if dp is None or dp.is_main:
+        snapshot.write(out)
+
+
+def trained_checkpoint(out: Path, dp: DataParallel | None) -> None:
+    """One global step (two AdamW updates) on `dp`'s ranks, checkpointed."""
+    model, opt, step = adamw_learner(dp)
+    step(global_batch(0))
+    snapshot = Snapshot.take(1, model, opt, {})
+    if dp is None or dp.is_main:
+        snapshot.write(out)
+    return model, opt
+
+
+def local_bytes(model, opt) -> dict[str, int]:
+    """Bytes of this rank's parameters, gradients and AdamW moments (its shards under FSDP)."""
+
+    def nbytes(tensors):
+        tensors = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    return {
+        "params": nbytes(model.parameters()),
+        "grads": nbytes(p.grad for p in model.parameters()),
+        "adamw": nbytes(moments),
+    }
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(
@@ -126,6 +176,20 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     dp = init_distributed("cpu")
     try:
+        # checkpoints: one written by one process, loaded by two ranks; one written by two
+        resave(Path(out_dir) / "one" / "step-000001", Path(out_dir) / "one-on-two", dp)
+        model, opt = trained_checkpoint(Path(out_dir) / "two", dp)
+        if dp.is_main:  # rank 0 holds the largest shards, which the planner counts
+            sizes = json.dumps(local_bytes(model, opt))
+            (Path(out_dir) / "rank0-bytes.json").write_text(sizes)
+        # weights for publishing: gathered in buckets of 64 KiB, kept by rank 0 alone
+        hf = hf_state_dict(model, CFG, bucket_bytes=64 * 1024, keep=dp.is_main)
+        full = full_state_dict(model)
+        if dp.is_main:
+            save_file(hf, f"{out_dir}/published.safetensors")
+            save_file(full, f"{out_dir}/published-full.safetensors")
+        else:
+            assert hf == {}
         for case in CASES:
             state, metrics, grads = train(*case, dp)
             if dp.is_main:  # rank 0 alone writes, as it alone publishes weights in a run
@@ -152,6 +216,7 @@ def two_ranks(tmp_path_factory):
     method = "fork" if threading.active_count() == 1 else "spawn"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # three processes share the cores; idle OpenMP threads spin
+    trained_checkpoint(out / "one", None)
     ctx = mp.start_processes(
         _worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False, start_method=method
     )
@@ -167,7 +232,8 @@ def two_ranks(tmp_path_factory):
             if process.is_alive():
                 process.kill()
                 process.join()
-    results = {}
+    resave(out / "two" / "step-000001", out / "two-on-one", None)
+    results = {"checkpoints": out}
     for case in CASES:
         name = "-".join(map(str, case))
         results[case] = (
@@ -213,8 +279,8 @@ def test_replay_changed_the_update(two_ranks):
     """The cases differ from each other, so agreement per case is not agreement by accident."""
     references, _ = two_ranks
     router = {c: references[c][0]["layers.0.moe.router.gate.weight"] for c in CASES}
-    assert not torch.equal(router[(2, "none", "sgd")], router[(2, "r2", "sgd")])
-    assert not torch.equal(router[(2, "r2", "sgd")], router[(2, "r3", "sgd")])
+    assert not torch.equal(router[(2, "none", "sgd", 1)], router[(2, "r2", "sgd", 1)])
+    assert not torch.equal(router[(2, "r2", "sgd", 1)], router[(2, "r3", "sgd", 1)])
 
 
 def test_rank_shares_are_contiguous_whole_groups_of_every_minibatch():
@@ -236,8 +302,6 @@ def test_local_batch_holds_the_rows_trimmed():
     assert torch.equal(local.inputs_BT, batch.inputs_BT[index, :width])
     assert torch.equal(local.routing_BTLK, batch.routing_BTLK[index, :width])
     assert torch.equal(local.rewards_B, batch.rewards_B[index])
-    contiguous = select_rows(batch, torch.arange(2, 4))
-    assert torch.equal(contiguous.mask_BT, batch.rows(2, 4).mask_BT)
 
 
 def test_init_distributed_reads_the_environment(monkeypatch):
@@ -263,3 +327,40 @@ def test_train_step_refuses_an_unsharded_model_with_several_ranks(make_step):
     model = build_model(CFG, seed=0)
     with pytest.raises(ValueError, match="apply_fsdp"):
         make_step(model, dp=DataParallel(0, 2))
+
+
+@pytest.mark.parametrize("written, loaded", [("one", "one-on-two"), ("two", "two-on-one")])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(two_ranks, written, loaded):
+    """Written by one process and loaded by two ranks, or the reverse: the ranks hold exactly
+    the checkpoint's model and AdamW state (gathered again and compared tensor by tensor)."""
+    out = two_ranks[1]["checkpoints"]
+    for part in ("model", "optimizer"):
+        want = load_file(out / written / "step-000001" / f"{part}.safetensors")
+        got = load_file(out / loaded / "step-000001" / f"{part}.safetensors")
+        assert got.keys() == want.keys()
+        for name in want:
+            if name != "rng.torch":
+                assert torch.equal(got[name], want[name]), f"{part}: {name}"
+    assert any(k.endswith("exp_avg_sq") for k in want)
+
+
+def test_the_planner_counts_the_shards_of_rank_0(two_ranks):
+    from async_rl.app.plan import Cluster, make_plan
+
+    real = json.loads((two_ranks[1]["checkpoints"] / "rank0-bytes.json").read_text())
+    cfg = load_config(None, ["learner.num_ranks=2", f"algo.group_size={G}"])
+    plan = make_plan(cfg, Cluster())
+    assert {k: plan.learner[k] for k in real} == real
+
+
+def test_weights_are_gathered_in_buckets_to_rank_0(two_ranks):
+    out = two_ranks[1]["checkpoints"]
+    model = build_model(CFG, seed=0)
+    model.load_state_dict(load_file(out / "published-full.safetensors"))
+    want = hf_state_dict(model, CFG)  # one process, all at once
+    got = load_file(out / "published.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # and in one process, buckets change nothing
+    buckets = hf_state_dict(model, CFG, bucket_bytes=4096)
+    assert all(torch.equal(buckets[k], want[k]) for k in want)

@@ -214,34 +214,41 @@ def test_r2_minibatches_after_the_first_use_the_prox_routing(setup):
     prox_BTLK = trace.experts
 
     step = new_step(setup, "r2", n=n, lr=0.05)
-    model, original = step.model, step._forward
-    checks = []
+    model, original, objective = step.model, step._loss, step.objective
+    checks, seen = [], {}
 
-    def spy(mb, replay):
-        if replay is None:  # the proximal pass, and mini-batch 1 (at the proximal weights)
-            return original(mb, replay)
+    class Objective:  # the step's objective, keeping the log-probs each loss is given
+        advantages = objective.advantages
+
+        def loss(self, logp_BT, *rest):
+            seen["logp_BT"] = logp_BT.detach()
+            return objective.loss(logp_BT, *rest)
+
+    def spy(mb, i, prox, prox_BT):  # an update's loss, under the routing it replays
+        out = original(mb, i, prox, prox_BT)
+        replay = step.hooks._replay_BTLK
+        if replay is None:  # mini-batch 1, at the proximal weights
+            return out
         i = len(checks) + 1  # mini-batches 2..N replay
         expected_BTLK = prox_BTLK[i * size : (i + 1) * size, : mb.inputs_BT.shape[1]]
-        logits_BTV = original(mb, replay)
+        step.hooks._replay_BTLK = None
         with torch.no_grad():
             with step.hooks.replay(expected_BTLK):
-                replayed_BTV = model(mb.inputs_BT)
+                replayed_BT = token_logprobs(model(mb.inputs_BT), mb.targets_BT)
             with step.hooks.record() as free:
-                free_BTV = model(mb.inputs_BT)
-        diff_BT = token_logprobs(free_BTV, mb.targets_BT) - token_logprobs(
-            logits_BTV, mb.targets_BT
-        )
+                free_BT = token_logprobs(model(mb.inputs_BT), mb.targets_BT)
+        step.hooks._replay_BTLK = replay
         checks.append(
             {
-                "replay": torch.equal(replay, expected_BTLK),
-                "logits": torch.equal(logits_BTV.detach(), replayed_BTV),
+                "replay": torch.equal(replay, expected_BTLK.long()),
+                "logits": torch.equal(seen["logp_BT"], replayed_BT),
                 "free_agreement": routing_agreement(expected_BTLK, free.experts, mb.mask_BT),
-                "free_logp_diff": diff_BT[mb.mask_BT].abs().max().item(),
+                "free_logp_diff": (free_BT - replayed_BT)[mb.mask_BT].abs().max().item(),
             }
         )
-        return logits_BTV
+        return out
 
-    step._forward = spy
+    step.objective, step._loss = Objective(), spy
     step(batch)
     assert len(checks) == n - 1
     assert all(c["replay"] and c["logits"] for c in checks)

@@ -17,8 +17,10 @@ from async_rl.types import RoutingSpec, check_group
 from tests.helpers import (
     ENV,
     ROOT,
+    descendants,
     fleet_sizes,
     launch,
+    left_running,
     stop,
     stored_groups,
     train_overrides,
@@ -77,13 +79,16 @@ def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, st
 
 def test_ctrl_c_leaves_a_run_that_resume_continues(tmp_path, start):
     run_dir, log = tmp_path / "intr", tmp_path / "intr.log"
-    proc = launch(log, *train_overrides(tmp_path, start, "intr", 30))
+    # two learner ranks: the group stops together, checkpoints and resumes
+    proc = launch(log, *train_overrides(tmp_path, start, "intr", 30), "learner.num_ranks=2")
     try:
         wait_for(lambda: len(versions(run_dir)) >= 3, 240, proc, log)
+        children = descendants(proc)
     finally:
         returncode = stop(proc)
     out = log.read_text()
     assert returncode == 0, out
+    assert not left_running(children), "processes of the run outlived its driver"
     assert "interrupted" in out and f"async-rl train --resume {run_dir}" in out
     done = versions(run_dir)
     assert done == list(range(1, len(done) + 1))

@@ -65,6 +65,15 @@ def _add_run_commands(sub) -> None:
         help="continue the run in RUN_DIR with its own config.toml (overrides still apply)",
     )
     command("sft", "supervised cold start; writes runs/<name>/checkpoints/sft")
+    plan = command("plan", "placement and per-GPU memory of a run, and whether it fits")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes of the cluster")
+    plan.add_argument(
+        "--gpus-per-node", type=int, default=8, help="GPUs per node (0: CPU processes)"
+    )
+    plan.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU")
+    plan.add_argument(
+        "--bandwidth-gbps", type=float, default=100.0, help="learner-to-actor bandwidth, Gb/s"
+    )
     ev = command("eval", "held-out accuracy of a checkpoint (greedy and avg@k)")
     ev.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
@@ -134,8 +143,12 @@ def cmd_eval(cfg: Config, checkpoint: str, limit: int | None) -> None:
 
 
 def cmd_train(cfg: Config, ray_address: str | None) -> None:
+    from async_rl.app.driver import check_placement
+    from async_rl.app.plan import Cluster, make_plan
     from async_rl.metrics import steps_logged
 
+    check_placement(cfg, ray_address)  # before the cold start and Ray
+    print(make_plan(cfg, Cluster.local(cfg)).summary())
     done = steps_logged(cfg.run_dir)
     if done >= cfg.run.num_steps:
         print(
@@ -170,6 +183,16 @@ def cmd_train(cfg: Config, ray_address: str | None) -> None:
         print(f"held-out accuracy (avg@{cfg.run.eval_k}): {accuracy[0]:.3f} -> {accuracy[-1]:.3f}")
     if summary["interrupted"]:
         print(f"resume with: async-rl train --resume {summary['run_dir']}")
+
+
+def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
+    """Print the plan of `cfg` on the cluster the arguments describe; 1 if it does not fit."""
+    from async_rl.app.plan import Cluster, make_plan
+
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.bandwidth_gbps)
+    plan = make_plan(cfg, cluster)
+    print(plan.report())
+    return 0 if plan.fits else 1
 
 
 def cmd_scale(run_dir: Path, actors: int) -> None:
@@ -287,6 +310,8 @@ def _run_configured(args: argparse.Namespace) -> int:
             cmd_train(cfg, args.ray_address)
         elif args.command == "sft":
             cmd_sft(cfg)
+        elif args.command == "plan":
+            return cmd_plan(cfg, args)
         elif args.command == "eval":
             cmd_eval(cfg, args.checkpoint, args.limit)
     except (ValueError, FileNotFoundError) as e:

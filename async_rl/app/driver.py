@@ -32,7 +32,7 @@ from typing import Any
 
 import ray
 
-from async_rl.config import Config, is_loopback, load_config, to_toml
+from async_rl.config import Config, ConfigError, is_loopback, load_config, to_toml
 from async_rl.messages import ActorStats, ProcessStatus
 from async_rl.paths import RunPaths, read_fleet_request, write_fleet_size, write_pid
 
@@ -50,6 +50,8 @@ def _setup_process(run_dir: str, name: str) -> Config:
 
 # How long a process that is starting or restarting may take to answer its first ping.
 START_TIMEOUT_S = 300.0
+# How many times the learner (all its ranks) is started again after a failure, in one session.
+LEARNER_RESTARTS = 3
 
 
 class _Threaded:
@@ -104,22 +106,61 @@ class BufferWorker(_Threaded):
 
 
 class LearnerWorker(_Threaded):
-    def __init__(self, run_dir: str, start: str):
+    """One learner rank. Rank 0 opens the rendezvous (`rendezvous`), then every rank `join`s
+    the group, builds its learner (FSDP2 shards with several ranks) and starts training."""
+
+    def __init__(self, run_dir: str, start: str, rank: int = 0, world_size: int = 1):
+        self.cfg = _setup_process(run_dir, learner_name(rank))
+        self.run_dir, self.start, self.rank, self.world_size = run_dir, start, rank, world_size
+        self.error, self.finished, self.learner, self.store = None, False, None, None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: the address and free port the other ranks join at."""
+        from learner.parallel import open_rendezvous
+
+        host = (
+            self.cfg.run.bind_host
+            if is_loopback(self.cfg.run.bind_host)
+            else (ray.util.get_node_ip_address())
+        )
+        self.store, port = open_rendezvous(host, self.world_size, collective_timeout_s(self.cfg))
+        return host, port
+
+    def join(self, host: str | None = None, port: int | None = None) -> None:
         from async_rl.app.evaluation import EngineEvaluator
+        from learner.parallel import join_group
         from learner.run import Learner
 
-        cfg = _setup_process(run_dir, "learner")
-        evaluator = EngineEvaluator(cfg, start) if cfg.run.eval_every else None
-        self.learner = Learner(cfg, Path(run_dir), Path(start), evaluator=evaluator)
-        self._start(self.learner.run)
+        cfg, timeout = self.cfg, collective_timeout_s(self.cfg)
+        dp = join_group(self.rank, self.world_size, host, port, timeout, store=self.store)
+        evaluator = EngineEvaluator(cfg, self.start) if cfg.run.eval_every and dp.is_main else None
+        self.learner = Learner(
+            cfg, Path(self.run_dir), Path(self.start), evaluator=evaluator, dp=dp
+        )
+        self._start(self.learner.run)  # a stopped learner checkpoints where it stopped
 
     def stop(self) -> None:
+        if self.learner is None:
+            return
         self.learner.stopping.set()
-        self.thread.join(120)
-        # one that failed mid-run resumes from its last good checkpoint instead
-        if self.learner.step.updates and self.error is None:
-            self.learner.checkpoint()
-        self.learner.close()
+        # Rank 0 tells the others at its next step and they all checkpoint together; until
+        # then the others train on. One that is stopped alone leaves its group, which the
+        # driver starts again.
+        self.thread.join(120 if self.rank == 0 else 5)
+        if not self.thread.is_alive():
+            self.learner.close()
+
+
+def learner_name(rank: int) -> str:
+    """The process name of a learner rank: "learner" for rank 0, "learner-<rank>" else."""
+    return "learner" if rank == 0 else f"learner-{rank}"
+
+
+def collective_timeout_s(cfg: Config) -> float:
+    """How long a learner rank waits for its peers in a collective: rank 0 may be waiting for a
+    global batch (buffer.wait_timeout_s) or evaluating. A rank that is gone is found sooner:
+    its peers' sockets close, or the driver's heartbeat restarts the group."""
+    return cfg.buffer.wait_timeout_s + 600.0
 
 
 class ActorWorker(_Threaded):
@@ -157,11 +198,22 @@ def init_ray(cfg: Config, address: str | None) -> None:
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         address="local",
-        num_cpus=max(os.cpu_count() or 1, 2 + cfg.actor.max_actors),
+        num_cpus=max(os.cpu_count() or 1, 1 + cfg.learner.num_ranks + cfg.actor.max_actors),
         include_dashboard=False,
         _node_ip_address=cfg.run.bind_host,
         log_to_driver=False,
     )
+
+
+def check_placement(cfg: Config, address: str | None) -> None:
+    """Refuse, before Ray starts, a learner that this machine cannot place: a rank per core
+    (a cluster, `--ray-address`, is checked by Ray's placement group as the run starts)."""
+    cores = os.cpu_count() or 1
+    if address is None and cfg.learner.num_ranks > cores:
+        raise ConfigError(
+            "learner.num_ranks",
+            f"{cfg.learner.num_ranks} learner ranks need a CPU core each; this machine has {cores}",
+        )
 
 
 def autoscale(rows: list[dict[str, Any]], cfg: Config, current: int, since: float = 0.0) -> int:
@@ -218,7 +270,10 @@ class Run:
         self.up: set[str] = set()  # processes that answered since they last (re)started
         self.down_since: dict[str, float] = {}
         self.next_actor = 0
-        self.buffer = self.learner = None
+        self.buffer = None
+        self.learners: dict[str, Any] = {}  # learner_name(rank) -> its handle, rank order
+        self.learner_group = None  # their placement group
+        self.learner_restarts = 0
 
     def launch(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,13 +281,60 @@ class Run:
         opts = {"max_restarts": -1, "max_task_retries": 0}
         self.buffer = ray.remote(BufferWorker).options(num_cpus=0, **opts).remote(str(self.run_dir))
         ray.get(self.buffer.status.remote())
-        self.learner = (
-            ray.remote(LearnerWorker)
-            .options(num_cpus=1, max_restarts=3, max_task_retries=0)
-            .remote(str(self.run_dir), str(self.start))
-        )
-        ray.get(self.learner.status.remote())
+        self.start_learners()
         self.scale(self.cfg.actor.num_actors)
+
+    def start_learners(self) -> None:
+        """Place the learner's ranks (a placement group of a CPU each), start
+        rank 0 first for the rendezvous, then have every rank join and start training."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        world = self.cfg.learner.num_ranks
+        bundle = {"CPU": 1}  # the learner trains on CPU (it has no device setting yet)
+        group = self.learner_group = placement_group([bundle] * world, strategy="PACK")
+        if not ray.wait([group.ready()], timeout=START_TIMEOUT_S)[0]:
+            raise RuntimeError(
+                f"learner.num_ranks = {world}: Ray cannot place {world} x {bundle} within "
+                f"{START_TIMEOUT_S:.0f}s (cluster: {ray.cluster_resources()})"
+            )
+        for rank in range(world):
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
+            self.learners[learner_name(rank)] = (
+                ray.remote(LearnerWorker)
+                .options(
+                    num_cpus=1,
+                    max_restarts=0,  # a rank is restarted with its group, by `poll`
+                    max_task_retries=0,
+                    scheduling_strategy=strategy,
+                )
+                .remote(str(self.run_dir), str(self.start), rank, world)
+            )
+        ranks = list(self.learners.values())
+        address = ()
+        if world > 1:
+            address = ray.get(ranks[0].rendezvous.remote(), timeout=START_TIMEOUT_S)
+        ray.get([h.join.remote(*address) for h in ranks], timeout=START_TIMEOUT_S)
+
+    def restart_learners(self, why: str) -> str:
+        """Stop every rank of the learner (a group trains together or not at all); the next
+        `poll` starts the group again: it resumes from its newest checkpoint, and the buffer
+        serves it the same global batches again."""
+        from ray.util.placement_group import remove_placement_group
+
+        self.learner_restarts += 1
+        if self.learner_restarts > LEARNER_RESTARTS:
+            raise RuntimeError(f"the learner failed {self.learner_restarts} times; last: {why}")
+        for name, handle in self.learners.items():
+            ray.kill(handle, no_restart=True)
+            self.up.discard(name)
+            self.pings.pop(name, None)
+            self.statuses.pop(name, None)
+        self.learners.clear()
+        if self.learner_group is not None:
+            remove_placement_group(self.learner_group)
+            self.learner_group = None
+        return f"{why}: restarting the learner ({self.cfg.learner.num_ranks} rank(s))"
 
     def scale(self, n: int) -> None:
         while len(self.actors) < n:
@@ -255,52 +357,82 @@ class Run:
     def poll(self) -> list[str]:
         """Ping every process (without waiting) and act on what the answers say.
 
-        Raises if the learner or the buffer failed, or if one is gone (not answering for
-        START_TIMEOUT_S after a start or crash). A process that answered before and now answers
-        nothing for `run.heartbeat_timeout_s` is killed, and an actor whose loop failed too; Ray
-        starts them again. Returns what was done, for the terminal.
+        Raises if the buffer failed (or the learner, run on one rank), or if one is gone (not
+        answering for START_TIMEOUT_S after a start or crash). A process that answered before
+        and now answers nothing for `run.heartbeat_timeout_s` is killed, and an actor whose loop
+        failed too; Ray starts them again. A learner rank that crashes, fails (with several
+        ranks: a peer's failure looks like that) or stops answering stops the whole group,
+        which the next poll starts again. Returns what was done, for the terminal.
         """
+        if not self.learners:  # stopped by the previous poll
+            self.start_learners()
         now, events = time.monotonic(), []
-        processes = {"learner": self.learner, "buffer": self.buffer, **self.actors}
+        processes = {**self.learners, "buffer": self.buffer, **self.actors}
         for name in list(self.pings.keys() - processes.keys()):
             del self.pings[name]  # an actor that left the fleet
         for name, handle in processes.items():
             ref, sent = self.pings.setdefault(name, (handle.status.remote(), now))
             if ray.wait([ref], timeout=0)[0]:
                 del self.pings[name]
-                try:
-                    status = self.statuses[name] = ray.get(ref)
-                except ray.exceptions.RayActorError:  # crashed; Ray restarts it
-                    self.up.discard(name)
-                    self.down_since.setdefault(name, now)
-                    continue
-                self.up.add(name)
-                self.down_since.pop(name, None)
-                if status.error and name in ("learner", "buffer"):
-                    raise RuntimeError(f"the {name} stopped: {status.error}")
-                if status.finished and name in self.actors:
-                    events.append(f"{name} stopped ({status.error}): replacing it")
-                    self._restart(name, handle)
+                event = self._answered(name, handle, ref, now)
             elif name in self.up:
-                if self._died(name):  # while Ray restarts it, its ping waits for the new one
-                    self.up.discard(name)
-                    self.down_since[name] = now
-                elif now - sent > self.cfg.run.heartbeat_timeout_s:
-                    events.append(
-                        f"{name} (pid {self.statuses[name].pid}) did not answer for "
-                        f"{now - sent:.0f}s (stopped or hung): killing it; Ray starts it again"
-                    )
-                    self._restart(name, handle)
-            elif now - self.down_since.setdefault(name, sent) > START_TIMEOUT_S:
-                if name in self.actors:
-                    events.append(f"{name} did not start in {START_TIMEOUT_S:.0f}s: restarting")
-                    self._restart(name, handle)
-                else:
-                    raise RuntimeError(
-                        f"the {name} is gone: no answer for {START_TIMEOUT_S:.0f}s since it "
-                        "was started or crashed, and Ray did not restart it"
-                    )
+                event = self._silent(name, handle, now - sent, now)
+            else:
+                down_s = now - self.down_since.setdefault(name, sent)
+                event = self._not_started(name, handle, down_s)
+            if event:
+                events.append(event)
+            if not self.learners:  # the group was stopped: the next poll starts it
+                break
         return events
+
+    def _answered(self, name: str, handle, ref, now: float) -> str | None:
+        try:
+            status = self.statuses[name] = ray.get(ref)
+        except ray.exceptions.RayActorError:  # crashed; Ray restarts it (not a learner rank)
+            if name in self.learners:
+                return self.restart_learners(f"{name} crashed")
+            self.up.discard(name)
+            self.down_since.setdefault(name, now)
+            return None
+        self.up.add(name)
+        self.down_since.pop(name, None)
+        if status.error and name in self.learners and len(self.learners) > 1:
+            return self.restart_learners(f"{name} failed ({status.error})")
+        if status.error and name in ("learner", "buffer"):
+            raise RuntimeError(f"the {name} stopped: {status.error}")
+        if status.finished and name in self.actors:
+            self._restart(name, handle)
+            return f"{name} stopped ({status.error}): replacing it"
+        return None
+
+    def _silent(self, name: str, handle, silent_s: float, now: float) -> str | None:
+        """A process that answered before and has not answered the last ping yet."""
+        if self._died(name) and name in self.learners:
+            return self.restart_learners(f"{name} died")
+        if self._died(name):  # while Ray restarts it, its ping waits for the new one
+            self.up.discard(name)
+            self.down_since[name] = now
+        elif silent_s > self.cfg.run.heartbeat_timeout_s:
+            pid = self.statuses[name].pid
+            silent = f"{name} (pid {pid}) did not answer for {silent_s:.0f}s (stopped or hung)"
+            if name in self.learners:
+                return self.restart_learners(silent)
+            self._restart(name, handle)
+            return f"{silent}: killing it; Ray starts it again"
+        return None
+
+    def _not_started(self, name: str, handle, down_s: float) -> str | None:
+        """A process that has not answered since it was started or crashed."""
+        if down_s <= START_TIMEOUT_S:
+            return None
+        if name in self.actors:
+            self._restart(name, handle)
+            return f"{name} did not start in {START_TIMEOUT_S:.0f}s: restarting"
+        raise RuntimeError(
+            f"the {name} is gone: no answer for {START_TIMEOUT_S:.0f}s since it "
+            "was started or crashed, and Ray did not restart it"
+        )
 
     def _died(self, name: str) -> bool:
         """Whether the process that last answered for `name` is gone (known on this node only)."""
@@ -322,7 +454,7 @@ class Run:
         self.down_since[name] = time.monotonic()
 
     def learner_done(self) -> bool:
-        status = self.statuses.get("learner")
+        status = self.statuses.get(learner_name(0))
         return status is not None and status.finished
 
     def actor_stats(self) -> dict[str, ActorStats]:
@@ -340,12 +472,13 @@ class Run:
         # in parallel; a dead or hung actor has nothing to stop
         _wait_all([handle.stop.remote() for handle in self.actors.values()], timeout_s=150)
         self.actors.clear()
-        for handle in (self.learner, self.buffer):
-            if handle is not None:
-                try:
-                    ray.get(handle.stop.remote(), timeout=180)
-                except Exception:
-                    pass
+        # the ranks together: rank 0 tells the others to stop, then all checkpoint
+        _wait_all([handle.stop.remote() for handle in self.learners.values()], timeout_s=180)
+        if self.buffer is not None:
+            try:
+                ray.get(self.buffer.stop.remote(), timeout=180)
+            except Exception:
+                pass
 
 
 def _interrupt(signum, frame) -> None:
@@ -423,6 +556,7 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
     """Run (or continue) a run to `run.num_steps`; returns a summary."""
     from async_rl.metrics import ProgressDisplay, WandbLogger
 
+    check_placement(cfg, ray_address)
     init_ray(cfg, ray_address)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)

@@ -1,7 +1,8 @@
 """Held-out evaluation through the embedded engine: a KV cache, so long completions are cheap.
 
     evaluator = EngineEvaluator(cfg, start)     an fp32 engine with the run's model
-    evaluator(model)                            the learner's weights of now: EvalResult
+    evaluator(weights)                          the learner's weights of now (Hugging Face
+                                                names, `hf_state_dict`): EvalResult
     evaluate_checkpoint(cfg, "runs/tiny/weights/v000100")
 
 The counting is `learner.evaluate.evaluate` (greedy accuracy, avg@k at the actors'
@@ -22,7 +23,6 @@ from async_rl.config import Config
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import load_tokenizer
 from learner.evaluate import EvalResult, evaluate
-from learner.hf import hf_state_dict
 
 
 class EngineEvaluator:
@@ -39,10 +39,10 @@ class EngineEvaluator:
         self.tokenizer = load_tokenizer(str(checkpoint))
         self.task = task_from_config(cfg)
 
-    def __call__(self, model: torch.nn.Module | None = None) -> EvalResult:
-        """The held-out accuracy of `model`'s weights (None: the checkpoint's own)."""
-        if model is not None:
-            self.engine.load_weights(hf_state_dict(model, self.cfg.model), self.engine.version)
+    def __call__(self, weights: dict[str, torch.Tensor] | None = None) -> EvalResult:
+        """The held-out accuracy of `weights` (None: the checkpoint's own)."""
+        if weights is not None:
+            self.engine.load_weights(weights, self.engine.version)
         cfg = self.cfg
         generate = engine_generate(self.engine, cfg.actor.max_new_tokens, cfg.run.seed)
         return evaluate(

@@ -1,0 +1,101 @@
+"""`async-rl plan`: its bytes against the real tensors, its activation estimate against what a
+forward saves, the shipped 30B layout, and the layouts it refuses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from async_rl.app.driver import check_placement
+from async_rl.app.plan import Cluster, activation_bytes, make_plan
+from async_rl.config import ConfigError, ModelConfig, load_config
+from learner.model import apply_activation_checkpointing, build_model, token_logprobs
+from tests.helpers import ENV, ROOT
+
+
+def test_weights_gradients_and_adamw_bytes_are_the_real_ones_at_one_rank():
+    cfg = load_config(None, [])
+    model = build_model(cfg.model, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, cfg.model.vocab_size, (2, 8))).sum().backward()
+    opt.step()
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    plan = make_plan(cfg, Cluster())
+    assert plan.learner["params"] == nbytes(model.parameters())
+    assert plan.learner["grads"] == nbytes(p.grad for p in model.parameters())
+    assert plan.learner["adamw"] == nbytes(moments)
+    assert plan.version_bytes == nbytes(model.state_dict().values())
+
+
+def saved_bytes(model, tokens_BT) -> int:
+    """Bytes a training forward (and the log-probs of its targets) keeps for its backward:
+    every tensor autograd saves, each storage counted once."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp = token_logprobs(model(tokens_BT), tokens_BT)
+    logp.sum().backward()
+    return sum(storages.values())
+
+
+def test_the_activation_estimate_is_within_2x_of_what_a_forward_saves():
+    cfg = ModelConfig(max_seq_len=64)
+    tokens_BT = torch.randint(0, cfg.vocab_size, (8, 64))
+    saved = {
+        mode: saved_bytes(apply_activation_checkpointing(build_model(cfg, seed=0), mode), tokens_BT)
+        for mode in ("none", "full")
+    }
+    # full checkpointing: what the forward keeps, and one block recomputed in the backward
+    # (a block's activations: what the layers keep without checkpointing, less their inputs)
+    peak = {
+        "none": saved["none"],
+        "full": saved["full"] + (saved["none"] - saved["full"]) // cfg.num_layers,
+    }
+    for mode, measured in peak.items():
+        estimate = activation_bytes(cfg, tokens_BT.numel(), mode)
+        print(f"{mode}: estimate {estimate} B, measured {measured} B")
+        assert measured / 2 <= estimate <= 2 * measured, mode
+
+
+def plan_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "async_rl.app.cli", "plan", *args]
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
+
+
+def test_the_30b_config_fits_two_nodes_of_eight_80_gib_gpus_and_one_node_does_not():
+    config = ["--config", "configs/qwen3_30b_a3b_fp8.toml", "--gpus-per-node", "8"]
+    done = plan_cli(*config, "--nodes", "2", "--gpu-mem-gib", "80")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("fits") and "30.532 B parameters" in done.stdout
+    overrides = ["learner.num_ranks=1", "learner.max_tokens_per_microbatch=0"]
+    cfg = load_config(ROOT / "configs/qwen3_30b_a3b_fp8.toml", overrides)
+    one = make_plan(cfg, Cluster(nodes=1, gpus_per_node=8, gpu_mem_gib=80))
+    assert not one.fits
+    assert "learner.num_ranks + actor.max_actors = 9 devices, the cluster has 8" in one.problems
+    assert any(p.startswith("a learner rank needs") for p in one.problems)
+
+
+def test_layouts_that_cannot_be_sharded_or_placed_are_config_errors():
+    with pytest.raises(ConfigError, match="learner.expert_parallel.*num_experts"):
+        load_config(None, ["learner.num_ranks=3", "learner.expert_parallel=3"])
+    with pytest.raises(ConfigError, match="algo.prompts_per_minibatch.*whole groups"):
+        load_config(None, ["learner.num_ranks=2", "algo.prompts_per_minibatch=3"])
+    cores = os.cpu_count() or 1
+    cfg = load_config(
+        None, [f"learner.num_ranks={cores + 1}", f"algo.prompts_per_minibatch={cores + 1}"]
+    )
+    with pytest.raises(ConfigError, match=f"learner.num_ranks.*this machine has {cores}"):
+        check_placement(cfg, None)
+    check_placement(cfg, "127.0.0.1:6379")  # a cluster: Ray's placement group decides
