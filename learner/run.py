@@ -79,6 +79,7 @@ class Background:
     def __init__(self, name: str):
         self.name = name
         self.pending: Future | None = None
+        self.thread: threading.Thread | None = None
 
     def submit(self, fn, *args) -> None:
         self.wait()
@@ -91,12 +92,18 @@ class Background:
             except BaseException as e:  # raised in the learner's thread by `wait`
                 future.set_exception(e)
 
-        threading.Thread(target=run, name=self.name, daemon=True).start()
+        self.thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self.thread.start()
         self.pending = future
 
     def wait(self):
         pending, self.pending = self.pending, None
-        return None if pending is None else pending.result()
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        finally:  # the job is done: its thread ends now, so none is left to a normal exit
+            self.thread.join()
 
     def close(self) -> None:
         self.wait()
@@ -302,7 +309,8 @@ class Learner:
         """Bytes rank 0 holds to publish a version beyond the model: the version's copy, and
         with several ranks the last bucket in flight (the others hold at most a bucket)."""
         copy = sum(v.numel() * v.element_size() for v in state.values())
-        return copy + (self.cfg.learner.publish_bucket_mib * 2**20 if self.dp.enabled else 0)
+        bucket = min(self.cfg.learner.publish_bucket_mib * 2**20, copy)
+        return copy + (bucket if self.dp.enabled else 0)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy of the weights of now (rank 0 evaluates; {} on the others)."""
