@@ -1,6 +1,7 @@
 """`async-rl plot` on run directories: the figure is a real PNG, the table's numbers are right."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,27 @@ def test_moving_average_is_a_trailing_mean():
     np.testing.assert_allclose(smooth[0], [1.0, 1.5, 2.5, 3.5, 4.5])
     np.testing.assert_allclose(smooth[1], [0.0, 0.0, 1.5, 3.0, 3.0])
     assert moving_average(steps, values, 1)[1] is values
+
+
+CURVES = Path(__file__).resolve().parent / "data" / "reward_curves.json"
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("healthy_default_1000", None), ("healthy_300", None), ("collapsed_lr1e-3", 23)],
+)
+def test_the_collapse_rule_on_recorded_runs(name, expected):
+    """Curves of this project's own runs (their commands in the file): two healthy runs, one
+    of which the old rule (a 5-step average below half its peak) called collapsed at step 221,
+    and a run at lr 1e-3 whose held-out accuracy fell from 0.33 to 0.07."""
+    import numpy as np
+
+    curve = json.loads(CURVES.read_text())[name]
+    steps, reward = np.array(curve["steps"]), np.array(curve["reward"])
+    accuracy = (np.array(curve["eval_steps"]), np.array(curve["eval_accuracy"]))
+    assert collapse_step(steps, reward, accuracy) == expected
+    # the reward alone says the same here; held-out accuracy vetoes a noisy fall
+    assert collapse_step(steps, reward) == expected
+    if name == "collapsed_lr1e-3":
+        held = (accuracy[0], np.full(len(accuracy[1]), 0.33))
+        assert collapse_step(steps, reward, held) is None

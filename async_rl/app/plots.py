@@ -5,9 +5,9 @@ scale) against global steps; one line per variant, the mean over its seeds with 
 The per-step panels (all but accuracy) are moving averages over `SMOOTH` of the steps (at least
 one step), as per-step values of a small batch are too noisy to compare.
 A run's variant is the `variant` in its `variant.json` (written by `async-rl sweep`), else its
-run name. The table gives, per variant, peak held-out accuracy, the step of collapse (the first
-step after the reward's peak where the reward, averaged over a window of steps, falls below
-half of that peak; "-" if it never does), the last held-out accuracy, the final
+run name. The table gives, per variant, peak held-out accuracy, the step of collapse
+(`collapse_step`: the reward, averaged over 5% of the run, falls below half its peak for good,
+and held-out accuracy falls below half its best; "-" if not), the last held-out accuracy, the final
 train-inference KL (k3, the mean of the last `FINAL_STEPS` steps, then over seeds), its mean
 over the whole run, and the mean routing agreement between the actors' traces and the
 learner's proximal pass.
@@ -95,13 +95,52 @@ def moving_average(
     return steps, out / counts
 
 
-def collapse_step(steps: np.ndarray, reward: np.ndarray, window: int = 5) -> int | None:
-    if len(reward) < window:
+def collapse_step(
+    steps: np.ndarray,
+    reward: np.ndarray,
+    accuracy: tuple[np.ndarray, np.ndarray] | None = None,
+    window: int | None = None,
+) -> int | None:
+    """The step where training collapses, in Zheng et al.'s sense (the reward falls and stays
+    down, and held-out accuracy with it), or None.
+
+    The per-step reward is a mean over one global batch: at 64 samples its noise alone moves a
+    5-step average by about 0.03, enough to dip below half of a noisy peak in a healthy run. So:
+    the reward is averaged over `window` steps (default 5% of the run, at least 5); collapse
+    begins where that average falls below half its peak after its last return to 3/4 of the
+    peak, and stays down for at least a window (a dip at the very end is not a collapse). With
+    `accuracy` (eval steps, values), the held-out accuracy after that step must also average
+    below half its best before it; a reward that falls while accuracy holds is not a collapse.
+    """
+    n = len(reward)
+    window = window or max(5, n // 20)
+    if n < 2 * window:
         return None
-    smooth = np.convolve(reward, np.ones(window) / window, mode="valid")
-    peak = int(np.argmax(smooth))
-    below = np.nonzero(smooth[peak:] < 0.5 * smooth[peak])[0]
-    return int(steps[peak + below[0] + window - 1]) if below.size and smooth[peak] > 0 else None
+    cumsum = np.cumsum(np.insert(np.asarray(reward, dtype=float), 0, 0.0))
+    smooth = (cumsum[window:] - cumsum[:-window]) / window  # the mean of steps i .. i + w - 1
+    peak = smooth.max()
+    if peak <= 0:
+        return None
+    recovered = np.nonzero(smooth >= 0.75 * peak)[0]
+    after = recovered[-1] + 1 if recovered.size else 0
+    low = np.nonzero(smooth[after:] < 0.5 * peak)[0]
+    if not low.size or len(smooth) - (after + low[0]) < window:
+        return None
+    at = int(steps[after + low[0] + window - 1])
+    if accuracy is not None:
+        eval_steps, values = (np.asarray(a, dtype=float) for a in accuracy)
+        before, later = values[eval_steps < at], values[eval_steps >= at]
+        if later.size and before.size and later.mean() >= 0.5 * before.max():
+            return None
+    return at
+
+
+def _collapse(reward, acc) -> int | None:
+    """The collapse step of a variant's seed-mean reward and held-out accuracy."""
+    if reward is None:
+        return None
+    accuracy = (acc[0], acc[1].mean(0)) if acc else None
+    return collapse_step(reward[0], reward[1].mean(0), accuracy)
 
 
 def summarize(groups: dict[str, list[dict]]) -> list[dict]:
@@ -117,7 +156,7 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
                 "seeds": len(runs),
                 "peak_accuracy": float(acc[1].max(axis=1).mean()) if acc else math.nan,
                 "final_accuracy": float(acc[1][:, -1].mean()) if acc else math.nan,
-                "collapse_step": collapse_step(reward[0], reward[1].mean(0)) if reward else None,
+                "collapse_step": _collapse(reward, acc),
                 "final_kl": float(kl[1][:, -FINAL_STEPS:].mean()) if kl else math.nan,
                 "mean_kl": float(kl[1].mean()) if kl else math.nan,
                 "agreement": float(agree[1].mean()) if agree else math.nan,
