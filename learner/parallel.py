@@ -87,8 +87,9 @@ def _env_int(name: str) -> int:
     return int(value)
 
 
-def init_distributed(device_type: str | None = None) -> DataParallel:
-    """Join the process group described by RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+def init_distributed(device_type: str | None = None, timeout_s: float = 600.0) -> DataParallel:
+    """Join the process group described by RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+    (`join_group`; rank 0 listens on MASTER_PORT).
 
     Without WORLD_SIZE (or with WORLD_SIZE = 1) this is one process and no group is created.
     `device_type` defaults to "cuda" when CUDA is available, else "cpu"; on CUDA each rank uses
@@ -96,7 +97,7 @@ def init_distributed(device_type: str | None = None) -> DataParallel:
     """
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = backend_for(device_type)
+    backend_for(device_type)  # refuses an unknown device type
     if dist.is_initialized():
         return DataParallel(dist.get_rank(), dist.get_world_size(), device_type)
     world_size = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
@@ -110,12 +111,8 @@ def init_distributed(device_type: str | None = None) -> DataParallel:
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
             raise ValueError(f"{name}: not set; data parallelism needs {', '.join(ENV_VARS)}")
-    _env_int("MASTER_PORT")
-    if device_type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
-    return DataParallel(rank, world_size, device_type)
+    port = _env_int("MASTER_PORT")
+    return join_group(rank, world_size, os.environ["MASTER_ADDR"], port, timeout_s, device_type)
 
 
 def open_rendezvous(host: str, world_size: int, timeout_s: float, attempts: int = 5):
@@ -164,7 +161,9 @@ def join_group(
     """
     if world_size == 1:
         return DataParallel(0, 1, device_type)
-    local = rank % torch.cuda.device_count() if device_type == "cuda" else rank
+    local = rank
+    if device_type == "cuda":  # a launcher's LOCAL_RANK, else RANK modulo the visible devices
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
