@@ -5,14 +5,21 @@
 The batch (8 groups of 4 completions, FP8 rollouts of the embedded engine with routing traces,
 synthetic 0/1 rewards) is written once and kept; the trace is every metric of `TrainStep` but
 its timings, for routing replay none / r2 / r3 and N = 1 / 4. The test replays it and requires
-it bit for bit: a refactor of the learner must not change a single number.
+it bit for bit on the kind of machine that recorded it (`machine`: CPU vendor, the ISA torch's
+kernels use, torch's version): a refactor of the learner must not change a single number. On
+another kind, kernels round differently (AVX2 and AVX512 sum in other orders; one ulp at step 1
+grows to 1e-3 by step 15 through Adam), so there every number must agree to `OTHER_MACHINE_RTOL`:
+a wrong scale, sign or mask moves them by far more.
 Regenerate the trace only for a change that is meant to change the numbers, and say so.
-The trace was recorded before the architecture refactor (issue 13) and is unchanged by it.
+The first trace was recorded before the architecture refactor (issue 13), which left it
+unchanged; it was recorded again on an AMD AVX512 machine, where the code of then agreed with it
+to 1e-3 (the worst: grad_norm, step 15, R2 N=4) and bit for bit with the new recording.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +33,19 @@ BATCH, TRACE = HERE / "golden_batch.arrow", HERE / "golden_trace.json"
 STEPS, G, GROUPS = 20, 4, 8
 VARIANTS = [(replay, n) for replay in ("none", "r2", "r3") for n in (1, 4)]
 TIMINGS = ("step_time_s",)
+OTHER_MACHINE_RTOL = 5e-3
+
+
+def machine() -> str:
+    """What decides how this machine's kernels round: CPU vendor, ISA, torch version."""
+    vendor = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{platform.machine()} {vendor} {capability} torch {torch.__version__}"
 
 
 def config(replay: str, n: int):
@@ -123,16 +143,23 @@ def test_twenty_learner_steps_reproduce_the_golden_trace_bit_for_bit(replay, n):
         got = run_variant(replay, n)
     finally:
         torch.set_num_threads(threads)
-    expected = json.loads(TRACE.read_text())[f"{replay}-n{n}"]
-    for step, (row, want) in enumerate(zip(got, expected, strict=True)):
-        assert row == want, f"{replay} N={n}: global step {step + 1} differs"
+    trace = json.loads(TRACE.read_text())
+    exact = trace["machine"] == machine()
+    for step, (row, want) in enumerate(zip(got, trace[f"{replay}-n{n}"], strict=True)):
+        where = f"{replay} N={n}: global step {step + 1} differs"
+        if exact:
+            assert row == want, where
+        else:
+            assert row.keys() == want.keys(), where
+            assert row == pytest.approx(want, rel=OTHER_MACHINE_RTOL, abs=1e-7), where
 
 
 def main() -> int:
     torch.set_num_threads(1)
     if not BATCH.exists() or "--new-batch" in sys.argv:
         record_batch()
-    trace = {f"{replay}-n{n}": run_variant(replay, n) for replay, n in VARIANTS}
+    trace = {"machine": machine()}
+    trace |= {f"{replay}-n{n}": run_variant(replay, n) for replay, n in VARIANTS}
     TRACE.write_text(json.dumps(trace, indent=1) + "\n")
     print(f"wrote {TRACE}")
     return 0
