@@ -8,6 +8,8 @@ It is saved in Hugging Face form (`tokenizer.json`, `tokenizer_config.json`,
 `special_tokens_map.json`), so `transformers.AutoTokenizer` and vLLM load it. `Tokenizer` wraps
 either it or a user's `tokenizer.json` directory (e.g. Qwen's) behind the few calls the actors and
 the learner need. Encoding never adds special tokens: callers prepend bos and append eos themselves.
+A saved tokenizer with a bos token adds it through its post-processor, so that plain
+`AutoTokenizer(prompt)` and vLLM given text see the ids the project's prompts are made of.
 """
 
 from __future__ import annotations
@@ -83,6 +85,20 @@ def _read_json(file: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def _adding_bos(tok: tokenizers.Tokenizer, bos: str, bos_id: int) -> tokenizers.Tokenizer:
+    """`tok`, or a copy of it whose post-processor starts every sequence with bos (as
+    `Tokenizer.encode_prompt` does) where its own post-processor does not already."""
+    if tok.encode("", add_special_tokens=True).ids[:1] == [bos_id]:
+        return tok
+    from tokenizers import processors
+
+    copy = tokenizers.Tokenizer.from_str(tok.to_str())
+    copy.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, bos_id)]
+    )
+    return copy
 
 
 def _token_name(value: Any) -> str | None:
@@ -175,10 +191,14 @@ class Tokenizer:
         return cls(tok, config, special_tokens_map, source=str(path))
 
     def save(self, dir: str | Path) -> None:
-        """Write `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`."""
+        """Write `tokenizer.json` (its post-processor adding bos where there is one),
+        `tokenizer_config.json` and `special_tokens_map.json`."""
         dir = Path(dir)
         dir.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(dir / "tokenizer.json"))
+        tok = self._tok
+        if self._bos is not None:
+            tok = _adding_bos(tok, tok.id_to_token(self._bos), self._bos)
+        tok.save(str(dir / "tokenizer.json"))
         for name, data in (
             ("tokenizer_config.json", self._config),
             ("special_tokens_map.json", self._special_tokens_map),

@@ -48,7 +48,7 @@ def test_transformers_gives_the_same_logprobs(exported):
         theirs = token_logprobs(hf(input_ids=tokens).logits[:, :-1], tokens[:, 1:])
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    assert tok("12+345=")["input_ids"] == Tokenizer.arithmetic().encode("12+345=")
+    assert tok("12+345=")["input_ids"] == Tokenizer.arithmetic().encode_prompt("12+345=")
 
 
 def test_import_of_export_round_trips_every_tensor(exported, tmp_path):
@@ -95,3 +95,30 @@ def test_bad_checkpoints_are_clear_errors(exported, tmp_path):
     save_file(weights, broken / "model.safetensors")
     with pytest.raises(ValueError, match="norm.weight"):
         import_hf(broken)
+
+
+def test_plain_transformers_reproduces_async_rl_eval(cold_start, tmp_path):
+    """A user's own greedy evaluation of an exported checkpoint (the usual `tokenizer(prompt)`,
+    `generate`, no project code but the task's problems and reward) scores what `async-rl eval`
+    scores: the exported tokenizer adds the bos the project's prompts start with."""
+    transformers = pytest.importorskip("transformers")
+    from async_rl.app.evaluation import evaluate_checkpoint
+    from async_rl.tasks import task_from_config
+    from tests.helpers import pipeline_config
+
+    cfg = pipeline_config(tmp_path, "eval", "task.heldout_size=40")
+    problems = task_from_config(cfg).heldout()
+    ours = evaluate_checkpoint(cfg, cold_start)
+
+    tok = transformers.AutoTokenizer.from_pretrained(cold_start, padding_side="left")
+    model = transformers.AutoModelForCausalLM.from_pretrained(cold_start, dtype=torch.float32)
+    batch = tok([p.prompt for p in problems], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.eval().generate(
+            **batch, do_sample=False, max_new_tokens=cfg.actor.max_new_tokens
+        )
+    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    task = task_from_config(cfg)
+    theirs = sum(task.reward(p, t) for p, t in zip(problems, texts, strict=True)) / len(problems)
+    assert 0.1 < ours.greedy < 1.0  # a policy that is right on some problems, not all
+    assert theirs == pytest.approx(ours.greedy, abs=1 / len(problems))
