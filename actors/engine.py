@@ -10,7 +10,7 @@ the routing trace (the experts every position was sent to) for Routing Replay R3
     while engine.num_running or engine.num_waiting:
         for request_id, group in engine.step():       # one decode step of every running row
             group[g].tokens, group[g].logprobs, group[g].versions, group[g].routing
-        engine.load_weights(store.source(v), v)       # between two steps: in flight
+        engine.load_weights(source, v)                # between two steps: in flight
     groups = engine.generate(prompts, params, num_samples=8)   # the same, for a list of prompts
 
 Continuous batching: `submit` queues a group; each `step` first admits queued groups into the

@@ -107,25 +107,29 @@ class Actor:
         return self._newest(self._engine_at, self._wait_for_version(0))
 
     def _engine_at(self, version: int) -> Engine:
-        source = self.store.source(version)
-        if isinstance(source, (str, Path)):  # a whole checkpoint: the engine is built from it
-            engine = build_engine(self.cfg.actor, source)
-        else:  # tensors only: the architecture comes from the starting checkpoint
-            if self.start is None:
-                raise ValueError(
-                    f"learner.weight_store = {self.cfg.learner.weight_store!r} hands out "
-                    "tensors: the actor needs the run's starting checkpoint for the model"
-                )
-            engine = build_engine(self.cfg.actor, self.start)
-            engine.load_weights(source, version)
+        with self.store.reading(version) as source:
+            if isinstance(source, (str, Path)):  # a whole checkpoint: the engine is built from it
+                engine = build_engine(self.cfg.actor, source)
+            else:  # tensors only: the architecture comes from the starting checkpoint
+                if self.start is None:
+                    raise ValueError(
+                        f"learner.weight_store = {self.cfg.learner.weight_store!r} hands out "
+                        "tensors: the actor needs the run's starting checkpoint for the model"
+                    )
+                engine = build_engine(self.cfg.actor, self.start)
+                engine.load_weights(source, version)
         engine.version = version
         return engine
+
+    def _swap(self, version: int) -> None:
+        with self.store.reading(version) as source:
+            self.engine.load_weights(source, version)
 
     def _newest(self, load, version: int):
         """`load(version)`, or `load` of a newer version when that one was collected before it
         could be read (the learner keeps the newest `learner.keep_versions` and those actors
-        report using; one announced a moment ago may be gone by the time a busy actor reads
-        it). Other errors are raised."""
+        report using; one announced a moment ago may be gone by the time a busy actor asks for
+        it, though never while it reads it). Other errors are raised."""
         while True:
             try:
                 return load(version)
@@ -156,7 +160,7 @@ class Actor:
     def _load(self, version: int) -> None:
         """Swap to `version` (or a newer one, if it was collected meanwhile)."""
         in_flight = self.engine.num_running > 0
-        self._newest(lambda v: self.engine.load_weights(self.store.source(v), v), version)
+        self._newest(self._swap, version)
         self.stats.weight_swaps += 1
         self.stats.swaps_in_flight += in_flight
         self.stats.version = self.engine.version

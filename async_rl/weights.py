@@ -14,8 +14,12 @@ Backends (`learner.weight_store`):
 Both hand out Hugging Face tensor names (`model.layers.0.mlp.experts.3.gate_proj.weight`), the
 layout vLLM and transformers read. Nothing is unpickled: files are safetensors and JSON.
 
-An actor asks the store for `source(version)`: what its engine loads, a checkpoint directory
-(`fs`) or tensors by Hugging Face name (`ray`); no caller needs to know which store it has.
+An actor loads a version inside `with store.reading(version) as source:`: what its engine loads,
+a checkpoint directory (`fs`) or tensors by Hugging Face name (`ray`); no caller needs to know
+which store it has. A version is never collected under its reader: `fs` readers hold a shared
+`flock` on the version's weights file, which `collect` needs exclusively (and skips the version
+until the next collection otherwise); the kernel drops the lock of a reader that dies. (Linux
+NFS clients map `flock` to byte-range locks, so this holds on a shared filesystem too.)
 
 Announcements: the learner's PUB socket sends `WeightsReady(version=v)` (`async_rl.messages`);
 actors SUB and also ask the store for `latest()`, so a missed announcement only delays a swap.
@@ -23,12 +27,15 @@ actors SUB and also ask the store for `latest()`, so a missed announcement only 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -66,8 +73,9 @@ class WeightStore(Protocol):
         """The newest complete version, None before the first."""
         ...
 
-    def source(self, version: int) -> WeightsSource:
-        """What an engine loads `version` from; `ValueError` if it is not (or no longer) here."""
+    def reading(self, version: int) -> contextlib.AbstractContextManager[WeightsSource]:
+        """`with store.reading(v) as source:` what an engine loads `version` from, not collected
+        before the block ends; `ValueError` if it is not (or no longer) here."""
         ...
 
     def collect(self, in_use: set[int]) -> list[int]:
@@ -100,10 +108,32 @@ def read_manifest(path: Path) -> dict:
             raise ValueError(f"{file}: bad file name {name!r}")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"{file}: size of {name!r} must be a non-negative integer")
-        actual = Path(path) / name
-        if not actual.is_file() or actual.stat().st_size != size:
+        try:  # a version being collected loses its files under a reader: gone, not an error
+            actual = (Path(path) / name).stat()
+        except OSError:
+            actual = None
+        if actual is None or not stat.S_ISREG(actual.st_mode) or actual.st_size != size:
             raise ValueError(f"{file}: {name} is missing or not {size} bytes")
     return data
+
+
+def _remove_unread(path: Path, wait: bool) -> bool:
+    """Delete the version directory `path` unless a reader holds it (module docstring): its
+    manifest goes first, so readers stop seeing it before the files go. With `wait`, wait for
+    the readers to finish instead; True when it is gone."""
+    try:
+        fh = open(path / WEIGHTS, "rb")
+    except FileNotFoundError:
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        (path / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -143,10 +173,8 @@ class FsWeightStore:
                 if self.template is not None and (self.template / name).exists():
                     _link_or_copy(self.template / name, tmp / name)
             if final.exists():
-                # A resumed learner recomputes versions its crashed run had published: the
-                # manifest goes first, so readers skip the version while it is replaced.
-                (final / MANIFEST).unlink(missing_ok=True)
-                shutil.rmtree(final)
+                # A resumed learner recomputes versions its crashed run had published.
+                _remove_unread(final, wait=True)
             tmp.rename(final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -170,9 +198,19 @@ class FsWeightStore:
         versions = self.versions()
         return versions[-1] if versions else None
 
-    def source(self, version: int) -> Path:
-        """The version's checkpoint directory: engines load it as it is."""
-        return self.path(version)
+    @contextlib.contextmanager
+    def reading(self, version: int) -> Iterator[Path]:
+        """The version's checkpoint directory (engines load it as it is), held against
+        collection until the block ends (module docstring)."""
+        path = _version_dir(self.root, version)
+        try:
+            fh = open(path / WEIGHTS, "rb")
+        except OSError:
+            raise ValueError(f"{path}: version {version} is not (or no longer) here") from None
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_SH)
+            self.path(version)  # still complete: not collected before the lock was taken
+            yield path
 
     def fetch(self, version: int) -> dict[str, torch.Tensor]:
         """The version's tensors by Hugging Face name."""
@@ -183,14 +221,11 @@ class FsWeightStore:
             raise ValueError(f"{file}: cannot read ({e})") from None
 
     def collect(self, in_use: set[int]) -> list[int]:
-        """Delete versions no actor uses, keeping the newest `keep`; return what was deleted."""
+        """Delete versions no actor uses or is reading, keeping the newest `keep`; return
+        what was deleted."""
         versions = self.versions()
-        doomed = [v for v in versions[: -self.keep] if v not in in_use and v != 0]
-        for v in doomed:
-            path = _version_dir(self.root, v)
-            (path / MANIFEST).unlink()  # readers stop seeing it before the files go
-            shutil.rmtree(path, ignore_errors=True)
-        return doomed
+        old = [v for v in versions[: -self.keep] if v not in in_use and v != 0]
+        return [v for v in old if _remove_unread(_version_dir(self.root, v), wait=False)]
 
 
 class WeightAnnouncer:
@@ -283,9 +318,11 @@ class RayWeightStore:
     def latest(self) -> int | None:
         return self.ray.get(self.registry.latest.remote())
 
-    def source(self, version: int) -> dict[str, torch.Tensor]:
-        """The version's tensors: the engine swaps them into the model it serves."""
-        return self.fetch(version)
+    @contextlib.contextmanager
+    def reading(self, version: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The version's tensors (the engine swaps them into the model it serves): fetched
+        whole, so collection cannot touch them."""
+        yield self.fetch(version)
 
     def fetch(self, version: int) -> dict[str, torch.Tensor]:
         refs = self.ray.get(self.registry.get.remote(version))

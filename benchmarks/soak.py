@@ -12,8 +12,10 @@ early) it stops the run like Ctrl-C and prints: steps done, groups stored, train
 stale, groups lost (reported stored by the buffer but missing from disk, or trained but missing:
 must be 0), the other invariants of `tests/faults.audit`, the longest stall (the longest time
 between two consecutive learner steps, as seen by polling metrics.jsonl every second), the
-faults injected, and a table of each process's peak RSS per time window with its growth from the
-first to the last window.
+faults injected, the unplanned deaths (what the driver replaced or restarted that the soak did
+not kill: an actor whose loop failed, a process hung past the heartbeat, a learner restart), and
+a table of each process's peak RSS per time window with its growth from the first to the last
+window. It exits 1 when a group was lost, an invariant broke or anything died unplanned.
 """
 
 from __future__ import annotations
@@ -110,6 +112,15 @@ def memory_table(samples: list[tuple[float, str, float]], minutes: float, window
     return "\n".join(lines)
 
 
+# What the driver prints when it replaces or restarts a process that the soak did not kill (an
+# injected SIGKILL is a crash that Ray restarts without a word).
+UNPLANNED = (": replacing it", ": restarting the learner", "did not answer for")
+
+
+def unplanned_deaths(log_text: str) -> list[str]:
+    return [line.strip() for line in log_text.splitlines() if any(u in line for u in UNPLANNED)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -204,17 +215,21 @@ def main() -> int:
         f"(first step at {times[0] if times else float('nan'):.0f}s)"
     )
     print(f"actors seen                {', '.join(report['actors'])}")
-    print(f"replaced by the heartbeat  {text.count('did not answer for')}")
     print(f"faults injected            {len(injected)}")
     for line in injected:
+        print("   " + line)
+    unplanned = unplanned_deaths(text)
+    print(f"unplanned deaths           {len(unplanned)}")
+    for line in unplanned[:20]:
         print("   " + line)
     print("invariants                 " + ("all hold" if not report["problems"] else ""))
     for problem in report["problems"][:20]:
         print("   BROKEN: " + problem)
     print()
     print(memory_table(samples, elapsed / 60, args.windows))
-    (out / "soak.json").write_text(json.dumps({"report": report, "injected": injected}, indent=1))
-    return 0 if not report["problems"] and report["groups_lost"] == 0 else 1
+    record = {"report": report, "injected": injected, "unplanned": unplanned}
+    (out / "soak.json").write_text(json.dumps(record, indent=1))
+    return 0 if not report["problems"] and report["groups_lost"] == 0 and not unplanned else 1
 
 
 if __name__ == "__main__":

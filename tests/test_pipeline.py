@@ -1,5 +1,7 @@
 """Buffer service, learner and actor together (threads of one process, real zmq and files)."""
 
+import contextlib
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -107,8 +109,9 @@ class TensorStore:
     def latest(self):
         return self.files.latest()
 
-    def source(self, version):
-        return self.files.fetch(version)
+    @contextlib.contextmanager
+    def reading(self, version):
+        yield self.files.fetch(version)
 
 
 def test_an_actor_on_a_store_of_tensors_builds_from_the_start_and_swaps_them(

@@ -45,6 +45,42 @@ def test_fs_store_round_trip_latest_and_collect(tmp_path):
     assert store.versions() == [0, 2, 3, 4]
 
 
+READER = """
+import sys, time
+from async_rl.weights import FsWeightStore
+with FsWeightStore(sys.argv[1]).reading(int(sys.argv[2])) as path:
+    print(path, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_version_is_not_collected_under_a_reader_and_a_dead_reader_lets_go(tmp_path):
+    """Another process loading version 1 keeps it (collection skips it, then takes it once the
+    reader is SIGKILLed); a collected version reads as gone."""
+    import subprocess
+    import sys
+
+    store = FsWeightStore(tmp_path / "weights", keep=1)
+    for v in range(4):
+        store.publish(v, state(v))
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(store.root), "1"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout.readline().strip().endswith("v000001")  # holding it
+        assert store.collect(in_use=set()) == [2]  # 1 is being read, 3 is the newest
+        assert store.versions() == [0, 1, 3]
+        with store.reading(1) as path:  # readers share
+            assert read_manifest(path)["version"] == 1
+    finally:
+        reader.kill()
+        reader.wait(10)
+    assert store.collect(in_use=set()) == [1]
+    with pytest.raises(ValueError, match="no longer"):
+        with store.reading(1):
+            pass
+
+
 def test_a_version_without_its_manifest_does_not_exist(tmp_path):
     store = FsWeightStore(tmp_path, keep=2)
     store.publish(0, state(0))
