@@ -204,7 +204,14 @@ def build_engine(actor_cfg: ActorConfig, checkpoint_dir: str | Path) -> Engine:
     if actor_cfg.engine == "vllm":
         from actors.vllm_engine import VLLMEngine
 
-        return VLLMEngine(checkpoint_dir, actor_cfg.quantization, actor_cfg.device)
+        return VLLMEngine(
+            checkpoint_dir,
+            actor_cfg.quantization,
+            actor_cfg.device,
+            max_num_seqs=actor_cfg.max_running_rows,
+            tensor_parallel_size=actor_cfg.tensor_parallel_size,
+            gpu_memory_utilization=actor_cfg.gpu_memory_utilization,
+        )
     raise ValueError(
         f"actor.engine: {actor_cfg.engine!r} is not an engine; choose from "
         f"{', '.join(map(repr, ENGINES))}"

@@ -24,8 +24,14 @@ Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = expe
   computed by the old weights).
 - On CPU the engine core runs in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set
   in `os.environ`): no worker process to track, no OpenMP thread pinning of the host, and a KV
-  cache of `kv_cache_gib` instead of a fraction of the machine's memory. `enforce_eager=True`
-  everywhere: no torch.compile or CUDA-graph capture at start-up (~10 s to start on CPU).
+  cache of `kv_cache_gib` instead of a fraction of the machine's memory; eager mode (no
+  torch.compile, ~10 s to start).
+- On CUDA it runs as users run vLLM: torch.compile and CUDA graphs on (most of vLLM's decode
+  speed), `tensor_parallel_size` GPUs (`actor.tensor_parallel_size`; the driver reserves them
+  for the actor) and `gpu_memory_utilization` of their memory. A reload of bf16 weights into
+  an fp8 engine goes through vLLM's layerwise reload, which quantizes each layer online as
+  its weights arrive and copies into the buffers the CUDA graphs captured. Not yet run on a
+  GPU by this project's tests (CI has none).
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ class VLLMEngine:
         device: str,
         seed: int = 0,
         kv_cache_gib: float = 1.0,
+        max_num_seqs: int = 256,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
     ):
         caps = capabilities_of("vllm", device)
         if quantization not in caps.quantizations:
@@ -89,11 +98,15 @@ class VLLMEngine:
         import torch
         from vllm import LLM
 
+        if device == "cpu" and tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size: vLLM on CPU runs on one device here: use 1")
         kwargs = {}
         if device == "cpu":
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         else:
             kwargs["enable_return_routed_experts"] = True
+            kwargs["tensor_parallel_size"] = tensor_parallel_size
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             if quantization == "fp8":
                 kwargs["quantization"] = "fp8"
         set_num_threads = torch.set_num_threads
@@ -104,7 +117,8 @@ class VLLMEngine:
                 dtype=DTYPES[quantization],
                 seed=seed,
                 max_model_len=self.max_model_len,
-                enforce_eager=True,
+                max_num_seqs=max_num_seqs,
+                enforce_eager=device == "cpu",
                 logprobs_mode="processed_logprobs",
                 max_logprobs=1,
                 **kwargs,

@@ -168,7 +168,23 @@ class ActorConfig:
         choices=("static", "continuous"),
     )
     max_running_rows: int = _f(
-        256, "Most rows (completions) an actor's engine runs at once (continuous batching).", ge=1
+        256,
+        "Most rows (completions) an actor's engine runs at once (continuous batching; vLLM's "
+        "max_num_seqs).",
+        ge=1,
+    )
+    tensor_parallel_size: int = _f(
+        1,
+        "vLLM on CUDA: GPUs one actor's engine shards the model over (tensor parallel); the "
+        "actor reserves that many GPUs.",
+        ge=1,
+    )
+    gpu_memory_utilization: float = _f(
+        0.85,
+        "vLLM on CUDA: share of each of its GPUs' memory the engine may take (weights, "
+        "activations and KV cache).",
+        gt=0,
+        le=1,
     )
     weight_update: str = _f(
         "between_groups",
@@ -500,6 +516,12 @@ def _validate_actor(cfg: Config) -> None:
                 f"engine {act.engine!r} on {act.device} cannot swap weights in flight; use "
                 "'between_groups'",
             )
+    if act.tensor_parallel_size > 1 and (act.engine, act.device) != ("vllm", "cuda"):
+        raise ConfigError(
+            "actor.tensor_parallel_size",
+            f"tensor parallel generation is vLLM's on CUDA; engine {act.engine!r} on "
+            f"{act.device} runs on one device: set 1",
+        )
     if not act.min_actors <= act.num_actors <= act.max_actors:
         raise ConfigError(
             "actor.num_actors",

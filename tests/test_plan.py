@@ -83,8 +83,22 @@ def test_the_30b_config_fits_two_nodes_of_eight_80_gib_gpus_and_one_node_does_no
     cfg = load_config(ROOT / "configs/qwen3_30b_a3b_fp8.toml", overrides)
     one = make_plan(cfg, Cluster(nodes=1, gpus_per_node=8, gpu_mem_gib=80))
     assert not one.fits
-    assert "learner.num_ranks + actor.max_actors = 9 devices, the cluster has 8" in one.problems
+    assert any("= 9 devices, the cluster has 8" in p for p in one.problems)
     assert any(p.startswith("a learner rank needs") for p in one.problems)
+
+
+def test_a_tensor_parallel_actor_holds_a_share_per_gpu_and_takes_that_many_gpus():
+    path = ROOT / "configs/qwen3_30b_a3b_fp8.toml"
+    cluster = Cluster(nodes=2, gpus_per_node=8, gpu_mem_gib=80)
+    one = make_plan(load_config(path, []), cluster)
+    two = make_plan(load_config(path, ["actor.tensor_parallel_size=2"]), cluster)
+    assert two.actor["weights"] == pytest.approx(one.actor["weights"] / 2, abs=1)
+    assert two.actor["kv"] == pytest.approx(one.actor["kv"] / 2)
+    assert not two.fits and any("= 24 devices, the cluster has 16" in p for p in two.problems)
+    tight = make_plan(load_config(path, ["actor.gpu_memory_utilization=0.5"]), cluster)
+    assert any("actor.gpu_memory_utilization gives it 40.00 GiB" in p for p in tight.problems)
+    with pytest.raises(ConfigError, match="actor.tensor_parallel_size.*vLLM's on CUDA"):
+        load_config(None, ["actor.tensor_parallel_size=2"])  # the embedded engine on CPU
 
 
 def test_layouts_that_cannot_be_sharded_or_placed_are_config_errors():

@@ -342,7 +342,7 @@ class Run:
             self.next_actor += 1
             self.actors[actor_id] = (
                 ray.remote(ActorWorker)
-                .options(num_cpus=1, max_restarts=-1, max_task_retries=0)
+                .options(num_cpus=1, max_restarts=-1, max_task_retries=0, **self._actor_gpus())
                 .remote(str(self.run_dir), actor_id, str(self.start))
             )
         while len(self.actors) > n:
@@ -353,6 +353,14 @@ class Run:
                 pass
             ray.kill(handle)
         write_fleet_size(self.paths, len(self.actors))
+
+    def _actor_gpus(self) -> dict[str, int]:
+        """The GPUs one actor reserves: its engine's on CUDA (a vLLM engine's tensor-parallel
+        group), none on CPU."""
+        act = self.cfg.actor
+        if act.device != "cuda":
+            return {}
+        return {"num_gpus": act.tensor_parallel_size if act.engine == "vllm" else 1}
 
     def poll(self) -> list[str]:
         """Ping every process (without waiting) and act on what the answers say.

@@ -11,7 +11,8 @@ so every number below follows the configured `[model]` exactly:
   activations one forward keeps for its backward at the micro-batch budget
   (`learner.max_tokens_per_microbatch`, else a whole mini-batch share of a rank at
   `model.max_seq_len`), with and without activation checkpointing;
-- an actor: its weights (FP8: one byte per attention and expert weight, bf16 for embeddings,
+- an actor, per GPU of its `actor.tensor_parallel_size` (1/tp of the whole): its weights (FP8:
+  one byte per attention and expert weight, bf16 for embeddings,
   norms, routers and the output layer; else two bytes) and the KV cache of
   `actor.max_running_rows` rows at `model.max_seq_len`;
 - a weight version: its bytes in `model.dtype`, and the time to move it at `--bandwidth-gbps`.
@@ -148,7 +149,8 @@ class Plan:
         lines = [
             f"cluster: {where}",
             f"placement: learner {ranks} rank(s) (FSDP2 over {ranks}, expert parallel {ep}), "
-            f"{cfg.actor.num_actors} actor(s) (up to {cfg.actor.max_actors}), one device each",
+            f"{cfg.actor.num_actors} actor(s) (up to {cfg.actor.max_actors}), "
+            f"{cfg.actor.tensor_parallel_size} device(s) each",
             f"model: {lrn['numel'] / 1e9:.3f} B parameters, {cfg.model.dtype}",
             f"learner rank (rank 0, the largest shard): {_gib(lrn['total'])}",
             f"  parameters {_gib(lrn['params'])}, gradients {_gib(lrn['grads'])}, "
@@ -157,7 +159,7 @@ class Plan:
             f"{_gib(lrn['activations'])} ({cfg.learner.activation_checkpointing} checkpointing;"
             f" none {_gib(lrn['act_none'])}, selective {_gib(lrn['act_selective'])}, "
             f"full {_gib(lrn['act_full'])})",
-            f"actor: {_gib(act['total'])} = weights {_gib(act['weights'])} "
+            f"actor, per device: {_gib(act['total'])} = weights {_gib(act['weights'])} "
             f"({cfg.actor.quantization}) + KV cache {_gib(act['kv'])} "
             f"({cfg.actor.max_running_rows} rows x {cfg.model.max_seq_len} positions; "
             f"{act['rows_that_fit']} rows fit)",
@@ -193,26 +195,32 @@ def make_plan(cfg: Config, cluster: Cluster) -> Plan:
     plan.learner["total"] = 4 * shard + plan.learner["activations"]
     dense = sum(math.prod(s) for n, s in shapes.items() if any(k in n for k in BF16_IN_FP8))
     weights = (numel - dense) * 1 + dense * 2 if act.quantization == "fp8" else numel * 2
-    kv_row = m.max_seq_len * m.num_layers * 2 * m.num_kv_heads * m.head_dim * KV_BYTES
+    # per GPU of the actor's tensor-parallel group: each holds 1/tp of the weights and KV heads
+    tp = act.tensor_parallel_size
+    weights = math.ceil(weights / tp)
+    kv_row = m.max_seq_len * m.num_layers * 2 * m.num_kv_heads * m.head_dim * KV_BYTES / tp
     budget = cluster.gpu_mem_gib * GIB * MEMORY_SHARE
+    actor_budget = cluster.gpu_mem_gib * GIB * act.gpu_memory_utilization  # what vLLM takes
     plan.actor = {
         "weights": weights,
         "kv": act.max_running_rows * kv_row,
         "total": weights + act.max_running_rows * kv_row,
-        "rows_that_fit": max(int((budget - weights) // kv_row), 0),
+        "rows_that_fit": max(int((actor_budget - weights) // kv_row), 0),
     }
-    _check(plan, budget)
+    _check(plan, budget, actor_budget)
     return plan
 
 
-def _check(plan: Plan, budget: float) -> None:
+def _check(plan: Plan, budget: float, actor_budget: float) -> None:
     cfg, cl = plan.cfg, plan.cluster
     if not cl.gpus:
         return  # processes on CPUs share the machine's memory; nothing per device to check
-    devices = cfg.learner.num_ranks + cfg.actor.max_actors
+    tp = cfg.actor.tensor_parallel_size
+    devices = cfg.learner.num_ranks + cfg.actor.max_actors * tp
     if devices > cl.gpus:
         plan.problems.append(
-            f"learner.num_ranks + actor.max_actors = {devices} devices, the cluster has {cl.gpus}"
+            f"learner.num_ranks + actor.max_actors x actor.tensor_parallel_size = {devices} "
+            f"devices, the cluster has {cl.gpus}"
         )
     if plan.learner["total"] > budget:
         plan.problems.append(
@@ -220,9 +228,10 @@ def _check(plan: Plan, budget: float) -> None:
             f"{_gib(budget)}: raise learner.num_ranks, lower learner.max_tokens_per_microbatch "
             "or set learner.activation_checkpointing"
         )
-    if plan.actor["total"] > budget:
+    if plan.actor["total"] > actor_budget:
         plan.problems.append(
-            f"an actor needs {_gib(plan.actor['total'])}, a GPU offers {_gib(budget)}: "
-            f"at most {plan.actor['rows_that_fit']} rows of model.max_seq_len fit "
-            "(actor.max_running_rows)"
+            f"an actor needs {_gib(plan.actor['total'])} per GPU, actor.gpu_memory_utilization "
+            f"gives it {_gib(actor_budget)}: at most {plan.actor['rows_that_fit']} rows of "
+            "model.max_seq_len fit (actor.max_running_rows; or raise "
+            "actor.tensor_parallel_size)"
         )
