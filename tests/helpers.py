@@ -149,10 +149,14 @@ def launch(log: Path, *args: str, command: str = "train", env=None) -> subproces
         )
 
 
-def stop(proc: subprocess.Popen, timeout: float = 300) -> int:
-    """Ctrl-C the driver and wait; if it does not end, kill its process group."""
+def stop(proc: subprocess.Popen, timeout: float = 300, group: bool = False) -> int:
+    """Ctrl-C the driver (with `group`, its whole process group, as a terminal's Ctrl-C or
+    `timeout` does) and wait; if it does not end, kill its process group."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        if group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

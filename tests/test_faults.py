@@ -23,8 +23,10 @@ from async_rl.weights import FsWeightStore
 from learner.checkpoint import latest_checkpoint, save_checkpoint
 from tests import faults
 from tests.helpers import (
+    descendants,
     end,
     launch,
+    left_running,
     make_group,
     new_buffer,
     pid_of,
@@ -152,8 +154,11 @@ def test_random_kills_terms_and_stops_of_every_process(tmp_path, start):
         for target, sig in plan:
             time.sleep(rng.uniform(0, 2))  # a random point of the step
             done.append(_inject(run_dir, target, sig, rng, proc, log, stopped))
+        children = descendants(proc)
         proc.send_signal(signal.SIGTERM)  # to the driver: stops like Ctrl-C
         assert proc.wait(300) == 0, log.read_text()[-4000:]
+        left = left_running(children)
+        assert not left, f"SIGTERM: still running after the driver ended: {left}"
     finally:
         stop(proc)
         for _, pid in stopped:  # a process this test stopped and the run did not end

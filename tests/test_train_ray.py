@@ -79,13 +79,14 @@ def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, st
 
 def test_ctrl_c_leaves_a_run_that_resume_continues(tmp_path, start):
     run_dir, log = tmp_path / "intr", tmp_path / "intr.log"
-    # two learner ranks: the group stops together, checkpoints and resumes
+    # two learner ranks: the group stops together, checkpoints and resumes; the SIGINT goes
+    # to the whole process group, as a terminal's Ctrl-C does
     proc = launch(log, *train_overrides(tmp_path, start, "intr", 30), "learner.num_ranks=2")
     try:
         wait_for(lambda: len(versions(run_dir)) >= 3, 240, proc, log)
         children = descendants(proc)
     finally:
-        returncode = stop(proc)
+        returncode = stop(proc, group=True)
     out = log.read_text()
     assert returncode == 0, out
     assert not left_running(children), "processes of the run outlived its driver"
