@@ -55,7 +55,7 @@ from async_rl.tokenizer import load_tokenizer
 from async_rl.types import RoutingSpec
 from async_rl.weights import WeightAnnouncer, weight_store
 from learner.batch import PackedBatch, pack, rollout_metrics
-from learner.checkpoint import Snapshot, latest_checkpoint, load_checkpoint
+from learner.checkpoint import Snapshot, latest_checkpoint, load_checkpoint, new_token
 from learner.evaluate import EvalResult, evaluate_run
 from learner.hf import hf_state_dict, import_hf
 from learner.model import apply_activation_checkpointing
@@ -64,6 +64,9 @@ from learner.parallel import DataParallel, apply_fsdp, broadcast_bytes, shutdown
 from learner.train import TrainStep
 
 log = logging.getLogger(__name__)
+
+
+KEEP_CHECKPOINTS = 2  # the newest checkpoints a run keeps
 
 
 class Background:
@@ -150,6 +153,9 @@ class Learner:
             self.saved = self.version
             log.info("resumed from %s at version %d", checkpoint, self.version)
         self.stopping = threading.Event()
+        # this incarnation of the group: its ranks write a checkpoint into one directory
+        token = new_token().encode() if self.dp.is_main else None
+        self.token = (broadcast_bytes(token, self.dp) if self.dp.enabled else token).decode()
         weights = self.hf_weights()
         self.fetcher = Background("fetch")
         self.publisher, self.saver = Background("publish"), Background("checkpoint")
@@ -322,8 +328,8 @@ class Learner:
         return {"eval/accuracy": result.avg_at_k, "eval/greedy_accuracy": result.greedy}
 
     def checkpoint(self, wait: bool = True) -> None:
-        """Checkpoint this version (collective; rank 0 writes); with `wait=False` it is
-        written while training goes on."""
+        """Checkpoint this version: every rank copies its shards and writes them (rank 0
+        commits the checkpoint); with `wait=False` they are written while training goes on."""
         snapshot = Snapshot.take(
             self.version,
             self.model,
@@ -331,9 +337,8 @@ class Learner:
             {"version": self.version, "updates": self.step.updates},
         )
         self.saved = self.version
-        if not self.dp.is_main:
-            return
-        self.saver.submit(snapshot.write, self.paths.learner_checkpoints)
+        root = self.paths.learner_checkpoints
+        self.saver.submit(snapshot.write, root, KEEP_CHECKPOINTS, self.token)
         if wait:
             self.saver.wait()
 

@@ -209,9 +209,29 @@ def test_checkpoint_errors_name_the_problem(base, new_step, tmp_path):
     other = build_model(ModelConfig(num_layers=1), seed=0)
     with pytest.raises(ValueError, match="does not match"):
         load_checkpoint(path, other, torch.optim.AdamW(other.parameters()))
-    (path / "model.safetensors").write_bytes(b"garbage")
+    (path / "model-r00000.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable learner checkpoint"):
         load_checkpoint(path, model, step.optimizer)
+
+
+def test_a_checkpoint_of_the_one_file_layout_still_loads(base, new_step, tmp_path):
+    """Runs checkpointed before shards (`model.safetensors`, `optimizer.safetensors`) resume."""
+    from safetensors.torch import save_file
+
+    from learner.checkpoint import full_tensors
+
+    model = clone(base)
+    step = new_step(model)
+    step(packed(rollouts(base, seed=0)))
+    path = save_checkpoint(tmp_path, 1, model, step.optimizer, {"version": 1, "updates": 1})
+    for kind in ("model", "optimizer"):
+        save_file(full_tensors(path, kind), path / f"{kind}.safetensors")
+        (path / f"{kind}-r00000.safetensors").unlink()
+    (path / "shards-r00000.json").unlink()
+    again = build_model(CFG, seed=7)
+    load_checkpoint(path, again, new_step(again).optimizer)
+    pairs = zip(again.parameters(), model.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_the_replay_rule_is_table_1_of_the_paper():

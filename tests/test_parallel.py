@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from async_rl.config import ModelConfig, load_config
 from learner.batch import PackedBatch
-from learner.checkpoint import Snapshot, load_checkpoint
+from learner.checkpoint import Snapshot, full_tensors, load_checkpoint
 from learner.hf import hf_state_dict
 from learner.model import build_model
 from learner.parallel import (
@@ -139,18 +139,14 @@ def resave(source: Path, out: Path, dp: DataParallel | None) -> None:
     """Load a checkpoint (on `dp`'s ranks) and write it again: what the ranks hold of it."""
     model, opt, _ = adamw_learner(dp)
     load_checkpoint(source, model, opt)
-    snapshot = Snapshot.take(1, model, opt, {})  # collective: the shards are gathered
-    if dp is None or dp.is_main:
-        snapshot.write(out)
+    Snapshot.take(1, model, opt, {}).write(out, token="t")  # every rank its own shards
 
 
 def trained_checkpoint(out: Path, dp: DataParallel | None) -> None:
     """One global step (two AdamW updates) on `dp`'s ranks, checkpointed."""
     model, opt, step = adamw_learner(dp)
     step(global_batch(0))
-    snapshot = Snapshot.take(1, model, opt, {})
-    if dp is None or dp.is_main:
-        snapshot.write(out)
+    Snapshot.take(1, model, opt, {}).write(out, token="t")
     return model, opt
 
 
@@ -179,9 +175,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # checkpoints: one written by one process, loaded by two ranks; one written by two
         resave(Path(out_dir) / "one" / "step-000001", Path(out_dir) / "one-on-two", dp)
         model, opt = trained_checkpoint(Path(out_dir) / "two", dp)
+        gathered = full_state_dict(model)
+        experts = build_model(CFG, seed=0)  # expert parallel: experts sharded another way
+        apply_fsdp(experts, dp, expert_parallel=WORLD)
+        Snapshot.take(0, experts, torch.optim.AdamW(experts.parameters()), {}).write(
+            Path(out_dir) / "ep", token="t"
+        )
         if dp.is_main:  # rank 0 holds the largest shards, which the planner counts
             sizes = json.dumps(local_bytes(model, opt))
             (Path(out_dir) / "rank0-bytes.json").write_text(sizes)
+            save_file(gathered, f"{out_dir}/two-gathered.safetensors")
         # weights for publishing: gathered in buckets of 64 KiB, kept by rank 0 alone
         hf = hf_state_dict(model, CFG, bucket_bytes=64 * 1024, keep=dp.is_main)
         full = full_state_dict(model)
@@ -335,13 +338,35 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(two_ranks, written, loa
     the checkpoint's model and AdamW state (gathered again and compared tensor by tensor)."""
     out = two_ranks[1]["checkpoints"]
     for part in ("model", "optimizer"):
-        want = load_file(out / written / "step-000001" / f"{part}.safetensors")
-        got = load_file(out / loaded / "step-000001" / f"{part}.safetensors")
+        want = full_tensors(out / written / "step-000001", part)
+        got = full_tensors(out / loaded / "step-000001", part)
         assert got.keys() == want.keys()
         for name in want:
             if name != "rng.torch":
                 assert torch.equal(got[name], want[name]), f"{part}: {name}"
     assert any(k.endswith("exp_avg_sq") for k in want)
+
+
+def test_every_rank_writes_its_own_shards_of_a_checkpoint(two_ranks):
+    """Two ranks, two sets of files, each about half of the model; put together, the model
+    the ranks held (gathered by FSDP)."""
+    out = two_ranks[1]["checkpoints"]
+    step = out / "two" / "step-000001"
+    assert json.loads((step / "state.json").read_text())["world"] == WORLD
+    sizes = [
+        sum(t.numel() for t in load_file(step / f"model-r{r:05d}.safetensors").values())
+        for r in range(WORLD)
+    ]
+    assert min(sizes) > 0.4 * sum(sizes)
+    gathered = load_file(out / "two-gathered.safetensors")
+    whole = full_tensors(step)
+    assert whole.keys() == gathered.keys()
+    assert all(torch.equal(whole[k], gathered[k]) for k in gathered)
+    assert not list(out.glob("two/.step-*"))  # committed: nothing half-written is left
+    written = full_tensors(out / "ep" / "step-000000")  # written by 2 expert-parallel ranks
+    want = build_model(CFG, seed=0).state_dict()
+    assert written.keys() == want.keys()
+    assert all(torch.equal(written[k], want[k]) for k in want)
 
 
 def test_the_planner_counts_the_shards_of_rank_0(two_ranks):
