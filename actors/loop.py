@@ -84,7 +84,7 @@ class Actor:
         self.prompts_per_step = prompts_per_step or cfg.algo.prompts_per_minibatch
         self.ctx = ctx or zmq.Context.instance()
         self.stopping = threading.Event()
-        self.store = weight_store(cfg, self.run_dir)
+        self.store = weight_store(cfg, self.run_dir, member=actor_id)
         curve = curve_for(cfg)
         self.sink = sink or ZmqRolloutSink(
             self.run_dir,
@@ -150,11 +150,13 @@ class Actor:
             self.weights.newest(timeout_ms=50)  # wakes up at an announcement
 
     def _newest_known(self) -> int | None:
-        """The newest version announced since the last call, or (every 2 s, for missed
-        announcements) the store's newest."""
+        """The newest version announced since the last call (as far as this actor's store has
+        it), or (every 2 s, for missed announcements) the store's newest."""
         newest, now = self.weights.newest(), time.monotonic()
         if newest is None and now - self._last_store_check > 2.0:
             newest, self._last_store_check = self.store.latest(), now
+        elif newest is not None:  # announced; the collective path may not have delivered it
+            newest = min(newest, self.store.latest() or 0)
         return newest
 
     def _load(self, version: int) -> None:
@@ -312,6 +314,7 @@ class Actor:
 
     def close(self) -> None:
         self.weights.close()
+        self.store.close()
         self.sink.close()  # linger: queued groups are still delivered
         self.engine.close()
 

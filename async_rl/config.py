@@ -260,7 +260,35 @@ class LearnerConfig:
     checkpoint_every: int = _f(
         10, "Checkpoint every this many global steps (0 = only at end).", ge=0
     )
-    weight_store: str = _f("fs", "How weights reach the actors.", choices=("fs", "ray"))
+    weight_store: str = _f(
+        "fs",
+        "How weights reach the actors: `fs` (a Hugging Face checkpoint per version in the run "
+        "directory), `ray` (the Ray object store), `collective` (buckets broadcast over a "
+        "torch.distributed group of the learner and the actors, with durable_store behind it).",
+        choices=("fs", "ray", "collective"),
+    )
+    durable_store: str = _f(
+        "fs",
+        "The collective path's durable copy, for actors that join late or miss a transfer.",
+        choices=("fs", "ray"),
+    )
+    durable_every: int = _f(
+        10,
+        "The collective path also writes every this many versions, and every checkpoint's, to "
+        "durable_store.",
+        ge=1,
+    )
+    collective_timeout_s: float = _f(
+        30.0,
+        "Longest a weights broadcast or group rebuild waits for an actor; past it the learner "
+        "goes on without that actor.",
+        gt=0,
+    )
+    collective_trusted_network: bool = _f(
+        False,
+        "The collective path's TCPStore and gloo connections have no authentication: with a "
+        "non-loopback run.bind_host, set true to state that the network is trusted.",
+    )
     keep_versions: int = _f(3, "Weight versions kept after actors stop using them.", ge=1)
     num_ranks: int = _f(
         1,
@@ -565,6 +593,18 @@ def _validate_learner(cfg: Config) -> None:
 
 
 def _validate_run(cfg: Config) -> None:
+    lrn = cfg.learner
+    if (
+        lrn.weight_store == "collective"
+        and not is_loopback(cfg.run.bind_host)
+        and not lrn.collective_trusted_network
+    ):
+        raise ConfigError(
+            "learner.collective_trusted_network",
+            f"learner.weight_store = 'collective' on {cfg.run.bind_host!r} (not loopback) "
+            "sends weights over a TCPStore and gloo, which have no authentication; set it to "
+            "true on a trusted network, or use 'fs' or 'ray'",
+        )
     if not is_loopback(cfg.run.bind_host) and not cfg.run.curve_keys:
         raise ConfigError(
             "run.bind_host",

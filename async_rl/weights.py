@@ -11,6 +11,8 @@ Backends (`learner.weight_store`):
   manifest does not exist for readers.
 - `ray`: tensors in the Ray object store, indexed by a named Ray actor (`RayWeightStore`), for
   multi-node runs where actors share no filesystem with the learner.
+- `collective`: broadcast over a torch.distributed group of the learner and the actors, with
+  `fs` or `ray` as the durable store behind it (`async_rl.weight_group`).
 Both hand out Hugging Face tensor names (`model.layers.0.mlp.experts.3.gate_proj.weight`), the
 layout vLLM and transformers read. Nothing is unpickled: files are safetensors and JSON.
 
@@ -65,8 +67,11 @@ WeightsSource = str | Path | Mapping[str, torch.Tensor]
 
 
 class WeightStore(Protocol):
-    def publish(self, version: int, hf_state: dict[str, torch.Tensor]) -> None:
-        """Store `version` completely before any reader can see it."""
+    def publish(
+        self, version: int, hf_state: dict[str, torch.Tensor], durable: bool = False
+    ) -> None:
+        """Store `version` completely before any reader can see it (`durable`: a version
+        that must outlive the learner, e.g. a checkpoint's; `fs` and `ray` keep them all)."""
         ...
 
     def latest(self) -> int | None:
@@ -81,6 +86,16 @@ class WeightStore(Protocol):
     def collect(self, in_use: set[int]) -> list[int]:
         """Delete versions no actor uses, keeping the newest `learner.keep_versions`."""
         ...
+
+    def endpoints(self) -> dict[str, str]:
+        """Addresses the learner publishes for the store's readers ({} for most)."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Metrics of the last publish (`learner/<name>`; {} for most)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def _version_dir(root: Path, version: int) -> Path:
@@ -161,7 +176,7 @@ class FsWeightStore:
             raise ValueError(f"{path}: manifest names another version")
         return path
 
-    def publish(self, version: int, hf_state: dict[str, torch.Tensor]) -> None:
+    def publish(self, version: int, hf_state: dict[str, torch.Tensor], durable=False) -> None:
         final = _version_dir(self.root, version)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
         try:
@@ -226,6 +241,15 @@ class FsWeightStore:
         versions = self.versions()
         old = [v for v in versions[: -self.keep] if v not in in_use and v != 0]
         return [v for v in old if _remove_unread(_version_dir(self.root, v), wait=False)]
+
+    def endpoints(self) -> dict[str, str]:
+        return {}
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 class WeightAnnouncer:
@@ -311,7 +335,7 @@ class RayWeightStore:
         else:
             self.registry = ray.get_actor(name)
 
-    def publish(self, version: int, hf_state: dict[str, torch.Tensor]) -> None:
+    def publish(self, version: int, hf_state: dict[str, torch.Tensor], durable=False) -> None:
         arrays = {k: _to_numpy(v) for k, v in hf_state.items()}
         self.ray.get(self.registry.put.remote(version, [self.ray.put(arrays)]))
 
@@ -333,6 +357,15 @@ class RayWeightStore:
     def collect(self, in_use: set[int]) -> list[int]:
         return self.ray.get(self.registry.collect.remote(sorted(in_use)))
 
+    def endpoints(self) -> dict[str, str]:
+        return {}
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
 
 def _to_numpy(t: torch.Tensor) -> tuple:
     """(array, dtype name): numpy has no bfloat16, so those travel as their 16 raw bits."""
@@ -347,10 +380,25 @@ def _from_numpy(array, dtype: str) -> torch.Tensor:
 
 
 def weight_store(
-    cfg, run_dir: Path, start: Path | None = None, create: bool = False
+    cfg,
+    run_dir: Path,
+    start: Path | None = None,
+    create: bool = False,
+    member: str | None = None,
 ) -> WeightStore:
-    """The run's store (`learner.weight_store`); the learner creates it, actors open it."""
-    if cfg.learner.weight_store == "ray":
-        return RayWeightStore(f"{cfg.run.name}-weights", cfg.learner.keep_versions, create=create)
-    weights = RunPaths(run_dir).weights
-    return FsWeightStore(weights, template=start, keep=cfg.learner.keep_versions)
+    """The run's store (`learner.weight_store`); the learner creates it, actors open it (an
+    actor names itself, `member`, for the collective path's group)."""
+    lrn = cfg.learner
+    kind = lrn.durable_store if lrn.weight_store == "collective" else lrn.weight_store
+    if kind == "ray":
+        durable = RayWeightStore(f"{cfg.run.name}-weights", lrn.keep_versions, create=create)
+    else:
+        durable = FsWeightStore(RunPaths(run_dir).weights, template=start, keep=lrn.keep_versions)
+    if lrn.weight_store != "collective":
+        return durable
+    from async_rl.weight_group import CollectiveWeightStore, WeightReceiver, WeightSender
+
+    timeout_s, bucket = lrn.collective_timeout_s, lrn.publish_bucket_mib * 2**20
+    sender = WeightSender(cfg.run.bind_host, timeout_s, bucket) if create else None
+    receiver = WeightReceiver(run_dir, member, timeout_s) if member else None
+    return CollectiveWeightStore(durable, lrn.durable_every, sender, receiver)

@@ -173,7 +173,8 @@ class Learner:
         self.curve = curve_for(cfg)
         previous = (read_endpoints(self.paths, "learner") or {}).get("weights")
         self.announcer = WeightAnnouncer(self.ctx, cfg.run.bind_host, self.curve, previous)
-        publish_endpoints(self.paths, "learner", {"weights": self.announcer.address})
+        addresses = {"weights": self.announcer.address, **self.store.endpoints()}
+        publish_endpoints(self.paths, "learner", addresses)
         self.source = sources()
         self.source.publish(self.version)
         # The batch source belongs to the fetch thread from here on: it asks for the next
@@ -254,8 +255,11 @@ class Learner:
 
     def publish(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]):
         """On the publish thread: the store writes the version (manifest last), the
-        announcement goes out, the buffer learns it (admission), old versions are collected."""
-        self.store.publish(version, hf_state)
+        announcement goes out, the buffer learns it (admission), old versions are collected.
+        A checkpoint's version is durable (the collective path's late joiners start there)."""
+        every = self.cfg.learner.checkpoint_every
+        durable = version == self.cfg.run.num_steps or bool(every and version % every == 0)
+        self.store.publish(version, hf_state, durable=durable)
         self.announcer.announce(version)
         self.publish_source.publish(version)
         self.store.collect(in_use)
@@ -282,6 +286,7 @@ class Learner:
         self.publisher.submit(self.publish, self.version, state, set(got.reply.versions_in_use))
         metrics["publish_time_s"] = time.monotonic() - published
         metrics["publish_peak_mib"] = self._publish_peak(state) / 2**20
+        metrics.update(self.store.stats())  # the previous version's transfer, if it tells
         metrics["wait_time_s"] = waited
         return self.metrics_row(metrics, got.reply) | got.rollout
 
@@ -400,6 +405,7 @@ class Learner:
             if self.dp.is_main:
                 for socket in (self.announcer, self.publish_source, self.source):
                     socket.close()
+                self.store.close()
             shutdown()
 
 

@@ -113,6 +113,9 @@ class TensorStore:
     def reading(self, version):
         yield self.files.fetch(version)
 
+    def close(self):
+        pass
+
 
 def test_an_actor_on_a_store_of_tensors_builds_from_the_start_and_swaps_them(
     tmp_path, cold_start, run_services

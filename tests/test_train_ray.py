@@ -14,11 +14,13 @@ from pathlib import Path
 
 from async_rl.config import ModelConfig
 from async_rl.types import RoutingSpec, check_group
+from tests import faults
 from tests.helpers import (
     ENV,
     ROOT,
     descendants,
     fleet_sizes,
+    json_lines,
     launch,
     left_running,
     stop,
@@ -37,8 +39,12 @@ def scale(run_dir: Path, actors: int) -> None:
 
 
 def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, start):
+    """On the collective weight path: the killed actor's replacement and the actor added later
+    start from the durable store and then receive versions by broadcast; the one that leaves
+    is taken out of the group; no accepted group is lost."""
     run_dir, log = tmp_path / "kill", tmp_path / "kill.log"
-    proc = launch(log, *train_overrides(tmp_path, start, "kill", 20000))  # Ctrl-C below
+    collective = ["learner.weight_store=collective", "learner.durable_every=5"]
+    proc = launch(log, *train_overrides(tmp_path, start, "kill", 20000), *collective)
     pids = run_dir / "control" / "pids"
     try:
         wait_for(lambda: len(versions(run_dir)) >= 2 and (pids / "a0.pid").exists(), 240, proc, log)
@@ -73,6 +79,11 @@ def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, st
         check_group(batch, spec, 4)
     ids = [b.column("group_id")[0].as_py() for b in groups]
     assert len(ids) == len(set(ids))
+    report = faults.audit(run_dir, RoutingSpec.of(ModelConfig()), group_size=4, max_staleness=1)
+    assert not report["problems"] and report["groups_lost"] == 0, report
+    rows = json_lines(run_dir / "metrics.jsonl")
+    receivers = [r["learner/weights_receivers"] for r in rows if "learner/weights_receivers" in r]
+    assert 2 in receivers and receivers[-1] == 1  # both actors, then the one left
     # wandb logged offline into the run directory
     assert list(run_dir.glob("wandb/offline-run-*"))
 

@@ -1,0 +1,394 @@
+"""The collective weight path, `learner.weight_store = "collective"`: each version goes from the
+learner to the actors as buckets of tensors broadcast over a torch.distributed group of their own.
+
+    learner                                              actor a3 (its receiver thread)
+    store = CollectiveWeightStore(durable, sender=...)   store = CollectiveWeightStore(durable,
+    store.publish(v, hf_state)                               member="a3", ...)
+      durable copy every `durable_every` versions        store.latest()   newest received/durable
+      and at checkpoints (`durable=True`)                with store.reading(v) as tensors: ...
+      broadcast: header in the TCPStore, buckets over
+      the group (`learner.publish_bucket_mib`)
+
+The learner's rank 0 serves a `TCPStore` (address in its endpoints, `weights_store`) and is rank 0
+of every weight group. The group lives in epochs: epoch e is `ProcessGroupGloo` over
+`PrefixStore("g<e>/")` with the members listed at `epoch/<e>` (ranks 1.. in that order; with
+the number of events the learner had read, so that a member joins only an epoch made after
+its own join: a restarted actor of the same name never takes its predecessor's place).
+
+- Joining: an actor's receiver registers (`event/<n>` = `join:<id>`, `n` from the counter
+  `events`) and waits for an epoch that lists it; one that closes leaves (`leave:<id>`), so a
+  fleet that shrinks rebuilds the group without it and is no failure. Until it is in one,
+  and whenever it misses versions, it has the durable store (`learner.durable_store`): a late
+  joiner starts from its newest version without any barrier, and joins the group at the next
+  version boundary.
+- Messages of epoch e: the learner sets `g<e>/msg/<k>` (JSON) before the k-th transfer of the
+  epoch: `{"version", "tensors": [[name, dtype, shape, bucket]...]}` and then broadcasts the
+  buckets, one in memory at a time; or `{"rebuild": e2}` (a new epoch that lists every member
+  of this one and the new joiners: members move on without registering), or
+  `{"rebuild": null}` (this epoch failed: every member registers again). Members poll for
+  the key, so a receiver waits for the next version without holding a collective open, and
+  notices when its learner is gone.
+- Failure: every collective has `learner.collective_timeout_s`. A member that dies during a
+  transfer makes the learner's broadcast fail or time out: the learner gives up this version's
+  transfer (the actors get a later one, or the durable copy), ends the epoch with
+  `{"rebuild": null}`, and the next version goes to the members that registered again. A member
+  whose transfer fails registers again. Nothing waits longer than the timeout; nobody hangs.
+- A version is complete before anyone can load it: the receiver stages it only when its last
+  bucket arrived; the learner announces it (`WeightsReady`) only after the transfer. Staleness
+  rules are unchanged. Nothing is pickled: headers are JSON, tensors raw bytes.
+
+Gloo carries the buckets on CPU and on CUDA alike (they are staged in host memory); the TCPStore
+and gloo have no authentication, so a non-loopback `run.bind_host` needs
+`learner.collective_trusted_network = true` (config validation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from async_rl.paths import RunPaths, read_endpoints
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.02
+
+_DTYPES = {
+    str(d): d
+    for d in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int64)
+}
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+
+
+def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[list]:
+    """The header's tensor list: `[name, dtype, shape, bucket]` in order, buckets of at most
+    `bucket_bytes` (a larger tensor gets a bucket of its own). Nothing is copied."""
+    tensors, bucket, size = [], 0, 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if size and size + n > bucket_bytes:
+            bucket, size = bucket + 1, 0
+        size += n
+        tensors.append([name, str(t.dtype), list(t.shape), bucket])
+    return tensors
+
+
+def bucket_sizes(tensors: list[list]) -> list[int]:
+    sizes: list[int] = []
+    for _, dtype, shape, bucket in tensors:
+        if bucket == len(sizes):
+            sizes.append(0)
+        sizes[bucket] += _dtype(dtype).itemsize * int(torch.Size(shape).numel())
+    return sizes
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"weights header: unknown dtype {name!r}")
+    return _DTYPES[name]
+
+
+def unpack_bucket(tensors: list[list], index: int, bucket: torch.Tensor) -> dict:
+    """The tensors of bucket `index` (copies: the bucket can go)."""
+    out, offset = {}, 0
+    for name, dtype, shape, b in tensors:
+        if b != index:
+            continue
+        dt = _dtype(dtype)
+        n = dt.itemsize * int(torch.Size(shape).numel())
+        out[name] = bucket[offset : offset + n].clone().view(dt).reshape(shape)
+        offset += n
+    if offset != bucket.numel():
+        raise ValueError(f"weights header: {offset} bytes named, {bucket.numel()} received")
+    return out
+
+
+def _broadcast(group, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()
+
+
+def _event(store, event: str) -> int:
+    """Append "join:<member>" or "leave:<member>" to the store's event log; its index."""
+    index = store.add("events", 1) - 1
+    store.set(f"event/{index}", event)
+    return index
+
+
+def _group(store, epoch: int, rank: int, size: int, timeout_s: float):
+    return dist.ProcessGroupGloo(
+        dist.PrefixStore(f"g{epoch}/", store), rank, size, timedelta(seconds=timeout_s)
+    )
+
+
+class WeightSender:
+    """The learner's side (rank 0): the TCPStore, the epochs, and `send` of each version.
+
+    It keeps the last version it sent, and a thread of its own hands it to actors that join
+    while the learner has nothing new to send (a learner waiting for data from an actor that
+    waits for weights would otherwise wait for ever).
+    """
+
+    def __init__(self, host: str, timeout_s: float, bucket_bytes: int):
+        self.timeout_s, self.bucket_bytes = timeout_s, bucket_bytes
+        self.store = dist.TCPStore(
+            host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
+        )
+        self.store.add("events", 0)
+        self.address = f"{host}:{self.store.port}"
+        self.epoch, self.messages, self.events_seen = 0, 0, 0
+        self.members: list[str] = []
+        self.joining: set[str] = set()
+        self.group = None
+        self.lock = threading.Lock()  # one transfer at a time: `send` or the joiners' thread
+        self.last: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve_joiners, name="weights", daemon=True)
+        self.thread.start()
+
+    def _membership_changed(self) -> bool:
+        """Read the joins and leaves since the last call; True if the group must change."""
+        n, changed = self.store.add("events", 0), False
+        for i in range(self.events_seen, n):
+            what, member = self.store.get(f"event/{i}").decode().split(":", 1)
+            if what == "join":
+                self.joining.add(member)
+                changed = True
+            else:
+                self.joining.discard(member)
+                changed |= member in self.members
+                self.members = [m for m in self.members if m != member]
+        self.events_seen = n
+        return changed
+
+    def _message(self, header: dict) -> None:
+        self.store.set(f"g{self.epoch}/msg/{self.messages}", json.dumps(header))
+        if self.messages >= 2:  # read by every member long ago
+            self.store.delete_key(f"g{self.epoch}/msg/{self.messages - 2}")
+        self.messages += 1
+
+    def _rebuild(self) -> None:
+        """A new epoch: the members of the old one (if it is healthy) and the joiners."""
+        members = sorted(set(self.members if self.group is not None else []) | self.joining)
+        self.joining = set()
+        if self.group is not None:
+            self._message({"rebuild": self.epoch + 1})
+        self.epoch, self.messages, self.members, self.group = self.epoch + 1, 0, members, None
+        listing = {"members": members, "events": self.events_seen}
+        self.store.set(f"epoch/{self.epoch}", json.dumps(listing))
+        self.store.set("epoch", str(self.epoch))
+        if members:
+            self.group = _group(self.store, self.epoch, 0, len(members) + 1, self.timeout_s)
+
+    def _fail(self, why: str) -> None:
+        log.warning("weights epoch %d (%s) failed: %s", self.epoch, self.members, why)
+        with contextlib.suppress(Exception):
+            self._message({"rebuild": None})  # every member registers again
+        self.group, self.members = None, []
+
+    def send(self, version: int, state: dict[str, torch.Tensor]) -> int:
+        """Broadcast `version` to the members (rebuilding the group first when actors joined
+        or left, or the last transfer failed); the number of actors that received it."""
+        with self.lock:
+            self.last = (version, state)
+            return self._send(version, state, rebuild=self._membership_changed())
+
+    def _serve_joiners(self) -> None:
+        while not self.stopping.wait(0.5):
+            with self.lock:
+                try:
+                    changed = self.last is not None and self._membership_changed()
+                except (RuntimeError, dist.DistError):
+                    continue
+                if changed:
+                    self._send(*self.last, rebuild=True)
+
+    def _send(self, version: int, state: dict[str, torch.Tensor], rebuild: bool) -> int:
+        try:
+            if rebuild:
+                self._rebuild()
+            if self.group is None:
+                return 0
+            tensors = plan_buckets(state, self.bucket_bytes)
+            self._message({"version": version, "tensors": tensors})
+            for index in range(len(bucket_sizes(tensors))):  # one bucket in memory at a time
+                names = [t[0] for t in tensors if t[3] == index]
+                _broadcast(self.group, torch.cat([_raw(state[n]) for n in names]))
+        except (RuntimeError, dist.DistError) as e:  # a member died, stalled or never came
+            self._fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return 0
+        return len(self.members)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(2 * self.timeout_s + 5)
+        self.group = self.last = None
+
+
+class WeightReceiver:
+    """An actor's side: a thread that joins the learner's weight groups and stages the
+    newest version it received whole."""
+
+    def __init__(self, run_dir: Path, member: str, timeout_s: float):
+        self.paths, self.member, self.timeout_s = RunPaths(run_dir), member, timeout_s
+        self.lock = threading.Lock()
+        self.staged: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.received = 0  # versions received through the group
+        self.current = None  # the learner's store of now
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"weights-{member}", daemon=True)
+        self.thread.start()
+
+    def newest(self) -> int | None:
+        with self.lock:
+            return None if self.staged is None else self.staged[0]
+
+    def tensors(self, version: int) -> dict[str, torch.Tensor] | None:
+        with self.lock:
+            if self.staged is not None and self.staged[0] == version:
+                return self.staged[1]
+            return None
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._serve()
+            except (RuntimeError, dist.DistError, OSError, ValueError, KeyError) as e:
+                if not self.stopping.is_set():
+                    log.info("%s: weights group: %s; joining again", self.member, e)
+            self.stopping.wait(0.2)
+
+    def _store(self):
+        endpoints = read_endpoints(self.paths, "learner") or {}
+        if "weights_store" not in endpoints:
+            raise ValueError("the learner has not published its weights store yet")
+        host, port = endpoints["weights_store"].rsplit(":", 1)
+        timeout = timedelta(seconds=self.timeout_s)
+        return dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+
+    def _wait(self, store, key: str) -> bytes | None:
+        """The value of `key` once it is set; None when the receiver stops."""
+        while not self.stopping.is_set():
+            if store.check([key]):
+                return store.get(key)
+            time.sleep(POLL_S)
+        return None
+
+    def _placed(self, store, epoch: int, joined: int = -1) -> tuple[int, int] | None:
+        """This member's rank and the group's size in `epoch`, if it lists this member and
+        was made after its join event `joined` (an older epoch that lists it is another
+        incarnation's)."""
+        listing = json.loads(store.get(f"epoch/{epoch}"))
+        members = listing["members"]
+        if self.member not in members or listing["events"] <= joined:
+            return None
+        return members.index(self.member) + 1, len(members) + 1
+
+    def _serve(self) -> None:
+        """Register with the learner of now, then receive until an epoch ends or fails."""
+        store = self.current = self._store()
+        joined = _event(store, f"join:{self.member}")
+        epoch, placed = 0, None
+        while placed is None:  # an epoch made after this join that lists this member
+            if self._wait(store, "epoch") is None:
+                return
+            epoch = int(store.get("epoch"))
+            placed = self._placed(store, epoch, joined)
+            if placed is None and self.stopping.wait(0.1):
+                return
+        while placed is not None and not self.stopping.is_set():
+            group = _group(store, epoch, *placed, self.timeout_s)
+            k, placed = 0, None
+            while (raw := self._wait(store, f"g{epoch}/msg/{k}")) is not None:
+                header = json.loads(raw)
+                k += 1
+                if "rebuild" in header:
+                    if header["rebuild"] is not None:
+                        epoch = header["rebuild"]
+                        placed = self._placed(store, epoch)
+                    break
+                state = {}
+                for index, size in enumerate(bucket_sizes(header["tensors"])):
+                    bucket = torch.empty(size, dtype=torch.uint8)
+                    _broadcast(group, bucket)
+                    state |= unpack_bucket(header["tensors"], index, bucket)
+                with self.lock:
+                    self.staged = (int(header["version"]), state)
+                    self.received += 1
+
+    def close(self) -> None:
+        """Stop receiving; the learner takes this member out of its group (a fleet that
+        shrinks is no failure)."""
+        self.stopping.set()
+        if self.current is not None:
+            with contextlib.suppress(RuntimeError, dist.DistError):
+                _event(self.current, f"leave:{self.member}")
+        self.thread.join(self.timeout_s + 5)
+
+
+class CollectiveWeightStore:
+    """The `WeightStore` of the collective path (module docstring): on the learner it holds a
+    `WeightSender`, on an actor a `WeightReceiver`; `durable` is the fs or ray store."""
+
+    def __init__(
+        self,
+        durable,
+        durable_every: int,
+        sender: WeightSender | None = None,
+        receiver: WeightReceiver | None = None,
+    ):
+        self.durable, self.durable_every = durable, durable_every
+        self.sender, self.receiver = sender, receiver
+        self.sent: int | None = None
+        self.last_receivers = 0
+
+    def publish(self, version: int, hf_state: dict[str, torch.Tensor], durable=False) -> None:
+        if durable or version % self.durable_every == 0 or self.durable.latest() is None:
+            self.durable.publish(version, hf_state)
+        if self.sender is not None:
+            self.last_receivers = self.sender.send(version, hf_state)
+        self.sent = version
+
+    def latest(self) -> int | None:
+        known = [self.durable.latest(), self.sent]
+        if self.receiver is not None:
+            known.append(self.receiver.newest())
+        known = [v for v in known if v is not None]
+        return max(known) if known else None
+
+    @contextlib.contextmanager
+    def reading(self, version: int) -> Iterator:
+        staged = None if self.receiver is None else self.receiver.tensors(version)
+        if staged is not None:
+            yield staged
+            return
+        with self.durable.reading(version) as source:
+            yield source
+
+    def collect(self, in_use: set[int]) -> list[int]:
+        return self.durable.collect(in_use)
+
+    def endpoints(self) -> dict[str, str]:
+        return {} if self.sender is None else {"weights_store": self.sender.address}
+
+    def stats(self) -> dict[str, float]:
+        """`weights_receivers`: actors that got the last version through the group."""
+        return {"weights_receivers": float(self.last_receivers)}
+
+    def close(self) -> None:
+        for part in (self.sender, self.receiver):
+            if part is not None:
+                part.close()
