@@ -22,12 +22,14 @@ its own join: a restarted actor of the same name never takes its predecessor's p
   joiner starts from its newest version without any barrier, and joins the group at the next
   version boundary.
 - Messages of epoch e: the learner sets `g<e>/msg/<k>` (JSON) before the k-th transfer of the
-  epoch: `{"version", "tensors": [[name, dtype, shape, bucket]...]}` and then broadcasts the
-  buckets, one in memory at a time; or `{"rebuild": e2}` (a new epoch that lists every member
-  of this one and the new joiners: members move on without registering), or
-  `{"rebuild": null}` (this epoch failed: every member registers again). Members poll for
-  the key, so a receiver waits for the next version without holding a collective open, and
-  notices when its learner is gone.
+  epoch: `{"version", "tensors": [[name, dtype, shape, bucket, offset]...]}` and then
+  broadcasts the buckets, one at a time: a large tensor from its own memory, small ones packed
+  at aligned offsets; the receiver's tensors are views of the buckets it received (no copy).
+  Or `{"rebuild": e2}` (a new epoch that lists every member of this one and the new joiners:
+  members move on without registering), or `{"rebuild": null}` (this epoch failed: every
+  member registers again). Members wait for the key in the store (woken when it is set), so a
+  receiver waits for the next version without holding a collective open, and notices when its
+  learner is gone.
 - Failure: every collective has `learner.collective_timeout_s`. A member that dies during a
   transfer makes the learner's broadcast fail or time out: the learner gives up this version's
   transfer (the actors get a later one, or the durable copy), ends the epoch with
@@ -48,7 +50,6 @@ import contextlib
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -60,7 +61,7 @@ from async_rl.paths import RunPaths, read_endpoints
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.02
+WAIT_S = 1.0  # a receiver waiting for a key looks at its stop flag this often
 
 _DTYPES = {
     str(d): d
@@ -68,29 +69,39 @@ _DTYPES = {
 }
 
 
+ALIGN = 64  # bytes: every tensor starts aligned in its bucket, so it is a view of it
+ALONE = 16 * 2**20  # a tensor this large is a bucket of its own, sent from its own memory
+
+
 def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
 
 
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    return _dtype(dtype).itemsize * int(torch.Size(shape).numel())
+
+
 def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[list]:
-    """The header's tensor list: `[name, dtype, shape, bucket]` in order, buckets of at most
-    `bucket_bytes` (a larger tensor gets a bucket of its own). Nothing is copied."""
-    tensors, bucket, size = [], 0, 0
+    """The header's tensor list, `[name, dtype, shape, bucket, offset]` in order: small tensors
+    packed at aligned offsets into buckets of at most `bucket_bytes`, a large one (`ALONE`, or
+    larger than a bucket) in a bucket of its own. Nothing is copied."""
+    tensors, bucket, size = [], -1, bucket_bytes  # the first tensor opens bucket 0
     for name, t in state.items():
         n = t.numel() * t.element_size()
-        if size and size + n > bucket_bytes:
-            bucket, size = bucket + 1, 0
-        size += n
-        tensors.append([name, str(t.dtype), list(t.shape), bucket])
+        offset = -(-size // ALIGN) * ALIGN
+        if n >= min(ALONE, bucket_bytes) or offset + n > bucket_bytes:
+            bucket, offset = bucket + 1, 0
+        tensors.append([name, str(t.dtype), list(t.shape), bucket, offset])
+        size = bucket_bytes if n >= min(ALONE, bucket_bytes) else offset + n  # alone: closed
     return tensors
 
 
 def bucket_sizes(tensors: list[list]) -> list[int]:
     sizes: list[int] = []
-    for _, dtype, shape, bucket in tensors:
+    for _, dtype, shape, bucket, offset in tensors:
         if bucket == len(sizes):
             sizes.append(0)
-        sizes[bucket] += _dtype(dtype).itemsize * int(torch.Size(shape).numel())
+        sizes[bucket] = max(sizes[bucket], offset + _nbytes(dtype, shape))
     return sizes
 
 
@@ -100,18 +111,28 @@ def _dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def pack_bucket(tensors: list[list], index: int, size: int, state) -> torch.Tensor:
+    """Bucket `index` to send: the tensor's own bytes when it is alone, else a packed copy."""
+    members = [t for t in tensors if t[3] == index]
+    if len(members) == 1:
+        return _raw(state[members[0][0]])
+    bucket = torch.zeros(size, dtype=torch.uint8)
+    for name, _, _, _, offset in members:
+        raw = _raw(state[name])
+        bucket[offset : offset + raw.numel()] = raw
+    return bucket
+
+
 def unpack_bucket(tensors: list[list], index: int, bucket: torch.Tensor) -> dict:
-    """The tensors of bucket `index` (copies: the bucket can go)."""
-    out, offset = {}, 0
-    for name, dtype, shape, b in tensors:
+    """The tensors of bucket `index`: views of it (it is theirs from now on)."""
+    out = {}
+    for name, dtype, shape, b, offset in tensors:
         if b != index:
             continue
-        dt = _dtype(dtype)
-        n = dt.itemsize * int(torch.Size(shape).numel())
-        out[name] = bucket[offset : offset + n].clone().view(dt).reshape(shape)
-        offset += n
-    if offset != bucket.numel():
-        raise ValueError(f"weights header: {offset} bytes named, {bucket.numel()} received")
+        n = _nbytes(dtype, shape)
+        if offset % ALIGN or offset + n > bucket.numel():
+            raise ValueError(f"weights header: {name} does not fit bucket {index} at {offset}")
+        out[name] = bucket[offset : offset + n].view(_dtype(dtype)).reshape(shape)
     return out
 
 
@@ -224,9 +245,8 @@ class WeightSender:
                 return 0
             tensors = plan_buckets(state, self.bucket_bytes)
             self._message({"version": version, "tensors": tensors})
-            for index in range(len(bucket_sizes(tensors))):  # one bucket in memory at a time
-                names = [t[0] for t in tensors if t[3] == index]
-                _broadcast(self.group, torch.cat([_raw(state[n]) for n in names]))
+            for index, size in enumerate(bucket_sizes(tensors)):  # one bucket at a time
+                _broadcast(self.group, pack_bucket(tensors, index, size, state))
         except (RuntimeError, dist.DistError) as e:  # a member died, stalled or never came
             self._fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
             return 0
@@ -280,11 +300,16 @@ class WeightReceiver:
         return dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
 
     def _wait(self, store, key: str) -> bytes | None:
-        """The value of `key` once it is set; None when the receiver stops."""
+        """The value of `key` once it is set (the store wakes the waiter at once); None when
+        the receiver stops. Raises when the learner's store is gone."""
         while not self.stopping.is_set():
-            if store.check([key]):
-                return store.get(key)
-            time.sleep(POLL_S)
+            try:
+                store.wait([key], timedelta(seconds=WAIT_S))
+            except dist.DistStoreError as e:
+                if "timeout" not in str(e).lower():
+                    raise
+                continue
+            return store.get(key)
         return None
 
     def _placed(self, store, epoch: int, joined: int = -1) -> tuple[int, int] | None:

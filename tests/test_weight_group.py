@@ -21,6 +21,7 @@ from async_rl.weight_group import (
     CollectiveWeightStore,
     WeightSender,
     bucket_sizes,
+    pack_bucket,
     plan_buckets,
     unpack_bucket,
 )
@@ -105,20 +106,21 @@ def test_buckets_round_trip_every_dtype_and_bound_their_size():
         "b": torch.randn(7, generator=g).to(torch.bfloat16),  # 14 bytes: the next is unaligned
         "c": torch.randn(100, generator=g),
         "d": torch.arange(3),
+        "e": torch.randn(2, 3, generator=g),
     }
-    tensors = plan_buckets(state, bucket_bytes=100)
+    tensors = plan_buckets(state, bucket_bytes=128)
+    assert [t[3:] for t in tensors] == [[0, 0], [0, 64], [1, 0], [2, 0], [2, 64]]
     sizes = bucket_sizes(tensors)
-    assert sizes == [74, 400, 24]  # a + b; c alone (larger than a bucket); d
-    raw = [t.contiguous().reshape(-1).view(torch.uint8) for t in state.values()]
-    flat = torch.cat(raw)
-    out, offset = {}, 0
+    assert sizes == [78, 400, 88]  # a + b; c alone (larger than a bucket); d + e
+    out = {}
     for index, size in enumerate(sizes):
-        out |= unpack_bucket(tensors, index, flat[offset : offset + size])
-        offset += size
+        sent = pack_bucket(tensors, index, size, state)
+        out |= unpack_bucket(tensors, index, sent.clone())  # what a receiver got
     assert out.keys() == state.keys()
     assert all(torch.equal(out[k], state[k]) and out[k].dtype == state[k].dtype for k in state)
+    assert pack_bucket(tensors, 1, 400, state).data_ptr() == state["c"].data_ptr()  # no copy
     with pytest.raises(ValueError, match="unknown dtype"):
-        unpack_bucket([["x", "torch.complex64", [1], 0]], 0, torch.zeros(8, dtype=torch.uint8))
+        unpack_bucket([["x", "torch.complex64", [1], 0, 0]], 0, torch.zeros(8, dtype=torch.uint8))
 
 
 @pytest.mark.slow

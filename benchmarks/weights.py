@@ -1,0 +1,217 @@
+"""Weights to actors: publish-to-all-actors-loaded time through `fs`, `ray` and `collective`.
+
+    python benchmarks/weights.py [--actors 2] [--synthetic-gib 1.0] [--rounds 3]
+
+Two states: the tiny model's (`ModelConfig()`, Hugging Face names) and a synthetic one of
+`--synthetic-gib` GiB (bf16 tensors of 64 MiB). The actors are Ray actors (one process each);
+for every store and round the driver publishes a new version while each actor waits for it and
+loads it whole into its memory (`fs`: `load_file` of the version's safetensors; `ray`: the
+store's `fetch`; `collective`: the tensors its receiver staged), looking for it every 10 ms
+(an actor looks once per generation step; looking much more often takes the cores the
+transfer needs on a small machine). The time is from the call to `publish` to the last actor
+holding the version. Next to it: a bare `broadcast` of the same
+bytes (one uint8 tensor) from the driver to the same actors over a gloo group of the same
+processes, the floor of any collective path (goal: collective <= 1.3 x bare). Medians over
+`--rounds`; the first round of each store is a warm-up and is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from async_rl.paths import RunPaths, publish_endpoints  # noqa: E402
+from async_rl.weight_group import CollectiveWeightStore, WeightSender  # noqa: E402
+from async_rl.weights import FsWeightStore, RayWeightStore  # noqa: E402
+
+MIB = 2**20
+POLL_S = 0.01  # how often a reader looks for the version (an actor looks once per step)
+
+
+class Reader:
+    """One actor's side, in a Ray actor: waits for a version of a store and loads it."""
+
+    def __init__(self, name: str, run_dir: str):
+        torch.set_num_threads(1)
+        self.name, self.run_dir, self.stores = name, run_dir, {}
+
+    def open(self, kind: str, ray_name: str = "") -> None:
+        from async_rl.weight_group import WeightReceiver
+
+        weights = RunPaths(self.run_dir).weights
+        if kind == "fs":
+            self.stores[kind] = FsWeightStore(weights)
+        elif kind == "ray":
+            self.stores[kind] = RayWeightStore(ray_name)
+        else:
+            receiver = WeightReceiver(self.run_dir, self.name, 60.0)
+            durable = FsWeightStore(Path(self.run_dir) / "durable")
+            self.stores[kind] = CollectiveWeightStore(durable, 10**9, None, receiver)
+
+    def load(self, kind: str, version: int) -> float:
+        """Wait for `version`, load it whole; the wall-clock time it was held."""
+        store = self.stores[kind]
+        while (store.latest() or -1) < version:
+            time.sleep(POLL_S)
+        with store.reading(version) as source:
+            if isinstance(source, (str, Path)):
+                from safetensors.torch import load_file
+
+                tensors = load_file(Path(source) / "model.safetensors")
+            else:
+                tensors = dict(source)
+        assert tensors
+        return time.time()
+
+    def join_bare(self, address: str, rank: int, size: int) -> None:
+        host, port = address.rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=60))
+        self.bare = dist.ProcessGroupGloo(
+            dist.PrefixStore("bare/", store), rank, size, timedelta(seconds=60)
+        )
+        self.bare_store = store
+
+    def recv_bare(self, nbytes: int) -> float:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.bare.broadcast([buffer], opts).wait()
+        return time.time()
+
+
+def tiny_state() -> dict[str, torch.Tensor]:
+    from async_rl.config import ModelConfig
+    from learner.hf import hf_state_dict
+    from learner.model import build_model
+
+    return hf_state_dict(build_model(ModelConfig(), seed=0), ModelConfig())
+
+
+def synthetic_state(gib: float) -> dict[str, torch.Tensor]:
+    n = max(int(gib * 1024 / 64), 1)
+    return {f"layer.{i}.weight": torch.ones(32 * MIB, dtype=torch.bfloat16) for i in range(n)}
+
+
+def timed(readers, kind: str, version: int, publish) -> float:
+    pending = [r.load.remote(kind, version) for r in readers]
+    time.sleep(0.2)  # every reader is waiting
+    began = time.time()
+    publish()
+    return max(ray.get(pending)) - began
+
+
+def measure(state, readers, stores, rounds: int, version: int) -> tuple[dict, int]:
+    results = {}
+    for kind, store in stores.items():
+        times = []
+        for _ in range(rounds + 1):
+            version += 1
+            publish = functools.partial(store.publish, version, state)
+            times.append(timed(readers, kind, version, publish))
+            store.collect(set())  # the older versions go (disk, object store)
+        results[kind] = statistics.median(times[1:])
+    return results, version
+
+
+def bare_broadcast(state, readers, group, rounds: int) -> float:
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    buffer = torch.zeros(nbytes, dtype=torch.uint8)
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    times = []
+    for _ in range(rounds + 1):
+        pending = [r.recv_bare.remote(nbytes) for r in readers]
+        time.sleep(0.2)
+        began = time.time()
+        group.broadcast([buffer], opts).wait()
+        times.append(max(ray.get(pending)) - began)
+    return statistics.median(times[1:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--synthetic-gib", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bucket-mib", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ray.init(
+        address="local",
+        num_cpus=args.actors + 1,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        object_store_memory=int((4 * args.synthetic_gib + 1) * 2**30),
+    )
+    run_dir = Path(tempfile.mkdtemp(prefix="weights-bench-"))
+    paths = RunPaths(run_dir)
+    sender = WeightSender("127.0.0.1", 60.0, args.bucket_mib * MIB)
+    publish_endpoints(paths, "learner", {"weights_store": sender.address})
+    stores = {
+        "fs": FsWeightStore(paths.weights, keep=1),
+        "ray": RayWeightStore("bench-weights", keep=1, create=True),
+        "collective": CollectiveWeightStore(
+            FsWeightStore(run_dir / "durable", keep=1), 10**9, sender
+        ),
+    }
+    readers = [
+        ray.remote(num_cpus=1)(Reader).remote(f"a{i}", str(run_dir)) for i in range(args.actors)
+    ]
+    ray.get([r.open.remote(kind, "bench-weights") for r in readers for kind in stores])
+    bare_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    address = f"127.0.0.1:{bare_store.port}"
+    size = args.actors + 1
+    joins = [r.join_bare.remote(address, i + 1, size) for i, r in enumerate(readers)]
+    group = dist.ProcessGroupGloo(
+        dist.PrefixStore("bare/", bare_store), 0, size, timedelta(seconds=60)
+    )
+    ray.get(joins)
+    version = 0
+    deadline = time.monotonic() + 120
+    while stores["collective"].publish(0, tiny_state()) or sender.members != sorted(
+        f"a{i}" for i in range(args.actors)
+    ):  # every reader in the weights group before timing
+        assert time.monotonic() < deadline, "the readers never joined the weights group"
+        time.sleep(0.5)
+    print(f"{args.actors} actor process(es), medians of {args.rounds} rounds (after a warm-up)")
+    head = f"{'state':<28}{'fs':>9}{'ray':>9}{'collective':>12}{'bare bcast':>12}"
+    print(head + f"{'coll/bare':>11}")
+    for label, state in (
+        ("tiny model", tiny_state()),
+        (f"synthetic {args.synthetic_gib:g} GiB", synthetic_state(args.synthetic_gib)),
+    ):
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        results, version = measure(state, readers, stores, args.rounds, version)
+        bare = bare_broadcast(state, readers, group, args.rounds)
+        ratio = results["collective"] / bare
+        cells = "".join(f"{results[k]:>8.3f}s" for k in ("fs", "ray"))
+        print(
+            f"{label + f' ({nbytes / MIB:.0f} MiB)':<28}{cells}{results['collective']:>11.3f}s"
+            f"{bare:>11.3f}s{ratio:>10.2f}x"
+        )
+    print("goal: collective <= 1.3 x bare broadcast")
+    for store in stores.values():
+        store.close()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
