@@ -1,6 +1,7 @@
 """Soak: the CPU default training for a bounded time while actors are killed, added and removed.
 
     python benchmarks/soak.py [--minutes 30] [--interval 120] [--sample 5] [--start CHECKPOINT]
+                              [key=value ...]     e.g. learner.weight_store=collective
 
 Drives `async-rl train` (a subprocess; configs/tiny.toml with `run.eval_every=0` and two
 actors, up to three) from a random-init start checkpoint unless `--start` names one. Every
@@ -130,6 +131,7 @@ def main() -> int:
     parser.add_argument("--start", type=Path, default=None, help="start checkpoint (HF dir)")
     parser.add_argument("--out", type=Path, default=None, help="where the run goes (temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="config overrides of the run (key=value)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="soak-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +153,7 @@ def main() -> int:
         "actor.num_actors=2",
         "actor.max_actors=3",
         "logging.progress=false",
+        *args.overrides,
     ]
     cfg = load_config(None, settings)
     run_dir, log = cfg.run_dir, out / "soak.log"
