@@ -162,7 +162,20 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             os.fsync(fh.fileno())
 
 
-class FsWeightStore:
+class _Store:
+    """What a store without addresses, metrics or threads of its own answers."""
+
+    def endpoints(self) -> dict[str, str]:
+        return {}
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class FsWeightStore(_Store):
     """Versioned Hugging Face checkpoints in a directory (`runs/<name>/weights/`)."""
 
     def __init__(self, root: Path, template: Path | None = None, keep: int = 3):
@@ -242,15 +255,6 @@ class FsWeightStore:
         old = [v for v in versions[: -self.keep] if v not in in_use and v != 0]
         return [v for v in old if _remove_unread(_version_dir(self.root, v), wait=False)]
 
-    def endpoints(self) -> dict[str, str]:
-        return {}
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
 
 class WeightAnnouncer:
     """The learner's PUB socket: tells subscribed actors that a version is ready."""
@@ -322,7 +326,7 @@ class _Registry:
         return doomed
 
 
-class RayWeightStore:
+class RayWeightStore(_Store):
     """Weights in the Ray object store, indexed by a named Ray actor (multi-node runs)."""
 
     def __init__(self, name: str, keep: int = 3, create: bool = False):
@@ -356,15 +360,6 @@ class RayWeightStore:
 
     def collect(self, in_use: set[int]) -> list[int]:
         return self.ray.get(self.registry.collect.remote(sorted(in_use)))
-
-    def endpoints(self) -> dict[str, str]:
-        return {}
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 def _to_numpy(t: torch.Tensor) -> tuple:
