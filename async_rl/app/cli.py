@@ -97,6 +97,19 @@ def _add_tool_commands(sub) -> None:
     plot.add_argument("runs", type=Path, nargs="+", help="run directories or sweep directories")
     plot.add_argument("--out", type=Path, required=True, help="the PNG to write (and .md table)")
     plot.add_argument("--title", default="", help="figure title")
+    diagnose = sub.add_parser(
+        "diagnose", help="the first-order approximation on a run's data: ratios, gaps, cosines"
+    )
+    diagnose.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/tiny")
+    diagnose.add_argument(
+        "--versions", type=int, nargs="+", default=None, help="data versions (default: newest)"
+    )
+    diagnose.add_argument(
+        "--staleness", type=int, nargs="+", default=[0, 1], help="k: weights of version + k"
+    )
+    diagnose.add_argument("--replay", nargs="+", default=["none", "r2", "r3"], help="modes")
+    diagnose.add_argument("--groups", type=int, default=32, help="groups per version at most")
+    diagnose.add_argument("--out", type=Path, default=None, help="a PNG to write (and .md)")
     scale = sub.add_parser("scale", help="change the number of actors of a running run")
     scale.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/tiny")
     scale.add_argument("--actors", type=int, required=True, help="the fleet size wanted")
@@ -247,7 +260,7 @@ def _histogram(counts: dict[int, int], bins: int = 10) -> str:
     return "  ".join(f"{k}: {v}" for k, v in counts.items()) or "-"
 
 
-TOOLS = ("buffer", "scale", "keys", "plot", "sweep")
+TOOLS = ("buffer", "scale", "keys", "plot", "sweep", "diagnose")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,6 +279,27 @@ def main(argv: list[str] | None = None) -> int:
     return _run_configured(args)
 
 
+def cmd_diagnose(args: argparse.Namespace) -> None:
+    from async_rl.app import diagnose
+
+    paths = RunPaths(args.run_dir)
+    if not paths.config.exists():
+        raise ValueError(f"{paths.config}: not found; {args.run_dir} is not a run directory")
+    cfg = load_config(paths.config, [])
+    _setup(cfg)
+    if unknown := set(args.replay) - set(diagnose.REPLAYS):
+        raise ValueError(f"--replay: {sorted(unknown)} not in {diagnose.REPLAYS}")
+    cells = diagnose.diagnose(
+        args.run_dir, cfg, args.versions, args.staleness, tuple(args.replay), args.groups
+    )
+    text = diagnose.table(cells)
+    print(text, end="")
+    if args.out is not None:
+        diagnose.figure(cells, args.out, str(args.run_dir))
+        args.out.with_suffix(".md").write_text(text)
+        print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
 def _run_tool(args: argparse.Namespace) -> None:
     if args.command == "sweep":
         from async_rl.app.sweep import run_sweep
@@ -280,6 +314,8 @@ def _run_tool(args: argparse.Namespace) -> None:
         print(table.read_text(), end="")
     elif args.command == "buffer":
         cmd_buffer_inspect(args.run_dir)
+    elif args.command == "diagnose":
+        cmd_diagnose(args)
     elif args.command == "keys":
         from async_rl.security import create_keys
 
