@@ -241,9 +241,10 @@ def figure(cells: list[Measured], out: Path, title: str = "") -> None:
     left.set(xlabel="completion tokens", ylabel="median |W - F| / W", yscale="log")
     left.set_title(f"first-order gap by length (replay {cells[0].row['replay']})")
     left.legend(fontsize=7)
-    for replay in dict.fromkeys(c.row["replay"] for c in cells):
-        mine = [c for c in cells if c.row["replay"] == replay]
-        right.plot([c.row["k"] for c in mine], [c.row["cos all"] for c in mine], "o-", label=replay)
+    for version, replay in dict.fromkeys((c.row["version"], c.row["replay"]) for c in cells):
+        mine = [c for c in cells if (c.row["version"], c.row["replay"]) == (version, replay)]
+        ks, cos = [c.row["k"] for c in mine], [c.row["cos all"] for c in mine]
+        right.plot(ks, cos, "o-", label=f"v{version} {replay}")
     right.set(xlabel="staleness k (versions)", ylabel="cos(grad token, grad sequence)")
     right.set_title("token vs sequence gradient")
     right.legend(fontsize=7)
