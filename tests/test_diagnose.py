@@ -67,7 +67,7 @@ def test_the_same_weights_as_the_actor_give_ratio_1_gap_0_cosine_1(models, repla
     old, _, _ = models
     row, gaps = measure(old, old, batch_of(old), replay, ADVANTAGES)
     assert row["tokens"] == 2 * G * COMPLETION
-    for key in ("mean|delta|", "mean|tif-1|", "mean|stale-1|", "gap median", "gap p90"):
+    for key in ("mean abs delta", "mean abs tif-1", "mean abs stale-1", "gap median", "gap p90"):
         assert row[key] < 1e-5, key
     assert gaps.max() < 1e-5
     assert row["cos all"] == pytest.approx(1.0, abs=1e-6)
@@ -101,8 +101,8 @@ def test_a_perturbation_gives_what_float64_transformers_gives(models):
         return float(a @ b / (a.norm() * b.norm()))
 
     routers = [i for i, (n, _) in enumerate(hf.named_parameters()) if n.endswith("mlp.gate.weight")]
-    assert row["mean|delta|"] == pytest.approx(float(delta.abs().sum() / mask.sum()), rel=1e-3)
-    assert row["mean|delta|"] > 0.03  # a perturbation that matters
+    assert row["mean abs delta"] == pytest.approx(float(delta.abs().sum() / mask.sum()), rel=1e-3)
+    assert row["mean abs delta"] > 0.03  # a perturbation that matters
     assert gaps == pytest.approx(want_gaps, rel=1e-2, abs=1e-5)
     assert row["gap median"] > 1e-3
     assert row["cos all"] == pytest.approx(cos(g_tok, g_seq), abs=1e-4)

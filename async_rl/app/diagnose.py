@@ -8,8 +8,9 @@ u + k (`pi_theta`, k = `--staleness`), per routing replay mode (`none`: each for
 for itself; `r2`: pi_theta replays pi_old's routing; `r3`: both replay the actor's trace),
 it measures:
 
-- `delta_t` and its factors (eqs. 5/6): train-inference `pi_old / mu_old` and staleness
-  `pi_theta / pi_old`, as mean |x - 1| over completion tokens;
+- `delta_t` and its factors (eqs. 5/6): train-inference `pi_old / mu_old` (`tif`) and
+  staleness `pi_theta / pi_old` (`stale`), as mean |x - 1| over completion tokens
+  (`mean abs delta`, `mean abs tif-1`, `mean abs stale-1`);
 - the sequence weight `W = prod_t (1 + delta_t)` against its first-order form
   `F = 1 + sum_t delta_t`: the relative gap `|W - F| / W` per completion (median, 90th pct);
 - the cosine between the gradients of the token surrogate `sum_seq A sum_t r_t` (eq. 4) and
@@ -50,9 +51,9 @@ COLUMNS = (
     "replay",
     "precision",
     "tokens",
-    "mean|delta|",
-    "mean|tif-1|",
-    "mean|stale-1|",
+    "mean abs delta",
+    "mean abs tif-1",
+    "mean abs stale-1",
     "gap median",
     "gap p90",
     "cos all",
@@ -152,9 +153,9 @@ def measure(
     pick = [i for i, p in enumerate(params) if id(p) in ids]
     row = {
         "tokens": tokens,
-        "mean|delta|": float(delta.abs().sum()) / max(tokens, 1),
-        "mean|tif-1|": float(tif.abs().sum()) / max(tokens, 1),
-        "mean|stale-1|": float(stale.abs().sum()) / max(tokens, 1),
+        "mean abs delta": float(delta.abs().sum()) / max(tokens, 1),
+        "mean abs tif-1": float(tif.abs().sum()) / max(tokens, 1),
+        "mean abs stale-1": float(stale.abs().sum()) / max(tokens, 1),
         "gap median": float(np.median(gaps)),
         "gap p90": float(np.quantile(gaps, 0.9)),
         "cos all": _cosine(g_tok, g_seq),
