@@ -140,20 +140,27 @@ class Snapshot:
         tmp = root / f".{final.name}.{token}"
         tmp.mkdir(parents=True, exist_ok=True)
         tag = f"r{self.rank:05d}"
-        for kind in KINDS:
-            file = tmp / f"{kind}-{tag}.safetensors"
-            save_file(self.tensors[kind], file)
-            with open(file, "rb") as fh:
+        mine = [tmp / f"{kind}-{tag}.safetensors" for kind in KINDS] + [tmp / f"shards-{tag}.json"]
+        try:
+            for kind, file in zip(KINDS, mine, strict=False):
+                save_file(self.tensors[kind], file)
+                with open(file, "rb") as fh:
+                    os.fsync(fh.fileno())
+            write_json_atomic(mine[-1], self.index)  # after its data
+            if self.rank != 0:
+                return final
+            self._wait_for_ranks(tmp)
+            (tmp / STATE).write_text(self.state)
+            with open(tmp / STATE, "rb") as fh:
                 os.fsync(fh.fileno())
-        write_json_atomic(tmp / f"shards-{tag}.json", self.index)  # after its data
-        if self.rank != 0:
-            return final
-        self._wait_for_ranks(tmp)
-        (tmp / STATE).write_text(self.state)
-        with open(tmp / STATE, "rb") as fh:
-            os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except BaseException:  # a full disk, a rank that never came: nothing half-written stays
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for file in mine:
+                file.unlink(missing_ok=True)
+            raise
         for old in sorted(root.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for dead in root.glob(".step-*"):  # half-written by a group that is gone
