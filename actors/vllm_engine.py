@@ -5,8 +5,13 @@ Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = expe
 - Groups go in as requests of vLLM's own engine (`llm_engine.add_request`, one `step()` of its
   scheduler per `step()`): continuous batching is vLLM's. Prompts are token ids
   (`TokensPrompt`), nothing is detokenised; a group's G samples are one request with `n = G`
-  (vLLM gives sample g the seed `seed + g`, the `Engine` contract). Weights are swapped only
-  between groups (in-flight updates through vLLM's pause/update/resume are not wired yet).
+  (vLLM gives sample g the seed `seed + g`, the `Engine` contract).
+- In-flight weight updates: outputs come as deltas (`RequestOutputKind.DELTA`), so every token
+  is tagged with the version of the step that sampled it (`Generation.versions`);
+  `load_weights` between two steps swaps the weights under the running requests, whose KV
+  entries (computed by the old weights) are kept, as PipelineRL does (`actor.kv_on_swap =
+  keep`; vLLM cannot recompute them). Prompts carry a cache salt per version, so a request
+  admitted after a swap never reuses prompt KV blocks that older weights computed.
 - Behaviour log-probs: `logprobs_mode="processed_logprobs"` makes vLLM report the log-prob of
   the sampled token under the distribution it sampled from: softmax(logits / T), restricted to
   the top-p nucleus and renormalised. Greedy (T = 0) samples from a point mass: log-prob 0;
@@ -65,6 +70,29 @@ SHAPE = {
 }
 
 
+class _Partial:
+    """One sample of a running request: what vLLM's deltas brought so far."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.versions: list[int] = []
+        self.finish_reason: str | None = None
+        self.routed_experts = None
+
+    def add(self, delta, version: int) -> None:
+        """A delta's tokens, sampled by the weights of `version`."""
+        tokens = list(delta.token_ids)
+        self.tokens += tokens
+        if delta.logprobs:  # one {token id: Logprob} per new position (None when greedy)
+            self.logprobs += [s[t].logprob for t, s in zip(tokens, delta.logprobs, strict=True)]
+        self.versions += [version] * len(tokens)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+        if getattr(delta, "routed_experts", None) is not None:
+            self.routed_experts = delta.routed_experts
+
+
 class VLLMEngine:
     """`Engine` over vLLM. Example: `VLLMEngine("runs/tiny/weights/v0", "fp32", "cpu")`."""
 
@@ -87,7 +115,8 @@ class VLLMEngine:
             )
         self.capabilities, self.quantization, self.device = caps, quantization, device
         self.version = 0
-        self.requests: dict[str, tuple[GroupRequest, int]] = {}  # running: (request, version)
+        # running: the request and, per sample, what its deltas brought so far
+        self.requests: dict[str, tuple[GroupRequest, list[_Partial]]] = {}
         path = Path(checkpoint_dir)
         self.spec = read_model_spec(path)
         self.max_model_len = self.spec.max_positions
@@ -156,11 +185,13 @@ class VLLMEngine:
             logprobs=0,  # the sampled token's log-prob only
             detokenize=False,
             skip_special_tokens=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            output_kind=RequestOutputKind.DELTA,  # tokens as they come: each with its version
         )
-        prompt = TokensPrompt(prompt_token_ids=list(request.prompt))
+        salt = f"weights-v{self.version}"  # no prompt KV of other weights is reused
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt), cache_salt=salt)
         self.llm.llm_engine.add_request(request.request_id, prompt, sampling)
-        self.requests[request.request_id] = (request, self.version)
+        samples = 1 if greedy else request.num_samples
+        self.requests[request.request_id] = (request, [_Partial() for _ in range(samples)])
 
     def _check(self, request: GroupRequest) -> None:
         if not request.prompt:
@@ -181,11 +212,14 @@ class VLLMEngine:
             return []
         done = []
         for out in self.llm.llm_engine.step():
+            request, partials = self.requests[out.request_id]
+            for completion in out.outputs:
+                partials[completion.index].add(completion, self.version)
             if not out.finished:
                 continue
-            request, version = self.requests.pop(out.request_id)
+            del self.requests[out.request_id]
             greedy = request.params.temperature == 0
-            group = [self._generation(len(request.prompt), c, greedy, version) for c in out.outputs]
+            group = [self._generation(len(request.prompt), p, greedy) for p in partials]
             if greedy:
                 group = [copy.deepcopy(group[0]) for _ in range(request.num_samples)]
             done.append((out.request_id, group))
@@ -202,42 +236,30 @@ class VLLMEngine:
             self._check(request)
         return run_to_completion(self, requests)
 
-    def _generation(self, prompt_len: int, completion, greedy: bool, version: int) -> Generation:
-        tokens = list(completion.token_ids)
-        if completion.finish_reason not in FINISH_REASONS:
-            raise RuntimeError(f"vLLM finished a request with {completion.finish_reason!r}")
-        if greedy:
-            logprobs = [0.0] * len(tokens)
-        else:
-            # one {token id: Logprob} per position, holding (at least) the sampled token
-            logprobs = [
-                step[t].logprob for t, step in zip(tokens, completion.logprobs, strict=True)
-            ]
+    def _generation(self, prompt_len: int, done: _Partial, greedy: bool) -> Generation:
+        if done.finish_reason not in FINISH_REASONS:
+            raise RuntimeError(f"vLLM finished a request with {done.finish_reason!r}")
         routing = None
         if self.capabilities.routing:
             spec = self.spec.routing
-            rows = prompt_len + len(tokens) - 1
-            if completion.routed_experts is None:
+            rows = prompt_len + len(done.tokens) - 1
+            if done.routed_experts is None:
                 raise RuntimeError("vLLM returned no routed experts for a completion")
-            routing = np.asarray(completion.routed_experts, dtype=spec.numpy_dtype)
+            routing = np.asarray(done.routed_experts, dtype=spec.numpy_dtype)
             routing = routing.reshape(rows, spec.num_layers, spec.top_k)
         return Generation(
-            tokens=tokens,
-            logprobs=logprobs,
-            versions=[version] * len(tokens),  # weights are swapped only between groups
+            tokens=done.tokens,
+            logprobs=[0.0] * len(done.tokens) if greedy else done.logprobs,
+            versions=done.versions,
             routing=routing,
-            finish_reason=completion.finish_reason,
+            finish_reason=done.finish_reason,
         )
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, source: WeightsSource, version: int) -> None:
         """Reload the weights in place from a Hugging Face checkpoint directory, or from tensors
-        by Hugging Face name of the model served; a mismatch is a ValueError, nothing changes."""
-        if self.requests:
-            raise RuntimeError(
-                f"vLLM engine: {len(self.requests)} group(s) are running; its weights are "
-                "swapped only between groups (actor.weight_update = 'between_groups')"
-            )
+        by Hugging Face name of the model served; a mismatch is a ValueError, nothing changes.
+        Between two steps of running requests too (in flight: their KV entries stay)."""
         if isinstance(source, Mapping):
             tensors = check_tensors(dict(source), self.spec, f"weights of version {version}")
             kwargs = {"weights_iterator": list(tensors.items())}
@@ -253,7 +275,8 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs=kwargs)
         if self.device == "cpu":
             self.llm.apply_model(_repack_moe_experts)
-        self.llm.reset_prefix_cache()
+        if not self.requests:  # blocks of running requests cannot go; the salt keeps them apart
+            self.llm.reset_prefix_cache()
         self.version = version
 
     def close(self) -> None:

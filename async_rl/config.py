@@ -63,8 +63,8 @@ ENGINE_CAPABILITIES: dict[tuple[str, str], dict[str, Any]] = {
         "quantization": ("fp8", "bf16", "fp32"),
         "in_flight": True,
     },
-    ("vllm", "cpu"): {"routing": False, "quantization": ("bf16", "fp32"), "in_flight": False},
-    ("vllm", "cuda"): {"routing": True, "quantization": ("fp8", "bf16"), "in_flight": False},
+    ("vllm", "cpu"): {"routing": False, "quantization": ("bf16", "fp32"), "in_flight": True},
+    ("vllm", "cuda"): {"routing": True, "quantization": ("fp8", "bf16"), "in_flight": True},
 }
 
 
@@ -543,6 +543,12 @@ def _validate_actor(cfg: Config) -> None:
                 "actor.weight_update",
                 f"engine {act.engine!r} on {act.device} cannot swap weights in flight; use "
                 "'between_groups'",
+            )
+        if act.engine == "vllm" and act.kv_on_swap == "recompute":
+            raise ConfigError(
+                "actor.kv_on_swap",
+                "vLLM keeps the running requests' KV entries across a swap; 'recompute' is "
+                "the embedded engine's",
             )
     if act.tensor_parallel_size > 1 and (act.engine, act.device) != ("vllm", "cuda"):
         raise ConfigError(

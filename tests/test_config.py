@@ -82,6 +82,17 @@ def test_resolved_config_round_trips(tmp_path):
             "routing",
         ),
         (["actor.engine=vllm"], "actor.quantization", "fp8"),  # vLLM on CPU has no FP8
+        (
+            [
+                "actor.engine=vllm",
+                "actor.quantization=fp32",
+                "actor.batching=continuous",
+                "actor.weight_update=in_flight",
+                "actor.kv_on_swap=recompute",
+            ],
+            "actor.kv_on_swap",
+            "keeps",
+        ),
         (['task.ops=["/"]'], "task.ops", "'/'"),
         (["task.type=file"], "task.path", "required"),
         (["actor.num_actors=9"], "actor.num_actors", "max_actors"),
