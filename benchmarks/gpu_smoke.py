@@ -1,0 +1,146 @@
+"""The device checks in one short run: what a session lent a GPU runs first.
+
+    python benchmarks/gpu_smoke.py --device cuda
+    python benchmarks/gpu_smoke.py --device cpu
+
+On the tiny model (`ModelConfig()`, a random init exported to a temporary checkpoint), each
+check prints one row (what, result, seconds); a check that fails prints its error and the
+others still run; the exit code is 1 if any failed.
+
+- `embedded <precision>`: the embedded engine on the device generates 8 prompts x 8 samples
+  of up to 32 tokens: tokens/s, and the mean |log mu - log pi| of its behaviour log-probs
+  against the learner's fp32 model (FP8: the train-inference mismatch; fp32: ~1e-7);
+- `embedded in-flight`: a weights swap between two decode steps of running rows, on the
+  device: the share of completions that span two versions;
+- `vllm <precision>`: the same with vLLM where it is installed (FP8 with routing traces on
+  CUDA, bf16/fp32 on CPU), then a reload from tensors and an in-flight swap;
+- `learner step`: one `TrainStep` of the learner on the CPU (the learner has no device
+  setting yet: the row says so on CUDA), its loss and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from actors.engine import GroupRequest, SamplingParams, build_engine  # noqa: E402
+from async_rl.config import ActorConfig, ModelConfig, load_config  # noqa: E402
+from async_rl.tokenizer import Tokenizer  # noqa: E402
+from learner.hf import export_hf, hf_state_dict, import_hf  # noqa: E402
+from learner.model import build_model  # noqa: E402
+
+PROMPTS = [[2, 4 + i, 14, 5 + i, 17] for i in range(8)]
+PARAMS = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=32, seed=0)
+
+
+def mismatch(model, groups) -> float:
+    errors = []
+    for prompt, group in zip(PROMPTS, groups, strict=True):
+        for g in group:
+            seq = torch.tensor([prompt + g.tokens[:-1]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(seq)[0, len(prompt) - 1 :].double(), -1)
+            ref = logp.gather(-1, torch.tensor(g.tokens)[:, None])[:, 0]
+            errors.append((torch.tensor(g.logprobs, dtype=torch.float64) - ref).abs())
+    return float(torch.cat(errors).mean())
+
+
+def generation(engine_name: str, precision: str, device: str, path: Path, model) -> str:
+    actor = ActorConfig(engine=engine_name, device=device, quantization=precision)
+    engine = build_engine(actor, path)
+    try:
+        began = time.monotonic()
+        groups = engine.generate(PROMPTS, PARAMS, 8)
+        seconds = time.monotonic() - began
+        tokens = sum(len(g.tokens) for group in groups for g in group)
+        routing = groups[0][0].routing is not None
+        error = mismatch(model, groups)
+        text = f"{tokens / seconds:,.0f} tokens/s, mean |log mu - log pi| {error:.2e}"
+        return text + (", routing traces" if routing else "")
+    finally:
+        engine.close()
+
+
+def in_flight(engine_name: str, precision: str, device: str, path: Path, model) -> str:
+    actor = ActorConfig(engine=engine_name, device=device, quantization=precision)
+    engine = build_engine(actor, path)
+    try:
+        other = {k: v * 1.01 for k, v in hf_state_dict(model, ModelConfig()).items()}
+        engine.submit(GroupRequest("g", PROMPTS[0], 8, PARAMS))
+        done = engine.step() + engine.step()
+        engine.load_weights(other, engine.version + 1)
+        while engine.num_running:
+            done += engine.step()
+        ((_, group),) = done
+        spanning = sum(len(set(g.versions)) > 1 for g in group)
+        return f"{spanning}/{len(group)} completions span two versions"
+    finally:
+        engine.close()
+
+
+def learner_step(device: str) -> str:
+    if device != "cpu":
+        return "not run: the learner trains on CPU (no learner device setting yet)"
+    import pyarrow as pa
+
+    from async_rl.types import RoutingSpec
+    from learner.batch import pack
+    from learner.optim import build_optimizer
+    from learner.train import TrainStep
+    from tests.test_golden import BATCH, config
+
+    cfg = config("r3", 1)
+    batch = pack(pa.ipc.open_file(str(BATCH)).read_all(), RoutingSpec.of(cfg.model), pad_id=0)
+    model = build_model(cfg.model, seed=0)
+    step = TrainStep(model, build_optimizer(model, cfg.learner), cfg)
+    metrics = step(batch)
+    return f"loss {metrics['loss']:.4f}, {metrics['step_time_s'] * 1000:.0f} ms"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    args = parser.parse_args()
+    torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
+    load_config(None, [f"actor.device={args.device}"])  # the configuration accepts the device
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
+    path = export_hf(build_model(ModelConfig(), seed=0), ModelConfig(), Tokenizer.arithmetic(), tmp)
+    model, _ = import_hf(path, ModelConfig())
+    checks = [(f"embedded {p}", generation, "embedded", p) for p in ("fp8", "bf16", "fp32")]
+    checks.append(("embedded in-flight", in_flight, "embedded", "fp32"))
+    try:
+        import vllm  # noqa: F401
+
+        precisions = ("fp8", "bf16") if args.device == "cuda" else ("bf16", "fp32")
+        checks += [(f"vllm {p}", generation, "vllm", p) for p in precisions]
+        checks.append(("vllm in-flight", in_flight, "vllm", precisions[-1]))
+    except ImportError:
+        print("vllm: not installed here; its checks are skipped")
+    failed = 0
+    print(f"{'check':<22}{'seconds':>8}  result")
+    for name, fn, engine, precision in checks:
+        began = time.monotonic()
+        try:
+            result = fn(engine, precision, args.device, path, model)
+        except Exception as e:  # every check reports; one failure does not stop the others
+            failed += 1
+            result = f"FAILED: {type(e).__name__}: {e}"
+            traceback.print_exc()
+        print(f"{name:<22}{time.monotonic() - began:>8.1f}  {result}", flush=True)
+    began = time.monotonic()
+    result = learner_step(args.device)
+    print(f"{'learner step':<22}{time.monotonic() - began:>8.1f}  {result}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
