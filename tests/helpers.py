@@ -258,3 +258,30 @@ def stored_groups(run_dir: Path) -> list[pa.RecordBatch]:
     """Every group in the buffer's closed segments (pyarrow only)."""
     tables = [pa.ipc.open_file(p).read_all() for p in sorted((run_dir / "buffer").glob("*.arrow"))]
     return [b for t in tables for b in t.to_batches()]
+
+
+def kept_kv_logprobs(paths, prompt: list[int], tokens: list[int], k: int):
+    """Float64 log-probs of `tokens` after `prompt` when the first `k` were drawn by the weights
+    of checkpoint `paths[0]` and the rest by `paths[1]`, each attending to the KV entries the
+    weights of their time computed (the in-flight kept-KV rule), teacher-forced through the
+    embedded engine's model at fp32."""
+    import torch
+    from safetensors.torch import load_file
+
+    from actors.embedded_model import Model
+    from async_rl.hf_config import read_model_spec
+
+    spec = read_model_spec(paths[0])
+    models = [
+        Model(spec, load_file(Path(p) / "model.safetensors"), "fp32", torch.device("cpu"))
+        for p in paths
+    ]
+    inputs, old = prompt + tokens[:-1], len(prompt) + k - 1  # positions fed by the old weights
+    cache = models[0].new_cache(1)
+    with torch.inference_mode():
+        h_old, _ = models[0].forward(torch.tensor([inputs[:old]]), torch.arange(old)[None], cache)
+        rest = torch.arange(old, len(inputs))[None]
+        h_new, _ = models[1].forward(torch.tensor([inputs[old:]]), rest, cache)
+        logits = torch.cat([models[0].logits(h_old[0]), models[1].logits(h_new[0])])
+    logp = torch.log_softmax(logits[len(prompt) - 1 :].double(), -1)
+    return logp[torch.arange(len(tokens)), tokens]

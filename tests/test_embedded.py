@@ -330,33 +330,14 @@ def _swap_mid_completion(path_a, path_b, kv_on_swap, decode_steps=3):
 def test_a_completion_across_a_swap_carries_both_versions_with_kept_kv(ckpts):
     """kv_on_swap = keep: every token's log-prob is that of its own version's weights, attending
     to the KV entries the weights of their time computed (teacher-forced, float64 comparison)."""
-    from actors.embedded_model import Model
-    from async_rl.hf_config import read_model_spec
+    from tests.helpers import kept_kv_logprobs
 
     (_, path_a), (_, path_b) = ckpts
     group = _swap_mid_completion(path_a, path_b, "keep")
-    spec = read_model_spec(path_a)
-    models = [
-        Model(spec, load_file(p / "model.safetensors"), "fp32", torch.device("cpu"))
-        for p in (path_a, path_b)
-    ]
-    prompt = PROMPTS[1]
     for gen in group:
         k = gen.versions.index(1)  # the first token drawn by the new weights
         assert gen.versions == [0] * k + [1] * (len(gen.tokens) - k) and k == 4
-        inputs = prompt + gen.tokens[:-1]
-        cache = models[0].new_cache(1)
-        with torch.inference_mode():
-            # old weights: the prompt and the tokens fed before the swap (positions < P + k - 1)
-            old = len(prompt) + k - 1
-            h_old, _ = models[0].forward(
-                torch.tensor([inputs[:old]]), torch.arange(old)[None], cache
-            )
-            rest = torch.arange(old, len(inputs))[None]
-            h_new, _ = models[1].forward(torch.tensor([inputs[old:]]), rest, cache)
-            logits = torch.cat([models[0].logits(h_old[0]), models[1].logits(h_new[0])])
-        logp = torch.log_softmax(logits[len(prompt) - 1 :].double(), -1)
-        expected = logp[torch.arange(len(gen.tokens)), gen.tokens]
+        expected = kept_kv_logprobs((path_a, path_b), PROMPTS[1], gen.tokens, k)
         torch.testing.assert_close(torch.tensor(gen.logprobs).double(), expected, atol=1e-5, rtol=0)
 
 

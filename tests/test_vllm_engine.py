@@ -233,9 +233,8 @@ def test_a_swap_in_flight_tags_each_token_with_its_version_and_keeps_the_kv(engi
     the old version, after it the new one, and (fp32) every token's log-prob is its own version's,
     attending to the KV entries the weights of their time computed (the embedded engine's
     teacher-forced kept-KV reference)."""
-    from actors.embedded_model import Model
     from actors.engine import GroupRequest
-    from async_rl.hf_config import read_model_spec
+    from tests.helpers import kept_kv_logprobs
 
     (path_a, _), (path_b, _) = checkpoints
     request = GroupRequest("swap", PROMPTS[1], 3, SamplingParams(1.0, 1.0, 10, seed=7))
@@ -251,12 +250,6 @@ def test_a_swap_in_flight_tags_each_token_with_its_version_and_keeps_the_kv(engi
     finally:
         engine.load_weights(path_a, v0)
     ((_, group),) = finished
-    spec = read_model_spec(path_a)
-    models = [
-        Model(spec, load_file(p / "model.safetensors"), "fp32", torch.device("cpu"))
-        for p in (path_a, path_b)
-    ]
-    prompt = PROMPTS[1]
     spanning = 0
     for gen in group:
         k = gen.versions.index(v0 + 1) if v0 + 1 in gen.versions else len(gen.tokens)
@@ -264,17 +257,7 @@ def test_a_swap_in_flight_tags_each_token_with_its_version_and_keeps_the_kv(engi
         spanning += len(gen.tokens) > k
         if engine.quantization != "fp32" or len(gen.tokens) <= k:
             continue
-        inputs, old = prompt + gen.tokens[:-1], len(prompt) + k - 1
-        cache = models[0].new_cache(1)
-        with torch.inference_mode():
-            h_old, _ = models[0].forward(
-                torch.tensor([inputs[:old]]), torch.arange(old)[None], cache
-            )
-            rest = torch.arange(old, len(inputs))[None]
-            h_new, _ = models[1].forward(torch.tensor([inputs[old:]]), rest, cache)
-            logits = torch.cat([models[0].logits(h_old[0]), models[1].logits(h_new[0])])
-        logp = torch.log_softmax(logits[len(prompt) - 1 :].double(), -1)
-        expected = logp[torch.arange(len(gen.tokens)), gen.tokens]
+        expected = kept_kv_logprobs((path_a, path_b), PROMPTS[1], gen.tokens, k)
         torch.testing.assert_close(torch.tensor(gen.logprobs).double(), expected, atol=1e-4, rtol=0)
     assert spanning  # at least one completion ran across the swap
 
