@@ -279,9 +279,9 @@ class LearnerConfig:
         ge=1,
     )
     collective_timeout_s: float = _f(
-        30.0,
-        "Longest a weights broadcast or group rebuild waits for an actor; past it the learner "
-        "goes on without that actor.",
+        10.0,
+        "Longest a weights broadcast (per bucket) or group rebuild waits for an actor; past it "
+        "the learner goes on without that actor (a stall of the learner at most this long).",
         gt=0,
     )
     collective_trusted_network: bool = _f(

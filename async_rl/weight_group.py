@@ -62,6 +62,7 @@ from async_rl.paths import RunPaths, read_endpoints
 log = logging.getLogger(__name__)
 
 WAIT_S = 1.0  # a receiver waiting for a key looks at its stop flag this often
+EVENT_WAIT_S = 1.0  # how long the learner waits for an event a member counted but not wrote
 
 _DTYPES = {
     str(d): d
@@ -184,6 +185,10 @@ class WeightSender:
         """Read the joins and leaves since the last call; True if the group must change."""
         n, changed = self.store.add("events", 0), False
         for i in range(self.events_seen, n):
+            try:  # set right after it was counted, unless its member died in between
+                self.store.wait([f"event/{i}"], timedelta(seconds=EVENT_WAIT_S))
+            except dist.DistStoreError:
+                continue
             what, member = self.store.get(f"event/{i}").decode().split(":", 1)
             if what == "join":
                 self.joining.add(member)
@@ -225,7 +230,12 @@ class WeightSender:
         or left, or the last transfer failed); the number of actors that received it."""
         with self.lock:
             self.last = (version, state)
-            return self._send(version, state, rebuild=self._membership_changed())
+            try:
+                changed = self._membership_changed()
+            except (RuntimeError, dist.DistError) as e:  # the store: this transfer is lost
+                self._fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                return 0
+            return self._send(version, state, rebuild=changed)
 
     def _serve_joiners(self) -> None:
         while not self.stopping.wait(0.5):
