@@ -219,7 +219,8 @@ class WeightSender:
         if members:
             self.group = _group(self.store, self.epoch, 0, len(members) + 1, self.timeout_s)
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, error: Exception) -> None:
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
         log.warning("weights epoch %d (%s) failed: %s", self.epoch, self.members, why)
         with contextlib.suppress(Exception):
             self._message({"rebuild": None})  # every member registers again
@@ -233,7 +234,7 @@ class WeightSender:
             try:
                 changed = self._membership_changed()
             except (RuntimeError, dist.DistError) as e:  # the store: this transfer is lost
-                self._fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                self._fail(e)
                 return 0
             return self._send(version, state, rebuild=changed)
 
@@ -258,7 +259,7 @@ class WeightSender:
             for index, size in enumerate(bucket_sizes(tensors)):  # one bucket at a time
                 _broadcast(self.group, pack_bucket(tensors, index, size, state))
         except (RuntimeError, dist.DistError) as e:  # a member died, stalled or never came
-            self._fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._fail(e)
             return 0
         return len(self.members)
 
@@ -391,7 +392,7 @@ class CollectiveWeightStore:
         self.last_receivers = 0
 
     def publish(self, version: int, hf_state: dict[str, torch.Tensor], durable=False) -> None:
-        if durable or version % self.durable_every == 0 or self.durable.latest() is None:
+        if durable or version % self.durable_every == 0 or self.sent is None:  # first: durable
             self.durable.publish(version, hf_state)
         if self.sender is not None:
             self.last_receivers = self.sender.send(version, hf_state)

@@ -205,26 +205,24 @@ def _slices(lo: list[int], hi: list[int], origin: list[int]) -> tuple[slice, ...
 
 
 class _Shards:
-    """The shards of one kind in a checkpoint directory: name -> [(file, offset, shape)]."""
+    """The shards of one kind in a checkpoint directory: name -> [(open file, offset, shape)]."""
 
     def __init__(self, path: Path, kind: str):
         self.chunks: dict[str, list[tuple[Any, list[int], list[int]]]] = {}
         self.shapes: dict[str, list[int]] = {}
         indexes = sorted(path.glob("shards-r*.json"))
         if not indexes:  # the one-file layout: every tensor whole
-            with safe_open(path / f"{kind}.safetensors", "pt") as f:
-                for name in f.keys():
-                    shape = list(f.get_slice(name).get_shape())
-                    self._add(name, path / f"{kind}.safetensors", shape, [0] * len(shape), shape)
+            f = safe_open(path / f"{kind}.safetensors", "pt")  # open (mapped) while loading
+            for name in f.keys():
+                shape = list(f.get_slice(name).get_shape())
+                self._add(name, f, shape, [0] * len(shape), shape)
             return
         for index in indexes:
             tag = index.stem.removeprefix("shards-")
-            file = path / f"{kind}-{tag}.safetensors"
-            entries = json.loads(index.read_text())[kind]
-            with safe_open(file, "pt") as f:
-                for name, entry in entries.items():
-                    local = list(f.get_slice(name).get_shape())
-                    self._add(name, file, entry["shape"], entry["offset"], local)
+            f = safe_open(path / f"{kind}-{tag}.safetensors", "pt")
+            for name, entry in json.loads(index.read_text())[kind].items():
+                local = list(f.get_slice(name).get_shape())
+                self._add(name, f, entry["shape"], entry["offset"], local)
 
     def _add(self, name, file, shape, offset, local) -> None:
         if self.shapes.setdefault(name, list(shape)) != list(shape):
@@ -243,8 +241,7 @@ class _Shards:
             if any(h <= low for low, h in zip(lo, hi, strict=True)):
                 continue
             source = _slices(lo, hi, chunk_offset)
-            with safe_open(file, "pt") as f:
-                piece = f.get_slice(name)[source] if shape else f.get_tensor(name)
+            piece = file.get_slice(name)[source] if shape else file.get_tensor(name)
             if out is None:
                 out = torch.empty(shape, dtype=piece.dtype)
             out[_slices(lo, hi, offset)] = piece

@@ -70,19 +70,28 @@ class Measured:
     gaps: np.ndarray  # |W - F| / W of each completion
 
 
-def model_at(run_dir: Path, version: int, cfg: Config) -> torch.nn.Module | None:
-    """The learner's weights of `version`: a kept weight version, else a learner checkpoint."""
+def kept(run_dir: Path, version: int) -> Path | None:
+    """Where the run keeps the weights of `version`: a weight version, else a learner
+    checkpoint; None if neither."""
     paths = RunPaths(run_dir)
     hf = paths.weights / f"v{version:06d}"
     if (hf / "manifest.json").exists():
-        model, _ = import_hf(hf, cfg.model)
-        return model.float()
+        return hf
     step = paths.learner_checkpoints / f"step-{version:06d}"
-    if (step / "state.json").exists():
+    return step if (step / "state.json").exists() else None
+
+
+def model_at(run_dir: Path, version: int, cfg: Config) -> torch.nn.Module | None:
+    """The learner's weights of `version` (`kept`), as an fp32 model."""
+    path = kept(run_dir, version)
+    if path is None:
+        return None
+    if path.parent == RunPaths(run_dir).weights:
+        model, _ = import_hf(path, cfg.model)
+    else:
         model = build_model(cfg.model, seed=0)
-        model.load_state_dict(full_tensors(step))
-        return model.float()
-    return None
+        model.load_state_dict(full_tensors(path))
+    return model.float()
 
 
 def groups_by_version(run_dir: Path) -> dict[int, list[pa.RecordBatch]]:
@@ -179,7 +188,7 @@ def diagnose(
         ks = max(staleness)
         versions = [
             max(
-                (v for v in by_version if model_at(run_dir, v + ks, cfg) is not None),
+                (v for v in by_version if kept(run_dir, v) and kept(run_dir, v + ks)),
                 default=None,
             )
         ]
