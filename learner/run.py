@@ -257,9 +257,7 @@ class Learner:
         """On the publish thread: the store writes the version (manifest last), the
         announcement goes out, the buffer learns it (admission), old versions are collected.
         A checkpoint's version is durable (the collective path's late joiners start there)."""
-        every = self.cfg.learner.checkpoint_every
-        durable = version == self.cfg.run.num_steps or bool(every and version % every == 0)
-        self.store.publish(version, hf_state, durable=durable)
+        self.store.publish(version, hf_state, durable=self.checkpoints_at(version))
         self.announcer.announce(version)
         self.publish_source.publish(version)
         self.store.collect(in_use)
@@ -332,6 +330,11 @@ class Learner:
         self.model.train()
         return {"eval/accuracy": result.avg_at_k, "eval/greedy_accuracy": result.greedy}
 
+    def checkpoints_at(self, version: int) -> bool:
+        """Whether the run checkpoints `version`: every `learner.checkpoint_every`, and the last."""
+        every = self.cfg.learner.checkpoint_every
+        return version == self.cfg.run.num_steps or bool(every and version % every == 0)
+
     def checkpoint(self, wait: bool = True) -> None:
         """Checkpoint this version: every rank copies its shards and writes them (rank 0
         commits the checkpoint); with `wait=False` they are written while training goes on."""
@@ -349,10 +352,9 @@ class Learner:
 
     def run(self, on_metrics=None) -> None:
         """Train to `run.num_steps`, or until stopped: a stopped learner checkpoints the
-        version it reached (every rank: checkpoints are collective), one that fails does not
+        version it reached (every rank writes its shards), one that fails does not
         (it resumes from its last good checkpoint)."""
         every, steps = self.cfg.run.eval_every, self.cfg.run.num_steps
-        save_every = self.cfg.learner.checkpoint_every
         with self._metrics_log(on_metrics) as emit:
             if every and self.version == 0:
                 emit({"version": 0, **self.evaluate()})
@@ -364,7 +366,7 @@ class Learner:
                     row.update(self.evaluate())
                 emit(row)
                 # after its metrics: a learner resumed from this checkpoint logs every version
-                if (save_every and self.version % save_every == 0) or self.version == steps:
+                if self.checkpoints_at(self.version):
                     self.checkpoint(wait=False)
             if self.version > self.saved:  # stopped: it resumes where it stopped
                 self.checkpoint(wait=False)
