@@ -315,6 +315,7 @@ class Actor:
     def close(self) -> None:
         self.weights.close()
         self.store.close()
+        self.sink.leave(self.actor_id)  # leases of rows that will not finish: no batch waits
         self.sink.close()  # linger: queued groups are still delivered
         self.engine.close()
 

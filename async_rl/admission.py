@@ -7,8 +7,9 @@ per global batch and K = `buffer.max_staleness`, a lease is granted only while
 
 where `accepted` counts the groups already trained on or waiting (the `SegmentStore`'s) and
 `leased` the leases outstanding. A lease carries `min_version = p`: its group is generated from
-weights >= p, and FIFO serving consumes it by learner version K + p, so it is never dropped as
-stale. With the learner caught up (v = p) this is the back-pressure rule "pause above
+weights >= p, and serving the oldest weights first, with global batches that wait for leased
+groups about to go stale (`async_rl.buffer`), trains it by learner version K + p, so it is never
+dropped as stale. With the learner caught up (v = p) this is the back-pressure rule "pause above
 (K + 1) * B unconsumed groups"; with K = 0 and one mini-batch exactly one global batch is
 generated per published version, from that version: synchronous RL, sample for sample.
 
@@ -53,7 +54,8 @@ class Admission:
             (e["prompts_reserved"] for e in recovered if "prompts_reserved" in e), default=0
         )
         self.next_prompt = self.prompts_reserved
-        self.leases: dict[str, tuple[str, float, int]] = {}  # id -> (actor, expiry, prompt)
+        # id -> (actor, expiry, prompt, min_version)
+        self.leases: dict[str, tuple[str, float, int, int]] = {}
         self.reissue: list[int] = []  # prompts of expired or released leases
         self.full_s, self.full_since = 0.0, None
         self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (version, seen)
@@ -84,10 +86,7 @@ class Admission:
         if version is not None:
             self.actor_versions[actor_id] = (version, now)
             self.actor_work[actor_id] = work
-        for lease_id, (_, expiry, prompt) in list(self.leases.items()):
-            if expiry <= now:
-                del self.leases[lease_id]
-                self.reissue.append(prompt)
+        self.expire(now)
         room = (self.max_staleness + self.published + 1) * self.batch_groups
         room -= accepted + len(self.leases)
         if room <= 0:
@@ -101,9 +100,22 @@ class Admission:
         for _ in range(min(count, room)):
             lease_id = uuid.uuid4().hex
             prompt = self.reissue.pop(0) if self.reissue else self._next_prompt()
-            self.leases[lease_id] = (actor_id, now + self.lease_timeout_s, prompt)
+            self.leases[lease_id] = (actor_id, now + self.lease_timeout_s, prompt, self.published)
             granted.append((lease_id, prompt))
         return self.published, granted
+
+    def expire(self, now: float | None = None) -> None:
+        """Forget leases older than `buffer.lease_timeout_s`; their prompts are handed out again."""
+        now = time.monotonic() if now is None else now
+        for lease_id, (_, expiry, prompt, _) in list(self.leases.items()):
+            if expiry <= now:
+                del self.leases[lease_id]
+                self.reissue.append(prompt)
+
+    def outstanding(self, now: float | None = None) -> list[int]:
+        """The `min_version` of every lease whose group has not arrived (nor expired)."""
+        self.expire(now)
+        return [min_version for *_, min_version in self.leases.values()]
 
     def _next_prompt(self) -> int:
         if self.next_prompt >= self.prompts_reserved:
@@ -116,12 +128,17 @@ class Admission:
         """The group of a lease was accepted: the lease is spent."""
         self.leases.pop(lease_id or "", None)
 
+    def give_back(self, lease_id: str | None) -> None:
+        """The group of a lease was refused: its prompt is handed out again."""
+        lease = self.leases.pop(lease_id or "", None)
+        if lease is not None:
+            self.reissue.append(lease[2])
+
     def release(self, actor_id: str) -> None:
         """Drop an actor's leases (it restarted or left); their prompts are handed out again."""
-        for lease_id, (owner, _, prompt) in list(self.leases.items()):
+        for lease_id, (owner, *_) in list(self.leases.items()):
             if owner == actor_id:
-                del self.leases[lease_id]
-                self.reissue.append(prompt)
+                self.give_back(lease_id)
 
     def versions_in_use(self, now: float | None = None) -> list[int]:
         """Weights versions that actors reported within the lease timeout."""

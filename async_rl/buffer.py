@@ -5,6 +5,17 @@
     admission  leases, prompt indices, actor versions: at most (K + p + 1) * B groups accepted
                or leased, so none is generated only to be dropped (`async_rl.admission`)
 
+Admission's promise needs the learner's side too: a group leased at published version p must
+be trained by learner version p + K, but a long completion arrives after shorter ones leased
+later (continuous batching, in-flight updates). With `buffer.wait_for_leases` (the default) a
+global batch is held while a group still being generated would otherwise go stale: earliest
+deadline first, a lease of `min_version` p is due by version p + K, and the batch for version v
+waits while, for some deadline d >= v, the leases due by d outnumber what the batches after
+this one can take, (d - v) * B, and fewer than B arrived groups are due by d. So no completion
+is dropped for being long; a lease that expires (`buffer.lease_timeout_s`) or whose actor
+leaves or restarts ends the wait. Without it the batch takes newer groups and the late one is
+dropped when it arrives (prime-rl's and TRL's rule; it trains on the short completions first).
+
 They share the consumption log (`consumed.jsonl`). The service (`async_rl.buffer_service`)
 holds one `ReplayBuffer` and is its only user in a run; it is single-threaded.
 """
@@ -12,6 +23,7 @@ holds one `ReplayBuffer` and is its only user in a run; it is single-threaded.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -41,6 +53,7 @@ class ReplayBuffer:
         segment_groups: int = 256,
         lease_timeout_s: float = 600.0,
         vocab_size: int | None = None,
+        wait_for_leases: bool = True,
     ):
         self.store = SegmentStore(
             root,
@@ -60,6 +73,8 @@ class ReplayBuffer:
             recovered=self.store.recovered,
         )
         self.rejected: Counter[str] = Counter()
+        self.wait_for_leases = wait_for_leases
+        self.lease_wait_s, self.waiting_since = 0.0, None  # batches held for due leases
 
     @classmethod
     def of_run(cls, cfg: Config, run_dir: Path) -> ReplayBuffer:
@@ -74,6 +89,7 @@ class ReplayBuffer:
             segment_groups=cfg.buffer.segment_groups,
             lease_timeout_s=cfg.buffer.lease_timeout_s,
             vocab_size=cfg.model.vocab_size,
+            wait_for_leases=cfg.buffer.wait_for_leases,
         )
 
     def check(self, batch: pa.RecordBatch) -> None:
@@ -90,8 +106,33 @@ class ReplayBuffer:
         for _, lease in groups:
             self.admission.fulfilled(lease)
 
-    def sample(self, version: int) -> pa.Table | None:
-        return self.store.sample(version)
+    def sample(self, version: int, now: float | None = None) -> pa.Table | None:
+        """The global batch for learner `version`, or None while it is not complete or is held
+        for groups still being generated (module docstring)."""
+        now = time.monotonic() if now is None else now
+        if self.wait_for_leases and version not in self.store.served_at and self._due(version, now):
+            if self.waiting_since is None:
+                self.waiting_since = now
+            return None
+        table = self.store.sample(version)
+        if table is not None and self.waiting_since is not None:
+            self.lease_wait_s += now - self.waiting_since
+            self.waiting_since = None
+        return table
+
+    def _due(self, version: int, now: float) -> bool:
+        """Whether a leased group must be in this batch, and room is left for it."""
+        k, b = self.store.max_staleness, self.store.batch_groups
+        leased = Counter(v + k for v in self.admission.outstanding(now) if v + k >= version)
+        if not leased:
+            return False
+        live = Counter(g.policy_version + k for g in self.store.live)
+        owed = arrived = 0
+        for deadline in sorted(leased.keys() | {d for d in live if d >= version}):
+            owed, arrived = owed + leased[deadline], arrived + live[deadline]
+            if arrived < b and owed > (deadline - version) * b:
+                return True
+        return False
 
     def lease(
         self,
@@ -110,6 +151,7 @@ class ReplayBuffer:
             **self.store.metrics(),
             **self.admission.metrics(),
             "buffer/rejected": sum(self.rejected.values()),
+            "buffer/lease_wait_s": self.lease_wait_s,
         }
 
     def close(self) -> None:

@@ -41,6 +41,7 @@ from async_rl.messages import (
     Hello,
     Lease,
     Leases,
+    Leave,
     Publish,
     Published,
     Reply,
@@ -139,10 +140,15 @@ class BufferService:
         if size > self.max_bytes:
             raise BadMessage("size", f"{size} bytes, more than buffer.max_message_mib")
         message, payload = decode(frames, Group)
-        batches = ipc_to_table(payload).combine_chunks().to_batches()
-        if len(batches) != 1:
-            raise BadMessage("arrow", "a group message must hold exactly one record batch")
-        self.buffer.check(batches[0])
+        try:
+            batches = ipc_to_table(payload).combine_chunks().to_batches()
+            if len(batches) != 1:
+                raise BadMessage("arrow", "a group message must hold exactly one record batch")
+            self.buffer.check(batches[0])
+        except (BadMessage, InvalidGroup):
+            # its lease will not be fulfilled: the prompt goes out again, no batch waits for it
+            self.buffer.admission.give_back(message.lease)
+            raise
         return batches[0], message.lease
 
     # ------------------------------------------------------------------ requests
@@ -175,7 +181,7 @@ class BufferService:
     def _answer(self, peer: bytes, request: Request) -> bool:
         """Answer now and return True, or return False to hold the request."""
         b, rid = self.buffer, request.rid
-        if isinstance(request, Hello):
+        if isinstance(request, (Hello, Leave)):
             b.admission.release(request.actor_id)
             self._reply(peer, Welcome(rid=rid, published=b.admission.published))
         elif isinstance(request, Lease):

@@ -28,6 +28,7 @@ from async_rl.messages import (
     Hello,
     Lease,
     Leases,
+    Leave,
     Publish,
     Published,
     Reply,
@@ -46,12 +47,19 @@ from async_rl.transport import Client, send
 
 log = logging.getLogger(__name__)
 
+LEAVE_TIMEOUT_S = 5.0  # how long a leaving actor waits for the buffer to release its leases
+
 
 class RolloutSink(Protocol):
     """Where an actor's groups go, and who tells it what to generate."""
 
     def hello(self, actor_id: str) -> int:
         """Announce a (re)started actor; returns the newest published version."""
+        ...
+
+    def leave(self, actor_id: str) -> None:
+        """The actor leaves: its leases are released (best effort: a buffer that is gone is not
+        waited for; the leases then expire)."""
         ...
 
     def lease(
@@ -140,6 +148,12 @@ class ZmqRolloutSink(BufferConnection):
 
     def hello(self, actor_id: str) -> int:
         return self.ask(Hello(actor_id=actor_id), Welcome)[0].published
+
+    def leave(self, actor_id: str) -> None:
+        try:
+            self.requests.request(Leave(actor_id=actor_id), (Welcome,), timeout_s=LEAVE_TIMEOUT_S)
+        except (TimeoutError, RuntimeError, zmq.ZMQError) as e:
+            log.warning("%s left without the buffer's answer (%s)", actor_id, e)
 
     def lease(
         self,

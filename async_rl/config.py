@@ -236,6 +236,12 @@ class BufferConfig:
     lease_timeout_s: float = _f(
         600.0, "An actor's permission to generate a group expires after this long.", gt=0
     )
+    wait_for_leases: bool = _f(
+        True,
+        "A global batch waits for a leased group that would otherwise go stale (a long "
+        "completion that newer, shorter ones overtook) instead of dropping it when it arrives; "
+        "the wait ends when the group arrives or its lease expires or is released.",
+    )
     wait_timeout_s: float = _f(
         600.0,
         "How long the learner waits for a global batch, and a client for the buffer to answer, "

@@ -8,6 +8,7 @@ with a short reason (the buffer counts rejects by it). Nothing read from a socke
 
     kind       from -> to (socket)                 header                          payload
     hello      actor -> buffer (DEALER/ROUTER)     actor_id                        -
+    leave      actor -> buffer                     actor_id                        -
     lease      actor -> buffer                     actor_id, count, version?,      -
                                                    wait_s, running_rows,
                                                    swaps_in_flight
@@ -16,6 +17,7 @@ with a short reason (the buffer counts rejects by it). Nothing read from a socke
     sample     learner -> buffer                   version, wait_s                 -
     stats      anyone -> buffer                    -                               -
     welcome    buffer -> actor, reply to hello     published                       -
+               or leave
     leases     reply to lease                      min_version, leases             -
     published  reply to publish                    -                               -
     batch      reply to sample                     staleness_mean, staleness_max,  global batch
@@ -87,6 +89,15 @@ class Hello(Request):
 
     KIND = "hello"
     actor_id: str  # e.g. "a0"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Leave(Request):
+    """An actor leaves the fleet: its leases are released (the groups it was generating will
+    not come; their prompts are handed out again and no global batch waits for them)."""
+
+    KIND = "leave"
+    actor_id: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,7 +235,7 @@ class ActorStats:
     version: int = 0  # the weights version the engine serves
 
 
-REQUESTS: tuple[type[Request], ...] = (Hello, Lease, Publish, Sample, Stats)
+REQUESTS: tuple[type[Request], ...] = (Hello, Leave, Lease, Publish, Sample, Stats)
 REPLIES: tuple[type[Reply], ...] = (Welcome, Leases, Published, Batch, Counters, Wait, Error)
 
 M = TypeVar("M", bound=Message)

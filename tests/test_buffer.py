@@ -330,3 +330,77 @@ def test_older_weights_are_served_first_whatever_the_arrival_order(tmp_path):
     buf.append([(make_group("old", 0, seed=3), None)])
     assert served_ids(buf.sample(1)) == ["old", "new-a"]
     assert buf.metrics()["buffer/dropped_stale"] == 0
+
+
+def _long_and_short_leases(buf):
+    """K = 1, B = 2: four leases at version 0 (two long completions, two short), then the
+    short ones come in; version 1 is published and two short groups of it come in too."""
+    _, first = buf.lease("a0", count=4, version=0, now=0.0)
+    (long_a, _), (long_b, _), (short_c, _), (short_d, _) = first
+    buf.append([(make_group("c", 0, seed=3), short_c), (make_group("d", 0, seed=4), short_d)])
+    assert served_ids(buf.sample(0, now=0.0)) == ["c", "d"]  # a and b still fit at version 1
+    buf.admission.set_published(1)
+    _, second = buf.lease("a0", count=2, version=1, now=0.0)
+    buf.append([(make_group(f"new{i}", 1, seed=5 + i), s) for i, (s, _) in enumerate(second)])
+    return long_a, long_b
+
+
+def test_a_batch_waits_for_leased_groups_that_would_go_stale(tmp_path):
+    """Admission promises a group leased at version p a place in a batch by version p + K; a
+    long completion overtaken by shorter, newer ones keeps it: the batch waits for it."""
+    buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2)
+    long_a, long_b = _long_and_short_leases(buf)
+    assert buf.sample(1, now=1.0) is None  # new0 and new1 are there, but a and b are due
+    buf.append([(make_group("a", 0, seed=1), long_a)])
+    assert buf.sample(1, now=2.0) is None  # b is still being generated
+    buf.append([(make_group("b", 0, seed=2), long_b)])
+    assert served_ids(buf.sample(1, now=3.5)) == ["a", "b"]
+    assert served_ids(buf.sample(2, now=3.5)) == ["new0", "new1"]
+    metrics = buf.metrics()
+    assert metrics["buffer/dropped_stale"] == 0
+    assert metrics["buffer/lease_wait_s"] == 2.5  # held from 1.0 to 3.5
+
+
+def test_without_waiting_a_late_long_group_is_dropped(tmp_path):
+    buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2, wait_for_leases=False)
+    long_a, long_b = _long_and_short_leases(buf)
+    assert served_ids(buf.sample(1, now=1.0)) == ["new0", "new1"]
+    buf.append([(make_group("a", 0, seed=1), long_a), (make_group("b", 0, seed=2), long_b)])
+    assert buf.sample(2, now=2.0) is None
+    assert buf.metrics()["buffer/dropped_stale"] == 2
+
+
+def test_a_lease_that_expires_or_is_released_ends_the_wait(tmp_path):
+    buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2, lease_timeout_s=10.0)
+    long_a, _ = _long_and_short_leases(buf)
+    buf.append([(make_group("a", 0, seed=1), long_a)])
+    assert buf.sample(1, now=5.0) is None
+    # b's lease expires at 10 s: its prompt goes out again and the batch is served without it
+    assert served_ids(buf.sample(1, now=10.0)) == ["a", "new0"]
+    assert buf.admission.reissue == [1]
+
+    other = new_buffer(tmp_path / "released", max_staleness=1, global_batch_groups=2)
+    _long_and_short_leases(other)
+    assert other.sample(1, now=1.0) is None
+    other.admission.release("a0")  # the actor left (or restarted): a and b will not come
+    assert served_ids(other.sample(1, now=1.0)) == ["new0", "new1"]
+
+
+def test_a_batch_waits_early_when_later_batches_cannot_take_every_leased_group(tmp_path):
+    """K = 2, B = 1: three groups leased at version 0 are due by version 2, one batch each at
+    versions 0, 1 and 2; the batch for version 0 may not take a newer group instead."""
+    buf = new_buffer(tmp_path, max_staleness=2, global_batch_groups=1)
+    _, first = buf.lease("a0", count=3, version=0, now=0.0)
+    buf.admission.set_published(1)
+    _, [(newer, _)] = buf.lease("a0", count=1, version=1, now=0.0)
+    buf.append([(make_group("newer", 1, seed=9), newer)])
+    assert buf.sample(0, now=0.0) is None  # three due by 2, two batches after this one
+    for i, (lease, _) in enumerate(first):
+        buf.append([(make_group(f"old{i}", 0, seed=i), lease)])
+    assert [served_ids(buf.sample(v, now=1.0)) for v in range(4)] == [
+        ["old0"],
+        ["old1"],
+        ["old2"],
+        ["newer"],
+    ]
+    assert buf.metrics()["buffer/dropped_stale"] == 0

@@ -218,3 +218,21 @@ def test_k1_runs_ahead_by_at_most_one_version(tmp_path):
     batches, _ = _run_async(tmp_path, k=1, steps=4)
     for v, table in enumerate(batches):
         assert min(table.column("policy_version").to_pylist()) >= v - 1
+
+
+def test_a_leaving_actor_and_a_refused_group_give_their_leases_back(buffer_service):
+    svc, client = buffer_service
+    (bad, bad_prompt), (kept, _), (gone, gone_prompt) = client.lease("a0", count=3).leases
+    half = make_group("half", 0, seed=0).slice(0, 2)  # refused: not a whole group
+    client.push_socket.send_multipart(encode(Group(lease=bad), table_to_ipc(half)))
+    wait = time.monotonic() + 30
+    while client.stats()["buffer/rejected"] < 1:
+        assert time.monotonic() < wait
+        time.sleep(0.02)
+    assert client.stats()["buffer/leases"] == 2  # the refused group's prompt goes out again
+    client.push(make_group("kept", 0, seed=1), kept)
+    wait_ingested(client, 1)
+    client.leave("a0")  # the third lease's group will not come
+    assert client.stats()["buffer/leases"] == 0
+    again = client.lease("a1", count=3).leases
+    assert sorted(p for _, p in again)[:2] == sorted([bad_prompt, gone_prompt])

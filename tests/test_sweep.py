@@ -43,11 +43,21 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, variants", [("onpolicy", 6), ("offpolicy", 10), ("staleness", 4), ("stress", 6)]
+    "file, name, variants, seeds",
+    [
+        ("onpolicy", "onpolicy", 6, 2),
+        ("offpolicy", "offpolicy", 10, 2),
+        ("staleness", "staleness", 4, 2),
+        ("stress", "stress", 6, 2),
+        ("cot_onpolicy", "cot", 5, 3),
+        ("cot_offpolicy", "cot", 6, 3),
+        ("cot_staleness", "cot", 4, 3),
+    ],
 )
-def test_shipped_sweeps_parse(name, variants):
-    meta, specs = load_sweep(ROOT / "configs" / "sweeps" / f"{name}.toml")
-    assert meta["name"] == name and len(specs) == 2 * variants  # two seeds each
+def test_shipped_sweeps_parse(file, name, variants, seeds):
+    meta, specs = load_sweep(ROOT / "configs" / "sweeps" / f"{file}.toml")
+    assert meta["name"] == name and len(specs) == seeds * variants
+    assert [s.seed for s in specs[:variants]] == [specs[0].seed] * variants  # seed by seed
 
 
 def test_two_variant_sweep_runs_resumes_and_plots(tmp_path):

@@ -16,9 +16,11 @@ A sweep file (TOML):
     "algo.num_minibatches" = [1, 2, 4]
     "algo.routing_replay" = ["none", "r3"]
 
-The cold start runs once per sweep (`<name>/_cold_start`) and every run starts from it. A run
-whose `metrics.jsonl` already reaches `run.num_steps` is skipped, a started one is resumed, so
-rerunning the same command finishes an interrupted sweep.
+The cold start runs once per sweep (`<name>/_cold_start`) and every run starts from it; sweeps
+of the same `name` share it (and their directory). Runs go seed by seed (every variant at the
+first seed, then the next), `parallel` at a time. A run whose `metrics.jsonl` already reaches
+`run.num_steps` is skipped, a started one is resumed, so rerunning the same command finishes an
+interrupted sweep.
 """
 
 from __future__ import annotations
@@ -101,9 +103,10 @@ def load_sweep(path: Path) -> tuple[dict, list[RunSpec]]:
     base = data.get("config", "configs/tiny.toml")
     common = [str(o) for o in data.get("overrides", [])]
     root = load_config(base, common).run_dir.parent / data["name"]
-    specs = []
-    for label, overrides in _variants(path, data):
-        for seed in data["seeds"]:
+    specs = []  # seed by seed: an interrupted sweep has every variant at its first seeds
+    variants = _variants(path, data)
+    for seed in data["seeds"]:
+        for label, overrides in variants:
             run_name = f"{label}-s{seed}".replace("/", "_")
             every = [
                 *common,
