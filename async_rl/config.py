@@ -296,6 +296,12 @@ class LearnerConfig:
         "non-loopback run.bind_host, set true to state that the network is trusted.",
     )
     keep_versions: int = _f(3, "Weight versions kept after actors stop using them.", ge=1)
+    device: str = _f(
+        "cpu",
+        "Device the learner trains on: `cpu` (ranks talk over gloo) or `cuda` (a GPU per rank, "
+        "NCCL between ranks).",
+        choices=("cpu", "cuda"),
+    )
     num_ranks: int = _f(
         1,
         "Learner ranks (processes; one GPU each on CUDA): the model is sharded with FSDP2 and "
@@ -594,6 +600,11 @@ def _validate_learner(cfg: Config) -> None:
             f"a mini-batch of {algo.prompts_per_minibatch} groups does not split into whole "
             f"groups for learner.num_ranks = {lrn.num_ranks} ranks; choose a multiple of "
             f"{lrn.num_ranks}",
+        )
+    if cfg.model.attn_backend == "flex" and lrn.device != "cuda":
+        raise ConfigError(
+            "model.attn_backend",
+            "flex attention has no CPU backward: use sdpa, or learner.device = cuda",
         )
     budget = cfg.learner.max_tokens_per_microbatch
     if budget and budget < cfg.model.max_seq_len:

@@ -14,8 +14,10 @@ others still run; the exit code is 1 if any failed.
   device: the share of completions that span two versions;
 - `vllm <precision>`: the same with vLLM where it is installed (FP8 with routing traces on
   CUDA, bf16/fp32 on CPU), then a reload from tensors and an in-flight swap;
-- `learner step`: one `TrainStep` of the learner on the CPU (the learner has no device
-  setting yet: the row says so on CUDA), its loss and time.
+- `learner step`: one `TrainStep` (R3, one mini-batch) of the golden batch
+  (`tests/data/golden_batch.arrow`) on the device in fp32 with SDPA, its loss, gradient norm
+  and time; on CUDA next to the same step on the CPU (they agree to float tolerance), and a
+  bf16 step with flex attention (`learner.device = cuda`, `model.attn_backend = flex`).
 """
 
 from __future__ import annotations
@@ -87,9 +89,10 @@ def in_flight(engine_name: str, precision: str, device: str, path: Path, model) 
         engine.close()
 
 
-def learner_step(device: str) -> str:
-    if device != "cpu":
-        return "not run: the learner trains on CPU (no learner device setting yet)"
+def train_step(device: str, dtype: str = "float32", attention: str = "sdpa") -> dict:
+    """The metrics of one `TrainStep` of the golden batch, the model built on `device`."""
+    import dataclasses
+
     import pyarrow as pa
 
     from async_rl.types import RoutingSpec
@@ -99,11 +102,27 @@ def learner_step(device: str) -> str:
     from tests.test_golden import BATCH, config
 
     cfg = config("r3", 1)
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, dtype=dtype, attn_backend=attention),
+        learner=dataclasses.replace(cfg.learner, device=device),
+    )
     batch = pack(pa.ipc.open_file(str(BATCH)).read_all(), RoutingSpec.of(cfg.model), pad_id=0)
-    model = build_model(cfg.model, seed=0)
-    step = TrainStep(model, build_optimizer(model, cfg.learner), cfg)
-    metrics = step(batch)
-    return f"loss {metrics['loss']:.4f}, {metrics['step_time_s'] * 1000:.0f} ms"
+    model = build_model(cfg.model, seed=0, device=device)
+    return TrainStep(model, build_optimizer(model, cfg.learner), cfg)(batch)
+
+
+def learner_step(device: str) -> str:
+    cpu = train_step("cpu")
+    ms = lambda m: f"{m['step_time_s'] * 1000:.0f} ms"  # noqa: E731
+    if device == "cpu":
+        return f"loss {cpu['loss']:.5f}, grad norm {cpu['grad_norm']:.4f}, {ms(cpu)}"
+    gpu, flex = train_step(device), train_step(device, "bfloat16", "flex")
+    return (
+        f"fp32 loss {gpu['loss']:.5f} (cpu {cpu['loss']:.5f}), grad norm "
+        f"{gpu['grad_norm']:.4f} (cpu {cpu['grad_norm']:.4f}), {ms(gpu)}; bf16 + flex loss "
+        f"{flex['loss']:.4f}, grad norm {flex['grad_norm']:.4f}, {ms(flex)}"
+    )
 
 
 def main() -> int:

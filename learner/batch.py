@@ -45,7 +45,16 @@ class PackedBatch:
     def valid_BT(self) -> torch.Tensor:
         """Real input positions (prompt + completion - 1 per row), not padding."""
         last_B = self.width - 1 - self.mask_BT.flip(1).int().argmax(1)
-        return torch.arange(self.width) <= last_B[:, None]
+        return torch.arange(self.width, device=last_B.device) <= last_B[:, None]
+
+    def to(self, device: torch.device) -> PackedBatch:
+        """The batch on `device` (the same tensors where they are there already)."""
+        return PackedBatch(
+            **{
+                f.name: None if (v := getattr(self, f.name)) is None else v.to(device)
+                for f in fields(self)
+            }
+        )
 
     def rows(self, start: int, stop: int) -> PackedBatch:
         """Rows [start, stop), trimmed to their longest sequence."""
@@ -74,7 +83,7 @@ def microbatches(batch: PackedBatch, max_tokens: int) -> list[torch.Tensor]:
     """
     if max_tokens <= 0:
         return [torch.arange(batch.num_rows)]
-    lengths_B = batch.valid_BT.sum(1)
+    lengths_B = batch.valid_BT.sum(1).cpu()
     longest = int(lengths_B.max())
     if longest > max_tokens:
         raise ValueError(

@@ -72,10 +72,14 @@ def model_generate(
 ) -> Generate:
     """The learner's model sampling for itself, one random stream for all the calls."""
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+
+    def logits(tokens_BT: torch.Tensor) -> torch.Tensor:  # on the CPU, whatever the model's
+        return model(tokens_BT.to(device)).cpu()
 
     def generate(prompts: list[list[int]], temperature: float, repeats: int):
         out = sample(
-            model,
+            logits,
             [p for p in prompts for _ in range(repeats)],
             max_new_tokens=max_new_tokens,
             eos_id=tokenizer.eos_id,

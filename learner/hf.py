@@ -108,7 +108,7 @@ def load_hf_state(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]
 
 
 def import_hf(
-    path: str | Path, cfg: ModelConfig | None = None, device: str = "cpu"
+    path: str | Path, cfg: ModelConfig | None = None, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, ModelConfig]:
     """Build the model a checkpoint describes and load its weights (strictly)."""
     cfg = cfg or model_config_from_hf(path)

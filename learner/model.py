@@ -111,7 +111,9 @@ def titan_config(cfg: ModelConfig) -> Qwen3Model.Config:
     return config
 
 
-def build_model(cfg: ModelConfig, seed: int | None = 0, device: str = "cpu") -> Qwen3Model:
+def build_model(
+    cfg: ModelConfig, seed: int | None = 0, device: str | torch.device = "cpu"
+) -> Qwen3Model:
     """A freshly initialised model (seeded), in `cfg.dtype`, in train mode."""
     with torch.device(device):
         model = titan_config(cfg).build()

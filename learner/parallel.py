@@ -72,6 +72,16 @@ class DataParallel:
         return self.rank == 0
 
 
+def training_device(dp: DataParallel) -> torch.device:
+    """The device this rank trains on: the CPU, or the GPU `join_group` gave it (the one
+    Ray made visible, for a rank alone)."""
+    if dp.device_type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("learner.device = cuda, but this learner process sees no CUDA device")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def backend_for(device_type: str) -> str:
     """The process-group backend of a device type: gloo on CPU, nccl on CUDA."""
     backends = {"cpu": "gloo", "cuda": "nccl"}

@@ -60,7 +60,13 @@ from learner.evaluate import EvalResult, evaluate_run
 from learner.hf import hf_state_dict, import_hf
 from learner.model import apply_activation_checkpointing
 from learner.optim import build_optimizer
-from learner.parallel import DataParallel, apply_fsdp, broadcast_bytes, shutdown
+from learner.parallel import (
+    DataParallel,
+    apply_fsdp,
+    broadcast_bytes,
+    shutdown,
+    training_device,
+)
 from learner.train import TrainStep
 
 log = logging.getLogger(__name__)
@@ -130,9 +136,15 @@ class Learner:
     ):
         self.cfg, self.paths = cfg, RunPaths(run_dir)
         self.run_dir = self.paths.root
-        self.dp = dp or DataParallel()
+        self.dp = dp or DataParallel(device_type=cfg.learner.device)
+        if self.dp.device_type != cfg.learner.device:
+            raise ValueError(
+                f"learner.device = {cfg.learner.device!r}, but the rank's process group was "
+                f"made for {self.dp.device_type!r}"
+            )
+        self.device = training_device(self.dp)
         torch.manual_seed(cfg.run.seed)
-        self.model, _ = import_hf(start, cfg.model)
+        self.model, _ = import_hf(start, cfg.model, device=self.device)
         apply_activation_checkpointing(self.model, cfg.learner.activation_checkpointing)
         apply_fsdp(self.model, self.dp, cfg.learner.expert_parallel)
         self.tokenizer = load_tokenizer(str(start))
@@ -279,8 +291,8 @@ class Learner:
         state = self.hf_weights()
         if not main:
             return {}
-        if not self.dp.enabled:  # views of the parameters, which the next step trains
-            state = {k: v.clone() for k, v in state.items()}
+        if not self.dp.enabled and self.device.type == "cpu":
+            state = {k: v.clone() for k, v in state.items()}  # views of the parameters
         self.publisher.submit(self.publish, self.version, state, set(got.reply.versions_in_use))
         metrics["publish_time_s"] = time.monotonic() - published
         metrics["publish_peak_mib"] = self._publish_peak(state) / 2**20

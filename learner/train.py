@@ -118,10 +118,12 @@ class TrainStep:
         self.updates = 0  # optimizer steps taken (restored from checkpoints)
         self.max_tokens = learner.max_tokens_per_microbatch
         self.dp = dp or DataParallel()
+        self.device = next(model.parameters()).device
         check_sharded(model, self.dp)
 
     def __call__(self, batch: PackedBatch) -> dict[str, float]:
         start = time.monotonic()
+        batch = batch.to(self.device)
         full = dataclasses.replace(batch, advantages_B=self.objective.advantages(batch.rewards_B))
         local = self._local_rows(full)
         prox = self._proximal_pass(local)
@@ -174,13 +176,14 @@ class TrainStep:
                 prox.logprobs_BT, prox.routing_BTLK = logprobs_BT, trace.experts
                 continue
             if prox.logprobs_BT is None:
-                prox.logprobs_BT = torch.zeros(rest.num_rows, rest.width)
+                prox.logprobs_BT = torch.zeros(rest.num_rows, rest.width, device=self.device)
                 # padding replays experts 0..K-1, distinct ids (as `learner.batch` pads)
                 prox.routing_BTLK = torch.empty(
                     (rest.num_rows, rest.width, *trace.experts.shape[2:]),
                     dtype=trace.experts.dtype,
+                    device=self.device,
                 )
-                prox.routing_BTLK[:] = torch.arange(self.hooks.top_k)
+                prox.routing_BTLK[:] = torch.arange(self.hooks.top_k, device=self.device)
             prox.logprobs_BT[index, : m.width] = logprobs_BT
             prox.routing_BTLK[index, : m.width] = trace.experts
         return prox

@@ -113,3 +113,21 @@ def test_layouts_that_cannot_be_sharded_or_placed_are_config_errors():
     with pytest.raises(ConfigError, match=f"learner.num_ranks.*this machine has {cores}"):
         check_placement(cfg, None)
     check_placement(cfg, "127.0.0.1:6379")  # a cluster: Ray's placement group decides
+
+
+def test_a_cuda_learner_needs_a_gpu_per_rank_and_flex_attention_needs_cuda():
+    import torch
+
+    from learner.parallel import DataParallel, training_device
+
+    with pytest.raises(ConfigError, match="model.attn_backend.*no CPU backward"):
+        load_config(None, ["model.attn_backend=flex"])  # the learner on the CPU
+    load_config(None, ["model.attn_backend=flex", "learner.device=cuda"])
+    gpus = torch.cuda.device_count()
+    cfg = load_config(None, ["learner.device=cuda", f"learner.num_ranks={gpus + 1}"])
+    with pytest.raises(ConfigError, match=f"learner.device.*this machine has {gpus}"):
+        check_placement(cfg, None)
+    assert training_device(DataParallel()) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="learner.device = cuda.*no CUDA device"):
+            training_device(DataParallel(device_type="cuda"))

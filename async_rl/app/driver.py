@@ -132,7 +132,9 @@ class LearnerWorker(_Threaded):
         from learner.run import Learner
 
         cfg, timeout = self.cfg, collective_timeout_s(self.cfg)
-        dp = join_group(self.rank, self.world_size, host, port, timeout, store=self.store)
+        dp = join_group(
+            self.rank, self.world_size, host, port, timeout, cfg.learner.device, self.store
+        )
         evaluator = EngineEvaluator(cfg, self.start) if cfg.run.eval_every and dp.is_main else None
         self.learner = Learner(
             cfg, Path(self.run_dir), Path(self.start), evaluator=evaluator, dp=dp
@@ -206,14 +208,27 @@ def init_ray(cfg: Config, address: str | None) -> None:
 
 
 def check_placement(cfg: Config, address: str | None) -> None:
-    """Refuse, before Ray starts, a learner that this machine cannot place: a rank per core
-    (a cluster, `--ray-address`, is checked by Ray's placement group as the run starts)."""
-    cores = os.cpu_count() or 1
-    if address is None and cfg.learner.num_ranks > cores:
+    """Refuse, before Ray starts, a learner that this machine cannot place: a rank per core,
+    and on CUDA a GPU per rank (a cluster, `--ray-address`, is checked by Ray's placement group
+    as the run starts)."""
+    if address is not None:
+        return
+    ranks, cores = cfg.learner.num_ranks, os.cpu_count() or 1
+    if ranks > cores:
         raise ConfigError(
             "learner.num_ranks",
-            f"{cfg.learner.num_ranks} learner ranks need a CPU core each; this machine has {cores}",
+            f"{ranks} learner ranks need a CPU core each; this machine has {cores}",
         )
+    if cfg.learner.device == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if ranks > gpus:
+            raise ConfigError(
+                "learner.device",
+                f"cuda: {ranks} learner rank(s) (learner.num_ranks) need a GPU each; this "
+                f"machine has {gpus}",
+            )
 
 
 def autoscale(rows: list[dict[str, Any]], cfg: Config, current: int, since: float = 0.0) -> int:
@@ -285,13 +300,13 @@ class Run:
         self.scale(self.cfg.actor.num_actors)
 
     def start_learners(self) -> None:
-        """Place the learner's ranks (a placement group of a CPU each), start
-        rank 0 first for the rendezvous, then have every rank join and start training."""
+        """Place the learner's ranks (a placement group of a CPU each, and a GPU each on CUDA),
+        start rank 0 first for the rendezvous, then have every rank join and start training."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         world = self.cfg.learner.num_ranks
-        bundle = {"CPU": 1}  # the learner trains on CPU (it has no device setting yet)
+        bundle = {"CPU": 1, **({"GPU": 1} if self.cfg.learner.device == "cuda" else {})}
         group = self.learner_group = placement_group([bundle] * world, strategy="PACK")
         if not ray.wait([group.ready()], timeout=START_TIMEOUT_S)[0]:
             raise RuntimeError(
@@ -304,6 +319,7 @@ class Run:
                 ray.remote(LearnerWorker)
                 .options(
                     num_cpus=1,
+                    num_gpus=bundle.get("GPU", 0),
                     max_restarts=0,  # a rank is restarted with its group, by `poll`
                     max_task_retries=0,
                     scheduling_strategy=strategy,
