@@ -35,18 +35,25 @@ def test_plot_writes_a_png_and_a_table(tmp_path, capsys):
     write_run(tmp_path / "sweep" / "a-s0", "stable", stable)
     write_run(tmp_path / "sweep" / "a-s1", "stable", [r + 0.01 for r in stable])
     write_run(tmp_path / "sweep" / "b-s0", "collapse", collapsing, kl=1e-2)
+    write_run(tmp_path / "sweep" / "b-s1", "collapse", [r + 0.03 for r in collapsing], kl=1e-2)
     out = tmp_path / "fig" / "offpolicy.png"
-    assert main(["plot", str(tmp_path / "sweep"), "--out", str(out), "--title", "t"]) == 0
+    cmd = ["plot", str(tmp_path / "sweep"), "--out", str(out), "--title", "t"]
+    assert main([*cmd, "--baseline", "stable"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
 
     assert matplotlib.image.imread(out).shape[1] > 1000  # four panels side by side
     table = out.with_suffix(".md").read_text()
-    assert "| stable | 2 | 0.585 | 0.585 | - |" in table  # mean over seeds of 0.58 and 0.59
-    # window 5: mean < half its peak at 14; the last accuracy (step 20) is 0.05
-    assert "| collapse | 1 | 0.650 | 0.050 | 14 |" in table
-    assert "1.55e-01" in table  # final KL of the collapsing run: mean of 1e-2 * (11..20)
-    assert "collapse" in capsys.readouterr().out
+    # final accuracy: mean and sd over seeds of 0.58 and 0.59
+    assert "| stable | 2 | 0.585 | 0.585 (0.007) | - | 0 (-) |" in table
+    # both collapse (window 5: the mean falls below half its peak at step 14); the last
+    # accuracies 0.05 and 0.08: 0.065 (sd 0.0212), (0.065 - 0.585) / sqrt(0.0212^2/2 +
+    # 0.00707^2/2) = -32.9 noise widths
+    assert "| collapse | 2 | 0.665 | 0.065 (0.021) | -32.9 | 2 (14) |" in table
+    assert "1.55e-01" in table  # final KL of the collapsing runs: mean of 1e-2 * (11..20)
+    capsys.readouterr()
+    assert main([*cmd, "--baseline", "nope"]) != 0
+    assert "baseline 'nope' is not one of the variants" in capsys.readouterr().err
 
 
 def test_read_run_and_collapse_rule(tmp_path):

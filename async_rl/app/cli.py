@@ -97,6 +97,9 @@ def _add_tool_commands(sub) -> None:
     plot.add_argument("runs", type=Path, nargs="+", help="run directories or sweep directories")
     plot.add_argument("--out", type=Path, required=True, help="the PNG to write (and .md table)")
     plot.add_argument("--title", default="", help="figure title")
+    plot.add_argument(
+        "--baseline", default=None, help="the variant the table measures the others against"
+    )
     diagnose = sub.add_parser(
         "diagnose", help="the first-order approximation on a run's data: ratios, gaps, cosines"
     )
@@ -309,7 +312,7 @@ def _run_tool(args: argparse.Namespace) -> None:
     elif args.command == "plot":
         from async_rl.app.plots import plot
 
-        figure, table = plot(args.runs, args.out, args.title)
+        figure, table = plot(args.runs, args.out, args.title, args.baseline)
         print(f"wrote {figure} and {table}")
         print(table.read_text(), end="")
     elif args.command == "buffer":

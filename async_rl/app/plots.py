@@ -5,9 +5,13 @@ scale) against global steps; one line per variant, the mean over its seeds with 
 The per-step panels (all but accuracy) are moving averages over `SMOOTH` of the steps (at least
 one step), as per-step values of a small batch are too noisy to compare.
 A run's variant is the `variant` in its `variant.json` (written by `async-rl sweep`), else its
-run name. The table gives, per variant, peak held-out accuracy, the step of collapse
-(`collapse_step`: the reward, averaged over 5% of the run, falls below half its peak for good,
-and held-out accuracy falls below half its best; "-" if not), the last held-out accuracy, the final
+run name. The table gives, per variant, peak held-out accuracy; the last held-out accuracy (mean
+and standard deviation over seeds) and, with a `baseline` variant, how far it lies from the
+baseline's in noise widths: the difference of the seed means over its standard error,
+sqrt(sd^2 / n + sd_baseline^2 / n_baseline) (with three seeds each, beyond about 2.8 is
+unlikely to be noise); the seeds that collapsed (`collapse_step` on each seed's own curves: the
+reward, averaged over 5% of the run, falls below half its peak for good, and held-out accuracy
+falls below half its best) and the step of collapse of the seed mean ("-" if none); the final
 train-inference KL (k3, the mean of the last `FINAL_STEPS` steps, then over seeds), its mean
 over the whole run, and the mean routing agreement between the actors' traces and the
 learner's proximal pass.
@@ -143,45 +147,73 @@ def _collapse(reward, acc) -> int | None:
     return collapse_step(reward[0], reward[1].mean(0), accuracy)
 
 
-def summarize(groups: dict[str, list[dict]]) -> list[dict]:
+def summarize(groups: dict[str, list[dict]], baseline: str | None = None) -> list[dict]:
+    """One row per variant (module docstring); `baseline` names the variant others are
+    compared with."""
+    if baseline is not None and baseline not in groups:
+        raise ValueError(f"baseline {baseline!r} is not one of the variants {sorted(groups)}")
     rows = []
     for variant, runs in groups.items():
         acc = _aligned(runs, "eval/accuracy")
         reward = _aligned(runs, "rollout/reward_mean")
         kl = _aligned(runs, "learner/train_infer_kl_k3")
         agree = _aligned(runs, "learner/routing_agreement")
+        final = acc[1][:, -1] if acc else np.array([math.nan])
         rows.append(
             {
                 "variant": variant,
                 "seeds": len(runs),
                 "peak_accuracy": float(acc[1].max(axis=1).mean()) if acc else math.nan,
-                "final_accuracy": float(acc[1][:, -1].mean()) if acc else math.nan,
+                "final_accuracy": float(final.mean()),
+                "final_sd": float(final.std(ddof=1)) if len(final) > 1 else math.nan,
                 "collapse_step": _collapse(reward, acc),
+                "collapsed": sum(_collapse(*_curves(r)) is not None for r in runs),
                 "final_kl": float(kl[1][:, -FINAL_STEPS:].mean()) if kl else math.nan,
                 "mean_kl": float(kl[1].mean()) if kl else math.nan,
                 "agreement": float(agree[1].mean()) if agree else math.nan,
             }
         )
+    base = next((r for r in rows if r["variant"] == baseline), None)
+    for r in rows:
+        r["separation"] = None if base is None or r is base else _separation(r, base)
     return rows
+
+
+def _curves(run: dict):
+    """One run's reward and held-out accuracy, as `_aligned` gives them."""
+    return _aligned([run], "rollout/reward_mean"), _aligned([run], "eval/accuracy")
+
+
+def _separation(row: dict, base: dict) -> float | None:
+    """The difference of final accuracy from the baseline's, in standard errors."""
+    se = math.sqrt(row["final_sd"] ** 2 / row["seeds"] + base["final_sd"] ** 2 / base["seeds"])
+    if not se > 0:  # one seed (no spread known), or none at all
+        return None
+    return (row["final_accuracy"] - base["final_accuracy"]) / se
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| variant | seeds | peak held-out accuracy | final held-out accuracy | collapse step "
+        "| variant | seeds | peak held-out accuracy | final held-out accuracy (sd) "
+        "| vs baseline (noise widths) | collapsed seeds (step) "
         "| final train-infer KL (k3) | mean train-infer KL (k3) | routing agreement |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         collapse = "-" if r["collapse_step"] is None else str(r["collapse_step"])
+        sd = "" if math.isnan(r["final_sd"]) else f" ({r['final_sd']:.3f})"
+        sep = "-" if r["separation"] is None else f"{r['separation']:+.1f}"
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {r['peak_accuracy']:.3f} "
-            f"| {r['final_accuracy']:.3f} | {collapse} "
+            f"| {r['final_accuracy']:.3f}{sd} | {sep} | {r['collapsed']} ({collapse}) "
             f"| {r['final_kl']:.2e} | {r['mean_kl']:.2e} | {r['agreement']:.4f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot(paths: list[Path], out: Path, title: str = "") -> tuple[Path, Path]:
+def plot(
+    paths: list[Path], out: Path, title: str = "", baseline: str | None = None
+) -> tuple[Path, Path]:
     """Write `out` (PNG) and `out` with a `.md` suffix (the table); return both paths."""
     import matplotlib
 
@@ -191,6 +223,7 @@ def plot(paths: list[Path], out: Path, title: str = "") -> tuple[Path, Path]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for run_dir in find_runs([Path(p) for p in paths]):
         groups[variant_of(run_dir)].append(read_run(run_dir))
+    rows = summarize(groups, baseline)  # before drawing: a wrong baseline is an error
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
     for ax, (key, label, log, smoothed) in zip(axes, PANELS, strict=True):
         for variant, runs in groups.items():
@@ -221,5 +254,5 @@ def plot(paths: list[Path], out: Path, title: str = "") -> tuple[Path, Path]:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     table = out.with_suffix(".md")
-    table.write_text(markdown_table(summarize(groups)))
+    table.write_text(markdown_table(rows))
     return out, table
