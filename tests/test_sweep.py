@@ -50,7 +50,7 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
         ("staleness", "staleness", 4, 2),
         ("stress", "stress", 6, 2),
         ("cot_onpolicy", "cot", 5, 3),
-        ("cot_offpolicy", "cot", 6, 3),
+        ("cot_offpolicy", "cot", 10, 3),
         ("cot_staleness", "cot", 4, 3),
     ],
 )
