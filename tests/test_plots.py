@@ -87,12 +87,21 @@ CURVES = Path(__file__).resolve().parent / "data" / "reward_curves.json"
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("healthy_default_1000", None), ("healthy_300", None), ("collapsed_lr1e-3", 23)],
+    [
+        ("healthy_default_1000", None),
+        ("healthy_300", None),
+        ("collapsed_lr1e-3", 23),
+        ("cot_on_minirl_s1", None),
+        ("cot_off_clip_s0", None),
+        ("cot_off_noclip_s0", 8),
+    ],
 )
 def test_the_collapse_rule_on_recorded_runs(name, expected):
     """Curves of this project's own runs (their commands in the file): two healthy runs, one
     of which the old rule (a 5-step average below half its peak) called collapsed at step 221,
-    and a run at lr 1e-3 whose held-out accuracy fell from 0.33 to 0.07."""
+    and a run at lr 1e-3 whose held-out accuracy fell from 0.33 to 0.07; on the long task, a
+    healthy on-policy run, an off-policy run that lost a third of its accuracy without
+    collapsing, and the same without clipping, which collapsed within ten steps."""
     import numpy as np
 
     curve = json.loads(CURVES.read_text())[name]
