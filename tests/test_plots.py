@@ -36,6 +36,8 @@ def test_plot_writes_a_png_and_a_table(tmp_path, capsys):
     write_run(tmp_path / "sweep" / "a-s1", "stable", [r + 0.01 for r in stable])
     write_run(tmp_path / "sweep" / "b-s0", "collapse", collapsing, kl=1e-2)
     write_run(tmp_path / "sweep" / "b-s1", "collapse", [r + 0.03 for r in collapsing], kl=1e-2)
+    write_run(tmp_path / "sweep" / "c-s0", "mixed", stable)
+    write_run(tmp_path / "sweep" / "c-s1", "mixed", collapsing)
     out = tmp_path / "fig" / "offpolicy.png"
     cmd = ["plot", str(tmp_path / "sweep"), "--out", str(out), "--title", "t"]
     assert main([*cmd, "--baseline", "stable"]) == 0
@@ -50,6 +52,9 @@ def test_plot_writes_a_png_and_a_table(tmp_path, capsys):
     # accuracies 0.05 and 0.08: 0.065 (sd 0.0212), (0.065 - 0.585) / sqrt(0.0212^2/2 +
     # 0.00707^2/2) = -32.9 noise widths
     assert "| collapse | 2 | 0.665 | 0.065 (0.021) | -32.9 | 2 (14) |" in table
+    # one seed of two collapses, at step 14: the step is its own, not the seed mean's (which
+    # does not fall below half its peak)
+    assert "| mixed | 2 |" in table and "| 1 (14) |" in table
     assert "1.55e-01" in table  # final KL of the collapsing runs: mean of 1e-2 * (11..20)
     capsys.readouterr()
     assert main([*cmd, "--baseline", "nope"]) != 0

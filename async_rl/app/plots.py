@@ -11,7 +11,7 @@ baseline's in noise widths: the difference of the seed means over its standard e
 sqrt(sd^2 / n + sd_baseline^2 / n_baseline) (with three seeds each, beyond about 2.8 is
 unlikely to be noise); the seeds that collapsed (`collapse_step` on each seed's own curves: the
 reward, averaged over 5% of the run, falls below half its peak for good, and held-out accuracy
-falls below half its best) and the step of collapse of the seed mean ("-" if none); the final
+falls below half its best) and the median step at which they collapsed ("-" if none); the final
 train-inference KL (k3, the mean of the last `FINAL_STEPS` steps, then over seeds), its mean
 over the whole run, and the mean routing agreement between the actors' traces and the
 learner's proximal pass.
@@ -140,7 +140,7 @@ def collapse_step(
 
 
 def _collapse(reward, acc) -> int | None:
-    """The collapse step of a variant's seed-mean reward and held-out accuracy."""
+    """The collapse step of one run's reward and held-out accuracy (as `_curves` gives them)."""
     if reward is None:
         return None
     accuracy = (acc[0], acc[1].mean(0)) if acc else None
@@ -154,8 +154,8 @@ def summarize(groups: dict[str, list[dict]], baseline: str | None = None) -> lis
         raise ValueError(f"baseline {baseline!r} is not one of the variants {sorted(groups)}")
     rows = []
     for variant, runs in groups.items():
+        collapses = [s for s in (_collapse(*_curves(r)) for r in runs) if s is not None]
         acc = _aligned(runs, "eval/accuracy")
-        reward = _aligned(runs, "rollout/reward_mean")
         kl = _aligned(runs, "learner/train_infer_kl_k3")
         agree = _aligned(runs, "learner/routing_agreement")
         final = acc[1][:, -1] if acc else np.array([math.nan])
@@ -166,8 +166,8 @@ def summarize(groups: dict[str, list[dict]], baseline: str | None = None) -> lis
                 "peak_accuracy": float(acc[1].max(axis=1).mean()) if acc else math.nan,
                 "final_accuracy": float(final.mean()),
                 "final_sd": float(final.std(ddof=1)) if len(final) > 1 else math.nan,
-                "collapse_step": _collapse(reward, acc),
-                "collapsed": sum(_collapse(*_curves(r)) is not None for r in runs),
+                "collapse_step": int(np.median(collapses)) if collapses else None,
+                "collapsed": len(collapses),
                 "final_kl": float(kl[1][:, -FINAL_STEPS:].mean()) if kl else math.nan,
                 "mean_kl": float(kl[1].mean()) if kl else math.nan,
                 "agreement": float(agree[1].mean()) if agree else math.nan,
