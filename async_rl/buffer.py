@@ -74,7 +74,7 @@ class ReplayBuffer:
         )
         self.rejected: Counter[str] = Counter()
         self.wait_for_leases = wait_for_leases
-        self.lease_wait_s, self.waiting_since = 0.0, None  # batches held for due leases
+        self.lease_wait_s, self.waiting_since = 0.0, None  # complete batches held for leases
 
     @classmethod
     def of_run(cls, cfg: Config, run_dir: Path) -> ReplayBuffer:
@@ -111,7 +111,8 @@ class ReplayBuffer:
         for groups still being generated (module docstring)."""
         now = time.monotonic() if now is None else now
         if self.wait_for_leases and version not in self.store.served_at and self._due(version, now):
-            if self.waiting_since is None:
+            # the clock runs only while a complete batch is held: what waiting costs the learner
+            if self.waiting_since is None and self.store.ready(version):
                 self.waiting_since = now
             return None
         table = self.store.sample(version)

@@ -408,6 +408,13 @@ class SegmentStore:
         self._prune()
         return table
 
+    def ready(self, version: int) -> bool:
+        """Whether `sample(version)` would serve a batch now (the fresh groups fill one)."""
+        if version in self.served_at:
+            return True
+        fresh = sum(version - g.policy_version <= self.max_staleness for g in self.live)
+        return fresh >= self.batch_groups
+
     def staleness(self, version: int) -> list[int]:
         """`version - policy_version` of each group served for `version`."""
         return [version - self.by_id[gid].policy_version for gid in self.served_at[version]]

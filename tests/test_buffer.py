@@ -361,6 +361,21 @@ def test_a_batch_waits_for_leased_groups_that_would_go_stale(tmp_path):
     assert metrics["buffer/lease_wait_s"] == 2.5  # held from 1.0 to 3.5
 
 
+def test_lease_wait_counts_only_a_complete_batch_held(tmp_path):
+    """A batch held while it could not be served anyway costs the learner nothing: the clock
+    does not run."""
+    buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2)
+    _, leases = buf.lease("a0", count=2, version=0, now=0.0)
+    (lease_a, _), (lease_b, _) = leases
+    buf.admission.set_published(1)
+    assert buf.sample(1, now=1.0) is None  # a and b are due, and nothing else is there
+    buf.append([(make_group("a", 0, seed=1), lease_a)])
+    assert buf.sample(1, now=2.0) is None  # one group of two
+    buf.append([(make_group("b", 0, seed=2), lease_b)])
+    assert served_ids(buf.sample(1, now=4.0)) == ["a", "b"]
+    assert buf.metrics()["buffer/lease_wait_s"] == 0.0
+
+
 def test_without_waiting_a_late_long_group_is_dropped(tmp_path):
     buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2, wait_for_leases=False)
     long_a, long_b = _long_and_short_leases(buf)
