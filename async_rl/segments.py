@@ -409,9 +409,7 @@ class SegmentStore:
         return table
 
     def ready(self, version: int) -> bool:
-        """Whether `sample(version)` would serve a batch now (the fresh groups fill one)."""
-        if version in self.served_at:
-            return True
+        """Whether `sample(version)` would serve a new batch now (the fresh groups fill one)."""
         fresh = sum(version - g.policy_version <= self.max_staleness for g in self.live)
         return fresh >= self.batch_groups
 
