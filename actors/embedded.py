@@ -12,11 +12,15 @@ interface):
   one forward, the cache row copied to each of the G samples), then runs one decode step for
   every running row. A row leaves the batch as soon as it samples eos or reaches its limit
   (`max_new_tokens`, or what is left of the context), so a step costs what the live rows cost.
+  Rows live in slots of preallocated tensors (KV cache, routing, sampling state): the running
+  rows are the first B slots, a new row is written into a free slot, and a finished row's slot
+  takes a row from the end, so neither moves the other rows' cache.
 - Sampling: each row draws from its own `torch.Generator`, seeded `params.seed + g` for sample
-  g, by inverse transform of one uniform per token: a row samples the same tokens whatever else
-  runs beside it. Behaviour log-probs are those of the distribution sampled from:
-  softmax(logits / T), restricted to the top-p nucleus and renormalised. Temperature 0 is
-  greedy (evaluation and tests); its log-probs are then those of softmax(logits).
+  g, by inverse transform of one uniform per token (drawn for all its tokens when it is
+  admitted): a row samples the same tokens whatever else runs beside it. Behaviour log-probs
+  are those of the distribution sampled from: softmax(logits / T), restricted to the top-p
+  nucleus and renormalised. Temperature 0 is greedy (evaluation and tests); its log-probs are
+  then those of softmax(logits).
 - In-flight weight updates: `load_weights` between two steps swaps the running rows' weights
   too; each token records the version that drew it. `kv_on_swap = "keep"` keeps the KV entries
   the old weights computed (PipelineRL's rule); `"recompute"` runs every running row's sequence
@@ -58,52 +62,48 @@ class _Row:
 
     request: GroupRequest
     sample: int  # g, within its group
-    generator: torch.Generator | None  # None: greedy
     limit: int  # most completion tokens
-    prompt_routing: np.ndarray  # [P, L, K]
+    uniforms: torch.Tensor  # [limit]: token i is drawn with uniforms[i] (zeros when greedy)
+    routing: np.ndarray  # [P, L, K] while running; [P + C - 1, L, K] once finished
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
-    routing: list[torch.Tensor] = field(default_factory=list)  # [L, K] per decode input
     logits: list[torch.Tensor] | None = None  # [V] per token, when kept
     finish_reason: str | None = None
 
     def generation(self) -> Generation:
-        decode = [r.numpy() for r in self.routing]
-        routing = np.concatenate([self.prompt_routing, *(r[None] for r in decode)])
         return Generation(
             tokens=self.tokens,
             logprobs=self.logprobs,
             versions=self.versions,
-            routing=routing.astype(self.prompt_routing.dtype),
+            routing=self.routing,
             finish_reason=self.finish_reason,
         )
 
 
 def sample_rows(
-    logits_BV: torch.Tensor, rows: list[_Row]
-) -> tuple[list[int], list[float], torch.Tensor]:
-    """A token of each row from its own stream: ids, log-probs, and the distributions `[B, V]`."""
-    params = [row.request.params for row in rows]
-    temps = torch.tensor([p.temperature or 1.0 for p in params])[:, None]
-    logp_BV = torch.log_softmax(logits_BV / temps.to(logits_BV.device), dim=-1)
-    top_p = torch.tensor([p.top_p for p in params])[:, None].to(logits_BV.device)
-    if (top_p < 1).any():
+    logits_BV: torch.Tensor,
+    temperature_B: torch.Tensor,
+    top_p_B: torch.Tensor,
+    uniform_B: torch.Tensor,
+) -> tuple[list[int], list[float]]:
+    """Each row's next token, drawn with its own uniform: ids and log-probs."""
+    greedy_B = temperature_B == 0
+    temps_B1 = torch.where(greedy_B, 1.0, temperature_B)[:, None]
+    logp_BV = torch.log_softmax(logits_BV / temps_B1, dim=-1)
+    top_p_B1 = top_p_B[:, None]
+    if (top_p_B1 < 1).any():
         # The nucleus: the most likely tokens until their mass reaches top_p (at least one).
         sorted_BV, order_BV = logp_BV.sort(dim=-1, descending=True)
         probs_BV = sorted_BV.exp()
-        outside = ((probs_BV.cumsum(-1) - probs_BV) >= top_p) & (top_p < 1)
+        outside = ((probs_BV.cumsum(-1) - probs_BV) >= top_p_B1) & (top_p_B1 < 1)
         logp_BV = logp_BV.masked_fill(outside.scatter(-1, order_BV, outside), float("-inf"))
         logp_BV = torch.log_softmax(logp_BV, dim=-1)
     cdf_BV = logp_BV.exp().cumsum(-1)
-    uniform_B = torch.tensor(
-        [0.0 if r.generator is None else torch.rand((), generator=r.generator).item() for r in rows]
-    ).to(logits_BV.device)
     sampled_B = torch.searchsorted(cdf_BV, (uniform_B * cdf_BV[:, -1])[:, None], right=True)
     sampled_B = sampled_B[:, 0].clamp(max=logits_BV.shape[-1] - 1)
-    greedy = torch.tensor([p.temperature == 0 for p in params], device=logits_BV.device)
-    ids_B = torch.where(greedy, logp_BV.argmax(-1), sampled_B)
-    return ids_B.tolist(), logp_BV.gather(-1, ids_B[:, None])[:, 0].tolist(), logp_BV
+    ids_B = torch.where(greedy_B, logp_BV.argmax(-1), sampled_B)
+    return ids_B.tolist(), logp_BV.gather(-1, ids_B[:, None])[:, 0].tolist()
 
 
 def check_request(request: GroupRequest, spec: ModelSpec) -> None:
@@ -156,10 +156,12 @@ class EmbeddedEngine:
         self.version = 0
         self.model: Model | None = None
         self.waiting: deque[GroupRequest] = deque()
-        self.rows: list[_Row] = []  # the running rows, in the order of the batch tensors below
-        self.cache: Cache | None = None  # [B, J, S, Dh] per layer
-        self.lengths_B = torch.zeros(0, dtype=torch.long)  # positions cached per row
-        self.next_B = torch.zeros(0, dtype=torch.long)  # each row's last token: the next input
+        # Running row b lives in slot b of the KV cache and of `slots`: slots 0..B-1 are the
+        # batch, the rest are room to admit rows into without copying (the capacity C grows
+        # up to max_running_rows). A finished row's slot is filled by a row from the end.
+        self.rows: list[_Row] = []
+        self.cache: Cache = []  # [C, J, S, Dh] per layer
+        self.slots: dict[str, torch.Tensor] = {}  # `_new_slots`
         self.finished: dict[str, list[Generation | None]] = {}  # groups not complete yet
         self.keep_logits = False  # rows admitted meanwhile keep their logits (tests, benchmarks)
         self.kept_logits: dict[str, list[torch.Tensor | None]] = {}
@@ -195,7 +197,9 @@ class EmbeddedEngine:
             self.model, self.version = model, version
             if self.rows and self.kv_on_swap == "recompute":
                 sequences = [r.request.prompt + r.tokens[:-1] for r in self.rows]
-                _, self.cache, _ = self._prefill(model, sequences)
+                _, cache, _ = self._prefill(model, sequences)
+                for (k, v), (k_new, v_new) in zip(self.cache, cache, strict=True):
+                    k[: len(self.rows)], v[: len(self.rows)] = k_new, v_new
 
     def close(self) -> None:
         self.model = None
@@ -278,6 +282,24 @@ class EmbeddedEngine:
         last_PD = hidden_PTD[torch.arange(len(sequences)), lengths_P - 1]
         return model.logits(last_PD), cache, routing_PTLK
 
+    def _new_slots(self, capacity: int) -> dict[str, torch.Tensor]:
+        """Per running row: its experts at every position, the uniform that draws the token at
+        every position, its sampling parameters, positions cached, and its next input."""
+        spec, device = self._model().spec, self.device
+        positions = (capacity, spec.max_positions)
+        return {
+            "routing": torch.zeros(
+                (*positions, spec.num_layers, spec.top_k),
+                dtype=spec.routing.torch_dtype,
+                device=device,
+            ),
+            "uniform": torch.zeros(positions, device=device),
+            "temperature": torch.zeros(capacity, device=device),
+            "top_p": torch.zeros(capacity, device=device),
+            "length": torch.zeros(capacity, dtype=torch.long, device=device),
+            "next": torch.zeros(capacity, dtype=torch.long, device=device),
+        }
+
     def _admit(self, done: list[_Row]) -> None:
         """Queued groups that fit join the running rows; each row samples its first token."""
         admitted, free = [], self.max_running_rows - len(self.rows)
@@ -295,66 +317,120 @@ class EmbeddedEngine:
                 rows.append(self._new_row(request, g, routing[i, : len(request.prompt)]))
                 source.append(i)
         source_B = torch.tensor(source, device=self.device)
-        keep = self._take(rows, logits_PV[source_B], done)
+        params = [row.request.params for row in rows]
+        temperature_B = torch.tensor([p.temperature for p in params], device=self.device)
+        top_p_B = torch.tensor([p.top_p for p in params], device=self.device)
+        uniform_B = torch.stack([row.uniforms[0] for row in rows]).to(self.device)
+        logits_BV = logits_PV[source_B]
+        keep = self._take(rows, logits_BV, temperature_B, top_p_B, uniform_B, done)
+        if not keep:
+            return
+        first, last = len(self.rows), len(self.rows) + len(keep)
+        self._reserve(last)
         index = source_B[keep]
-        new_cache = [(k[index], v[index]) for k, v in cache]
-        self.cache = (
-            new_cache
-            if self.cache is None
-            else [
-                (torch.cat([k0, k1]), torch.cat([v0, v1]))
-                for (k0, v0), (k1, v1) in zip(self.cache, new_cache, strict=True)
-            ]
-        )
-        lengths = torch.tensor([len(rows[b].request.prompt) for b in keep], dtype=torch.long)
-        self.lengths_B = torch.cat([self.lengths_B, lengths.to(self.device)])
-        nexts = torch.tensor([rows[b].tokens[-1] for b in keep], dtype=torch.long)
-        self.next_B = torch.cat([self.next_B, nexts.to(self.device)])
+        for (k, v), (k_new, v_new) in zip(self.cache, cache, strict=True):
+            k[first:last], v[first:last] = k_new[index], v_new[index]
+        slots = self.slots
+        slots["routing"][first:last, : routing_PTLK.shape[1]] = routing_PTLK[index]
+        for slot, b in enumerate(keep, start=first):
+            row = rows[b]
+            prompt = len(row.request.prompt)
+            slots["uniform"][slot, prompt : prompt + row.limit] = row.uniforms
+            slots["length"][slot] = prompt
+            slots["next"][slot] = row.tokens[-1]
+        slots["temperature"][first:last] = temperature_B[keep]
+        slots["top_p"][first:last] = top_p_B[keep]
         self.rows += [rows[b] for b in keep]
 
+    def _reserve(self, rows: int) -> None:
+        """Slots for at least `rows` running rows (doubling, up to `max_running_rows`)."""
+        capacity = len(self.slots["length"]) if self.slots else 0
+        if rows <= capacity:
+            return
+        capacity = min(self.max_running_rows, max(rows, 2 * capacity))
+        n = len(self.rows)
+        cache, slots = self._model().new_cache(capacity), self._new_slots(capacity)
+        if n:
+            for (k, v), (k_old, v_old) in zip(cache, self.cache, strict=True):
+                k[:n], v[:n] = k_old[:n], v_old[:n]
+            for name, t in slots.items():
+                t[:n] = self.slots[name][:n]
+        self.cache, self.slots = cache, slots
+
     def _new_row(self, request: GroupRequest, g: int, prompt_routing: np.ndarray) -> _Row:
+        """Sample g of `request`; its uniforms come from its own stream, seeded `seed + g`."""
         params = request.params
-        generator = None
+        limit = min(params.max_new_tokens, self._model().spec.max_positions - len(request.prompt))
         if params.temperature > 0:
             generator = torch.Generator()
             if params.seed is None:
                 generator.seed()
             else:
                 generator.manual_seed(params.seed + g)
-        room = self._model().spec.max_positions - len(request.prompt)
+            uniforms = torch.rand(limit, generator=generator)  # = one draw per token
+        else:
+            uniforms = torch.zeros(limit)
         return _Row(
             request=request,
             sample=g,
-            generator=generator,
-            limit=min(params.max_new_tokens, room),
-            prompt_routing=prompt_routing,
+            limit=limit,
+            uniforms=uniforms,
+            routing=prompt_routing,
             logits=[] if self.keep_logits else None,
         )
 
     def _decode(self, done: list[_Row]) -> None:
         """One token for every running row; the rows that finished leave the batch."""
-        model = self._model()
-        hidden_B1D, routing_B1LK = model.forward(
-            self.next_B[:, None], self.lengths_B[:, None], self.cache
+        model, n, slots = self._model(), len(self.rows), self.slots
+        batch = [(k[:n], v[:n]) for k, v in self.cache]
+        length_B, slots_B = slots["length"][:n], torch.arange(n, device=self.device)
+        hidden_B1D, routing_B1LK = model.forward(slots["next"][:n, None], length_B[:, None], batch)
+        slots["routing"][slots_B, length_B] = routing_B1LK[:, 0].to(slots["routing"].dtype)
+        length_B += 1
+        finished = len(done)
+        keep = self._take(
+            self.rows,
+            model.logits(hidden_B1D[:, 0]),
+            slots["temperature"][:n],
+            slots["top_p"][:n],
+            slots["uniform"][slots_B, length_B],
+            done,
         )
-        routing_BLK = routing_B1LK[:, 0].cpu()
-        for row, routing_LK in zip(self.rows, routing_BLK, strict=True):
-            row.routing.append(routing_LK)
-        self.lengths_B = self.lengths_B + 1
-        keep = self._take(self.rows, model.logits(hidden_B1D[:, 0]), done)
-        if len(keep) < len(self.rows):
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            self.cache = [(k[index], v[index]) for k, v in self.cache]
-            self.lengths_B, self.next_B = self.lengths_B[index], self.next_B[index]
-            self.rows = [self.rows[b] for b in keep]
-        if self.rows:
-            self.next_B = torch.tensor([r.tokens[-1] for r in self.rows], device=self.device)
-        else:
-            self.cache = None
+        if len(keep) < n:
+            gone = [b for b, row in enumerate(self.rows) if row.finish_reason is not None]
+            for b, row in zip(gone, done[finished:], strict=True):
+                span = len(row.request.prompt) + len(row.tokens) - 1
+                row.routing = slots["routing"][b, :span].cpu().numpy().astype(row.routing.dtype)
+            self._compact(keep)
 
-    def _take(self, rows: list[_Row], logits_BV: torch.Tensor, done: list[_Row]) -> list[int]:
-        """Sample each row's next token; finished rows go to `done`; the others' indices."""
-        ids, logprobs, _ = sample_rows(logits_BV, rows)
+    def _compact(self, keep: list[int]) -> None:
+        """Only the rows `keep` (ascending) go on: each finished row's slot below the new batch
+        size takes a row from above it (moving a few slots, not the whole cache)."""
+        kept = set(keep)
+        holes = [b for b in range(len(keep)) if b not in kept]
+        movers = [b for b in keep if b >= len(keep)]
+        order = list(range(len(keep)))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if holes:
+            to = torch.tensor(holes, device=self.device)
+            src = torch.tensor(movers, device=self.device)
+            for t in [*(t for kv in self.cache for t in kv), *self.slots.values()]:
+                t[to] = t[src]
+        self.rows = [self.rows[b] for b in order]
+
+    def _take(
+        self,
+        rows: list[_Row],
+        logits_BV: torch.Tensor,
+        temperature_B: torch.Tensor,
+        top_p_B: torch.Tensor,
+        uniform_B: torch.Tensor,
+        done: list[_Row],
+    ) -> list[int]:
+        """Sample each row's next token; finished rows go to `done`; the others' indices (their
+        tokens are the next inputs)."""
+        ids, logprobs = sample_rows(logits_BV, temperature_B, top_p_B, uniform_B)
         eos = set(self._model().spec.eos_ids)
         keep = []
         for b, (row, token, logprob) in enumerate(zip(rows, ids, logprobs, strict=True)):
@@ -371,6 +447,8 @@ class EmbeddedEngine:
                 keep.append(b)
             else:
                 done.append(row)
+        if rows is self.rows:
+            self.slots["next"][: len(rows)] = torch.tensor(ids, device=self.device)
         return keep
 
     def _model(self) -> Model:

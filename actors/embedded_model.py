@@ -1,9 +1,9 @@
 """The embedded engine's model: Qwen3-MoE in plain PyTorch, FP8 W8A8 emulation, a KV cache.
 
 Shape legend: B = rows, T = positions in this forward, S = cache positions, D = hidden size,
-V = vocabulary, H = query heads, J = key/value heads, Dh = head size, E = experts, K = experts
-per token, F = expert hidden size, L = MoE layers, N = tokens in this forward (B * T),
-R = routed (token, expert) pairs (N * K).
+V = vocabulary, H = query heads, J = key/value heads, A = query and key heads (H + J),
+Dh = head size, E = experts, K = experts per token, F = expert hidden size, L = MoE layers,
+N = tokens in this forward (B * T), R = routed (token, expert) pairs (N * K).
 
 The model is Hugging Face's `Qwen3MoeForCausalLM`, read from the checkpoint directory the
 learner exports (config.json, read by `async_rl.hf_config`, and safetensors with per-expert
@@ -35,6 +35,7 @@ untied lm_head.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,10 +85,22 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
+@functools.cache
+def _e4m3_values(device: torch.device) -> torch.Tensor:
+    """The float32 value of each of the 256 e4m3 bit patterns."""
+    return torch.arange(256, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn).float()
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 values times their scales, in float32. A table lookup: exactly `q.float()`, which
+    converts element by element on CPU (3x slower here, a fifth of a decode step)."""
+    values = _e4m3_values(q.device).index_select(0, q.view(torch.uint8).flatten().int())
+    return values.view(q.shape) * scale
+
+
 def fake_quant_rows(x_ND: torch.Tensor) -> torch.Tensor:
     """Per-token dynamic e4m3 quantization of activations, returned dequantized (fp32)."""
-    q, scale = quantize_fp8(x_ND)
-    return q.float() * scale
+    return dequantize_fp8(*quantize_fp8(x_ND))
 
 
 class Weight:
@@ -101,7 +114,7 @@ class Weight:
         self.fp8 = quantization == "fp8"
         if self.fp8:
             self.data, self.scale = quantize_fp8(weight.to(device))
-            self.matrix = self.data.float() * self.scale
+            self.matrix = dequantize_fp8(self.data, self.scale)
         else:
             self.data, self.scale = weight.to(device, DTYPES[quantization]), None
             self.matrix = self.data
@@ -113,10 +126,14 @@ def linear(x: torch.Tensor, w: Weight, index: int | None = None) -> torch.Tensor
     return F.linear(fake_quant_rows(x) if w.fp8 else x, matrix)
 
 
+def grouped_linear(x_RI: torch.Tensor, w: Weight, ends_E: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by expert (expert e's rows end at `ends_E[e]`) times their expert's W^T."""
+    return torch._grouped_mm(x_RI, w.matrix.transpose(-2, -1), offs=ends_E)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's Qwen3 RMSNorm: normalise in fp32, cast back, scale."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def rotate(x_BHTD: torch.Tensor, cos_B1TD: torch.Tensor, sin_B1TD: torch.Tensor) -> torch.Tensor:
@@ -132,8 +149,9 @@ class Layer:
     ffn_norm: torch.Tensor  # [D]
     qkv: Weight  # [(H + 2J) Dh, D], q, k and v stacked (per-channel scales are unaffected)
     o: Weight  # [D, H Dh]
-    q_norm: torch.Tensor  # [Dh]
-    k_norm: torch.Tensor  # [Dh]
+    qk_norm: (
+        torch.Tensor
+    )  # [H + J, Dh], q_norm's weight for each query head, k_norm's for each key head
     gate: torch.Tensor  # [E, D] router, never quantized
     gate_up: Weight  # [E, 2F, D], gate_proj and up_proj stacked
     down: Weight  # [E, D, F]
@@ -175,8 +193,12 @@ class Model:
                     ffn_norm=hp(p + "post_attention_layernorm.weight"),
                     qkv=Weight(qkv, quantization, device),
                     o=Weight(t[p + "self_attn.o_proj.weight"], quantization, device),
-                    q_norm=hp(p + "self_attn.q_norm.weight"),
-                    k_norm=hp(p + "self_attn.k_norm.weight"),
+                    qk_norm=torch.cat(
+                        [
+                            hp(p + "self_attn.q_norm.weight").expand(spec.num_heads, -1),
+                            hp(p + "self_attn.k_norm.weight").expand(spec.num_kv_heads, -1),
+                        ]
+                    ),
                     gate=hp(p + "mlp.gate.weight"),
                     gate_up=Weight(gate_up, quantization, device),
                     down=Weight(down, quantization, device),
@@ -229,15 +251,17 @@ class Model:
         B, T, _ = h_BTD.shape
         rows_BT, positions_BT, width = where
         q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        q, k, v = linear(h_BTD, layer.qkv).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q_BHTD = rms_norm(q.view(B, T, -1, s.head_dim), layer.q_norm, s.norm_eps).transpose(1, 2)
-        k_BJTD = rms_norm(k.view(B, T, -1, s.head_dim), layer.k_norm, s.norm_eps).transpose(1, 2)
+        qk, v = linear(h_BTD, layer.qkv).split([q_dim + kv_dim, kv_dim], dim=-1)
+        # the query and key heads normalised and rotated together
+        qk_BTAD = rms_norm(qk.view(B, T, -1, s.head_dim), layer.qk_norm, s.norm_eps)
+        qk_BATD = rotate(qk_BTAD.transpose(1, 2), cos, sin)
+        q_BHTD, k_BJTD = qk_BATD.split([s.num_heads, s.num_kv_heads], dim=1)
         keys, values = kv_cache
         # advanced indices around a slice: the indexed view is [B, T, J, Dh]
-        keys[rows_BT, :, positions_BT] = rotate(k_BJTD, cos, sin).transpose(1, 2)
+        keys[rows_BT, :, positions_BT] = k_BJTD.transpose(1, 2)
         values[rows_BT, :, positions_BT] = v.view(B, T, -1, s.head_dim)
         out_BHTD = F.scaled_dot_product_attention(
-            rotate(q_BHTD, cos, sin),
+            q_BHTD,
             keys[:, :, :width],
             values[:, :, :width],
             attn_mask=mask_B1TS,
@@ -256,24 +280,14 @@ class Model:
         flat_R = ids_NK.reshape(-1)
         order_R = flat_R.argsort(stable=True)
         token_R = order_R // s.top_k
-        counts = torch.bincount(flat_R, minlength=s.num_experts).tolist()
+        ends_E = torch.bincount(flat_R, minlength=s.num_experts).cumsum(0).to(torch.int32)
         # Per-token activation scales do not depend on the expert: quantize the input once.
         x_in = fake_quant_rows(x_ND) if layer.gate_up.fp8 else x_ND
         x_RD = x_in.index_select(0, token_R)
-        h_RF = x_RD.new_empty(len(token_R), s.moe_hidden_dim)
-        y_RD = x_RD.new_empty(len(token_R), s.dim)
-        spans = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                spans.append((e, start, start + n))
-                start += n
-        for e, a, b in spans:
-            gate_RF, up_RF = F.linear(x_RD[a:b], layer.gate_up.matrix[e]).chunk(2, dim=-1)
-            h_RF[a:b] = F.silu(gate_RF) * up_RF
+        gate_RF, up_RF = grouped_linear(x_RD, layer.gate_up, ends_E).chunk(2, dim=-1)
+        h_RF = F.silu(gate_RF) * up_RF
         if layer.down.fp8:
             h_RF = fake_quant_rows(h_RF)
-        for e, a, b in spans:
-            y_RD[a:b] = F.linear(h_RF[a:b], layer.down.matrix[e])
+        y_RD = grouped_linear(h_RF, layer.down, ends_E)
         y_RD = y_RD * weights_NK.reshape(-1)[order_R, None].to(y_RD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_R, y_RD), ids_NK
