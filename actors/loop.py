@@ -202,10 +202,16 @@ class Actor:
         start = time.monotonic()
         known = self._newest_known()
         self.pending_version = max(self.pending_version, known or 0)
+        if known is not None:  # a new version: the buffer already admits more (learner.run)
+            self._next_lease = 0.0
         busy = self.engine.num_running + self.engine.num_waiting > 0
         in_flight = self.cfg.actor.weight_update == "in_flight"
         if self.pending_version > self.engine.version and (in_flight or not busy):
-            self._load(self.pending_version)
+            # a lease may name a version this actor's store does not hold yet (the buffer hears
+            # of it first; the collective path may still be delivering it)
+            ready = min(self.pending_version, self.store.latest() or 0)
+            if ready > self.engine.version:
+                self._load(ready)
         self.stats.weights_s += time.monotonic() - start
         if self.pending_version <= self.engine.version:  # else: the running rows finish first
             self._admit(busy)

@@ -266,12 +266,12 @@ class Learner:
         return {"rollout/tokens_per_s": (tokens - last[1]) / (now - last[0])}
 
     def publish(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]):
-        """On the publish thread: the store writes the version (manifest last), the
-        announcement goes out, the buffer learns it (admission), old versions are collected.
+        """On the publish thread: the store writes the version (manifest last), the buffer
+        learns it (admission), the announcement goes out, old versions are collected.
         A checkpoint's version is durable (the collective path's late joiners start there)."""
         self.store.publish(version, hf_state, durable=self.checkpoints_at(version))
+        self.publish_source.publish(version)  # first: an actor told of it may lease at once
         self.announcer.announce(version)
-        self.publish_source.publish(version)
         self.store.collect(in_use)
 
     def train_one(self) -> dict | None:
