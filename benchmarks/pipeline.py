@@ -14,6 +14,14 @@ global steps from the same starting checkpoint, at each staleness K:
 With `--staleness 0` and `--modes static` this is the synchronous loop (generate a batch, train
 on it, publish, repeat) against which `--staleness 1` measures asynchrony.
 
+First, the actor's engine alone (`actor.*` of the config, one thread, nothing else running):
+`--engine-batches` global batches of training prompts, generated as static batches (each waits
+for its longest row) and continuously (the next batch's groups join as rows free up, up to
+`actor.max_running_rows`): completion tokens/s, and each batch's latency from its first group's
+submission to its last group's end. In the runs below a global step cannot start before its
+batch is complete, and at staleness K the actors may have at most K + 1 batches out: when a
+batch's latency exceeds K learner steps, the loop waits on it whatever the engine's tokens/s.
+
 Printed per run, in the steady state (from the end of the first step to the end of the last, by
 the wall-clock `time` of the metric rows): the loop time, completion tokens generated (accepted
 by the buffer) and trained per second, the mean length of the trained completions (a continuous
@@ -31,6 +39,8 @@ import os
 import statistics
 import sys
 import tempfile
+import time
+from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,10 +48,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from actors.engine import GroupRequest, SamplingParams, build_engine  # noqa: E402
 from async_rl.app.driver import train  # noqa: E402
 from async_rl.config import load_config  # noqa: E402
 from async_rl.metrics import read_rows  # noqa: E402
 from async_rl.segments import inspect  # noqa: E402
+from async_rl.tasks import task_from_config  # noqa: E402
+from async_rl.tokenizer import load_tokenizer  # noqa: E402
 
 MODES = {
     "static": ["actor.batching=static", "actor.weight_update=between_groups"],
@@ -90,6 +103,51 @@ def run(args, mode: str, k: int, start: Path, out: Path, rep: int) -> dict:
     }
 
 
+def engine_alone(args, start: Path) -> list[dict]:
+    """Static batches vs continuous batching in the engine alone (module docstring)."""
+    import torch
+
+    cfg = load_config(args.config, args.overrides)
+    torch.set_num_threads(cfg.run.num_threads)
+    engine = build_engine(cfg.actor, start)
+    task, tokenizer = task_from_config(cfg), load_tokenizer(cfg.model.tokenizer)
+    per_batch, g = cfg.algo.prompts_per_minibatch * cfg.algo.num_minibatches, cfg.algo.group_size
+    batches, max_rows = args.engine_batches, cfg.actor.max_running_rows
+
+    def request(i: int) -> GroupRequest:
+        prompt = tokenizer.encode_prompt(task.train_problem(i).prompt)
+        params = SamplingParams(cfg.actor.temperature, cfg.actor.top_p, cfg.actor.max_new_tokens, i)
+        return GroupRequest(str(i), prompt, g, params)
+
+    results = []
+    for mode in ("static", "continuous"):
+        engine.generate([request(0).prompt], request(0).params, g)  # warm-up
+        queue, submitted, ended, tokens = deque(range(batches * per_batch)), {}, {}, 0
+        t0 = time.perf_counter()
+        while queue or engine.num_running or engine.num_waiting:
+            if mode == "static":  # a batch at a time
+                ready = not (engine.num_running or engine.num_waiting)
+                new = [queue.popleft() for _ in range(per_batch)] if ready else []
+            else:  # a group whenever its rows fit
+                rows = engine.num_running + g * engine.num_waiting
+                new = [queue.popleft()] if queue and rows + g <= max_rows else []
+            for i in new:
+                engine.submit(request(i))
+                submitted[i] = time.perf_counter()
+            for request_id, group in engine.step():
+                ended[int(request_id)] = time.perf_counter()
+                tokens += sum(len(c.tokens) for c in group)
+        loop = time.perf_counter() - t0
+        latency = [
+            max(ended[i] for i in range(b, b + per_batch))
+            - min(submitted[i] for i in range(b, b + per_batch))
+            for b in range(0, len(ended), per_batch)
+        ]
+        results.append({"mode": mode, "tokens_per_s": tokens / loop, "latency": latency})
+    engine.close()
+    return results
+
+
 def _start(args, out: Path) -> Path:
     if args.start is not None:
         return args.start
@@ -112,16 +170,29 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--start", type=Path, default=None, help="HF checkpoint (default: cold start)")
+    p.add_argument("--engine-batches", type=int, default=12, help="0: skip the engine alone")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, as for async-rl train")
     args = p.parse_args()
     out = Path(tempfile.mkdtemp(prefix="pipeline-"))
     start = _start(args, out)
+    alone = engine_alone(args, start) if args.engine_batches else []
     results = [  # the modes alternate, so that a slow spell of the machine hits them all
         run(args, mode, k, start, out, rep)
         for rep in range(args.repeats)
         for k in args.staleness
         for mode in args.modes
     ]
+    if alone:
+        print(f"\n{args.config.name}: the engine alone, {args.engine_batches} global batches")
+        print(f"{'mode':<12}{'tokens/s':>10}{'batch latency s (median, max)':>32}")
+        for r in alone:
+            lat = r["latency"]
+            print(
+                f"{r['mode']:<12}{r['tokens_per_s']:>10.0f}"
+                f"{statistics.median(lat):>20.3f}{max(lat):>12.3f}"
+            )
+        ratio = alone[1]["tokens_per_s"] / alone[0]["tokens_per_s"]
+        print(f"continuous / static tokens/s = {ratio:.2f}x")
     print(f"\n{args.config.name}: {args.steps} global steps, 1 actor, {args.repeats} repeat(s)")
     print(
         f"{'mode':<12}{'K':>3}{'loop s':>8}{'generated/s':>13}{'trained/s':>11}{'trained len':>13}"
