@@ -20,6 +20,10 @@ generated per published version, from that version: synchronous RL, sample for s
 - The published version is logged too: a restarted buffer admits as before.
 - `full_s` counts the seconds during which a lease was refused and not yet granted: the
   buffer's fill, the autoscaler's signal.
+- `rollout/group_latency_s` (mean) and `rollout/group_latency_max_s`: seconds from a lease to
+  its group's arrival, over the last global batch's worth of groups. A global step waits for
+  its batch's slowest group, and K lets at most K + 1 batches be out: a latency above about K
+  learner steps keeps the learner waiting however fast the actors generate.
 - Actors report the weights version they hold with each lease; `versions_in_use()` is what the
   weight store must keep.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 
 PROMPT_BLOCK = 1024
@@ -60,6 +65,8 @@ class Admission:
         self.full_s, self.full_since = 0.0, None
         self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (version, seen)
         self.actor_work: dict[str, tuple[int, int]] = {}  # actor -> (running rows, swaps)
+        # seconds from lease to group of the last global batch's worth of groups
+        self.latencies: deque[float] = deque(maxlen=global_batch_groups)
 
     def set_published(self, version: int) -> None:
         if version > self.published:
@@ -124,9 +131,12 @@ class Admission:
         self.next_prompt += 1
         return self.next_prompt - 1
 
-    def fulfilled(self, lease_id: str | None) -> None:
+    def fulfilled(self, lease_id: str | None, now: float | None = None) -> None:
         """The group of a lease was accepted: the lease is spent."""
-        self.leases.pop(lease_id or "", None)
+        lease = self.leases.pop(lease_id or "", None)
+        if lease is not None:
+            now = time.monotonic() if now is None else now
+            self.latencies.append(now - (lease[1] - self.lease_timeout_s))
 
     def give_back(self, lease_id: str | None) -> None:
         """The group of a lease was refused: its prompt is handed out again."""
@@ -159,4 +169,12 @@ class Admission:
             # what the actors said of their engines with their last leases
             "rollout/running_rows": sum(self.actor_work.get(a, (0, 0))[0] for a in seen),
             "rollout/swaps_in_flight": sum(swaps for _, swaps in self.actor_work.values()),
+            **(
+                {
+                    "rollout/group_latency_s": sum(self.latencies) / len(self.latencies),
+                    "rollout/group_latency_max_s": max(self.latencies),
+                }
+                if self.latencies
+                else {}
+            ),
         }

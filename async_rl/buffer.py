@@ -100,11 +100,11 @@ class ReplayBuffer:
         self.rejected[reason] += 1
         log.warning("rejected a message (%s): %s", reason, detail)
 
-    def append(self, groups: list[tuple[pa.RecordBatch, str | None]]) -> None:
+    def append(self, groups: list[tuple[pa.RecordBatch, str | None]], now: float | None = None):
         """Store checked groups durably, then spend the leases they were generated under."""
         self.store.append([batch for batch, _ in groups])
         for _, lease in groups:
-            self.admission.fulfilled(lease)
+            self.admission.fulfilled(lease, now)
 
     def sample(self, version: int, now: float | None = None) -> pa.Table | None:
         """The global batch for learner `version`, or None while it is not complete or is held

@@ -27,9 +27,11 @@ the wall-clock `time` of the metric rows): the loop time, completion tokens gene
 by the buffer) and trained per second, the mean length of the trained completions (a continuous
 actor's short completions arrive first), the share of generated groups dropped as stale, the
 learner's idle share (waiting for data / loop time), the actor's idle share (back-pressure and
-weights, over its whole run), and from the buffer (`async-rl buffer inspect`): the staleness of
-the trained groups and the weights versions per completion. Then each mode's rates over
-`static`'s at the same K.
+weights, over its whole run), the learner's step time and the slowest group's latency from lease
+to arrival among each step's last batch of groups (means of `learner/step_time_s` and
+`rollout/group_latency_max_s`: above K steps, the learner waits), and from the buffer
+(`async-rl buffer inspect`): the staleness of the trained groups and the weights versions per
+completion. Then each mode's rates over `static`'s at the same K.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def run(args, mode: str, k: int, start: Path, out: Path, rep: int) -> dict:
         "generated_per_s": generated / loop,
         "trained_len": statistics.mean(r["rollout/response_len_mean"] for r in rows),
         "learner_idle": sum(r["learner/wait_time_s"] for r in rows) / loop,
+        "step_s": statistics.mean(r["learner/step_time_s"] for r in rows),
+        "latency_s": statistics.mean(r.get("rollout/group_latency_max_s", 0.0) for r in rows),
         "actor_idle": idle / max(gen + idle, 1e-9),
         "dropped": buffer["dropped_stale"] / max(buffer["groups"], 1),
         "staleness": buffer["staleness_histogram"],
@@ -196,15 +200,16 @@ def main() -> None:
     print(f"\n{args.config.name}: {args.steps} global steps, 1 actor, {args.repeats} repeat(s)")
     print(
         f"{'mode':<12}{'K':>3}{'loop s':>8}{'generated/s':>13}{'trained/s':>11}{'trained len':>13}"
-        f"{'dropped':>9}{'learner idle':>14}{'actor idle':>12}  {'staleness':<20}"
+        f"{'dropped':>9}{'learner idle':>14}{'actor idle':>12}{'step s':>8}{'latency s':>11}"
+        f"  {'staleness':<20}"
         "versions per completion"
     )
     for r in results:
         print(
             f"{r['mode']:<12}{r['k']:>3}{r['loop']:>8.1f}{r['generated_per_s']:>13.0f}"
             f"{r['tokens_per_s']:>11.0f}{r['trained_len']:>13.1f}{r['dropped']:>9.0%}"
-            f"{r['learner_idle']:>14.0%}"
-            f"{r['actor_idle']:>12.0%}  {_share(r['staleness']):<20}{_share(r['versions'])}"
+            f"{r['learner_idle']:>14.0%}{r['actor_idle']:>12.0%}{r['step_s']:>8.3f}"
+            f"{r['latency_s']:>11.3f}  {_share(r['staleness']):<20}{_share(r['versions'])}"
         )
     for k in args.staleness:
         for key in ("generated_per_s", "tokens_per_s"):

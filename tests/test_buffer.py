@@ -376,6 +376,26 @@ def test_lease_wait_counts_only_a_complete_batch_held(tmp_path):
     assert buf.metrics()["buffer/lease_wait_s"] == 0.0
 
 
+def test_group_latency_is_lease_to_arrival_over_the_last_batch_of_groups(tmp_path):
+    """`rollout/group_latency_s` (mean) and `_max_s`: seconds from a lease to its group's arrival,
+    over the last global batch's worth of groups (what K learner steps must cover)."""
+    buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2)
+    assert "rollout/group_latency_s" not in buf.metrics()
+    _, [(lease_a, _), (lease_b, _)] = buf.lease("a0", count=2, version=0, now=10.0)
+    _, [(lease_c, _)] = buf.lease("a0", count=1, version=0, now=11.0)
+    buf.append([(make_group("a", 0, seed=1), lease_a)], now=10.5)
+    buf.append([(make_group("b", 0, seed=2), lease_b)], now=13.0)
+    metrics = buf.metrics()
+    assert metrics["rollout/group_latency_s"] == 1.75  # 0.5 and 3.0
+    assert metrics["rollout/group_latency_max_s"] == 3.0
+    buf.append([(make_group("c", 0, seed=3), lease_c)], now=12.0)  # a leaves the window
+    metrics = buf.metrics()
+    assert metrics["rollout/group_latency_s"] == 2.0  # 3.0 and 1.0
+    assert metrics["rollout/group_latency_max_s"] == 3.0
+    buf.append([(make_group("d", 0, seed=4), None)], now=12.0)  # no lease: nothing to time
+    assert buf.metrics()["rollout/group_latency_s"] == 2.0
+
+
 def test_without_waiting_a_late_long_group_is_dropped(tmp_path):
     buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2, wait_for_leases=False)
     long_a, long_b = _long_and_short_leases(buf)
