@@ -120,14 +120,14 @@ class Weight:
             self.matrix = self.data
 
 
-def linear(x: torch.Tensor, w: Weight, index: int | None = None) -> torch.Tensor:
-    """x W^T (W = `w.matrix[index]` for stacked expert weights); W8A8 when `w` is fp8."""
-    matrix = w.matrix if index is None else w.matrix[index]
-    return F.linear(fake_quant_rows(x) if w.fp8 else x, matrix)
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x W^T; W8A8 when `w` is fp8."""
+    return F.linear(fake_quant_rows(x) if w.fp8 else x, w.matrix)
 
 
 def grouped_linear(x_RI: torch.Tensor, w: Weight, ends_E: torch.Tensor) -> torch.Tensor:
-    """Rows grouped by expert (expert e's rows end at `ends_E[e]`) times their expert's W^T."""
+    """Rows grouped by expert (expert e's rows end at `ends_E[e]`) times their expert's W^T, in
+    one call (activations already quantized for fp8)."""
     return torch._grouped_mm(x_RI, w.matrix.transpose(-2, -1), offs=ends_E)
 
 
@@ -149,9 +149,7 @@ class Layer:
     ffn_norm: torch.Tensor  # [D]
     qkv: Weight  # [(H + 2J) Dh, D], q, k and v stacked (per-channel scales are unaffected)
     o: Weight  # [D, H Dh]
-    qk_norm: (
-        torch.Tensor
-    )  # [H + J, Dh], q_norm's weight for each query head, k_norm's for each key head
+    qk_norm: torch.Tensor  # [A, Dh]: q_norm's weight for each query head, k_norm's for each key
     gate: torch.Tensor  # [E, D] router, never quantized
     gate_up: Weight  # [E, 2F, D], gate_proj and up_proj stacked
     down: Weight  # [E, D, F]
