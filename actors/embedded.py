@@ -387,7 +387,6 @@ class EmbeddedEngine:
         hidden_B1D, routing_B1LK = model.forward(slots["next"][:n, None], length_B[:, None], batch)
         slots["routing"][slots_B, length_B] = routing_B1LK[:, 0].to(slots["routing"].dtype)
         length_B += 1
-        finished = len(done)
         keep = self._take(
             self.rows,
             model.logits(hidden_B1D[:, 0]),
@@ -397,11 +396,14 @@ class EmbeddedEngine:
             done,
         )
         if len(keep) < n:
-            gone = [b for b, row in enumerate(self.rows) if row.finish_reason is not None]
-            for b, row in zip(gone, done[finished:], strict=True):
-                span = len(row.request.prompt) + len(row.tokens) - 1
-                row.routing = slots["routing"][b, :span].cpu().numpy().astype(row.routing.dtype)
+            for b, row in enumerate(self.rows):
+                if row.finish_reason is not None:  # its trace leaves with it
+                    span = len(row.request.prompt) + len(row.tokens) - 1
+                    trace = slots["routing"][b, :span].cpu().numpy()
+                    row.routing = trace.astype(row.routing.dtype)
             self._compact(keep)
+        nexts = [row.tokens[-1] for row in self.rows]
+        slots["next"][: len(nexts)] = torch.tensor(nexts, dtype=torch.long, device=self.device)
 
     def _compact(self, keep: list[int]) -> None:
         """Only the rows `keep` (ascending) go on: each finished row's slot below the new batch
@@ -428,8 +430,7 @@ class EmbeddedEngine:
         uniform_B: torch.Tensor,
         done: list[_Row],
     ) -> list[int]:
-        """Sample each row's next token; finished rows go to `done`; the others' indices (their
-        tokens are the next inputs)."""
+        """Sample each row's next token; finished rows go to `done`; the others' indices."""
         ids, logprobs = sample_rows(logits_BV, temperature_B, top_p_B, uniform_B)
         eos = set(self._model().spec.eos_ids)
         keep = []
@@ -447,8 +448,6 @@ class EmbeddedEngine:
                 keep.append(b)
             else:
                 done.append(row)
-        if rows is self.rows:
-            self.slots["next"][: len(rows)] = torch.tensor(ids, device=self.device)
         return keep
 
     def _model(self) -> Model:
