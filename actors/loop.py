@@ -49,6 +49,7 @@ from async_rl.clients import RolloutSink, ZmqRolloutSink
 from async_rl.config import Config, load_config
 from async_rl.messages import ActorStats
 from async_rl.paths import RunPaths, wait_for_endpoints
+from async_rl.runtime import configure_torch
 from async_rl.security import curve_for
 from async_rl.tasks import Problem, Task, task_from_config
 from async_rl.tokenizer import Tokenizer, load_tokenizer
@@ -333,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.actor_id} %(message)s")
     cfg = load_config(RunPaths(args.run_dir).config)
-    import torch
-
-    torch.set_num_threads(cfg.run.num_threads)
+    configure_torch(cfg.run.num_threads)
     actor = Actor(cfg, args.run_dir, args.actor_id)
     signal.signal(signal.SIGTERM, lambda *_: actor.stop())
     signal.signal(signal.SIGINT, lambda *_: actor.stop())

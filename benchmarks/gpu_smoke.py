@@ -17,7 +17,11 @@ others still run; the exit code is 1 if any failed.
 - `learner step`: one `TrainStep` (R3, one mini-batch) of the golden batch
   (`tests/data/golden_batch.arrow`) on the device in fp32 with SDPA, its loss, gradient norm
   and time; on CUDA next to the same step on the CPU (they agree to float tolerance), and a
-  bf16 step with flex attention (`learner.device = cuda`, `model.attn_backend = flex`).
+  bf16 step with flex attention (`learner.device = cuda`, `model.attn_backend = flex`), bf16
+  computing over fp32 masters as the learner does (FSDP2 mixed precision over one process);
+- `vocab log-probs`: the output layer's log-probs over 151,936 tokens all at once against in
+  chunks (`learner.model.VocabChunks`): their time ratio, their difference, and on CUDA the
+  peak memory of each.
 """
 
 from __future__ import annotations
@@ -90,14 +94,18 @@ def in_flight(engine_name: str, precision: str, device: str, path: Path, model) 
 
 
 def train_step(device: str, dtype: str = "float32", attention: str = "sdpa") -> dict:
-    """The metrics of one `TrainStep` of the golden batch, the model built on `device`."""
+    """The metrics of one `TrainStep` of the golden batch, the model built on `device` as the
+    learner builds it: fp32 masters computing in `dtype` (FSDP2 mixed precision over one
+    process when that is bf16)."""
     import dataclasses
 
     import pyarrow as pa
 
     from async_rl.types import RoutingSpec
     from learner.batch import pack
+    from learner.model import DTYPES
     from learner.optim import build_optimizer
+    from learner.parallel import DataParallel, apply_fsdp, shutdown
     from learner.train import TrainStep
     from tests.test_golden import BATCH, config
 
@@ -108,8 +116,12 @@ def train_step(device: str, dtype: str = "float32", attention: str = "sdpa") -> 
         learner=dataclasses.replace(cfg.learner, device=device),
     )
     batch = pack(pa.ipc.open_file(str(BATCH)).read_all(), RoutingSpec.of(cfg.model), pad_id=0)
-    model = build_model(cfg.model, seed=0, device=device)
-    return TrainStep(model, build_optimizer(model, cfg.learner), cfg)(batch)
+    model = build_model(cfg.model, seed=0, device=device, dtype=torch.float32)
+    try:
+        apply_fsdp(model, DataParallel(device_type=device), compute_dtype=DTYPES[dtype])
+        return TrainStep(model, build_optimizer(model, cfg.learner), cfg)(batch)
+    finally:
+        shutdown()  # the one-process group of mixed precision, if it made one
 
 
 def learner_step(device: str) -> str:
@@ -123,6 +135,51 @@ def learner_step(device: str) -> str:
         f"{gpu['grad_norm']:.4f} (cpu {cpu['grad_norm']:.4f}), {ms(gpu)}; bf16 + flex loss "
         f"{flex['loss']:.4f}, grad norm {flex['grad_norm']:.4f}, {ms(flex)}"
     )
+
+
+def vocab_logprobs(device: str) -> str:
+    """Log-probs of the sampled token over Qwen3's 151,936 tokens, forward and backward, all
+    positions at once against `learner.logprob_chunk` at a time: time and peak memory (on
+    CUDA the allocator's peak over what was held before; 4,096 positions of hidden size 2,048
+    in bf16 there, a small case on the CPU)."""
+    import torch.nn.functional as F
+
+    from learner.model import VocabChunks, token_logprobs
+
+    vocab, chunk = 151_936, load_config(None, []).learner.logprob_chunk
+    n, d = (4096, 2048) if device == "cuda" else (256, 64)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    w = (0.02 * torch.randn(vocab, d, generator=gen)).to(device, torch.bfloat16)
+    w.requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=gen).to(device)
+    results = {}
+    for name in ("full", "chunked"):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
+        began = time.perf_counter()
+        if name == "full":
+            logp = token_logprobs(F.linear(h, w), targets)
+        else:
+            logp, _, _ = VocabChunks.apply(h, w, targets, 1.0, chunk, True, False)
+        logp.sum().backward()
+        grads = (h.grad.float(), w.grad.float())
+        h.grad = w.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - held if device == "cuda" else 0
+        results[name] = (time.perf_counter() - began, peak, logp.detach().float(), grads)
+    (t_full, m_full, lp_full, g_full), (t_chunk, m_chunk, lp_chunk, g_chunk) = results.values()
+    error = max((a - b).abs().max().item() for a, b in zip(g_full, g_chunk, strict=True))
+    text = (
+        f"{n} positions x {vocab} (D {d}, bf16): chunked {t_chunk / t_full:.2f}x the time, "
+        f"max |d log p| {(lp_full - lp_chunk).abs().max().item():.1e}, max |d grad| {error:.1e}"
+    )
+    if device == "cuda":
+        text += f", peak {m_chunk / 2**30:.2f} vs {m_full / 2**30:.2f} GiB"
+    return text
 
 
 def main() -> int:
@@ -155,9 +212,15 @@ def main() -> int:
             result = f"FAILED: {type(e).__name__}: {e}"
             traceback.print_exc()
         print(f"{name:<22}{time.monotonic() - began:>8.1f}  {result}", flush=True)
-    began = time.monotonic()
-    result = learner_step(args.device)
-    print(f"{'learner step':<22}{time.monotonic() - began:>8.1f}  {result}")
+    for name, fn in (("learner step", learner_step), ("vocab log-probs", vocab_logprobs)):
+        began = time.monotonic()
+        try:
+            result = fn(args.device)
+        except Exception as e:
+            failed += 1
+            result = f"FAILED: {type(e).__name__}: {e}"
+            traceback.print_exc()
+        print(f"{name:<22}{time.monotonic() - began:>8.1f}  {result}", flush=True)
     return 1 if failed else 0
 
 

@@ -100,6 +100,22 @@ def microbatches(batch: PackedBatch, max_tokens: int) -> list[torch.Tensor]:
     return [torch.tensor(g) for g in groups]
 
 
+def split_to(parts: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """`parts` (row indices of micro-batches) split into `count` micro-batches: the one of
+    most rows is halved until there are `count` (each half fits the budget its whole did).
+    The ranks of a learner run the same number of forwards this way: under FSDP and expert
+    parallelism every forward is collective."""
+    parts = list(parts)
+    if count > sum(len(p) for p in parts):
+        raise ValueError(f"{count} micro-batches need at least {count} rows")
+    while len(parts) < count:
+        largest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        whole = parts.pop(largest)
+        half = (len(whole) + 1) // 2
+        parts[largest:largest] = [whole[:half], whole[half:]]
+    return parts
+
+
 def pack(table: pa.Table, spec: RoutingSpec, pad_id: int) -> PackedBatch:
     """The tensors of a global batch (rows in the table's order)."""
     prompts = table.column("prompt_tokens").to_pylist()

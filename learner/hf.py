@@ -25,7 +25,7 @@ from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
 from async_rl.config import ModelConfig
 from async_rl.hf_config import hf_config, read_model_spec
 from async_rl.tokenizer import Tokenizer
-from learner.model import build_model, titan_config
+from learner.model import DTYPES, build_model, titan_config
 from learner.parallel import gathered_buckets
 
 WEIGHTS = "model.safetensors"
@@ -40,17 +40,18 @@ def model_config_from_hf(path: str | Path) -> ModelConfig:
 def hf_state_dict(
     model: torch.nn.Module, cfg: ModelConfig, bucket_bytes: int = 0, keep: bool = True
 ) -> dict[str, torch.Tensor]:
-    """The model's weights in Hugging Face Qwen3-MoE names (per-expert keys), on CPU.
+    """The model's weights in Hugging Face Qwen3-MoE names (per-expert keys), on CPU, in
+    `cfg.dtype`: the compute dtype, what actors load (fp32 masters are cast; a copy).
 
-    One process: views of the parameters (copy them before training on). Under FSDP the
-    shards are gathered to full tensors a bucket of at most `bucket_bytes` at a time (one
+    One process in its own dtype: views of the parameters (copy them before training on).
+    Under FSDP the shards are gathered to full tensors a bucket of at most `bucket_bytes` (one
     tensor if it is larger; 0: all at once); collective, every rank calls it, and only a rank
     with `keep` keeps what is gathered (the others return {}), so that no rank ever holds
     more than the model once, and the others at most a bucket.
     """
-    adapter = Qwen3StateDictAdapter(titan_config(cfg), None)
+    adapter, dtype = Qwen3StateDictAdapter(titan_config(cfg), None), DTYPES[cfg.dtype]
     out: dict[str, torch.Tensor] = {}
-    for bucket in gathered_buckets(model.state_dict(), bucket_bytes):
+    for bucket in gathered_buckets(model.state_dict(), bucket_bytes, dtype):
         if keep:
             hf = adapter.to_hf({k: v.detach() for k, v in bucket.items()})
             out.update({k: v.contiguous().cpu() for k, v in hf.items()})
@@ -108,11 +109,15 @@ def load_hf_state(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]
 
 
 def import_hf(
-    path: str | Path, cfg: ModelConfig | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    cfg: ModelConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.nn.Module, ModelConfig]:
-    """Build the model a checkpoint describes and load its weights (strictly)."""
+    """Build the model a checkpoint describes, in `dtype` (default `cfg.dtype`; the learner
+    asks for its master dtype), and load its weights (strictly)."""
     cfg = cfg or model_config_from_hf(path)
-    model = build_model(cfg, seed=None, device=device)
+    model = build_model(cfg, seed=None, device=device, dtype=dtype)
     state = load_hf_state(path, cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -10,10 +10,18 @@ Two changes to torchtitan's stock Qwen3-MoE, both needed for an RL learner:
   has no place for it, so the learner and the actors would route differently.
 Attention is SDPA with a causal mask: batches are right-padded, so every real token sees
 exactly its own prefix and padding never changes a real token's logits.
+
+The learner never holds `[positions x vocab]` logits for a whole micro-batch: `policy_logprobs`
+runs the model to its final norm and computes the sampled token's log-prob (and the entropy)
+`chunk` positions at a time (`VocabChunks`), recomputing a chunk's logits in the backward.
+At Qwen3's 151,936 tokens a float32 log-softmax is 0.6 MB per position: 20 GB for a row of
+32k positions, where a chunk of 512 positions holds about 1 GB at its peak.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -112,9 +120,15 @@ def titan_config(cfg: ModelConfig) -> Qwen3Model.Config:
 
 
 def build_model(
-    cfg: ModelConfig, seed: int | None = 0, device: str | torch.device = "cpu"
+    cfg: ModelConfig,
+    seed: int | None = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> Qwen3Model:
-    """A freshly initialised model (seeded), in `cfg.dtype`, in train mode."""
+    """A freshly initialised model (seeded), in `dtype` (default `cfg.dtype`), in train mode.
+
+    The learner builds it in its master dtype (`learner.master_dtype`) and computes in
+    `cfg.dtype` through FSDP2's mixed precision (`learner.parallel.apply_fsdp`)."""
     with torch.device(device):
         model = titan_config(cfg).build()
     if seed is not None:
@@ -123,7 +137,7 @@ def build_model(
             model.init_states(buffer_device=torch.device(device))
     else:
         model.init_states(buffer_device=torch.device(device))
-    return model.to(DTYPES[cfg.dtype])
+    return model.to(dtype or DTYPES[cfg.dtype])
 
 
 def apply_activation_checkpointing(model: Qwen3Model, mode: str) -> Qwen3Model:
@@ -164,3 +178,202 @@ def entropy(logits_BTV: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Full-vocabulary entropy of softmax(logits / temperature), in float32: `[B, T]`."""
     logp_BTV = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
     return -(logp_BTV.exp() * logp_BTV).sum(-1)
+
+
+@contextlib.contextmanager
+def hidden_states(model: Qwen3Model):
+    """Within it, `model(tokens_BT)` returns the final norm's output `[B, T, D]` instead of the
+    logits (torchtitan's `_skip_lm_head`, as its chunked loss uses it)."""
+    model._skip_lm_head = True
+    try:
+        yield
+    finally:
+        model._skip_lm_head = False
+
+
+def output_weight(model: Qwen3Model) -> torch.Tensor:
+    """The output layer's weight `[V, D]` as the forward that just ran used it: under FSDP the
+    unsharded compute-dtype parameter (torchtitan keeps the norm + output unit unsharded from
+    its forward to its backward), else the parameter itself."""
+    weight = model.lm_head.weight
+    assert not isinstance(weight, DTensor), "the output layer is sharded: run a forward first"
+    return weight
+
+
+def policy_logprobs(
+    model: Qwen3Model,
+    inputs_BT: torch.Tensor,
+    targets_BT: torch.Tensor,
+    temperature: float = 1.0,
+    chunk: int = 512,
+    with_entropy: bool = False,
+    with_mean: bool = False,
+    mask_BT: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """log p(targets) `[B, T]` under softmax(logits / temperature) in float32, differentiable;
+    if asked, the full-vocabulary entropy `[B, T]` (a metric: no gradient) and the mean
+    log-prob over the vocabulary `[B, T]` (differentiable: label smoothing's term). The
+    logits are computed `chunk` positions at a time (`VocabChunks`), at the positions of
+    `mask_BT` only if given (0 elsewhere: prompts and padding cost nothing). The same numbers
+    as `token_logprobs(model(inputs_BT), ...)` and `entropy(...)`; bit for bit when the batch
+    fits one chunk."""
+    with hidden_states(model):
+        h_BTD = model(inputs_BT)
+    B, T, D = h_BTD.shape
+    h_ND, targets_N = h_BTD.reshape(B * T, D), targets_BT.reshape(B * T)
+    if mask_BT is not None:
+        index_N = mask_BT.reshape(B * T).nonzero().squeeze(-1)
+        h_ND, targets_N = h_ND.index_select(0, index_N), targets_N.index_select(0, index_N)
+    outputs = VocabChunks.apply(
+        h_ND, output_weight(model), targets_N, temperature, chunk, with_entropy, with_mean
+    )
+    wanted = (True, with_entropy, with_mean)
+    out = []
+    for x_N, want in zip(outputs, wanted, strict=True):
+        if not want:
+            out.append(None)
+        elif mask_BT is None:
+            out.append(x_N.view(B, T))
+        else:
+            full = x_N.new_zeros(B * T).index_put((index_N,), x_N)
+            out.append(full.view(B, T))
+    return tuple(out)
+
+
+class _Scratch(threading.local):
+    """The `[chunk, V]` buffers of `VocabChunks`, reused across chunks and calls on the CPU.
+
+    torch's CPU allocator returns a large tensor's memory to the system when it is freed, so
+    every fresh chunk of logits is new pages the kernel must fault in and zero: on the
+    rehearsal's cold start (624 positions over 151,936 tokens a step) more time went to that
+    (2.3 s of system time a step) than to the arithmetic. CUDA's caching allocator already
+    reuses memory, so on a GPU these are plain `torch.empty`. One set per thread; a buffer
+    is only ever a scratch area within one call, never returned.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        if torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        flat = self.buffers.get((name, dtype))
+        if flat is None or flat.numel() < numel:
+            flat = self.buffers[name, dtype] = torch.empty(numel, dtype=dtype)
+        return flat[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def _chunk_logprobs(
+    h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's float32 log-softmax `[n, V]` (a scratch buffer) and the targets'
+    log-probs `[n]`, computed as `token_logprobs` computes them: logits in the weights'
+    dtype, then float32 (dividing by a temperature of 1 changes no bit and is skipped)."""
+    shape, device = (h_ND.shape[0], weight_VD.shape[0]), h_ND.device
+    logits_NV = _SCRATCH.get("logits", shape, weight_VD.dtype, device)
+    torch.mm(h_ND, weight_VD.t(), out=logits_NV)  # F.linear's kernel
+    if logits_NV.dtype != torch.float32:
+        logits_NV = _SCRATCH.get("logits32", shape, torch.float32, device).copy_(logits_NV)
+    if temperature != 1.0:
+        logits_NV = logits_NV.div_(temperature)
+    logp_NV = torch.log_softmax(
+        logits_NV, -1, out=_SCRATCH.get("logp", shape, torch.float32, device)
+    )
+    return logp_NV, logp_NV.gather(-1, targets_N.long().unsqueeze(-1)).squeeze(-1)
+
+
+class VocabChunks(torch.autograd.Function):
+    """Targets' log-probs (and the entropy, and the mean log-prob) of `h_ND @ weight_VD.T` a
+    chunk of positions at a time. Forward: each chunk's logits and float32 log-softmax live
+    only while the chunk is computed (in buffers reused from chunk to chunk, `_Scratch`);
+    what is saved for the backward is `h_ND` and the weight (which the output layer keeps
+    anyway). Backward: each chunk's log-softmax is recomputed and differentiated by the
+    kernels autograd uses for `token_logprobs` (gather, log-softmax, temperature, cast,
+    linear), so one chunk gives the full computation's gradients bit for bit; the chunks'
+    input gradients are written in place and their weight gradients summed in float32 (cast
+    to the weight's dtype once), so that bf16 weight gradients are not rounded once per chunk.
+
+    Cost: one more output-layer matmul and log-softmax (the recomputation); memory: one
+    chunk's `[chunk, V]` logits, log-softmax and gradient instead of the whole micro-batch's.
+    """
+
+    @staticmethod
+    def forward(ctx, h_ND, weight_VD, targets_N, temperature, chunk, with_entropy, with_mean):
+        if chunk < 1:
+            raise ValueError(f"learner.logprob_chunk: must be >= 1, got {chunk}")
+        n, kw = h_ND.shape[0], {"dtype": torch.float32, "device": h_ND.device}
+        logp_N = torch.empty(n, **kw)
+        entropy_N = torch.empty(n if with_entropy else 0, **kw)
+        mean_N = torch.empty(n if with_mean else 0, **kw)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            logp_cV, logp_N[lo:hi] = _chunk_logprobs(
+                h_ND[lo:hi], weight_VD, targets_N[lo:hi], temperature
+            )
+            if with_mean:
+                mean_N[lo:hi] = logp_cV.mean(-1)
+            if with_entropy:  # -(sum p log p) as `entropy` computes it
+                p_cV = _SCRATCH.get("p", logp_cV.shape, torch.float32, h_ND.device)
+                entropy_N[lo:hi] = -(torch.exp(logp_cV, out=p_cV).mul_(logp_cV).sum(-1))
+        ctx.save_for_backward(h_ND, weight_VD, targets_N)
+        ctx.temperature, ctx.chunk, ctx.with_mean = temperature, chunk, with_mean
+        ctx.mark_non_differentiable(entropy_N)
+        return logp_N, entropy_N, mean_N
+
+    @staticmethod
+    def backward(ctx, grad_logp_N, _grad_entropy, grad_mean_N):
+        h_ND, weight_VD, targets_N = ctx.saved_tensors
+        n, chunk = h_ND.shape[0], ctx.chunk
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h_ND) if need_h else None
+        grad_w, grad_w32 = None, None
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            grad_cV = _logits_grad(
+                h_ND[lo:hi],
+                weight_VD,
+                targets_N[lo:hi],
+                ctx.temperature,
+                grad_logp_N[lo:hi],
+                grad_mean_N[lo:hi] if ctx.with_mean else None,
+            )
+            if need_h:  # the linear's backward, as autograd's mm backward computes it
+                torch.mm(grad_cV, weight_VD, out=grad_h[lo:hi])
+            if need_w:
+                g = h_ND[lo:hi].t().mm(grad_cV).t()
+                if lo == 0 and hi == n:
+                    grad_w = g  # one chunk: the full computation's own gradient
+                elif grad_w32 is None:
+                    grad_w32 = g.float()
+                else:
+                    grad_w32 += g
+        if grad_w32 is not None:
+            grad_w = grad_w32.to(weight_VD.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def _logits_grad(h_ND, weight_VD, targets_N, temperature, grad_logp_N, grad_mean_N):
+    """d loss / d logits `[n, V]` of one chunk (a scratch buffer), in the weights' dtype,
+    given the gradients of its targets' log-probs (and of its mean log-prob): the recomputed
+    log-softmax's backward of a one-hot `g_y` (plus `g_mean / V` everywhere), divided by the
+    temperature, by the kernels autograd uses for `token_logprobs`."""
+    with torch.no_grad():
+        logp_NV, _ = _chunk_logprobs(h_ND, weight_VD, targets_N, temperature)
+        shape, device = logp_NV.shape, logp_NV.device
+        upstream_NV = _SCRATCH.get("upstream", shape, torch.float32, device).zero_()
+        if grad_mean_N is not None:
+            upstream_NV += (grad_mean_N.float() / shape[-1]).unsqueeze(-1)
+        index_N1 = targets_N.long().unsqueeze(-1)
+        upstream_NV.scatter_add_(-1, index_N1, grad_logp_N.float().unsqueeze(-1))
+        grad_NV = _SCRATCH.get("grad", shape, torch.float32, device)
+        torch._log_softmax_backward_data(upstream_NV, logp_NV, -1, torch.float32, out=grad_NV)
+        if temperature != 1.0:
+            grad_NV = grad_NV.div_(temperature)
+        if weight_VD.dtype == torch.float32:
+            return grad_NV
+        # the logits buffer is free again: the gradient in the weights' dtype goes there
+        return _SCRATCH.get("logits", shape, weight_VD.dtype, device).copy_(grad_NV)

@@ -4,7 +4,9 @@ Shape legend: B = rows (completions), T = positions, L = MoE layers, K = experts
 
     dp = init_distributed()                 RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
                                             gloo on CPU, nccl on CUDA
-    model = apply_fsdp(build_model(...), dp)   torchtitan's apply_fsdp_to_decoder, 1-D mesh
+    model = apply_fsdp(build_model(..., dtype=fp32), dp, compute_dtype=bf16)
+                                            torchtitan's apply_fsdp_to_decoder, 1-D mesh,
+                                            fp32 masters computing in bf16 (one rank too)
     optimizer = AdamW(model.parameters())   after FSDP: it swaps parameters for DTensors
     step = TrainStep(..., dp=dp, group_size=G)
     step(global_batch)                      every rank gets the same global batch and trains
@@ -246,29 +248,42 @@ def local_batch(
     return batch.take(share_rows(batch.num_rows, num_minibatches, dp, group_size))
 
 
-def apply_fsdp(model: torch.nn.Module, dp: DataParallel, expert_parallel: int = 1):
+def apply_fsdp(
+    model: torch.nn.Module,
+    dp: DataParallel,
+    expert_parallel: int = 1,
+    compute_dtype: torch.dtype | None = None,
+):
     """Shard `model` over the ranks with torchtitan's FSDP2 (`apply_fsdp_to_decoder`), in place;
     with `expert_parallel = ep > 1` the routed experts are first split over groups of ep ranks
     (torchtitan's expert parallelism: tokens go to their experts' rank and back by
     `all_to_all_single`, which gloo implements), and FSDP shards the experts over the
     remaining `world_size / ep` ranks.
 
-    Parameters and reductions stay in the model's dtype (fp32 on CPU; a bf16 model reduces in
-    fp32). Gradients are summed over ranks, not averaged: `TrainStep` scales each rank's loss.
-    One process: the model is returned unchanged. Build the optimizer after this call.
+    Mixed precision as torchtitan does it (FSDP2's `MixedPrecisionPolicy`): the sharded
+    parameters, and so the gradients and AdamW's state, stay in the model's dtype (the
+    master dtype, fp32), each unit is all-gathered in `compute_dtype` (default: the model's)
+    for its forward and backward, and gradients are reduced in fp32. The same path serves one
+    rank: a model whose compute dtype differs from its own is sharded over a mesh of one
+    process (`one_process_group`), so that one rank and many train the same way. One process
+    in its own dtype is returned unchanged. Gradients are summed over ranks, not averaged:
+    `TrainStep` scales each rank's loss. Build the optimizer after this call.
     """
-    if not dp.enabled:
+    dtype = next(model.parameters()).dtype
+    compute_dtype = compute_dtype or dtype
+    if not dp.enabled and compute_dtype == dtype:
         return model
     from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 
-    dtype = next(model.parameters()).dtype
+    if not dp.enabled:
+        one_process_group(dp.device_type)
     if expert_parallel > 1:
         dims = _parallel_dims(dp, expert_parallel)
         model.parallelize(dims)
         apply_fsdp_to_decoder(
             model,
             dims.get_mesh("fsdp"),
-            dtype,
+            compute_dtype,
             torch.float32,
             pp_enabled=False,
             ep_degree=expert_parallel,
@@ -278,12 +293,23 @@ def apply_fsdp(model: torch.nn.Module, dp: DataParallel, expert_parallel: int = 
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(dp.device_type, (dp.world_size,), mesh_dim_names=("fsdp",))
-        apply_fsdp_to_decoder(model, mesh, dtype, torch.float32, pp_enabled=False)
+        apply_fsdp_to_decoder(model, mesh, compute_dtype, torch.float32, pp_enabled=False)
     if dist.get_backend() == "gloo":  # gloo has no PREMUL_SUM (module docstring)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def one_process_group(device_type: str = "cpu") -> None:
+    """A process group of this process alone (an in-memory store, no port), unless one
+    exists: what FSDP2 needs to shard a model over one rank. `shutdown` ends it."""
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(torch.cuda.current_device())
+        dist.init_process_group(
+            backend_for(device_type), store=dist.HashStore(), rank=0, world_size=1
+        )
 
 
 def _parallel_dims(dp: DataParallel, expert_parallel: int):
@@ -338,13 +364,18 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def gathered_buckets(state: dict[str, torch.Tensor], bucket_bytes: int = 0):
+def gathered_buckets(
+    state: dict[str, torch.Tensor], bucket_bytes: int = 0, dtype: torch.dtype | None = None
+):
     """`state` in buckets `{name: full tensor}` of at most `bucket_bytes` (one tensor if it is
-    larger; 0: one bucket). DTensor shards are gathered a bucket at a time: collective, every
-    rank iterates to the end. Plain tensors are yielded as they are (views)."""
+    larger; 0: one bucket), cast to `dtype` if given (shards are cast before they are
+    gathered: fp32 masters travel as bf16). DTensor shards are gathered a bucket at a time:
+    collective, every rank iterates to the end. Plain tensors in their own dtype are yielded
+    as they are (views)."""
     bucket: dict[str, torch.Tensor] = {}
     size = 0
     for name, value in state.items():
+        value = value if dtype is None else value.to(dtype)
         nbytes = value.numel() * value.element_size()
         if bucket and bucket_bytes and size + nbytes > bucket_bytes:
             yield bucket
@@ -371,6 +402,16 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 
 def _on_ep_mesh(p: torch.Tensor) -> bool:
     return isinstance(p, DTensor) and "ep" in (p.device_mesh.mesh_dim_names or ())
+
+
+def max_over_ranks(value: int, dp: DataParallel) -> int:
+    """The largest of every rank's `value` (collective; `value` itself with one process)."""
+    if not dp.enabled:
+        return value
+    device = "cuda" if dp.device_type == "cuda" else "cpu"
+    top = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return int(top.item())
 
 
 def mean_over_ranks(values: dict[str, float], weight: float, dp: DataParallel) -> dict[str, float]:

@@ -46,9 +46,10 @@ import torch
 import zmq
 
 from async_rl.clients import BatchSource, ZmqBatchSource
-from async_rl.config import Config, load_config
+from async_rl.config import Config, load_config, precision_warning
 from async_rl.messages import Batch, ipc_to_table, table_to_ipc
 from async_rl.paths import RunPaths, publish_endpoints, read_endpoints, read_fleet_size
+from async_rl.runtime import configure_torch
 from async_rl.security import curve_for
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import load_tokenizer
@@ -58,7 +59,7 @@ from learner.batch import PackedBatch, pack, rollout_metrics
 from learner.checkpoint import Snapshot, latest_checkpoint, load_checkpoint, new_token
 from learner.evaluate import EvalResult, evaluate_run
 from learner.hf import hf_state_dict, import_hf
-from learner.model import apply_activation_checkpointing
+from learner.model import DTYPES, apply_activation_checkpointing
 from learner.optim import build_optimizer
 from learner.parallel import (
     DataParallel,
@@ -144,9 +145,12 @@ class Learner:
             )
         self.device = training_device(self.dp)
         torch.manual_seed(cfg.run.seed)
-        self.model, _ = import_hf(start, cfg.model, device=self.device)
+        if (warning := precision_warning(cfg)) and self.dp.is_main:
+            log.warning(warning)
+        master, compute = DTYPES[cfg.learner.master_dtype], DTYPES[cfg.model.dtype]
+        self.model, _ = import_hf(start, cfg.model, device=self.device, dtype=master)
         apply_activation_checkpointing(self.model, cfg.learner.activation_checkpointing)
-        apply_fsdp(self.model, self.dp, cfg.learner.expert_parallel)
+        apply_fsdp(self.model, self.dp, cfg.learner.expert_parallel, compute)
         self.tokenizer = load_tokenizer(str(start))
         self.task = task_from_config(cfg)
         if evaluator is None and self.dp.enabled and self.dp.is_main and cfg.run.eval_every:
@@ -441,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
     cfg = load_config(RunPaths(args.run_dir).config)
-    torch.set_num_threads(cfg.run.num_threads)
+    configure_torch(cfg.run.num_threads)
     learner = Learner(cfg, args.run_dir, args.start)
     signal.signal(signal.SIGTERM, lambda *_: learner.stopping.set())
     learner.run(lambda m: log.info("version %d: %s", m["version"], m))  # SIGTERM: checkpoints

@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from async_rl.config import Config
 from async_rl.paths import RunPaths
 from async_rl.tasks import Problem, Task
 from async_rl.tokenizer import Tokenizer
 from learner.hf import export_hf
-from learner.model import build_model
+from learner.model import DTYPES, build_model, policy_logprobs
 from learner.optim import lr_multiplier
+from learner.parallel import DataParallel, apply_fsdp, clip_gradients, shutdown
 
 LR_FLOOR = 0.1  # the cosine decay ends at this share of the peak
 
@@ -52,33 +52,54 @@ def sft_batch(
     return inputs, targets, mask
 
 
-def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=print) -> Path:
-    """Train from scratch for `cfg.learner.sft_steps`; the checkpoint exported to `out_dir`."""
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model, seed=cfg.run.seed)
-    model.train()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.learner.sft_lr, betas=(0.9, 0.98), weight_decay=0.0
+def sft_loss(model: torch.nn.Module, batch, label_smoothing: float, chunk: int) -> torch.Tensor:
+    """Cross-entropy of the completion tokens (mean), with label smoothing as
+    `F.cross_entropy` defines it: (1 - eps) * (-log p(y)) + eps * mean over the vocabulary of
+    -log p(v); the vocabulary `chunk` positions at a time, at the completion's positions only
+    (`policy_logprobs`)."""
+    inputs, targets, mask = batch
+    logp_BT, _, mean_BT = policy_logprobs(
+        model, inputs, targets, chunk=chunk, with_mean=label_smoothing > 0, mask_BT=mask
     )
+    loss_N = -logp_BT[mask]
+    if label_smoothing > 0:
+        loss_N = (1 - label_smoothing) * loss_N - label_smoothing * mean_BT[mask]
+    return loss_N.mean()
+
+
+def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=print) -> Path:
+    """Train from scratch for `cfg.learner.sft_steps`; the checkpoint exported to `out_dir`.
+    Precision as the RL learner's: masters and AdamW in `learner.master_dtype`, forward and
+    backward in `model.dtype` (FSDP2 mixed precision over one process, `apply_fsdp`)."""
+    torch.manual_seed(cfg.run.seed)
+    master, compute = DTYPES[cfg.learner.master_dtype], DTYPES[cfg.model.dtype]
+    model = build_model(cfg.model, seed=cfg.run.seed, dtype=master)
+    model.train()
+    try:
+        apply_fsdp(model, DataParallel(), compute_dtype=compute)
+        _train(cfg, model, tokenizer, task, log)
+        return export_hf(model, cfg.model, tokenizer, out_dir)
+    finally:
+        shutdown()  # the process group of one that mixed precision made, if it did
+
+
+def _train(cfg: Config, model: torch.nn.Module, tokenizer: Tokenizer, task: Task, log) -> None:
+    lrn = cfg.learner
+    opt = torch.optim.AdamW(model.parameters(), lr=lrn.sft_lr, betas=(0.9, 0.98), weight_decay=0.0)
     metrics_file = RunPaths(cfg.run_dir).sft_metrics
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    bs, start, index = cfg.learner.sft_batch_size, time.monotonic(), 0
+    bs, start, index = lrn.sft_batch_size, time.monotonic(), 0
     with metrics_file.open("w") as metrics:
-        for step in range(cfg.learner.sft_steps):
+        for step in range(lrn.sft_steps):
             problems = [task.train_problem(index + j) for j in range(bs)]
             index += bs
-            inputs, targets, mask = sft_batch(tokenizer, task, problems, cfg.model.max_seq_len)
-            logits = model(inputs)
-            loss = F.cross_entropy(
-                logits[mask].float(),
-                targets[mask],
-                label_smoothing=cfg.learner.sft_label_smoothing,
-            )
+            batch = sft_batch(tokenizer, task, problems, cfg.model.max_seq_len)
+            loss = sft_loss(model, batch, lrn.sft_label_smoothing, lrn.logprob_chunk)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            lr = cfg.learner.sft_lr * lr_multiplier(
-                step, cfg.learner.sft_warmup_steps, cfg.learner.sft_steps, "cosine", LR_FLOOR
+            grad_norm = clip_gradients(model, 1.0)
+            lr = lrn.sft_lr * lr_multiplier(
+                step, lrn.sft_warmup_steps, lrn.sft_steps, "cosine", LR_FLOOR
             )
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -91,9 +112,8 @@ def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=pr
                 "elapsed_s": round(time.monotonic() - start, 2),
             }
             metrics.write(json.dumps(row) + "\n")
-            if (step + 1) % 100 == 0 or step + 1 == cfg.learner.sft_steps:
+            if (step + 1) % 100 == 0 or step + 1 == lrn.sft_steps:
                 log(
-                    f"sft step {step + 1}/{cfg.learner.sft_steps}  loss {row['loss']:.4f}  "
+                    f"sft step {step + 1}/{lrn.sft_steps}  loss {row['loss']:.4f}  "
                     f"lr {lr:.2e}  {row['elapsed_s']:.0f}s"
                 )
-    return export_hf(model, cfg.model, tokenizer, out_dir)

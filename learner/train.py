@@ -5,7 +5,7 @@ Shape legend: B = completions, T = positions, L = MoE layers, K = experts per to
     advantages                     the objective's, of the whole global batch (whole groups)
     proximal pass (no grad)        log pi_prox of mini-batches 2..N and their routing (which R2
                                    replays); entropy and routing agreement at these weights
-    for each of N mini-batches     logits under the routing `replayed_routing` picks, then
+    for each of N mini-batches     log pi under the routing `replayed_routing` picks, then
                                    loss = objective.loss(log pi, log pi_prox, log mu, A, mask);
                                    one optimizer step, gradient clipping, learning-rate schedule
     metric reduction               token means over the global batch, means over mini-batches
@@ -17,6 +17,9 @@ one, and an update accumulates its gradient over them, each micro-batch back-pro
 share `m / M` of the mini-batch mean, so that the step equals the one-shot step. A forward's
 replayed routing stays in place until its backward has run, so activation checkpointing
 (`learner.activation_checkpointing`) recomputes exactly the experts the forward used.
+Log-probs and entropy come from the final hidden states `learner.logprob_chunk` positions at
+a time (`learner.model.policy_logprobs`): no forward holds its micro-batch's whole
+`[positions x vocab]` logits, and the output layer's backward recomputes them chunk by chunk.
 
 The step knows nothing of the loss formula: its objective (`learner.loss.MiniRL`) computes the
 advantages and returns the loss and its metrics. Mini-batches are consecutive groups of the
@@ -41,15 +44,16 @@ from dataclasses import dataclass
 import torch
 
 from async_rl.config import Config
-from learner.batch import PackedBatch, microbatches
+from learner.batch import PackedBatch, microbatches, split_to
 from learner.loss import MiniRL, Objective
-from learner.model import entropy, token_logprobs
+from learner.model import policy_logprobs
 from learner.optim import lr_multiplier
 from learner.parallel import (
     DataParallel,
     check_sharded,
     clip_gradients,
     local_batch,
+    max_over_ranks,
     mean_over_ranks,
 )
 from learner.routing import RoutingHooks
@@ -116,7 +120,7 @@ class TrainStep:
         self.warmup, self.schedule = learner.warmup_steps, learner.lr_schedule
         self.total_updates = cfg.run.num_steps * algo.num_minibatches
         self.updates = 0  # optimizer steps taken (restored from checkpoints)
-        self.max_tokens = learner.max_tokens_per_microbatch
+        self.max_tokens, self.chunk = learner.max_tokens_per_microbatch, learner.logprob_chunk
         self.dp = dp or DataParallel()
         self.device = next(model.parameters()).device
         check_sharded(model, self.dp)
@@ -139,8 +143,12 @@ class TrainStep:
         return contextlib.nullcontext() if replay is None else self.hooks.replay(replay)
 
     def _pieces(self, batch: PackedBatch) -> list[tuple[torch.Tensor | None, PackedBatch]]:
-        """The micro-batches of `batch` as (row indices, rows); one piece is (None, batch)."""
+        """The micro-batches of `batch` as (row indices, rows); one piece is (None, batch).
+        Every rank runs as many as the rank that needs the most (`split_to`): its forwards
+        and backwards are collectives of all of them."""
         parts = microbatches(batch, self.max_tokens)
+        if self.dp.enabled:
+            parts = split_to(parts, max_over_ranks(len(parts), self.dp))
         if len(parts) == 1:
             return [(None, batch)]
         return [(index, batch.take(index)) for index in parts]
@@ -169,9 +177,8 @@ class TrainStep:
         for index, m in self._pieces(rest):
             replay = replayed_routing(self.routing_replay, 0, m.routing_BTLK, None)
             with torch.no_grad(), self._replaying(replay), self.hooks.record() as trace:
-                logits_BTV = self.model(m.inputs_BT)
-            logprobs_BT = token_logprobs(logits_BTV, m.targets_BT, self.temperature)
-            self._prox_metrics(m, logits_BTV, trace.experts, prox)
+                logprobs_BT, entropy_BT = self._logprobs(m, with_entropy=True)
+            self._prox_metrics(m, entropy_BT, trace.experts, prox)
             if index is None:
                 prox.logprobs_BT, prox.routing_BTLK = logprobs_BT, trace.experts
                 continue
@@ -188,9 +195,16 @@ class TrainStep:
             prox.routing_BTLK[index, : m.width] = trace.experts
         return prox
 
-    def _prox_metrics(self, mb: PackedBatch, logits_BTV, experts_BTLK, prox: Proximal) -> None:
+    def _logprobs(self, m: PackedBatch, with_entropy: bool = False):
+        """log pi of the micro-batch's targets `[B, T]` (and the entropy `[B, T]`), the
+        vocabulary `learner.logprob_chunk` positions at a time."""
+        return policy_logprobs(
+            self.model, m.inputs_BT, m.targets_BT, self.temperature, self.chunk, with_entropy
+        )[:2]
+
+    def _prox_metrics(self, mb: PackedBatch, entropy_BT, experts_BTLK, prox: Proximal) -> None:
         """Add the token sums of entropy and routing agreement at the proximal weights."""
-        prox.entropy_sum += float(entropy(logits_BTV, self.temperature)[mb.mask_BT].sum())
+        prox.entropy_sum += float(entropy_BT[mb.mask_BT].sum())
         if mb.routing_BTLK is not None:
             same = routing_agreement(mb.routing_BTLK, experts_BTLK, mb.valid_BT)
             prox.agree_sum += same * float(mb.valid_BT.sum())
@@ -228,15 +242,12 @@ class TrainStep:
         """The objective's loss of micro-batch `m` of mini-batch `i`; mini-batch 0 is at the
         proximal weights, so its own forward gives its pi_prox (`prox_BT` None)."""
         if i:
-            logp_BT = token_logprobs(self.model(m.inputs_BT), m.targets_BT, self.temperature)
+            logp_BT, _ = self._logprobs(m)
         else:
             with self.hooks.record() as trace:
-                logits_BTV = self.model(m.inputs_BT)
-            logp_BT = token_logprobs(logits_BTV, m.targets_BT, self.temperature)
+                logp_BT, entropy_BT = self._logprobs(m, with_entropy=True)
             prox_BT = logp_BT.detach()
-            with torch.no_grad():
-                self._prox_metrics(m, logits_BTV.detach(), trace.experts, prox)
-            del logits_BTV
+            self._prox_metrics(m, entropy_BT, trace.experts, prox)
         return self.objective.loss(
             logp_BT, prox_BT, m.behavior_logprobs_BT, m.advantages_B, m.mask_BT
         )

@@ -1,6 +1,7 @@
 """Builders and process helpers the test modules share (their fixtures are in `conftest.py`).
 
 - groups and buffers: `make_group()`, `new_buffer()`, `BufferClient` (both sides of the buffer);
+  `random_batch()`, a learner's packed global batch;
 - run configurations: `run_config()` (a buffer service's), `pipeline_config()` (a small run of
   threads in one process), `train_overrides()` (a real `async-rl train`);
 - processes: `launch()` starts `async-rl <command>` in its own session with output to a log,
@@ -67,6 +68,44 @@ def make_group(gid: str, version: int, g: int = G, seed: int = 0, routing: bool 
             )
         )
     return group_to_batch(rows, SPEC)
+
+
+def random_batch(seed: int, num_groups: int, g: int, cfg):
+    """A learner's global batch of `num_groups` groups of `g` random prompts and completions
+    of different lengths, right-padded, for the model `cfg` (a `ModelConfig`).
+
+    mu is a noisy uniform policy (the untrained model is close to uniform, so IS weights and
+    clipping are active); the routing trace is random expert ids, as an actor would send;
+    rewards alternate 0 / 1, so every group has nonzero advantages.
+    """
+    import torch
+
+    from learner.batch import PackedBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    b = g * num_groups
+    prompts = torch.randint(3, 7, (b,), generator=gen).tolist()
+    completions = torch.randint(2, 9, (b,), generator=gen).tolist()
+    t = max(p + c - 1 for p, c in zip(prompts, completions, strict=True))
+    inputs, targets = torch.zeros(b, t, dtype=torch.long), torch.zeros(b, t, dtype=torch.long)
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        seq = torch.randint(2, cfg.vocab_size, (p + c,), generator=gen)
+        inputs[i, : p + c - 1], targets[i, : p + c - 1] = seq[:-1], seq[1:]
+        mask[i, p - 1 : p + c - 1] = True
+    mu = -torch.log(torch.tensor(float(cfg.vocab_size))) + 0.3 * torch.randn(b, t, generator=gen)
+    rewards = torch.tensor([float(i % 2) for i in range(b)])
+    scores = torch.rand(b, t, cfg.num_layers, cfg.num_experts, generator=gen)
+    routing = scores.topk(cfg.top_k, dim=-1).indices.to(torch.uint8)
+    return PackedBatch(
+        inputs_BT=inputs,
+        targets_BT=targets,
+        mask_BT=mask,
+        behavior_logprobs_BT=torch.where(mask, mu, 0.0),
+        rewards_B=rewards,
+        policy_versions_B=torch.zeros(b, dtype=torch.long),
+        routing_BTLK=routing,
+    )
 
 
 def new_buffer(root, **kw) -> ReplayBuffer:

@@ -34,6 +34,56 @@ def test_paper_config_matches_the_paper():
     )
     assert (cfg.algo.group_size, cfg.algo.prompts_per_minibatch) == (16, 64)
     assert (cfg.algo.eps_low, cfg.algo.eps_high, cfg.algo.tis_cap) == (0.2, 0.27, 5.0)
+    assert (cfg.learner.lr, cfg.learner.master_dtype) == (1e-6, "float32")  # fp32 masters
+
+
+# What the CPU rehearsal may differ from the paper config in: depth, width, lengths, batch
+# sizes, the CPU stand-ins (engine, devices, attention kernel, task) and the run's length.
+CUT = {
+    "run": {"name", "num_steps", "eval_every", "eval_k", "init_checkpoint"},
+    "model": {"tokenizer", "dim", "num_layers", "moe_hidden_dim", "max_seq_len", "attn_backend"},
+    "task": None,  # prompts: a file of math problems there, arithmetic here
+    "actor": {
+        "engine",
+        "device",
+        "num_actors",
+        "min_actors",
+        "max_actors",
+        "max_new_tokens",
+        "max_running_rows",
+        "weight_update",
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+    },
+    "buffer": {"max_staleness"},
+    "learner": {
+        "device",
+        "lr",
+        "weight_decay",
+        "checkpoint_every",
+        "num_ranks",
+        "expert_parallel",
+        "max_tokens_per_microbatch",
+        "activation_checkpointing",
+        "sft_steps",
+        "sft_batch_size",
+        "sft_num_threads",
+    },
+    "algo": {"group_size", "prompts_per_minibatch"},
+    "logging": {"wandb_project"},
+}
+
+
+def test_the_rehearsal_is_the_paper_config_cut_only_in_size():
+    paper = load_config(ROOT / "configs" / "qwen3_30b_a3b_fp8.toml").to_dict()
+    rehearsal = load_config(ROOT / "configs" / "qwen3_30b_a3b_rehearsal.toml").to_dict()
+    for section, values in paper.items():
+        if CUT[section] is None:
+            continue
+        differ = {k for k in values if values[k] != rehearsal[section][k]}
+        assert differ <= CUT[section], (section, differ - CUT[section])
+    assert rehearsal["model"]["vocab_size"] == 151936 and rehearsal["learner"]["num_ranks"] == 2
+    assert rehearsal["actor"]["weight_update"] == "in_flight"  # the harder case of vLLM's
 
 
 def test_overrides_are_typed_and_applied():

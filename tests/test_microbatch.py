@@ -1,6 +1,6 @@
 """Micro-batches by token budget: an update accumulated over micro-batches of whole rows equals
 the one-shot update of the mini-batch (and with activation checkpointing too), for routing
-replay none / R2 / R3 and N = 1 / 4."""
+replay none / R2 / R3 and N = 1 / 4; and log-probs in chunks of positions equal one chunk."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ BUDGET = 16  # positions per forward; the batch's rows have 4..12, so 1 to 4 row
 STEPS = 2
 
 
-def train(num_minibatches: int, replay: str, budget: int, ac: str = "none"):
+def train(num_minibatches: int, replay: str, budget: int, ac: str = "none", chunk: int = 1024):
     """SGD global steps from a seeded model: weights, metrics, and every update's gradient."""
     model = apply_activation_checkpointing(build_model(CFG, seed=0), ac)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -40,6 +40,7 @@ def train(num_minibatches: int, replay: str, budget: int, ac: str = "none"):
             "learner.lr=0.5",
             "model.max_seq_len=16",
             f"learner.max_tokens_per_microbatch={budget}",
+            f"learner.logprob_chunk={chunk}",
             "run.num_steps=100",
         ],
     )
@@ -73,6 +74,20 @@ def test_microbatched_updates_equal_one_shot_updates(replay, n):
 def test_activation_checkpointing_recomputes_the_replayed_routing(replay, ac):
     # the recomputed forward of the backward pass must route as the forward did
     assert_same_training(train(4, replay, BUDGET, ac), train(4, replay, 0))
+
+
+@pytest.mark.parametrize("replay,budget", [("r2", BUDGET), ("r3", BUDGET), ("r2", 0)])
+def test_log_probs_in_chunks_of_positions_train_as_in_one(replay, budget):
+    """The output layer's chunked log-probs (chunks of 5 positions: several per row, rows
+    split across chunks) train exactly as one chunk does, under R2 / R3 and micro-batches:
+    its recomputed backward keeps the routing of the forward."""
+    chunked, whole = train(4, replay, budget, chunk=5), train(4, replay, budget)
+    assert_same_training(chunked, whole)
+    first, want = chunked[2][0], whole[2][0]  # the first update: the same weights
+    largest = max(g.abs().max() for g in want.values())
+    assert max((first[k] - want[k]).abs().max() for k in want) <= 1e-6 * largest
+    for a, b in zip(chunked[1], whole[1], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
 def test_microbatches_hold_whole_rows_within_the_budget_bucketed_by_length():

@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from async_rl.config import ModelConfig
-from learner.model import build_model, entropy, moe_routers, token_logprobs
+from learner.model import (
+    VocabChunks,
+    build_model,
+    entropy,
+    moe_routers,
+    policy_logprobs,
+    token_logprobs,
+)
 from learner.routing import RoutingHooks
 
 CFG = ModelConfig()  # the tiny default: 2 layers, 8 experts, top-2
@@ -153,3 +160,75 @@ def test_bfloat16_model_builds_and_runs():
     model = build_model(cfg, seed=0)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model(_tokens()).shape == (3, 12, CFG.vocab_size)
+
+
+def _vocab_reference(h_ND, w_VD, targets_N, temperature):
+    """log p(targets), entropy and mean log-prob in float64, all positions at once."""
+    logp_NV = torch.log_softmax((h_ND @ w_VD.T) / temperature, dim=-1)
+    logp_N = logp_NV.gather(-1, targets_N[:, None]).squeeze(-1)
+    return logp_N, -(logp_NV.exp() * logp_NV).sum(-1), logp_NV.mean(-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_chunked_logprobs_and_their_gradients_match_float64(chunk):
+    """`VocabChunks` in float32, any chunk size, against one float64 computation: values,
+    the input and weight gradients (of log-probs and of the mean log-prob) to 1e-6."""
+    gen = torch.Generator().manual_seed(chunk)
+    n, d, v = 50, 16, 300
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64) * 0.3
+    targets = torch.randint(0, v, (n,), generator=gen)
+    g_logp, g_mean = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = _vocab_reference(h64, w64, targets, 0.7)
+    (want[0] @ g_logp.double() + want[2] @ g_mean.double()).backward()
+    h32, w32 = h.float().requires_grad_(), w.float().requires_grad_()
+    got = VocabChunks.apply(h32, w32, targets, 0.7, chunk, True, True)
+    (got[0] @ g_logp + got[2] @ g_mean).backward()
+    for ours, theirs in (*zip(got, want, strict=True), (h32.grad, h64.grad), (w32.grad, w64.grad)):
+        scale = theirs.abs().max().item()
+        assert (ours.double() - theirs.detach()).abs().max().item() <= 1e-6 * max(scale, 1.0)
+    assert not got[1].requires_grad  # the entropy is a metric
+
+
+def test_chunked_logprobs_in_one_chunk_are_the_full_computation_bit_for_bit():
+    """A batch that fits one chunk gets exactly `token_logprobs(model(x))`: values, entropy and
+    every parameter's gradient (the golden trace relies on it); in several chunks the same
+    to float32 roundoff."""
+    tokens, targets = _tokens(4, 20, seed=3), _tokens(4, 20, seed=4)
+    upstream = torch.randn(4, 20, generator=torch.Generator().manual_seed(5))
+
+    def run(chunk):
+        model = build_model(CFG, seed=0)
+        if chunk is None:
+            logits = model(tokens)
+            logp, ent = token_logprobs(logits, targets, 0.7), entropy(logits.detach(), 0.7)
+        else:
+            logp, ent, _ = policy_logprobs(model, tokens, targets, 0.7, chunk, with_entropy=True)
+        (logp * upstream).sum().backward()
+        return logp.detach(), ent, {n: p.grad for n, p in model.named_parameters()}
+
+    full, one, seven = run(None), run(80), run(7)
+    assert torch.equal(full[0], one[0]) and torch.equal(full[1], one[1])
+    assert all(torch.equal(full[2][k], one[2][k]) for k in full[2])
+    torch.testing.assert_close(seven[0], full[0], rtol=0, atol=1e-6)
+    for k, grad in full[2].items():
+        assert (seven[2][k] - grad).abs().max() <= 1e-6 * grad.abs().max(), k
+
+
+def test_chunked_logprobs_hold_one_chunk_of_logits_not_the_batch():
+    """What the forward saves for the backward holds no `[positions x vocab]` tensor: the
+    largest is the output layer's own weight `[V, D]` (here half the batch's logits)."""
+    cfg = ModelConfig(vocab_size=4096)
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 2 * cfg.dim // 4))  # 2 D positions
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp, _, _ = policy_logprobs(model, tokens, tokens, chunk=16)
+    logp.sum().backward()
+    assert max(saved) == cfg.vocab_size * cfg.dim < tokens.numel() * cfg.vocab_size

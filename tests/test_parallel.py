@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from async_rl.config import ModelConfig, load_config
-from learner.batch import PackedBatch
+from learner.batch import PackedBatch, microbatches, split_to
 from learner.checkpoint import Snapshot, full_tensors, load_checkpoint
 from learner.hf import hf_state_dict
-from learner.model import build_model
+from learner.model import DTYPES, build_model
 from learner.parallel import (
     DataParallel,
     apply_fsdp,
@@ -30,6 +30,7 @@ from learner.parallel import (
     shutdown,
 )
 from learner.train import TrainStep
+from tests.helpers import random_batch
 
 CFG = ModelConfig()
 G, NUM_GROUPS, WORLD = 2, 4, 2
@@ -51,51 +52,52 @@ CASES = [
     # back by gloo's all_to_all_single
     (1, "none", "sgd", 2),
     (2, "r3", "sgd", 2),
+    # mixed precision (a 5th field): fp32 masters computing in bf16, FSDP2's MixedPrecisionPolicy
+    # on both sides (one process: over a mesh of one rank)
+    (2, "r2", "sgd", 1, "bfloat16"),
+    (2, "r3", "sgd", 2, "bfloat16"),
+    # micro-batches of at most 16 positions (a 6th field): the ranks' rows need different
+    # numbers of them, and every rank must run as many forwards as the one needing most
+    (2, "r2", "sgd", 2, "float32", 16),
 ]
 LR = {"sgd": 0.5, "adamw": 1e-2}
+# share of the largest gradient by which a first bf16 update may differ (measured: 0.4%); later
+# updates start from weights that differ by as much, and may differ 10 times more (measured 4.2%)
+BF16_TOL = 1e-2
 NUM_STEPS = {"sgd": 2, "adamw": 1}
 GRAD_CLIP = 0.5
 METRICS = ("loss", "grad_norm", "entropy", "clip_frac", "train_infer_kl", "routing_agreement")
 
 
 def global_batch(seed: int) -> PackedBatch:
-    """8 rows of random prompts and completions of different lengths, right-padded.
-
-    mu is a noisy uniform policy (the untrained model is close to uniform, so IS weights and
-    clipping are active); the routing trace is random expert ids, as an actor would send.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    b = G * NUM_GROUPS
-    prompts = torch.randint(3, 7, (b,), generator=gen).tolist()
-    completions = torch.randint(2, 9, (b,), generator=gen).tolist()
-    t = max(p + c - 1 for p, c in zip(prompts, completions, strict=True))
-    inputs, targets = torch.zeros(b, t, dtype=torch.long), torch.zeros(b, t, dtype=torch.long)
-    mask = torch.zeros(b, t, dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        seq = torch.randint(2, CFG.vocab_size, (p + c,), generator=gen)
-        inputs[i, : p + c - 1], targets[i, : p + c - 1] = seq[:-1], seq[1:]
-        mask[i, p - 1 : p + c - 1] = True
-    mu = -torch.log(torch.tensor(float(CFG.vocab_size))) + 0.3 * torch.randn(b, t, generator=gen)
-    rewards = torch.tensor([float(i % 2) for i in range(b)])  # nonzero advantages in every group
-    scores = torch.rand(b, t, CFG.num_layers, CFG.num_experts, generator=gen)
-    routing = scores.topk(CFG.top_k, dim=-1).indices.to(torch.uint8)
-    return PackedBatch(
-        inputs_BT=inputs,
-        targets_BT=targets,
-        mask_BT=mask,
-        behavior_logprobs_BT=torch.where(mask, mu, 0.0),
-        rewards_B=rewards,
-        policy_versions_B=torch.zeros(b, dtype=torch.long),
-        routing_BTLK=routing,
-    )
+    return random_batch(seed, NUM_GROUPS, G, CFG)
 
 
-def train(num_minibatches: int, replay: str, optimizer: str, ep: int, dp: DataParallel | None):
-    """Global steps from a seeded model: gathered weights, each step's metrics, and the
-    clipped gradient of every update as `{"<update>/<parameter>": tensor}`."""
-    model = build_model(CFG, seed=0)
+def train(
+    num_minibatches: int,
+    replay: str,
+    optimizer: str,
+    ep: int,
+    dtype: str = "float32",
+    budget: int = 0,
+    dp: DataParallel | None = None,
+):
+    """Global steps from a seeded model computing in `dtype` over fp32 masters: gathered
+    weights, each step's metrics, and the clipped gradient of every update as
+    `{"<update>/<parameter>": tensor}`."""
+    model = build_model(CFG, seed=0, dtype=torch.float32)
     if dp is not None:
-        apply_fsdp(model, dp, expert_parallel=ep)
+        apply_fsdp(model, dp, expert_parallel=ep, compute_dtype=DTYPES[dtype])
+    elif dtype != "float32":  # the reference: one process, all experts its own
+        apply_fsdp(model, DataParallel(), compute_dtype=DTYPES[dtype])
+    try:
+        return _train(model, num_minibatches, replay, optimizer, dtype, budget, dp)
+    finally:
+        if dp is None:
+            shutdown()  # the one-process group of mixed precision
+
+
+def _train(model, num_minibatches, replay, optimizer, dtype, budget, dp):
     lr = LR[optimizer]
     opt_class = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
     opt = opt_class(model.parameters(), lr=lr)
@@ -116,6 +118,9 @@ def train(num_minibatches: int, replay: str, optimizer: str, ep: int, dp: DataPa
             f"algo.routing_replay={replay}",
             f"learner.grad_clip={GRAD_CLIP}",
             f"learner.lr={lr}",
+            f"model.dtype={dtype}",
+            f"learner.max_tokens_per_microbatch={budget}",
+            f"model.max_seq_len={16 if budget else CFG.max_seq_len}",
             "run.num_steps=100",
         ],
     )
@@ -124,13 +129,15 @@ def train(num_minibatches: int, replay: str, optimizer: str, ep: int, dp: DataPa
     return full_state_dict(model), metrics, grads
 
 
-def adamw_learner(dp: DataParallel | None):
-    """A seeded model (sharded over `dp`'s ranks), its AdamW and N = 2 R2 train step."""
-    model = build_model(CFG, seed=0)
+def adamw_learner(dp: DataParallel | None, dtype: str = "float32"):
+    """A seeded model (sharded over `dp`'s ranks, computing in `dtype` over fp32 masters),
+    its AdamW and N = 2 R2 train step."""
+    model = build_model(CFG, seed=0, dtype=torch.float32)
     if dp is not None:
-        apply_fsdp(model, dp)
+        apply_fsdp(model, dp, compute_dtype=DTYPES[dtype])
     opt = torch.optim.AdamW(model.parameters(), lr=LR["adamw"])
     overrides = [f"algo.group_size={G}", "algo.num_minibatches=2", "algo.routing_replay=r2"]
+    overrides.append(f"model.dtype={dtype}")
     step = TrainStep(model, opt, load_config(None, [*overrides, "run.num_steps=100"]), dp=dp)
     return model, opt, step
 
@@ -181,9 +188,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         Snapshot.take(0, experts, torch.optim.AdamW(experts.parameters()), {}).write(
             Path(out_dir) / "ep", token="t"
         )
+        mixed, mixed_opt, mixed_step = adamw_learner(dp, "bfloat16")
+        mixed_step(global_batch(0))
         if dp.is_main:  # rank 0 holds the largest shards, which the planner counts
-            sizes = json.dumps(local_bytes(model, opt))
-            (Path(out_dir) / "rank0-bytes.json").write_text(sizes)
+            for dtype, pair in (("float32", (model, opt)), ("bfloat16", (mixed, mixed_opt))):
+                sizes = json.dumps(local_bytes(*pair))
+                (Path(out_dir) / f"rank0-bytes-{dtype}.json").write_text(sizes)
             save_file(gathered, f"{out_dir}/two-gathered.safetensors")
         # weights for publishing: gathered in buckets of 64 KiB, kept by rank 0 alone
         hf = hf_state_dict(model, CFG, bucket_bytes=64 * 1024, keep=dp.is_main)
@@ -194,7 +204,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         else:
             assert hf == {}
         for case in CASES:
-            state, metrics, grads = train(*case, dp)
+            state, metrics, grads = train(*case, dp=dp)
             if dp.is_main:  # rank 0 alone writes, as it alone publishes weights in a run
                 name = "-".join(map(str, case))
                 save_file(state, f"{out_dir}/{name}.safetensors")
@@ -224,7 +234,7 @@ def two_ranks(tmp_path_factory):
         _worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False, start_method=method
     )
     try:
-        references = {case: train(*case, None) for case in CASES}
+        references = {case: train(*case) for case in CASES}
         deadline = time.monotonic() + 300
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
@@ -252,6 +262,8 @@ def test_two_ranks_update_like_one_process(two_ranks, case):
     references, results = two_ranks
     ref_state, ref_metrics, ref_grads = references[case]
     state, metrics, grads = results[case]
+    mixed = case[4:5] == ("bfloat16",)
+    assert all(t.dtype == torch.float32 for t in (*state.values(), *grads.values()))
     assert grads.keys() == ref_grads.keys()
     num_updates = len(ref_grads) // len({k.split("/")[1] for k in ref_grads})
     for update in range(num_updates):
@@ -260,18 +272,25 @@ def test_two_ranks_update_like_one_process(two_ranks, case):
         grad_max = max(ref_grads[k].abs().max().item() for k in keys)
         print(f"{case} update {update}: max |g_dp - g| = {grad_diff:.3g} (max |g| {grad_max:.3g})")
         # The clipped gradient of the whole mini-batch. After an AdamW update the weights
-        # differ a little (see CASES), and so do later gradients.
+        # differ a little (see CASES), and so do later gradients. In bf16 a rank's rows are
+        # computed (and each rank's gradient rounded) in bf16 before the fp32 reduction.
         exact = case[2] == "sgd" or update == 0
-        assert grad_diff < (1e-5 if exact else 1e-3) * grad_max
+        if mixed:
+            assert grad_diff < (1 if update == 0 else 10) * BF16_TOL * grad_max
+        else:
+            assert grad_diff < (1e-5 if exact else 1e-3) * grad_max
     diffs = torch.cat([(state[k] - w).abs().flatten() for k, w in ref_state.items()])
     off = (diffs > 1e-6).float().mean().item()
     print(f"{case}: max |w_dp - w| = {diffs.max():.3g}, share of weights off by > 1e-6: {off:.2%}")
-    if case[2] == "sgd":
+    if mixed:  # SGD: lr times the gradients' bf16 differences, summed over the updates
+        largest = max(g.abs().max() for g in ref_grads.values())
+        assert diffs.max() < 10 * BF16_TOL * LR["sgd"] * largest * num_updates
+    elif case[2] == "sgd":
         assert diffs.max() < 1e-6
     else:
         assert diffs.max() < 0.05 * LR["adamw"] and off < 0.05
     assert any(m["grad_norm"] > GRAD_CLIP for m in ref_metrics)  # clipping was active
-    rel = 1e-5 if case[2] == "sgd" else 1e-4  # AdamW's second mini-batch: see CASES
+    rel = BF16_TOL if mixed else 1e-5 if case[2] == "sgd" else 1e-4  # AdamW: see CASES
     for ref, got in zip(ref_metrics, metrics, strict=True):
         for key in METRICS:
             assert got[key] == pytest.approx(ref[key], rel=rel, abs=1e-6), key
@@ -284,6 +303,32 @@ def test_replay_changed_the_update(two_ranks):
     router = {c: references[c][0]["layers.0.moe.router.gate.weight"] for c in CASES}
     assert not torch.equal(router[(2, "none", "sgd", 1)], router[(2, "r2", "sgd", 1)])
     assert not torch.equal(router[(2, "r2", "sgd", 1)], router[(2, "r3", "sgd", 1)])
+    fp32, bf16 = router[(2, "r2", "sgd", 1)], router[(2, "r2", "sgd", 1, "bfloat16")]
+    assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, atol=1e-2)
+
+
+def test_the_micro_batch_case_needs_different_counts_on_the_two_ranks():
+    """What the micro-batch case of CASES exercises: without `split_to` the ranks would run
+    different numbers of (collective) forwards in some mini-batch."""
+    budget = next(c[5] for c in CASES if len(c) > 5)
+
+    def counts(seed: int, i: int) -> set[int]:
+        out = set()
+        for rank in range(WORLD):
+            local = local_batch(global_batch(seed), 2, DataParallel(rank, WORLD), group_size=G)
+            size = local.num_rows // 2
+            out.add(len(microbatches(local.rows(i * size, (i + 1) * size), budget)))
+        return out
+
+    assert any(len(counts(seed, i)) > 1 for seed in range(NUM_STEPS["sgd"]) for i in range(2))
+
+
+def test_split_to_halves_the_largest_micro_batch_until_there_are_enough():
+    parts = split_to([torch.tensor([0, 1, 2]), torch.tensor([3])], 4)
+    assert [p.tolist() for p in parts] == [[0], [1], [2], [3]]
+    assert [p.tolist() for p in split_to([torch.tensor([0, 1, 2, 3])], 2)] == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="at least 3 rows"):
+        split_to([torch.tensor([0, 1])], 3)
 
 
 def test_rank_shares_are_contiguous_whole_groups_of_every_minibatch():
@@ -369,11 +414,14 @@ def test_every_rank_writes_its_own_shards_of_a_checkpoint(two_ranks):
     assert all(torch.equal(written[k], want[k]) for k in want)
 
 
-def test_the_planner_counts_the_shards_of_rank_0(two_ranks):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_planner_counts_the_shards_of_rank_0(two_ranks, dtype):
+    """fp32 masters, gradients and moments, whichever dtype the ranks compute in."""
     from async_rl.app.plan import Cluster, make_plan
 
-    real = json.loads((two_ranks[1]["checkpoints"] / "rank0-bytes.json").read_text())
-    cfg = load_config(None, ["learner.num_ranks=2", f"algo.group_size={G}"])
+    out = two_ranks[1]["checkpoints"]
+    real = json.loads((out / f"rank0-bytes-{dtype}.json").read_text())
+    cfg = load_config(None, ["learner.num_ranks=2", f"algo.group_size={G}", f"model.dtype={dtype}"])
     plan = make_plan(cfg, Cluster())
     assert {k: plan.learner[k] for k in real} == real
 

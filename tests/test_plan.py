@@ -3,28 +3,43 @@ forward saves, the shipped 30B layout, and the layouts it refuses."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from async_rl.app.driver import check_placement
-from async_rl.app.plan import Cluster, activation_bytes, make_plan
+from async_rl.app.plan import Cluster, activation_bytes, logits_bytes, make_plan
 from async_rl.config import ConfigError, ModelConfig, load_config
-from learner.model import apply_activation_checkpointing, build_model, token_logprobs
+from learner.model import apply_activation_checkpointing, build_model, policy_logprobs
 from tests.helpers import ENV, ROOT
 
+CHUNK = 128  # positions whose logits the learner holds at once
 
-def test_weights_gradients_and_adamw_bytes_are_the_real_ones_at_one_rank():
-    cfg = load_config(None, [])
-    model = build_model(cfg.model, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randint(0, cfg.model.vocab_size, (2, 8))).sum().backward()
-    opt.step()
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_gradients_and_adamw_bytes_are_the_real_ones_at_one_rank(dtype):
+    """fp32 masters, gradients and moments, whether the model computes in fp32 or, through
+    FSDP2's mixed precision over one process, in bf16."""
+    from learner.model import DTYPES
+    from learner.parallel import DataParallel, apply_fsdp, shutdown
+
+    cfg = load_config(None, [f"model.dtype={dtype}"])
+    model = build_model(cfg.model, seed=0, dtype=torch.float32)
+    try:
+        apply_fsdp(model, DataParallel(), compute_dtype=DTYPES[dtype])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randint(0, cfg.model.vocab_size, (2, 8))).float().sum().backward()
+        opt.step()
+    finally:
+        shutdown()
 
     def nbytes(tensors):
+        tensors = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
@@ -32,7 +47,8 @@ def test_weights_gradients_and_adamw_bytes_are_the_real_ones_at_one_rank():
     assert plan.learner["params"] == nbytes(model.parameters())
     assert plan.learner["grads"] == nbytes(p.grad for p in model.parameters())
     assert plan.learner["adamw"] == nbytes(moments)
-    assert plan.version_bytes == nbytes(model.state_dict().values())
+    assert plan.version_bytes == plan.learner["numel"] * (2 if dtype == "bfloat16" else 4)
+    assert (plan.learner["in_flight"] > 0) == (dtype != "float32")  # FSDP's units, mixed only
 
 
 def saved_bytes(model, tokens_BT) -> int:
@@ -45,7 +61,7 @@ def saved_bytes(model, tokens_BT) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logp = token_logprobs(model(tokens_BT), tokens_BT)
+        logp, _, _ = policy_logprobs(model, tokens_BT, tokens_BT, chunk=CHUNK)
     logp.sum().backward()
     return sum(storages.values())
 
@@ -57,14 +73,16 @@ def test_the_activation_estimate_is_within_2x_of_what_a_forward_saves():
         mode: saved_bytes(apply_activation_checkpointing(build_model(cfg, seed=0), mode), tokens_BT)
         for mode in ("none", "full")
     }
+    chunk_peak = logits_bytes(cfg, CHUNK)
     # full checkpointing: what the forward keeps, and one block recomputed in the backward
     # (a block's activations: what the layers keep without checkpointing, less their inputs)
     peak = {
-        "none": saved["none"],
-        "full": saved["full"] + (saved["none"] - saved["full"]) // cfg.num_layers,
+        "none": saved["none"] + chunk_peak,
+        "full": saved["full"] + (saved["none"] - saved["full"]) // cfg.num_layers + chunk_peak,
     }
     for mode, measured in peak.items():
-        estimate = activation_bytes(cfg, tokens_BT.numel(), mode)
+        # what is saved, and at its peak one chunk's logits (not saved: recomputed)
+        estimate = activation_bytes(cfg, tokens_BT.numel(), mode, CHUNK)
         print(f"{mode}: estimate {estimate} B, measured {measured} B")
         assert measured / 2 <= estimate <= 2 * measured, mode
 
@@ -74,17 +92,48 @@ def plan_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
 
 
-def test_the_30b_config_fits_two_nodes_of_eight_80_gib_gpus_and_one_node_does_not():
+def test_the_30b_config_fits_three_nodes_of_eight_80_gib_gpus_and_not_two():
     config = ["--config", "configs/qwen3_30b_a3b_fp8.toml", "--gpus-per-node", "8"]
-    done = plan_cli(*config, "--nodes", "2", "--gpu-mem-gib", "80")
+    done = plan_cli(*config, "--nodes", "3", "--gpu-mem-gib", "80")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("fits") and "30.532 B parameters" in done.stdout
+    assert "bfloat16 compute over float32 masters" in done.stdout
+    cfg = load_config(ROOT / "configs/qwen3_30b_a3b_fp8.toml", [])
+    plan = make_plan(cfg, Cluster(nodes=3, gpus_per_node=8, gpu_mem_gib=80))
+    # 16 bytes per parameter of a rank's shard: fp32 masters, gradients, AdamW's two moments
+    shard = math.ceil(plan.learner["numel"] / 16)
+    assert plan.learner["params"] + plan.learner["grads"] + plan.learner["adamw"] == pytest.approx(
+        16 * shard, rel=0.01
+    )
+    assert plan.learner["logits"] == 512 * 151936 * (2 + 12)  # one chunk, not 34,816 positions
+    eight = make_plan(
+        load_config(ROOT / "configs/qwen3_30b_a3b_fp8.toml", ["learner.num_ranks=8"]),
+        Cluster(nodes=2, gpus_per_node=8, gpu_mem_gib=80),
+    )
+    assert not eight.fits and any(p.startswith("a learner rank needs 77.") for p in eight.problems)
+    h200 = Cluster(nodes=2, gpus_per_node=8, gpu_mem_gib=141)
+    assert make_plan(eight.cfg, h200).fits
     overrides = ["learner.num_ranks=1", "learner.max_tokens_per_microbatch=0"]
     cfg = load_config(ROOT / "configs/qwen3_30b_a3b_fp8.toml", overrides)
     one = make_plan(cfg, Cluster(nodes=1, gpus_per_node=8, gpu_mem_gib=80))
     assert not one.fits
     assert any("= 9 devices, the cluster has 8" in p for p in one.problems)
     assert any(p.startswith("a learner rank needs") for p in one.problems)
+
+
+def test_pure_bf16_masters_are_counted_in_bf16_and_warned_of():
+    from async_rl.config import precision_warning
+
+    path = ROOT / "configs/qwen3_30b_a3b_fp8.toml"
+    mixed = make_plan(load_config(path, []), Cluster(nodes=3, gpus_per_node=8))
+    pure = make_plan(load_config(path, ["learner.master_dtype=bfloat16"]), mixed.cluster)
+    assert pure.learner["params"] * 2 == mixed.learner["params"]
+    assert precision_warning(mixed.cfg) is None
+    warning = precision_warning(pure.cfg)
+    assert "rounds away" in warning and "6.1e-5" in warning and "learner.lr = 1e-06" in warning
+    assert f"warning: {warning}" in pure.report() and "warning" not in mixed.report()
+    with pytest.raises(ConfigError, match="learner.master_dtype.*model.dtype"):
+        load_config(None, ["learner.master_dtype=bfloat16"])  # fp32 compute, bf16 masters
 
 
 def test_a_tensor_parallel_actor_holds_a_share_per_gpu_and_takes_that_many_gpus():
@@ -94,7 +143,7 @@ def test_a_tensor_parallel_actor_holds_a_share_per_gpu_and_takes_that_many_gpus(
     two = make_plan(load_config(path, ["actor.tensor_parallel_size=2"]), cluster)
     assert two.actor["weights"] == pytest.approx(one.actor["weights"] / 2, abs=1)
     assert two.actor["kv"] == pytest.approx(one.actor["kv"] / 2)
-    assert not two.fits and any("= 24 devices, the cluster has 16" in p for p in two.problems)
+    assert not two.fits and any("= 32 devices, the cluster has 16" in p for p in two.problems)
     tight = make_plan(load_config(path, ["actor.gpu_memory_utilization=0.5"]), cluster)
     assert any("actor.gpu_memory_utilization gives it 40.00 GiB" in p for p in tight.problems)
     with pytest.raises(ConfigError, match="actor.tensor_parallel_size.*vLLM's on CUDA"):

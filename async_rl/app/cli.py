@@ -11,7 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from async_rl.config import Config, ConfigError, load_config, reference, to_toml
+from async_rl.config import (
+    Config,
+    ConfigError,
+    load_config,
+    precision_warning,
+    reference,
+    to_toml,
+)
 from async_rl.paths import RunPaths
 
 
@@ -120,12 +127,11 @@ def _add_tool_commands(sub) -> None:
 
 def _setup(cfg: Config):
     """Threads, tokenizer and task of a run (imports torch)."""
-    import torch
-
+    from async_rl.runtime import configure_torch
     from async_rl.tasks import task_from_config
     from async_rl.tokenizer import load_tokenizer
 
-    torch.set_num_threads(cfg.run.num_threads)
+    configure_torch(cfg.run.num_threads)
     return load_tokenizer(cfg.model.tokenizer), task_from_config(cfg)
 
 
@@ -138,14 +144,19 @@ def _print_eval(label: str, result) -> None:
 
 def cmd_sft(cfg: Config) -> Path:
     from async_rl.app.evaluation import evaluate_checkpoint
+    from async_rl.runtime import configure_torch
     from learner.sft import run_sft
 
     tokenizer, task = _setup(cfg)
     out_dir = RunPaths(cfg.run_dir).sft_checkpoint
     start = time.monotonic()
-    run_sft(cfg, tokenizer, task, out_dir)
-    print(f"cold start done in {time.monotonic() - start:.0f}s; checkpoint: {out_dir}")
-    _print_eval("held-out", evaluate_checkpoint(cfg, out_dir))
+    configure_torch(cfg.learner.sft_num_threads or cfg.run.num_threads)  # it runs alone
+    try:
+        run_sft(cfg, tokenizer, task, out_dir)
+        print(f"cold start done in {time.monotonic() - start:.0f}s; checkpoint: {out_dir}")
+        _print_eval("held-out", evaluate_checkpoint(cfg, out_dir))
+    finally:
+        configure_torch(cfg.run.num_threads)  # the run's processes share the cores from here
     return out_dir
 
 
@@ -165,6 +176,8 @@ def cmd_train(cfg: Config, ray_address: str | None) -> None:
 
     check_placement(cfg, ray_address)  # before the cold start and Ray
     print(make_plan(cfg, Cluster.local(cfg)).summary())
+    if warning := precision_warning(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     done = steps_logged(cfg.run_dir)
     if done >= cfg.run.num_steps:
         print(

@@ -41,7 +41,7 @@ from learner.batch import PackedBatch, pack
 from learner.checkpoint import full_tensors
 from learner.hf import import_hf
 from learner.loss import MiniRL
-from learner.model import build_model, token_logprobs
+from learner.model import build_model, policy_logprobs
 from learner.routing import RoutingHooks
 
 REPLAYS = ("none", "r2", "r3")
@@ -107,8 +107,8 @@ def _logprobs(model, hooks, batch: PackedBatch, replay_BTLK, temperature: float)
     """Token log-probs `[B, T]` (with grad) and the routing this forward used."""
     context = contextlib.nullcontext() if replay_BTLK is None else hooks.replay(replay_BTLK)
     with context, hooks.record() as trace:
-        logits_BTV = model(batch.inputs_BT)
-    return token_logprobs(logits_BTV, batch.targets_BT, temperature), trace.experts
+        logp_BT, _, _ = policy_logprobs(model, batch.inputs_BT, batch.targets_BT, temperature)
+    return logp_BT, trace.experts
 
 
 def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -35,6 +35,7 @@ import ray
 from async_rl.config import Config, ConfigError, is_loopback, load_config, to_toml
 from async_rl.messages import ActorStats, ProcessStatus
 from async_rl.paths import RunPaths, read_fleet_request, write_fleet_size, write_pid
+from async_rl.runtime import configure_torch
 
 
 def _setup_process(run_dir: str, name: str) -> Config:
@@ -42,9 +43,7 @@ def _setup_process(run_dir: str, name: str) -> Config:
     paths = RunPaths(run_dir)
     write_pid(paths, name)
     cfg = load_config(paths.config)
-    import torch
-
-    torch.set_num_threads(cfg.run.num_threads)
+    configure_torch(cfg.run.num_threads)
     return cfg
 
 

@@ -6,11 +6,16 @@
 Parameters are counted on torchtitan's model built on the meta device (no memory, any size),
 so every number below follows the configured `[model]` exactly:
 - a learner rank (FSDP2 shards every parameter on its first dimension over `learner.num_ranks`
-  ranks, rank 0 holding the largest shard): parameters and gradients in `model.dtype`, AdamW's
-  two moments in the same dtype (torch's AdamW keeps them in the parameter's dtype), and the
-  activations one forward keeps for its backward at the micro-batch budget
-  (`learner.max_tokens_per_microbatch`, else a whole mini-batch share of a rank at
-  `model.max_seq_len`), with and without activation checkpointing;
+  ranks, rank 0 holding the largest shard): master parameters, their gradients and AdamW's
+  two moments in `learner.master_dtype` (fp32: 16 bytes per parameter of the shard); under
+  FSDP (several ranks, or a compute dtype other than the masters') the units in flight in
+  `model.dtype`: the transformer block being computed and the one prefetched, the output
+  layer's unit (kept unsharded from its forward to its backward) and the block's unsharded
+  gradient before its fp32 reduce-scatter; and the activations one forward keeps for its
+  backward at the micro-batch budget (`learner.max_tokens_per_microbatch`, else a whole
+  mini-batch share of a rank at `model.max_seq_len`), with and without activation
+  checkpointing, with the vocabulary's logits of one chunk of `learner.logprob_chunk`
+  positions;
 - an actor, per GPU of its `actor.tensor_parallel_size` (1/tp of the whole): its weights (FP8:
   one byte per attention and expert weight, bf16 for embeddings,
   norms, routers and the output layer; else two bytes) and the KV cache of
@@ -26,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from async_rl.config import Config, ModelConfig
+from async_rl.config import Config, ModelConfig, precision_warning
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -80,28 +85,60 @@ def shard_numel(shapes: dict[str, tuple[int, ...]], ranks: int) -> int:
     )
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, checkpointing: str = "none") -> int:
-    """What a training forward of `tokens` positions keeps for its backward, per rank.
+def activation_bytes(
+    cfg: ModelConfig, tokens: int, checkpointing: str = "none", chunk: int = 1024
+) -> int:
+    """What a training forward of `tokens` positions keeps for its backward, per rank, and
+    the vocabulary's logits of one chunk of `chunk` positions at its peak.
 
     Per token and layer: the norms' and projections' inputs (about 6 D), queries, keys and
     values before and after their norms and RoPE and the attention output (3 Hq hd + 5 Hkv hd),
     router scores (E), and for each of the K experts a token goes to its gathered input, the
-    SwiGLU's gate, up and product (4 F) and its output (3 D in all). The output layer keeps its
-    logits and their float32 log-softmax (V (b + 4)). Full activation checkpointing keeps each
-    block's input (D) and recomputes one block at a time; selective keeps about half.
+    SwiGLU's gate, up and product (4 F) and its output (3 D in all); then the final norm's
+    output (D), which the chunked log-probs keep. Full activation checkpointing keeps each
+    block's input (D) and recomputes one block at a time; selective keeps about half. The
+    output layer (`learner.model.VocabChunks`) holds one chunk's float32 log-softmax and
+    gradients: `chunk V (b + 12)`, whatever the number of tokens.
     """
     b = DTYPE_BYTES[cfg.dtype]
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     per_layer = 6 * cfg.dim + 3 * q + 5 * kv + cfg.num_experts
     per_layer += cfg.top_k * (4 * cfg.moe_hidden_dim + 3 * cfg.dim)
-    logits = cfg.vocab_size * (b + 4)
     if checkpointing == "full":
         kept = cfg.num_layers * cfg.dim + per_layer
     elif checkpointing == "selective":
         kept = cfg.num_layers * per_layer // 2
     else:
         kept = cfg.num_layers * per_layer
-    return tokens * (b * kept + logits)
+    return tokens * b * (kept + cfg.dim) + logits_bytes(cfg, min(tokens, chunk))
+
+
+def logits_bytes(cfg: ModelConfig, positions: int) -> int:
+    """The peak of one chunk's vocabulary, in its backward: the recomputed float32
+    log-softmax, the one-hot upstream gradient and the logits' gradient (float32, and in
+    `model.dtype`)."""
+    return positions * cfg.vocab_size * (DTYPE_BYTES[cfg.dtype] + 12)
+
+
+def in_flight_bytes(cfg: Config, shapes: dict[str, tuple[int, ...]]) -> int:
+    """What FSDP2 holds unsharded in `model.dtype` on a rank besides its shards: the largest
+    block twice (computed, prefetched), the norm + output unit (unsharded from its forward
+    to its backward), and the block's gradient before its reduce-scatter (`model.dtype`, and
+    its fp32 copy for the reduction). A block's routed experts are gathered over the ranks
+    of its expert-parallel group only (1/`learner.expert_parallel` of them). 0 without FSDP
+    (one process computing in its masters' dtype)."""
+    if cfg.learner.num_ranks == 1 and cfg.model.dtype == cfg.learner.master_dtype:
+        return 0
+    ep, blocks, head = cfg.learner.expert_parallel, {}, 0
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        if name.startswith("layers."):
+            block = name.split(".")[1]
+            blocks[block] = blocks.get(block, 0) + (numel // ep if "experts" in name else numel)
+        elif not name.startswith("tok_embeddings"):
+            head += numel
+    layer, b = max(blocks.values()), DTYPE_BYTES[cfg.model.dtype]
+    return b * (2 * layer + head) + (b + 4) * layer
 
 
 def forward_tokens(cfg: Config) -> int:
@@ -130,8 +167,10 @@ class Plan:
         lrn = self.learner
         return (
             f"plan: {self.cfg.learner.num_ranks} learner rank(s) x {_gib(lrn['total'])} "
-            f"(weights+grads+AdamW {_gib(lrn['params'] + lrn['grads'] + lrn['adamw'])}, "
-            f"activations {_gib(lrn['activations'])}); {self.cfg.actor.num_actors} actor(s) x "
+            f"({self.cfg.learner.master_dtype} weights+grads+AdamW "
+            f"{_gib(lrn['params'] + lrn['grads'] + lrn['adamw'])}, "
+            f"in flight {_gib(lrn['in_flight'])}, activations {_gib(lrn['activations'])}); "
+            f"{self.cfg.actor.num_actors} actor(s) x "
             f"{_gib(self.actor['total'])}; a weight version {_gib(self.version_bytes)}"
             + ("" if self.fits else f"; DOES NOT FIT: {'; '.join(self.problems)}")
         )
@@ -145,20 +184,28 @@ class Plan:
             else "CPU processes"
         )
         ranks, ep = cfg.learner.num_ranks, cfg.learner.expert_parallel
+        master = cfg.learner.master_dtype
+        precision = (
+            f"{cfg.model.dtype} compute over {master} masters"
+            if master != cfg.model.dtype
+            else cfg.model.dtype
+        )
         seconds = self.version_bytes * 8 / (cl.bandwidth_gbps * 1e9)
         lines = [
             f"cluster: {where}",
             f"placement: learner {ranks} rank(s) (FSDP2 over {ranks}, expert parallel {ep}), "
             f"{cfg.actor.num_actors} actor(s) (up to {cfg.actor.max_actors}), "
             f"{cfg.actor.tensor_parallel_size} device(s) each",
-            f"model: {lrn['numel'] / 1e9:.3f} B parameters, {cfg.model.dtype}",
+            f"model: {lrn['numel'] / 1e9:.3f} B parameters, {precision}",
             f"learner rank (rank 0, the largest shard): {_gib(lrn['total'])}",
-            f"  parameters {_gib(lrn['params'])}, gradients {_gib(lrn['grads'])}, "
-            f"AdamW {_gib(lrn['adamw'])}",
+            f"  {master} parameters {_gib(lrn['params'])}, gradients {_gib(lrn['grads'])}, "
+            f"AdamW {_gib(lrn['adamw'])}; {cfg.model.dtype} units in flight (FSDP) "
+            f"{_gib(lrn['in_flight'])}",
             f"  activations of a forward of {lrn['tokens']} positions: "
             f"{_gib(lrn['activations'])} ({cfg.learner.activation_checkpointing} checkpointing;"
             f" none {_gib(lrn['act_none'])}, selective {_gib(lrn['act_selective'])}, "
-            f"full {_gib(lrn['act_full'])})",
+            f"full {_gib(lrn['act_full'])}), of which the logits of a chunk of "
+            f"{min(lrn['tokens'], cfg.learner.logprob_chunk)} positions {_gib(lrn['logits'])}",
             f"actor, per device: {_gib(act['total'])} = weights {_gib(act['weights'])} "
             f"({cfg.actor.quantization}) + KV cache {_gib(act['kv'])} "
             f"({cfg.actor.max_running_rows} rows x {cfg.model.max_seq_len} positions; "
@@ -167,6 +214,8 @@ class Plan:
             f"{cl.bandwidth_gbps:g} Gb/s",
             "fits" if self.fits else "DOES NOT FIT:\n  " + "\n  ".join(self.problems),
         ]
+        if warning := precision_warning(cfg):
+            lines.insert(3, f"warning: {warning}")
         return "\n".join(lines)
 
 
@@ -177,22 +226,28 @@ def _gib(n: float) -> str:
 def make_plan(cfg: Config, cluster: Cluster) -> Plan:
     m, lrn, act = cfg.model, cfg.learner, cfg.actor
     shapes = parameter_shapes(m)
-    b = DTYPE_BYTES[m.dtype]
+    b, mb = DTYPE_BYTES[m.dtype], DTYPE_BYTES[lrn.master_dtype]
     numel = sum(math.prod(s) for s in shapes.values())
-    shard = shard_numel(shapes, lrn.num_ranks) * b
+    shard = shard_numel(shapes, lrn.num_ranks) * mb
     tokens = forward_tokens(cfg)
-    acts = {mode: activation_bytes(m, tokens, mode) for mode in ("none", "selective", "full")}
+    acts = {
+        mode: activation_bytes(m, tokens, mode, lrn.logprob_chunk)
+        for mode in ("none", "selective", "full")
+    }
     plan = Plan(cfg, cluster, version_bytes=numel * b)
     plan.learner = {
         "numel": numel,
         "params": shard,
         "grads": shard,
         "adamw": 2 * shard,
+        "in_flight": in_flight_bytes(cfg, shapes),
         "tokens": tokens,
+        "logits": logits_bytes(m, min(tokens, lrn.logprob_chunk)),
         "activations": acts[lrn.activation_checkpointing],
         **{f"act_{mode}": v for mode, v in acts.items()},
     }
-    plan.learner["total"] = 4 * shard + plan.learner["activations"]
+    lrn_bytes = plan.learner
+    lrn_bytes["total"] = 4 * shard + lrn_bytes["in_flight"] + lrn_bytes["activations"]
     dense = sum(math.prod(s) for n, s in shapes.items() if any(k in n for k in BF16_IN_FP8))
     weights = (numel - dense) * 1 + dense * 2 if act.quantization == "fp8" else numel * 2
     # per GPU of the actor's tensor-parallel group: each holds 1/tp of the weights and KV heads
