@@ -12,9 +12,10 @@ interface):
   one forward, the cache row copied to each of the G samples), then runs one decode step for
   every running row. A row leaves the batch as soon as it samples eos or reaches its limit
   (`max_new_tokens`, or what is left of the context), so a step costs what the live rows cost.
-  Rows live in slots of preallocated tensors (KV cache, routing, sampling state): the running
-  rows are the first B slots, a new row is written into a free slot, and a finished row's slot
-  takes a row from the end, so neither moves the other rows' cache.
+  Rows live in slots of preallocated tensors (KV cache, routing, sampling state;
+  `actors.embedded_rows`): the running rows are the first B slots, a new row is written into a
+  free slot, and a finished row's slot takes a row from the end, so neither moves the other
+  rows' cache.
 - Sampling: each row draws from its own `torch.Generator`, seeded `params.seed + g` for sample
   g, by inverse transform of one uniform per token (drawn for all its tokens when it is
   admitted): a row samples the same tokens whatever else runs beside it. Behaviour log-probs
@@ -35,13 +36,13 @@ interface):
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from actors.embedded_model import Cache, Model, read_tensors
+from actors.embedded_model import Model, read_tensors
+from actors.embedded_rows import Row, RunningRows
 from actors.engine import (
     Generation,
     GroupRequest,
@@ -54,31 +55,6 @@ from async_rl.hf_config import ModelSpec, check_tensors, read_model_spec
 from async_rl.weights import WeightsSource
 
 KV_ON_SWAP = ("keep", "recompute")
-
-
-@dataclass
-class _Row:
-    """One completion being generated."""
-
-    request: GroupRequest
-    sample: int  # g, within its group
-    limit: int  # most completion tokens
-    uniforms: torch.Tensor  # [limit]: token i is drawn with uniforms[i] (zeros when greedy)
-    routing: np.ndarray  # [P, L, K] while running; [P + C - 1, L, K] once finished
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    logits: list[torch.Tensor] | None = None  # [V] per token, when kept
-    finish_reason: str | None = None
-
-    def generation(self) -> Generation:
-        return Generation(
-            tokens=self.tokens,
-            logprobs=self.logprobs,
-            versions=self.versions,
-            routing=self.routing,
-            finish_reason=self.finish_reason,
-        )
 
 
 def sample_rows(
@@ -156,15 +132,8 @@ class EmbeddedEngine:
         self.version = 0
         self.model: Model | None = None
         self.waiting: deque[GroupRequest] = deque()
-        # Running row b lives in slot b of the KV cache and of `slots`: slots 0..B-1 are the
-        # batch, the rest are room to admit rows into without copying (the capacity C grows
-        # up to max_running_rows). A finished row's slot is filled by a row from the end.
-        self.rows: list[_Row] = []
-        self.cache: Cache = []  # [C, J, S, Dh] per layer
-        self.slots: dict[str, torch.Tensor] = {}  # `_new_slots`
+        self.running = RunningRows(max_running_rows, self.device)
         self.finished: dict[str, list[Generation | None]] = {}  # groups not complete yet
-        self.keep_logits = False  # rows admitted meanwhile keep their logits (tests, benchmarks)
-        self.kept_logits: dict[str, list[torch.Tensor | None]] = {}
         self.load_weights(checkpoint_dir, 0)
 
     @property
@@ -173,7 +142,7 @@ class EmbeddedEngine:
 
     @property
     def num_running(self) -> int:
-        return len(self.rows)
+        return len(self.running)
 
     @property
     def num_waiting(self) -> int:
@@ -190,16 +159,16 @@ class EmbeddedEngine:
         else:
             spec = self._model().spec
             tensors = check_tensors(dict(source), spec, f"weights of version {version}")
-        if self.model is not None and self.rows and spec != self.model.spec:
+        rows = self.running.rows
+        if self.model is not None and rows and spec != self.model.spec:
             raise ValueError(f"weights of version {version}: another model than the running one")
         with torch.inference_mode():
             model = Model(spec, tensors, self.quantization, self.device)
             self.model, self.version = model, version
-            if self.rows and self.kv_on_swap == "recompute":
-                sequences = [r.request.prompt + r.tokens[:-1] for r in self.rows]
+            if rows and self.kv_on_swap == "recompute":
+                sequences = [r.request.prompt + r.tokens[:-1] for r in rows]
                 _, cache, _ = self._prefill(model, sequences)
-                for (k, v), (k_new, v_new) in zip(self.cache, cache, strict=True):
-                    k[: len(self.rows)], v[: len(self.rows)] = k_new, v_new
+                self.running.replace_cache(cache)
 
     def close(self) -> None:
         self.model = None
@@ -219,17 +188,14 @@ class EmbeddedEngine:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[str, list[Generation]]]:
-        done: list[_Row] = []
+        done: list[Row] = []
         self._admit(done)
-        if self.rows:
+        if self.running.rows:
             self._decode(done)
         complete = []
         for row in done:
             group = self.finished[row.request.request_id]
             group[row.sample] = row.generation()
-            if row.logits is not None:
-                kept = self.kept_logits.setdefault(row.request.request_id, [None] * len(group))
-                kept[row.sample] = torch.stack(row.logits)
             if all(g is not None for g in group):
                 complete.append((row.request.request_id, group))
                 del self.finished[row.request.request_id]
@@ -239,33 +205,14 @@ class EmbeddedEngine:
         self, prompts: list[list[int]], params: SamplingParams, num_samples: int
     ) -> list[list[Generation]]:
         """`num_samples` completions of every prompt: outer list per prompt, inner per sample."""
-        return self.generate_with_logits(prompts, params, num_samples, keep_logits=False)[0]
-
-    def generate_with_logits(
-        self,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        num_samples: int,
-        keep_logits: bool = True,
-    ) -> tuple[list[list[Generation]], list[list[torch.Tensor]] | None]:
-        """`generate`, and (if `keep_logits`) each completion's logits `[C, V]` in float32 before
-        temperature and top-p: the distributions its tokens were sampled from."""
         if not prompts:
             raise ValueError("prompts: need at least one prompt")
-        if self.rows or self.waiting:
+        if self.running.rows or self.waiting:
             raise RuntimeError("generate() needs an idle engine: groups are running")
         requests = requests_of(prompts, params, num_samples)
         for request in requests:  # nothing is queued unless every request is good
             check_request(request, self._model().spec)
-        self.keep_logits = keep_logits
-        try:
-            groups = run_to_completion(self, requests)
-        finally:
-            self.keep_logits = False
-        if not keep_logits:
-            return groups, None
-        logits = [self.kept_logits.pop(r.request_id) for r in requests]
-        return groups, logits
+        return run_to_completion(self, requests)
 
     # ------------------------------------------------------------------ internals
     def _prefill(self, model: Model, sequences: list[list[int]]):
@@ -282,27 +229,9 @@ class EmbeddedEngine:
         last_PD = hidden_PTD[torch.arange(len(sequences)), lengths_P - 1]
         return model.logits(last_PD), cache, routing_PTLK
 
-    def _new_slots(self, capacity: int) -> dict[str, torch.Tensor]:
-        """Per running row: its experts at every position, the uniform that draws the token at
-        every position, its sampling parameters, positions cached, and its next input."""
-        spec, device = self._model().spec, self.device
-        positions = (capacity, spec.max_positions)
-        return {
-            "routing": torch.zeros(
-                (*positions, spec.num_layers, spec.top_k),
-                dtype=spec.routing.torch_dtype,
-                device=device,
-            ),
-            "uniform": torch.zeros(positions, device=device),
-            "temperature": torch.zeros(capacity, device=device),
-            "top_p": torch.zeros(capacity, device=device),
-            "length": torch.zeros(capacity, dtype=torch.long, device=device),
-            "next": torch.zeros(capacity, dtype=torch.long, device=device),
-        }
-
-    def _admit(self, done: list[_Row]) -> None:
+    def _admit(self, done: list[Row]) -> None:
         """Queued groups that fit join the running rows; each row samples its first token."""
-        admitted, free = [], self.max_running_rows - len(self.rows)
+        admitted, free = [], self.max_running_rows - len(self.running)
         while self.waiting and self.waiting[0].num_samples <= free:
             admitted.append(self.waiting.popleft())
             free -= admitted[-1].num_samples
@@ -323,41 +252,18 @@ class EmbeddedEngine:
         uniform_B = torch.stack([row.uniforms[0] for row in rows]).to(self.device)
         logits_BV = logits_PV[source_B]
         keep = self._take(rows, logits_BV, temperature_B, top_p_B, uniform_B, done)
-        if not keep:
-            return
-        first, last = len(self.rows), len(self.rows) + len(keep)
-        self._reserve(last)
-        index = source_B[keep]
-        for (k, v), (k_new, v_new) in zip(self.cache, cache, strict=True):
-            k[first:last], v[first:last] = k_new[index], v_new[index]
-        slots = self.slots
-        slots["routing"][first:last, : routing_PTLK.shape[1]] = routing_PTLK[index]
-        for slot, b in enumerate(keep, start=first):
-            row = rows[b]
-            prompt = len(row.request.prompt)
-            slots["uniform"][slot, prompt : prompt + row.limit] = row.uniforms
-            slots["length"][slot] = prompt
-            slots["next"][slot] = row.tokens[-1]
-        slots["temperature"][first:last] = temperature_B[keep]
-        slots["top_p"][first:last] = top_p_B[keep]
-        self.rows += [rows[b] for b in keep]
+        if keep:
+            self.running.add(
+                model,
+                [rows[b] for b in keep],
+                cache,
+                source_B[keep],
+                routing_PTLK,
+                temperature_B[keep],
+                top_p_B[keep],
+            )
 
-    def _reserve(self, rows: int) -> None:
-        """Slots for at least `rows` running rows (doubling, up to `max_running_rows`)."""
-        capacity = len(self.slots["length"]) if self.slots else 0
-        if rows <= capacity:
-            return
-        capacity = min(self.max_running_rows, max(rows, 2 * capacity))
-        n = len(self.rows)
-        cache, slots = self._model().new_cache(capacity), self._new_slots(capacity)
-        if n:
-            for (k, v), (k_old, v_old) in zip(cache, self.cache, strict=True):
-                k[:n], v[:n] = k_old[:n], v_old[:n]
-            for name, t in slots.items():
-                t[:n] = self.slots[name][:n]
-        self.cache, self.slots = cache, slots
-
-    def _new_row(self, request: GroupRequest, g: int, prompt_routing: np.ndarray) -> _Row:
+    def _new_row(self, request: GroupRequest, g: int, prompt_routing: np.ndarray) -> Row:
         """Sample g of `request`; its uniforms come from its own stream, seeded `seed + g`."""
         params = request.params
         limit = min(params.max_new_tokens, self._model().spec.max_positions - len(request.prompt))
@@ -370,67 +276,28 @@ class EmbeddedEngine:
             uniforms = torch.rand(limit, generator=generator)  # = one draw per token
         else:
             uniforms = torch.zeros(limit)
-        return _Row(
-            request=request,
-            sample=g,
-            limit=limit,
-            uniforms=uniforms,
-            routing=prompt_routing,
-            logits=[] if self.keep_logits else None,
+        return Row(
+            request=request, sample=g, limit=limit, uniforms=uniforms, routing=prompt_routing
         )
 
-    def _decode(self, done: list[_Row]) -> None:
+    def _decode(self, done: list[Row]) -> None:
         """One token for every running row; the rows that finished leave the batch."""
-        model, n, slots = self._model(), len(self.rows), self.slots
-        batch = [(k[:n], v[:n]) for k, v in self.cache]
-        length_B, slots_B = slots["length"][:n], torch.arange(n, device=self.device)
-        hidden_B1D, routing_B1LK = model.forward(slots["next"][:n, None], length_B[:, None], batch)
-        slots["routing"][slots_B, length_B] = routing_B1LK[:, 0].to(slots["routing"].dtype)
-        length_B += 1
-        keep = self._take(
-            self.rows,
-            model.logits(hidden_B1D[:, 0]),
-            slots["temperature"][:n],
-            slots["top_p"][:n],
-            slots["uniform"][slots_B, length_B],
-            done,
-        )
-        if len(keep) < n:
-            for b, row in enumerate(self.rows):
-                if row.finish_reason is not None:  # its trace leaves with it
-                    span = len(row.request.prompt) + len(row.tokens) - 1
-                    trace = slots["routing"][b, :span].cpu().numpy()
-                    row.routing = trace.astype(row.routing.dtype)
-            self._compact(keep)
-        nexts = [row.tokens[-1] for row in self.rows]
-        slots["next"][: len(nexts)] = torch.tensor(nexts, dtype=torch.long, device=self.device)
-
-    def _compact(self, keep: list[int]) -> None:
-        """Only the rows `keep` (ascending) go on: each finished row's slot below the new batch
-        size takes a row from above it (moving a few slots, not the whole cache)."""
-        kept = set(keep)
-        holes = [b for b in range(len(keep)) if b not in kept]
-        movers = [b for b in keep if b >= len(keep)]
-        order = list(range(len(keep)))
-        for hole, mover in zip(holes, movers, strict=True):
-            order[hole] = mover
-        if holes:
-            to = torch.tensor(holes, device=self.device)
-            src = torch.tensor(movers, device=self.device)
-            for t in [*(t for kv in self.cache for t in kv), *self.slots.values()]:
-                t[to] = t[src]
-        self.rows = [self.rows[b] for b in order]
+        logits_BV, temperature_B, top_p_B, uniform_B = self.running.forward(self._model())
+        keep = self._take(self.running.rows, logits_BV, temperature_B, top_p_B, uniform_B, done)
+        self.running.advance(keep)
 
     def _take(
         self,
-        rows: list[_Row],
+        rows: list[Row],
         logits_BV: torch.Tensor,
         temperature_B: torch.Tensor,
         top_p_B: torch.Tensor,
         uniform_B: torch.Tensor,
-        done: list[_Row],
+        done: list[Row],
     ) -> list[int]:
-        """Sample each row's next token; finished rows go to `done`; the others' indices."""
+        """Sample each row's next token from `logits_BV` (every token is drawn here: a subclass
+        may read the logits, as `tests.helpers.LogitsEngine` does); finished rows go to `done`;
+        the others' indices."""
         ids, logprobs = sample_rows(logits_BV, temperature_B, top_p_B, uniform_B)
         eos = set(self._model().spec.eos_ids)
         keep = []
@@ -438,8 +305,6 @@ class EmbeddedEngine:
             row.tokens.append(token)
             row.logprobs.append(logprob)
             row.versions.append(self.version)
-            if row.logits is not None:
-                row.logits.append(logits_BV[b].cpu())
             if token in eos:
                 row.finish_reason = "stop"
             elif len(row.tokens) >= row.limit:

@@ -1,11 +1,11 @@
-"""The inference-engine interface the actor loop talks to, and `build_engine` to choose one.
+"""The inference-engine interface the actor loop talks to (`actors.build` chooses an engine).
 
 An engine turns prompts into G sampled completions each and reports, per completion, what the
 learner needs to correct for the train-inference mismatch: the behaviour log-prob of every sampled
 token under the distribution it was actually drawn from, the weights version that drew it, and
 the routing trace (the experts every position was sent to) for Routing Replay R3.
 
-    engine = build_engine(cfg.actor, "runs/tiny/weights/v0")
+    engine = build_engine(cfg.actor, "runs/tiny/weights/v0")     # actors.build
     engine.submit(GroupRequest("g17", prompt, 8, SamplingParams(1.0, 1.0, 64, seed=991)))
     while engine.num_running or engine.num_waiting:
         for request_id, group in engine.step():       # one decode step of every running row
@@ -33,15 +33,12 @@ checkpoint's tensors by Hugging Face name (`async_rl.weights.WeightsSource`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from async_rl.config import ENGINE_CAPABILITIES, ActorConfig
+from async_rl.config import ENGINE_CAPABILITIES
 from async_rl.weights import WeightsSource
-
-ENGINES = ("embedded", "vllm")
 
 
 @dataclass(frozen=True)
@@ -187,32 +184,3 @@ def engine_generate(engine: Engine, max_new_tokens: int, seed: int):
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
     return SamplingParams(params.temperature, params.top_p, params.max_new_tokens, seed)
-
-
-def build_engine(actor_cfg: ActorConfig, checkpoint_dir: str | Path) -> Engine:
-    """The engine `actor_cfg.engine` names, on `actor_cfg.device`, loaded from `checkpoint_dir`."""
-    if actor_cfg.engine == "embedded":
-        from actors.embedded import EmbeddedEngine
-
-        return EmbeddedEngine(
-            checkpoint_dir,
-            quantization=actor_cfg.quantization,
-            device=actor_cfg.device,
-            max_running_rows=actor_cfg.max_running_rows,
-            kv_on_swap=actor_cfg.kv_on_swap,
-        )
-    if actor_cfg.engine == "vllm":
-        from actors.vllm_engine import VLLMEngine
-
-        return VLLMEngine(
-            checkpoint_dir,
-            actor_cfg.quantization,
-            actor_cfg.device,
-            max_num_seqs=actor_cfg.max_running_rows,
-            tensor_parallel_size=actor_cfg.tensor_parallel_size,
-            gpu_memory_utilization=actor_cfg.gpu_memory_utilization,
-        )
-    raise ValueError(
-        f"actor.engine: {actor_cfg.engine!r} is not an engine; choose from "
-        f"{', '.join(map(repr, ENGINES))}"
-    )

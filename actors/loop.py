@@ -20,7 +20,8 @@ whatever the size of the fleet, so actors can join and leave without re-sharding
 leaves no partial group (a group is one message); its leases expire and their prompts are
 handed out again. `stop()` ends the loop after the current step.
 
-Run on its own: `python -m actors.loop RUN_DIR --actor-id a0`.
+Run on its own: `python -m actors.loop RUN_DIR --actor-id a0 --start CHECKPOINT`. Which
+weights version to load, and loading it, is `actors.versions`.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ from actors.engine import (
     Generation,
     GroupRequest,
     SamplingParams,
-    build_engine,
     run_to_completion,
 )
+from actors.versions import VersionFollower
 from async_rl.clients import RolloutSink, ZmqRolloutSink
 from async_rl.config import Config, load_config
 from async_rl.messages import ActorStats
@@ -78,14 +79,12 @@ class Actor:
     ):
         """`sink` defaults to the run's buffer service (`ZmqRolloutSink`)."""
         self.cfg, self.run_dir, self.actor_id = cfg, Path(run_dir), actor_id
-        self.start = start  # the run's starting checkpoint: the model's config and tokenizer
         self.spec = RoutingSpec.of(cfg.model)
         self.task: Task = task_from_config(cfg)
         self.tokenizer: Tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.prompts_per_step = prompts_per_step or cfg.algo.prompts_per_minibatch
         self.ctx = ctx or zmq.Context.instance()
         self.stopping = threading.Event()
-        self.store = weight_store(cfg, self.run_dir, member=actor_id)
         curve = curve_for(cfg)
         self.sink = sink or ZmqRolloutSink(
             self.run_dir,
@@ -95,75 +94,25 @@ class Actor:
             stopping=self.stopping,
         )
         learner = wait_for_endpoints(RunPaths(self.run_dir), "learner", timeout_s=600)
-        self.weights = WeightSubscriber(self.ctx, learner["weights"], curve)
-        self.engine = engine or self._build_engine()
+        store = weight_store(cfg, self.run_dir, member=actor_id)
+        self.versions = VersionFollower(
+            cfg, store, WeightSubscriber(self.ctx, learner["weights"], curve)
+        )
+        if engine is None:
+            engine = self.versions.build(start, self.versions.wait_for(0, self.stopping))
+        self.engine = engine
         self.sink.hello(actor_id)  # releases leases an earlier incarnation left behind
         self.stats = ActorStats(version=self.engine.version)
-        self._last_store_check = self._next_lease = 0.0
-        self.pending_version = 0  # the newest version known to be needed or available
+        self._next_lease = 0.0
         self.held: list[tuple[str, int, int]] = []  # leased, not submitted: (lease, prompt, min v)
         self.submitted: dict[str, tuple[GroupRequest, Problem]] = {}  # by lease, until pushed
 
-    def _build_engine(self) -> Engine:
-        return self._newest(self._engine_at, self._wait_for_version(0))
-
-    def _engine_at(self, version: int) -> Engine:
-        with self.store.reading(version) as source:
-            if isinstance(source, (str, Path)):  # a whole checkpoint: the engine is built from it
-                engine = build_engine(self.cfg.actor, source)
-            else:  # tensors only: the architecture comes from the starting checkpoint
-                if self.start is None:
-                    raise ValueError(
-                        f"learner.weight_store = {self.cfg.learner.weight_store!r} hands out "
-                        "tensors: the actor needs the run's starting checkpoint for the model"
-                    )
-                engine = build_engine(self.cfg.actor, self.start)
-                engine.load_weights(source, version)
-        engine.version = version
-        return engine
-
-    def _swap(self, version: int) -> None:
-        with self.store.reading(version) as source:
-            self.engine.load_weights(source, version)
-
-    def _newest(self, load, version: int):
-        """`load(version)`, or `load` of a newer version when that one was collected before it
-        could be read (the learner keeps the newest `learner.keep_versions` and those actors
-        report using; one announced a moment ago may be gone by the time a busy actor asks for
-        it, though never while it reads it). Other errors are raised."""
-        while True:
-            try:
-                return load(version)
-            except (OSError, ValueError, RuntimeError):
-                latest = self.store.latest()
-                if latest is None or latest <= version:
-                    raise
-                log.info("%s: version %d was collected; loading %d", self.actor_id, version, latest)
-                version = latest
-
-    def _wait_for_version(self, at_least: int) -> int:
-        while True:
-            latest = self.store.latest()
-            if latest is not None and latest >= at_least:
-                return latest
-            if self.stopping.is_set():
-                raise InterruptedError("actor stopped while waiting for weights")
-            self.weights.newest(timeout_ms=50)  # wakes up at an announcement
-
-    def _newest_known(self) -> int | None:
-        """The newest version announced since the last call (as far as this actor's store has
-        it), or (every 2 s, for missed announcements) the store's newest."""
-        newest, now = self.weights.newest(), time.monotonic()
-        if newest is None and now - self._last_store_check > 2.0:
-            newest, self._last_store_check = self.store.latest(), now
-        elif newest is not None:  # announced; the collective path may not have delivered it
-            newest = min(newest, self.store.latest() or 0)
-        return newest
-
-    def _load(self, version: int) -> None:
-        """Swap to `version` (or a newer one, if it was collected meanwhile)."""
+    def _load(self, version: int | None) -> None:
+        """Swap to `version` (or a newer one, if it was collected meanwhile); None: nothing."""
+        if version is None:
+            return
         in_flight = self.engine.num_running > 0
-        self._newest(self._swap, version)
+        self.versions.load(self.engine, version)
         self.stats.weight_swaps += 1
         self.stats.swaps_in_flight += in_flight
         self.stats.version = self.engine.version
@@ -171,11 +120,10 @@ class Actor:
     def sync_weights(self, at_least: int = 0) -> None:
         """Swap to the newest version if a newer one is announced, found, or required."""
         start = time.monotonic()
-        newest = self._newest_known()
+        self.versions.heard()
         if self.engine.version < at_least:
-            newest = self._wait_for_version(at_least)
-        if newest is not None and newest > self.engine.version:
-            self._load(newest)
+            self.versions.wait_for(at_least, self.stopping)
+        self._load(self.versions.to_load(self.engine.version))
         self.stats.weights_s += time.monotonic() - start
 
     def step(self) -> int:
@@ -201,20 +149,13 @@ class Actor:
 
     def _continuous_step(self) -> int:
         start = time.monotonic()
-        known = self._newest_known()
-        self.pending_version = max(self.pending_version, known or 0)
-        if known is not None:  # a new version: the buffer already admits more (learner.run)
+        if self.versions.heard() is not None:  # a new version: the buffer admits more
             self._next_lease = 0.0
         busy = self.engine.num_running + self.engine.num_waiting > 0
         in_flight = self.cfg.actor.weight_update == "in_flight"
-        if self.pending_version > self.engine.version and (in_flight or not busy):
-            # a lease may name a version this actor's store does not hold yet (the buffer hears
-            # of it first; the collective path may still be delivering it)
-            ready = min(self.pending_version, self.store.latest() or 0)
-            if ready > self.engine.version:
-                self._load(ready)
+        self._load(self.versions.to_load(self.engine.version, may_swap=in_flight or not busy))
         self.stats.weights_s += time.monotonic() - start
-        if self.pending_version <= self.engine.version:  # else: the running rows finish first
+        if self.versions.wanted <= self.engine.version:  # else: the running rows finish first
             self._admit(busy)
         if not (self.engine.num_running or self.engine.num_waiting):
             return 0
@@ -245,7 +186,7 @@ class Actor:
         for lease, index, _ in ready:
             self.engine.submit(self._request(lease, index))
         for _, _, min_version in self.held:  # weights this new are needed first
-            self.pending_version = max(self.pending_version, min_version)
+            self.versions.need(min_version)
 
     def _lease(self, count: int, wait_s: float):
         """Leases for `count` groups (None: pause), saying what this actor is doing."""
@@ -320,8 +261,7 @@ class Actor:
         self.stopping.set()
 
     def close(self) -> None:
-        self.weights.close()
-        self.store.close()
+        self.versions.close()
         self.sink.leave(self.actor_id)  # leases of rows that will not finish: no batch waits
         self.sink.close()  # linger: queued groups are still delivered
         self.engine.close()
@@ -331,11 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one actor of a run directory.")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--actor-id", required=True)
+    parser.add_argument(
+        "--start", type=Path, required=True, help="starting HF checkpoint (the learner's)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.actor_id} %(message)s")
     cfg = load_config(RunPaths(args.run_dir).config)
     configure_torch(cfg.run.num_threads)
-    actor = Actor(cfg, args.run_dir, args.actor_id)
+    actor = Actor(cfg, args.run_dir, args.actor_id, start=args.start)
     signal.signal(signal.SIGTERM, lambda *_: actor.stop())
     signal.signal(signal.SIGINT, lambda *_: actor.stop())
     actor.run()

@@ -17,7 +17,8 @@ leaves or restarts ends the wait. Without it the batch takes newer groups and th
 dropped when it arrives (prime-rl's and TRL's rule; it trains on the short completions first).
 
 They share the consumption log (`consumed.jsonl`). The service (`async_rl.buffer_service`)
-holds one `ReplayBuffer` and is its only user in a run; it is single-threaded.
+holds one `ReplayBuffer` and is its only user in a run; it is single-threaded. It calls the
+buffer's methods only, never the store or admission behind them.
 """
 
 from __future__ import annotations
@@ -146,6 +147,31 @@ class ReplayBuffer:
         """Leases for `actor_id` within the staleness budget (`Admission.lease`)."""
         accepted = self.store.num_accepted
         return self.admission.lease(actor_id, accepted, count, version, now, work)
+
+    def give_back(self, lease: str | None) -> None:
+        """The group of `lease` was refused: its prompt is handed out again."""
+        self.admission.give_back(lease)
+
+    def release(self, actor_id: str) -> None:
+        """Drop the leases of an actor that restarted or left; their prompts go out again."""
+        self.admission.release(actor_id)
+
+    @property
+    def published(self) -> int:
+        """The newest weights version the learner published."""
+        return self.admission.published
+
+    def set_published(self, version: int) -> None:
+        """The learner published `version` (an older one changes nothing)."""
+        self.admission.set_published(version)
+
+    def staleness(self, version: int) -> list[int]:
+        """`version - policy_version` of each group served for learner `version`."""
+        return self.store.staleness(version)
+
+    def versions_in_use(self, now: float | None = None) -> list[int]:
+        """Weights versions that actors reported within the lease timeout."""
+        return self.admission.versions_in_use(now)
 
     def metrics(self) -> dict[str, float]:
         return {

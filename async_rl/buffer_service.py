@@ -147,7 +147,7 @@ class BufferService:
             self.buffer.check(batches[0])
         except (BadMessage, InvalidGroup):
             # its lease will not be fulfilled: the prompt goes out again, no batch waits for it
-            self.buffer.admission.give_back(message.lease)
+            self.buffer.give_back(message.lease)
             raise
         return batches[0], message.lease
 
@@ -182,8 +182,8 @@ class BufferService:
         """Answer now and return True, or return False to hold the request."""
         b, rid = self.buffer, request.rid
         if isinstance(request, (Hello, Leave)):
-            b.admission.release(request.actor_id)
-            self._reply(peer, Welcome(rid=rid, published=b.admission.published))
+            b.release(request.actor_id)
+            self._reply(peer, Welcome(rid=rid, published=b.published))
         elif isinstance(request, Lease):
             count = min(request.count, MAX_LEASES)
             work = (request.running_rows, request.swaps_in_flight)
@@ -192,7 +192,7 @@ class BufferService:
                 return False
             self._reply(peer, Leases(rid=rid, min_version=grant[0], leases=grant[1]))
         elif isinstance(request, Publish):
-            b.admission.set_published(request.version)
+            b.set_published(request.version)
             self._reply(peer, Published(rid=rid))
         elif isinstance(request, Sample):
             return self._serve(peer, request)
@@ -204,12 +204,12 @@ class BufferService:
         table = self.buffer.sample(request.version)
         if table is None:
             return False
-        staleness = self.buffer.store.staleness(request.version)
+        staleness = self.buffer.staleness(request.version)
         reply = Batch(
             rid=request.rid,
             staleness_mean=sum(staleness) / len(staleness),
             staleness_max=max(staleness),
-            versions_in_use=self.buffer.admission.versions_in_use(),
+            versions_in_use=self.buffer.versions_in_use(),
             metrics=self.buffer.metrics(),
         )
         self._reply(peer, reply, table_to_ipc(table))

@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from async_rl.paths import RunPaths
+from async_rl.paths import RunPaths, read_fleet_size
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -30,6 +31,36 @@ def steps_logged(run_dir: Path) -> int:
     """The newest version in a run's metrics.jsonl (0 for none)."""
     rows = [r for r in read_rows(run_dir) if isinstance(r, dict)]
     return max((r.get("version", 0) for r in rows), default=0)
+
+
+class MetricsWriter:
+    """Appends rows to a run's metrics.jsonl (the learner's rank 0 does): each row gets the
+    wall-clock `time` it was written; a killed writer's torn last line stays on a line of its
+    own (readers skip it). `fleet(seen)` is the row's `rollout/actors`: the fleet the driver
+    runs (`control/actors.json`), or without a driver `seen`, the actors the buffer saw
+    lately."""
+
+    def __init__(self, run_dir: Path, on_row=None):
+        self.paths, self.on_row = RunPaths(run_dir), on_row
+        self.out = self.paths.metrics.open("a+b")
+        if self.out.tell():
+            self.out.seek(-1, os.SEEK_END)
+            if self.out.read(1) != b"\n":
+                self.out.write(b"\n")
+
+    def fleet(self, seen: float) -> float:
+        fleet = read_fleet_size(self.paths)
+        return fleet if fleet is not None else seen
+
+    def write(self, row: dict[str, Any]) -> None:
+        row["time"] = time.time()
+        self.out.write(json.dumps(row).encode() + b"\n")
+        self.out.flush()
+        if self.on_row is not None:
+            self.on_row(row)
+
+    def close(self) -> None:
+        self.out.close()
 
 
 class MetricsTail:

@@ -1,4 +1,5 @@
-"""The replay buffer's storage: Arrow IPC segments on disk, and sampling by learner version.
+"""The replay buffer's storage: Arrow IPC segments on disk (`SegmentFiles`), and sampling by
+learner version (`SegmentStore`, which indexes what the files hold).
 
 Invariants of `SegmentStore` (each is a test):
 - A trajectory is never trained on with staleness `v - policy_version > K` (`buffer.max_staleness`);
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 
 LOG = "consumed.jsonl"
 LENGTH_BIN = 8  # `inspect` counts completion lengths in bins of this many tokens
+# told (segment, record batch number, batch) of the groups a commit made durable
+Committed = Callable[[list[tuple[int, int, pa.RecordBatch]]], None]
 
 
 @dataclass
@@ -155,6 +159,111 @@ def read_log(root: Path) -> list[dict]:
     return ConsumptionLog(root).entries()
 
 
+class SegmentFiles:
+    """The segment files of a buffer directory (the module docstring's layout): the open
+    segment, appended to and fsynced per commit, closed into an Arrow IPC file when full, and
+    a stored group read back. Knows files, not groups: `SegmentStore` indexes what it wrote."""
+
+    def __init__(self, root: Path, schema: pa.Schema, segment_groups: int):
+        self.root, self.schema, self.segment_groups = root, schema, segment_groups
+        self.segment = 0  # the newest segment's number; the open one's while one is open
+        self._file = self._writer = None
+        self._segment_count = 0  # groups written to the open segment
+        self._committed = 0  # bytes of the open segment that are fsynced
+
+    def close_open_segments(self) -> None:
+        """Close the segments a crash left open, from their complete messages; drop temporary
+        files a crash left behind."""
+        for tmp in self.root.glob("*.tmp"):
+            tmp.unlink()
+        for path in sorted(self.root.glob("segment-*.open")):
+            n = int(path.name[8:14])
+            if not _segment_path(self.root, n, ".arrow").exists():
+                self._write_closed(n, read_stream_prefix(path))
+            path.unlink()
+
+    def read(self, segment: int, index: int) -> pa.RecordBatch:
+        """Record batch `index` of `segment`, open or closed."""
+        if segment == self.segment and self._writer is not None:
+            return read_stream_prefix(_segment_path(self.root, segment, ".open"))[index]
+        with pa.memory_map(str(_segment_path(self.root, segment, ".arrow"))) as source:
+            return pa.ipc.open_file(source).get_batch(index)
+
+    def append(self, batches: list[pa.RecordBatch], committed: Committed) -> None:
+        """Write `batches` durably: one fsync for the lot, and one more for each segment they
+        fill. `committed` is told `(segment, index, batch)` of what each fsync made durable,
+        before anything else is written. A write that fails is cut back to the last commit
+        and raises `StorageError`."""
+        try:
+            self._append(batches, committed)
+        except OSError as e:
+            self._abandon_segment()
+            raise storage_error(_segment_path(self.root, self.segment, ".open"), e) from None
+
+    def _append(self, batches: list[pa.RecordBatch], committed: Committed) -> None:
+        written: list[tuple[int, int, pa.RecordBatch]] = []
+        for batch in batches:
+            if self._writer is None or self._segment_count >= self.segment_groups:
+                if self._writer is not None:
+                    self._commit()
+                    committed(written)
+                    written = []
+                    self.close_segment()
+                self._open_segment()
+            self._writer.write_batch(batch)
+            written.append((self.segment, self._segment_count, batch))
+            self._segment_count += 1
+        self._commit()
+        committed(written)
+
+    def _commit(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._committed = self._file.tell()
+
+    def _write_closed(self, n: int, batches: list[pa.RecordBatch]) -> None:
+        tmp = _segment_path(self.root, n, ".arrow.tmp")
+        with open(tmp, "wb") as f:
+            with pa.ipc.new_file(f, self.schema) as writer:
+                for b in batches:
+                    writer.write_batch(b)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, _segment_path(self.root, n, ".arrow"))
+        _fsync_dir(self.root)
+
+    def _open_segment(self) -> None:
+        self.segment += 1
+        self._segment_count = self._committed = 0
+        self._file = open(_segment_path(self.root, self.segment, ".open"), "wb")
+        self._writer = pa.ipc.new_stream(self._file, self.schema)
+
+    def _abandon_segment(self) -> None:
+        """After a failed write: cut the open segment back to its last commit, stop writing it.
+
+        What was committed stays a readable stream prefix, closed by the next recovery.
+        """
+        if self._file is None:
+            return
+        try:
+            self._file.close()  # flushes what it can; that tail is cut off below
+        except OSError:
+            pass
+        os.truncate(_segment_path(self.root, self.segment, ".open"), self._committed)
+        self._writer = self._file = None
+
+    def close_segment(self) -> None:
+        """Turn the open segment into a closed Arrow IPC file (done when full and at shutdown)."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.close()
+        self._writer = self._file = None
+        path = _segment_path(self.root, self.segment, ".open")
+        self._write_closed(self.segment, read_stream_prefix(path))
+        path.unlink()
+
+
 class SegmentStore:
     """Durable storage and staleness-controlled sampling of accepted groups (module docstring).
 
@@ -177,16 +286,14 @@ class SegmentStore:
         self.spec, self.schema = spec, trajectory_schema(spec)
         self.group_size, self.batch_groups = group_size, global_batch_groups
         self.max_staleness, self.reuse = max_staleness, reuse
-        self.segment_groups, self.vocab_size = segment_groups, vocab_size
+        self.vocab_size = vocab_size
         self.by_id: dict[str, Group] = {}  # every accepted group, in arrival order
         self.live: list[Group] = []  # groups that may still be served, in arrival order
         self.num_trained = self.num_pending = 0
         self.served_at: dict[int, list[str]] = {}  # learner version -> group ids
         self.counters: Counter[str] = Counter()
-        self._file = self._writer = None
-        self._segment = self._segment_count = 0
-        self._committed = 0  # bytes of the open segment that are fsynced
         self.root.mkdir(parents=True, exist_ok=True)
+        self.files = SegmentFiles(self.root, self.schema, segment_groups)
         self.log = ConsumptionLog(self.root)
         self.recovered = self._recover()
 
@@ -198,13 +305,7 @@ class SegmentStore:
     # ---------------------------------------------------------------- recovery
     def _recover(self) -> list[dict]:
         """Close segments a crash left open, index every group, replay the log; return it."""
-        for tmp in self.root.glob("*.tmp"):
-            tmp.unlink()
-        for path in sorted(self.root.glob("segment-*.open")):
-            n = int(path.name[8:14])
-            if not _segment_path(self.root, n, ".arrow").exists():
-                self._write_closed(n, read_stream_prefix(path))
-            path.unlink()
+        self.files.close_open_segments()
         for n, batches in scan_segments(self.root):
             if batches and not batches[0].schema.equals(self.schema):
                 raise ValueError(
@@ -215,7 +316,7 @@ class SegmentStore:
                 )
             for i, batch in enumerate(batches):
                 self._index(batch, n, i)
-            self._segment = max(self._segment, n)
+            self.files.segment = max(self.files.segment, n)
         entries = self.log.repair()
         unknown = {gid for e in entries for gid in e.get("served", []) + e.get("dropped", [])}
         unknown -= self.by_id.keys()
@@ -268,49 +369,6 @@ class SegmentStore:
                 g.batch = None
         self.live = [g for g in self.live if g.batch is not None]
 
-    # ---------------------------------------------------------------- segments
-    def _write_closed(self, n: int, batches: list[pa.RecordBatch]) -> None:
-        tmp = _segment_path(self.root, n, ".arrow.tmp")
-        with open(tmp, "wb") as f:
-            with pa.ipc.new_file(f, self.schema) as writer:
-                for b in batches:
-                    writer.write_batch(b)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, _segment_path(self.root, n, ".arrow"))
-        _fsync_dir(self.root)
-
-    def _open_segment(self) -> None:
-        self._segment += 1
-        self._segment_count = self._committed = 0
-        self._file = open(_segment_path(self.root, self._segment, ".open"), "wb")
-        self._writer = pa.ipc.new_stream(self._file, self.schema)
-
-    def _abandon_segment(self) -> None:
-        """After a failed write: cut the open segment back to its last commit, stop writing it.
-
-        What was committed stays a readable stream prefix, closed by the next recovery.
-        """
-        if self._file is None:
-            return
-        try:
-            self._file.close()  # flushes what it can; that tail is cut off below
-        except OSError:
-            pass
-        os.truncate(_segment_path(self.root, self._segment, ".open"), self._committed)
-        self._writer = self._file = None
-
-    def close_segment(self) -> None:
-        """Turn the open segment into a closed Arrow IPC file (done when full and at shutdown)."""
-        if self._writer is None:
-            return
-        self._writer.close()
-        self._file.close()
-        self._writer = self._file = None
-        path = _segment_path(self.root, self._segment, ".open")
-        self._write_closed(self._segment, read_stream_prefix(path))
-        path.unlink()
-
     # ---------------------------------------------------------------- ingest
     def check(self, batch: pa.RecordBatch) -> None:
         """Raise `InvalidGroup` unless `batch` may be stored."""
@@ -326,34 +384,8 @@ class SegmentStore:
 
     def append(self, batches: list[pa.RecordBatch]) -> None:
         """Store checked groups durably (one fsync for the lot), then index them."""
-        if not batches:
-            return
-        try:
-            self._append(batches)
-        except OSError as e:
-            self._abandon_segment()
-            raise storage_error(_segment_path(self.root, self._segment, ".open"), e) from None
-
-    def _append(self, batches: list[pa.RecordBatch]) -> None:
-        written: list[tuple[int, int, pa.RecordBatch]] = []
-        for batch in batches:
-            if self._writer is None or self._segment_count >= self.segment_groups:
-                if self._writer is not None:
-                    self._commit()
-                    self._finish_index(written)
-                    written = []
-                    self.close_segment()
-                self._open_segment()
-            self._writer.write_batch(batch)
-            written.append((self._segment, self._segment_count, batch))
-            self._segment_count += 1
-        self._commit()
-        self._finish_index(written)
-
-    def _commit(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._committed = self._file.tell()
+        if batches:
+            self.files.append(batches, self._finish_index)
 
     def _finish_index(self, written: list[tuple[int, int, pa.RecordBatch]]) -> None:
         for segment, index, batch in written:
@@ -364,12 +396,7 @@ class SegmentStore:
 
     # ---------------------------------------------------------------- sampling
     def _load(self, g: Group) -> pa.RecordBatch:
-        if g.batch is not None:
-            return g.batch
-        if g.segment == self._segment and self._writer is not None:
-            return read_stream_prefix(_segment_path(self.root, g.segment, ".open"))[g.index]
-        with pa.memory_map(str(_segment_path(self.root, g.segment, ".arrow"))) as source:
-            return pa.ipc.open_file(source).get_batch(g.index)
+        return g.batch if g.batch is not None else self.files.read(g.segment, g.index)
 
     def sample(self, version: int) -> pa.Table | None:
         """The global batch for learner `version`, or None while not enough fresh groups wait.
@@ -429,7 +456,7 @@ class SegmentStore:
         }
 
     def close(self) -> None:
-        self.close_segment()
+        self.files.close_segment()
 
 
 def inspect(root: Path) -> dict:

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for tests.helpers, as in benchmarks/soak.py
 
 
 def score(model, hooks, sequences):
@@ -38,9 +43,10 @@ def mismatch(engine, model, hooks, prompts, num_samples, seed):
     import torch
 
     from actors.engine import SamplingParams
+    from tests.helpers import generate_with_logits
 
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8, seed=seed)
-    groups, logits = engine.generate_with_logits(prompts, params, num_samples)
+    groups, logits = generate_with_logits(engine, prompts, params, num_samples)
     flat = [
         (p, g, lg)
         for p, group, group_logits in zip(prompts, groups, logits, strict=True)
@@ -89,7 +95,7 @@ def kernels(repeats=200):
     """Emulated W8A8 (dequantize, fp32 matmul) against torch._scaled_mm: time and max diff."""
     import torch
 
-    from actors.embedded import Weight, linear
+    from actors.embedded_model import Weight, linear
 
     rows = []
     for m, k, n in [(8, 128, 384), (64, 128, 384), (512, 128, 384), (64, 128, 256)]:

@@ -38,7 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from actors.engine import GroupRequest, SamplingParams, build_engine  # noqa: E402
+from actors.build import build_engine  # noqa: E402
+from actors.engine import GroupRequest, SamplingParams  # noqa: E402
 from async_rl.config import ActorConfig, ModelConfig, load_config  # noqa: E402
 from async_rl.tokenizer import Tokenizer  # noqa: E402
 from learner.hf import export_hf, hf_state_dict, import_hf  # noqa: E402

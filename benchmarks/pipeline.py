@@ -50,8 +50,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from actors.engine import GroupRequest, SamplingParams, build_engine  # noqa: E402
-from async_rl.app.driver import train  # noqa: E402
+from actors.build import build_engine  # noqa: E402
+from actors.engine import GroupRequest, SamplingParams  # noqa: E402
+from app.driver import train  # noqa: E402
 from async_rl.config import load_config  # noqa: E402
 from async_rl.metrics import read_rows  # noqa: E402
 from async_rl.segments import inspect  # noqa: E402
@@ -155,7 +156,7 @@ def engine_alone(args, start: Path) -> list[dict]:
 def _start(args, out: Path) -> Path:
     if args.start is not None:
         return args.start
-    from async_rl.app.cli import cmd_sft
+    from app.cli import cmd_sft
 
     cfg = load_config(args.config, [*args.overrides, f"run.output_dir={out}", "run.name=sft"])
     return cmd_sft(cfg)  # the config's own cold start

@@ -13,6 +13,10 @@ holding the version. Next to it: a bare `broadcast` of the same
 bytes (one uint8 tensor) from the driver to the same actors over a gloo group of the same
 processes, the floor of any collective path (goal: collective <= 1.3 x bare). Medians over
 `--rounds`; the first round of each store is a warm-up and is not counted.
+
+Last, what the collective sender's copy of the last version (`WeightSender.last`, kept for late
+joiners) costs rank 0 while the learner gathers the next version: the resident memory it holds,
+kept (as before `forget`) and let go (`Publisher.before_gather`, now).
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from async_rl.paths import RunPaths, publish_endpoints  # noqa: E402
-from async_rl.weight_group import CollectiveWeightStore, WeightSender  # noqa: E402
 from async_rl.weights import FsWeightStore, RayWeightStore  # noqa: E402
+from async_rl.weights.collective import CollectiveWeightStore, WeightSender  # noqa: E402
 
 MIB = 2**20
 POLL_S = 0.01  # how often a reader looks for the version (an actor looks once per step)
@@ -52,7 +56,7 @@ class Reader:
         self.name, self.run_dir, self.stores = name, run_dir, {}
 
     def open(self, kind: str, ray_name: str = "") -> None:
-        from async_rl.weight_group import WeightReceiver
+        from async_rl.weights.collective import WeightReceiver
 
         weights = RunPaths(self.run_dir).weights
         if kind == "fs":
@@ -69,13 +73,8 @@ class Reader:
         store = self.stores[kind]
         while (store.latest() or -1) < version:
             time.sleep(POLL_S)
-        with store.reading(version) as source:
-            if isinstance(source, (str, Path)):
-                from safetensors.torch import load_file
-
-                tensors = load_file(Path(source) / "model.safetensors")
-            else:
-                tensors = dict(source)
+        with store.reading(version) as source:  # tensors by name, whichever the store
+            tensors = dict(source)
         assert tensors
         return time.time()
 
@@ -144,6 +143,25 @@ def bare_broadcast(state, readers, group, rounds: int) -> float:
     return statistics.median(times[1:])
 
 
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def sender_copy(gib: float, bucket_bytes: int) -> tuple[int, int]:
+    """Resident bytes rank 0 holds for the last version sent while it gathers the next: kept by
+    the sender, then after `forget` (module docstring)."""
+    sender = WeightSender("127.0.0.1", 60.0, bucket_bytes)
+    try:
+        base = resident_bytes()
+        sender.send(1, synthetic_state(gib))  # the learner drops its reference after publish
+        kept = resident_bytes() - base
+        sender.forget()
+        return kept, resident_bytes() - base
+    finally:
+        sender.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--actors", type=int, default=2)
@@ -207,6 +225,11 @@ def main() -> int:
             f"{bare:>11.3f}s{ratio:>10.2f}x"
         )
     print("goal: collective <= 1.3 x bare broadcast")
+    kept, forgotten = sender_copy(args.synthetic_gib, args.bucket_mib * MIB)
+    print(
+        f"rank 0 while gathering the next version: the sender's copy of the last one holds "
+        f"{kept / MIB:.0f} MiB kept, {forgotten / MIB:.0f} MiB after forget"
+    )
     for store in stores.values():
         store.close()
     ray.shutdown()

@@ -25,8 +25,8 @@ from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
 from async_rl.config import ModelConfig
 from async_rl.hf_config import hf_config, read_model_spec
 from async_rl.tokenizer import Tokenizer
+from async_rl.weights.buckets import gathered_buckets
 from learner.model import DTYPES, build_model, titan_config
-from learner.parallel import gathered_buckets
 
 WEIGHTS = "model.safetensors"
 

@@ -11,8 +11,10 @@ Shape legend: B = rows (completions), T = positions, L = MoE layers, K = experts
     step = TrainStep(..., dp=dp, group_size=G)
     step(global_batch)                      every rank gets the same global batch and trains
                                             on its share of every mini-batch
-    state = full_state_dict(model)          collective: every rank calls it;
-    if dp.is_main: publish(state)           rank 0 alone publishes weights and checkpoints
+    state = hf_state_dict(model, cfg, bucket, keep=dp.is_main)   (learner.hf) collective:
+                                            every rank gathers a bucket at a time
+                                            (`async_rl.weights.buckets`); rank 0 keeps it
+                                            and alone publishes weights
 
 Every rank takes a contiguous share of each mini-batch: mini-batch i has rows
 `[i * M, (i + 1) * M)` of the global batch and rank r takes `[i * M + r * S, i * M + (r + 1) * S)`
@@ -35,8 +37,9 @@ Gloo"). `apply_fsdp` therefore forces plain-sum reductions on gloo
 (`set_force_sum_reduction_for_comms`); NCCL keeps torchtitan's setting.
 
 Under FSDP every forward and every state-dict gather is collective: all ranks run evaluation
-together, and weights and checkpoints go through `full_state_dict` (`model.state_dict()` holds
-DTensor shards; the optimizer state too).
+together; weights are gathered a bucket at a time and checkpoints are written shard by shard
+(`model.state_dict()` holds DTensor shards; the optimizer state too). `full_state_dict` gathers
+everything at once (tests compare ranks with it).
 """
 
 from __future__ import annotations
@@ -362,28 +365,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             value = value.full_tensor()
         state[key] = value.detach().cpu()
     return state
-
-
-def gathered_buckets(
-    state: dict[str, torch.Tensor], bucket_bytes: int = 0, dtype: torch.dtype | None = None
-):
-    """`state` in buckets `{name: full tensor}` of at most `bucket_bytes` (one tensor if it is
-    larger; 0: one bucket), cast to `dtype` if given (shards are cast before they are
-    gathered: fp32 masters travel as bf16). DTensor shards are gathered a bucket at a time:
-    collective, every rank iterates to the end. Plain tensors in their own dtype are yielded
-    as they are (views)."""
-    bucket: dict[str, torch.Tensor] = {}
-    size = 0
-    for name, value in state.items():
-        value = value if dtype is None else value.to(dtype)
-        nbytes = value.numel() * value.element_size()
-        if bucket and bucket_bytes and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = {}, 0
-        bucket[name] = value.full_tensor() if isinstance(value, DTensor) else value
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:

@@ -10,6 +10,8 @@
   (`python -m learner.run`); `pid_of()`, `versions()`, `fleet_sizes()`, `wait_for()` read what
   the run directory says. Tests read run directories by their documented layout, as an
   outsider would, not through `async_rl.paths`.
+- engines: `generate_with_logits()`, an embedded engine's completions with the logits they
+  were sampled from; `kept_kv_logprobs()`, the in-flight kept-KV reference.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +33,12 @@ from async_rl.buffer import ReplayBuffer
 from async_rl.clients import ZmqBatchSource, ZmqRolloutSink
 from async_rl.config import Config, load_config, to_toml
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch
+
+if TYPE_CHECKING:
+    import torch
+
+    from actors.embedded import EmbeddedEngine
+    from actors.engine import Generation, SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
@@ -179,7 +188,7 @@ def launch(log: Path, *args: str, command: str = "train", env=None) -> subproces
     """`async-rl <command> ARGS` in a session of its own, stdout and stderr to `log`."""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "async_rl.app.cli", command, *args],
+            [sys.executable, "-m", "app.cli", command, *args],
             cwd=ROOT,
             env=env or ENV,
             stdout=out,
@@ -324,3 +333,34 @@ def kept_kv_logprobs(paths, prompt: list[int], tokens: list[int], k: int):
         logits = torch.cat([models[0].logits(h_old[0]), models[1].logits(h_new[0])])
     logp = torch.log_softmax(logits[len(prompt) - 1 :].double(), -1)
     return logp[torch.arange(len(tokens)), tokens]
+
+
+def generate_with_logits(
+    engine: EmbeddedEngine, prompts: list[list[int]], params: SamplingParams, num_samples: int
+) -> tuple[list[list[Generation]], list[list[torch.Tensor]]]:
+    """`engine.generate(prompts, params, num_samples)` of an `EmbeddedEngine`, and each
+    completion's logits `[C, V]` in float32 before temperature and top-p: the distributions its
+    tokens were sampled from, read where the engine samples every token (`_take`), which this
+    call wraps on the one engine for its duration."""
+    import torch
+
+    from actors.engine import requests_of
+
+    kept: dict[tuple[str, int], list[torch.Tensor]] = {}
+    take = engine._take
+
+    def reading(rows, logits_BV, *rest):
+        for row, logits_V in zip(rows, logits_BV, strict=True):
+            kept.setdefault((row.request.request_id, row.sample), []).append(logits_V.cpu())
+        return take(rows, logits_BV, *rest)
+
+    engine._take = reading
+    try:
+        groups = engine.generate(prompts, params, num_samples)
+    finally:
+        del engine._take
+    requests = requests_of(prompts, params, num_samples)  # generate's, so their ids
+    logits = [
+        [torch.stack(kept[(r.request_id, g)]) for g in range(r.num_samples)] for r in requests
+    ]
+    return groups, logits

@@ -95,7 +95,7 @@ def test_serves_oldest_fresh_groups_and_drops_stale_ones(tmp_path):
     table = buf.sample(2)  # g0, g1 have staleness 2 > K = 1
     assert served_ids(table) == ["g2", "g3"]
     assert buf.metrics()["buffer/dropped_stale"] == 2
-    assert buf.store.staleness(2) == [1, 0]
+    assert buf.staleness(2) == [1, 0]
     assert buf.sample(3) is None  # only g4 left: not a full batch
     assert buf.metrics()["buffer/groups"] == 1
     assert table.num_rows == 2 * G
@@ -120,7 +120,7 @@ def test_never_serves_staleness_above_k_property(tmp_path):
             )
             n += 4
             if buf.sample(version) is not None:
-                assert max(buf.store.staleness(version)) <= k
+                assert max(buf.staleness(version)) <= k
                 version += 1
         assert version > 3
 
@@ -158,15 +158,15 @@ def test_admission_allows_k_plus_one_batches_ahead(tmp_path):
     assert buf.lease("a0", now=0.0) is None  # 4 pending
     assert buf.sample(0) is not None
     assert buf.lease("a0", now=0.0) is None  # trained on 2, pending 2: still 4
-    buf.admission.set_published(1)
+    buf.set_published(1)
     assert buf.lease("a0", count=3, now=2.5)[0] == 1  # a new version opens B more slots...
     assert buf.metrics()["buffer/full_s"] == 2.5  # actors were held back from 0.0 to 2.5
     assert buf.lease("a0", now=3.0) is None  # ...and only B
     # leases expire: their prompts go to the next actor that asks
     min_version, again = buf.lease("a1", count=5, version=1, now=10_000.0)
     assert [prompt for _, prompt in again] == [4, 5]
-    assert buf.admission.versions_in_use(now=10_000.0) == [1]  # a0 reported too long ago
-    buf.admission.release("a1")
+    assert buf.versions_in_use(now=10_000.0) == [1]  # a0 reported too long ago
+    buf.release("a1")
     assert not buf.admission.leases and buf.admission.reissue == [4, 5]
 
 
@@ -189,7 +189,7 @@ def test_sync_mode_admits_exactly_one_batch_per_version(tmp_path):
         ids = [lease for lease, _ in leases]
         buf.append([(make_group(lease, version, seed=i), lease) for i, lease in enumerate(ids)])
         assert served_ids(buf.sample(version)) == ids
-        buf.admission.set_published(version + 1)
+        buf.set_published(version + 1)
     assert buf.metrics()["buffer/dropped_stale"] == 0
 
 
@@ -246,7 +246,7 @@ def test_check_refuses_duplicates_and_tokens_outside_the_vocabulary(tmp_path):
 
 
 def test_inspect_command_reports_counts_staleness_and_bytes(tmp_path, capsys):
-    from async_rl.app.cli import main
+    from app.cli import main
 
     buf = new_buffer(tmp_path / "run" / "buffer", segment_groups=3, max_staleness=1)
     groups = [make_group(f"g{i}", i // 2, seed=i) for i in range(8)]
@@ -266,7 +266,7 @@ def test_inspect_command_reports_counts_staleness_and_bytes(tmp_path, capsys):
 
 
 def test_inspect_sums_many_versions_into_ranges():
-    from async_rl.app.cli import _histogram
+    from app.cli import _histogram
 
     counts = {v: 8 for v in range(1001)}  # a long run: one entry per version would be unreadable
     line = _histogram(counts)
@@ -339,7 +339,7 @@ def _long_and_short_leases(buf):
     (long_a, _), (long_b, _), (short_c, _), (short_d, _) = first
     buf.append([(make_group("c", 0, seed=3), short_c), (make_group("d", 0, seed=4), short_d)])
     assert served_ids(buf.sample(0, now=0.0)) == ["c", "d"]  # a and b still fit at version 1
-    buf.admission.set_published(1)
+    buf.set_published(1)
     _, second = buf.lease("a0", count=2, version=1, now=0.0)
     buf.append([(make_group(f"new{i}", 1, seed=5 + i), s) for i, (s, _) in enumerate(second)])
     return long_a, long_b
@@ -367,7 +367,7 @@ def test_lease_wait_counts_only_a_complete_batch_held(tmp_path):
     buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2)
     _, leases = buf.lease("a0", count=2, version=0, now=0.0)
     (lease_a, _), (lease_b, _) = leases
-    buf.admission.set_published(1)
+    buf.set_published(1)
     assert buf.sample(1, now=1.0) is None  # a and b are due, and nothing else is there
     buf.append([(make_group("a", 0, seed=1), lease_a)])
     assert buf.sample(1, now=2.0) is None  # one group of two
@@ -417,7 +417,7 @@ def test_a_lease_that_expires_or_is_released_ends_the_wait(tmp_path):
     other = new_buffer(tmp_path / "released", max_staleness=1, global_batch_groups=2)
     _long_and_short_leases(other)
     assert other.sample(1, now=1.0) is None
-    other.admission.release("a0")  # the actor left (or restarted): a and b will not come
+    other.release("a0")  # the actor left (or restarted): a and b will not come
     assert served_ids(other.sample(1, now=1.0)) == ["new0", "new1"]
 
 
@@ -426,7 +426,7 @@ def test_a_batch_waits_early_when_later_batches_cannot_take_every_leased_group(t
     versions 0, 1 and 2; the batch for version 0 may not take a newer group instead."""
     buf = new_buffer(tmp_path, max_staleness=2, global_batch_groups=1)
     _, first = buf.lease("a0", count=3, version=0, now=0.0)
-    buf.admission.set_published(1)
+    buf.set_published(1)
     _, [(newer, _)] = buf.lease("a0", count=1, version=1, now=0.0)
     buf.append([(make_group("newer", 1, seed=9), newer)])
     assert buf.sample(0, now=0.0) is None  # three due by 2, two batches after this one

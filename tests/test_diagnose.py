@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from async_rl.app.diagnose import measure
+from app.diagnose import measure
 from async_rl.config import ModelConfig
 from async_rl.tokenizer import Tokenizer
 from learner.batch import PackedBatch

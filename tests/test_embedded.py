@@ -11,14 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from actors.build import build_engine
 from actors.embedded import EmbeddedEngine
 from actors.embedded_model import Weight, linear
-from actors.engine import EngineCapabilities, GroupRequest, SamplingParams, build_engine
+from actors.engine import EngineCapabilities, GroupRequest, SamplingParams
 from async_rl.config import ENGINE_CAPABILITIES, ActorConfig, ModelConfig
 from async_rl.tokenizer import Tokenizer
 from learner.hf import export_hf, hf_state_dict
 from learner.model import build_model
 from learner.routing import RoutingHooks
+from tests.helpers import generate_with_logits
 
 CFG = ModelConfig()  # the tiny default: vocab 32, 2 layers, 8 experts, top-2
 PROMPTS = [[2, 5, 13, 6], [2, 7, 8, 9, 10, 11, 12, 4, 3], [2, 12], [2, 4, 4, 5, 6, 7]]
@@ -58,7 +60,7 @@ def _reference(model, prompt, gen):
 
 def _mismatch(engine, model, params, num_samples=4):
     """Per-token KL(engine || learner), routing agreement and the pairs (engine, learner)."""
-    groups, logits = engine.generate_with_logits(PROMPTS, params, num_samples)
+    groups, logits = generate_with_logits(engine, PROMPTS, params, num_samples)
     kls, agree, pairs = [], [], []
     for prompt, group, group_logits in zip(PROMPTS, groups, logits, strict=True):
         for gen, ours_CV in zip(group, group_logits, strict=True):
@@ -89,7 +91,7 @@ def test_top_p_logprobs_are_those_of_the_renormalised_nucleus(ckpts):
     model, path = ckpts[0]
     engine = EmbeddedEngine(path, quantization="fp32")
     params = SamplingParams(temperature=1.5, top_p=0.7, max_new_tokens=6, seed=1)
-    groups, _ = engine.generate_with_logits(PROMPTS, params, 4)
+    groups, _ = generate_with_logits(engine, PROMPTS, params, 4)
     truncated = 0
     for prompt, group in zip(PROMPTS, groups, strict=True):
         for gen in group:

@@ -261,7 +261,8 @@ def test_dropped_delayed_and_corrupted_zmq_traffic(tmp_path, start):
             publish_endpoints(paths, "buffer", proxy.addresses)  # clients find the proxy
             learner = spawn(log, "learner.run", run_dir, "--start", start)
             procs += [learner] + [
-                spawn(log, "actors.loop", run_dir, "--actor-id", a) for a in ("a0", "a1")
+                spawn(log, "actors.loop", run_dir, "--actor-id", a, "--start", start)
+                for a in ("a0", "a1")
             ]
             assert learner.wait(400) == 0, log.read_text()[-4000:]  # never stalled for good
             counts = dict(proxy.counts)

@@ -1,9 +1,11 @@
-"""The layout of DESIGN.md section 6, read from the source: layers point down, functions stay small.
+"""The layout of DESIGN.md section 6, read from the source: layers point down, code stays small.
 
-- `async_rl/` minus `async_rl/app/` is the shared core: it imports neither `actors` nor
-  `learner`, not even inside a function;
-- `actors/` and `learner/` do not import each other, nor the entry points of `async_rl/app/`;
-- no function in `async_rl/`, `actors/` or `learner/` is longer than 60 lines.
+- `async_rl/` is the shared core: it imports none of `actors`, `learner` or `app`, not even
+  inside a function;
+- `actors/` and `learner/` do not import each other, nor the entry points of `app/`;
+- nothing imports `app/` (the entry points sit on top of everything);
+- no two modules import each other, directly or around a circle;
+- no function is longer than 60 lines, no class longer than 250.
 """
 
 import ast
@@ -12,56 +14,106 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("async_rl", "actors", "learner")
-MAX_LINES = 60
+PACKAGES = ("async_rl", "actors", "learner", "app")
+MAX_FUNCTION_LINES = 60
+MAX_CLASS_LINES = 250
 
 
 def sources(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
 
 
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def imported(path: Path) -> set[str]:
-    """Top-level package of every import in the file, at any depth (functions included)."""
+    """Every module a file imports, at any depth (functions included); `from m import x` adds both
+    `m` and `m.x`, since `x` may be a submodule."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
 def _offenders(paths: list[Path], forbidden: tuple[str, ...]) -> list[str]:
     """`"<file> imports <module>"` for every import of a module in or under `forbidden`."""
-    return [
-        f"{p.name} imports {name}"
-        for p in paths
-        for name in sorted(imported(p))
-        if any(name == f or name.startswith(f + ".") for f in forbidden)
-    ]
+    return sorted(
+        {
+            f"{p.name} imports {name}"
+            for p in paths
+            for name in imported(p)
+            if any(name == f or name.startswith(f + ".") for f in forbidden)
+        }
+    )
 
 
-def test_the_core_imports_neither_actors_nor_learner():
-    core = [p for p in sources("async_rl") if "app" not in p.relative_to(ROOT).parts]
+def import_cycles(paths: list[Path], root: Path = ROOT) -> list[list[str]]:
+    """The strongly connected components of more than one module in the import graph (Tarjan)."""
+    graph = {module_name(p, root): imported(p) for p in paths}
+    graph = {m: sorted(d for d in deps if d in graph and d != m) for m, deps in graph.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v) :]
+            del stack[stack.index(v) :]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_the_core_imports_neither_actors_nor_learner_nor_the_app():
+    core = sources("async_rl")
     assert len(core) > 10
-    assert _offenders(core, ("actors", "learner", "async_rl.app")) == []
+    assert _offenders(core, ("actors", "learner", "app")) == []
 
 
 @pytest.mark.parametrize("package, other", [("actors", "learner"), ("learner", "actors")])
 def test_actors_and_learner_do_not_import_each_other_or_the_app(package, other):
-    assert _offenders(sources(package), (other, "async_rl.app")) == []
+    assert _offenders(sources(package), (other, "app")) == []
+
+
+def test_no_module_imports_itself_around_a_circle():
+    assert import_cycles([p for package in PACKAGES for p in sources(package)]) == []
+
+
+def _too_long(kinds: tuple[type, ...], limit: int) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {node.end_lineno - node.lineno + 1}"
+        for package in PACKAGES
+        for path in sources(package)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, kinds) and node.end_lineno - node.lineno + 1 > limit
+    ]
 
 
 def test_no_function_is_longer_than_60_lines():
-    long = []
-    for package in PACKAGES:
-        for path in sources(package):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    lines = node.end_lineno - node.lineno + 1
-                    if lines > MAX_LINES:
-                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {lines}")
-    assert long == []
+    assert _too_long((ast.FunctionDef, ast.AsyncFunctionDef), MAX_FUNCTION_LINES) == []
+
+
+def test_no_class_is_longer_than_250_lines():
+    assert _too_long((ast.ClassDef,), MAX_CLASS_LINES) == []
 
 
 def test_the_import_check_finds_an_import_inside_a_function(tmp_path):
@@ -70,4 +122,13 @@ def test_the_import_check_finds_an_import_inside_a_function(tmp_path):
     assert _offenders([bad], ("actors", "learner")) == [
         "bad.py imports actors",
         "bad.py imports learner.train",
+        "bad.py imports learner.train.X",
     ]
+
+
+def test_the_cycle_check_finds_a_circle_through_a_function_import(tmp_path):
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from c import g\n")
+    (tmp_path / "c.py").write_text("import a\nimport d\n")
+    (tmp_path / "d.py").write_text("")
+    assert import_cycles(sorted(tmp_path.glob("*.py")), tmp_path) == [["a", "b", "c"]]

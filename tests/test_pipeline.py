@@ -10,6 +10,7 @@ import torch
 from actors.embedded import EmbeddedEngine
 from actors.engine import SamplingParams
 from actors.loop import group_seed
+from actors.versions import version_to_load
 from async_rl.segments import inspect
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import Tokenizer
@@ -83,6 +84,22 @@ def test_k0_one_minibatch_is_a_synchronous_generate_then_train_loop(
         assert step(packed)["loss"] == rows[v]["learner/loss"], f"step {v}: different loss"
 
 
+@pytest.mark.parametrize(
+    "engine, wanted, available, may_swap, expected",
+    [
+        (0, 3, 3, True, 3),  # the newest known, and the store holds it
+        (0, 3, 2, True, 2),  # the store holds 2 so far (the collective path delivering 3)
+        (0, 3, None, True, None),  # the store holds nothing yet
+        (2, 3, 2, True, None),  # the engine has what the store holds
+        (3, 3, 4, True, None),  # nothing newer is needed or announced
+        (0, 3, 3, False, None),  # rows running without in-flight updates: they finish first
+    ],
+)
+def test_which_version_an_actor_loads(engine, wanted, available, may_swap, expected):
+    """The one rule of static and continuous batching (`actors.versions`)."""
+    assert version_to_load(engine, wanted, available, may_swap) == expected
+
+
 def test_an_actor_told_of_a_version_collected_before_it_reads_it_loads_the_newest(
     tmp_path, cold_start, run_services
 ):
@@ -92,16 +109,17 @@ def test_an_actor_told_of_a_version_collected_before_it_reads_it_loads_the_newes
     with run_services(cfg, cold_start) as (learner, actor):
         state = hf_state_dict(learner.model, cfg.model)
         for v in range(1, 5):
-            learner.store.publish(v, state)
-        assert learner.store.collect(set()) == [1, 2]
-        actor.weights.newest = lambda timeout_ms=0: 1  # the announcement it got was of v1
+            learner.publisher.store.publish(v, state)
+        assert learner.publisher.store.collect(set()) == [1, 2]
+        announcements = actor.versions.announcements
+        announcements.newest = lambda timeout_ms=0: 1  # the announcement it got was of v1
         actor.sync_weights()
         assert actor.engine.version == 4 and actor.stats.weight_swaps == 1
 
 
 class TensorStore:
-    """What the `ray` weight store hands an actor: tensors by Hugging Face name, no directory
-    (here read from the learner's `fs` store, without a Ray cluster)."""
+    """A store that hands an actor tensors fetched whole, as the `ray` store does (here read
+    from the learner's `fs` store, without a Ray cluster)."""
 
     def __init__(self, files):
         self.files = files
@@ -122,26 +140,26 @@ def test_an_actor_on_a_store_of_tensors_builds_from_the_start_and_swaps_them(
 ):
     cfg = pipeline_config(tmp_path, "tensors", "run.num_steps=2")
     with run_services(cfg, cold_start) as (learner, actor):
-        actor.store = TensorStore(learner.store)
-        engine = actor._build_engine()  # tensors only: the model is the start checkpoint's
+        store = learner.publisher.store
+        actor.versions.store = TensorStore(store)
+        engine = actor.versions.build(cold_start, 0)  # tensors: the model is the start's
         assert engine.version == 0
         actor.engine = engine
         model, _ = import_hf(cold_start, cfg.model)
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1.5)
-        learner.store.publish(1, hf_state_dict(model, cfg.model))
+        store.publish(1, hf_state_dict(model, cfg.model))
         actor.sync_weights(at_least=1)
         assert actor.engine.version == 1 and actor.stats.weight_swaps == 1
-        from_dir = EmbeddedEngine(learner.store.path(1), quantization="fp32")
+        from_dir = EmbeddedEngine(store.path(1), quantization="fp32")
         params = SamplingParams(0.0, 1.0, 4, seed=0)
         prompts = [[2, 5, 13, 6, 14], [2, 7, 13, 8, 14]]
         assert [g.tokens for grp in actor.engine.generate(prompts, params, 1) for g in grp] == [
             g.tokens for grp in from_dir.generate(prompts, params, 1) for g in grp
         ]
-        actor.start = None
         with pytest.raises(ValueError, match="starting checkpoint"):
-            actor._build_engine()
+            actor.versions.build(None, 0)
 
 
 def test_an_in_flight_actor_swaps_weights_under_running_rows(tmp_path, start, run_services):
@@ -163,8 +181,8 @@ def test_an_in_flight_actor_swaps_weights_under_running_rows(tmp_path, start, ru
         running = actor.engine.num_running
         assert running > 0
         model, _ = import_hf(start, cfg.model)
-        learner.store.publish(1, hf_state_dict(model, cfg.model))
-        actor._last_store_check = 0.0  # as if the store's newest were checked now
+        learner.publisher.store.publish(1, hf_state_dict(model, cfg.model))
+        actor.versions._last_store_check = 0.0  # as if the store's newest were checked now
         while actor.engine.num_running or actor.engine.num_waiting:
             actor.step()
     assert actor.stats.swaps_in_flight == 1 and actor.engine.version == 1

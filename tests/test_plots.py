@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from async_rl.app.cli import main
-from async_rl.app.plots import collapse_step, read_run, summarize
+from app.cli import main
+from app.plots import collapse_step, read_run, summarize
 
 
 def write_run(path, variant, rewards, accuracy_every=5, kl=1e-3):
@@ -78,7 +78,7 @@ def test_read_run_and_collapse_rule(tmp_path):
 def test_moving_average_is_a_trailing_mean():
     import numpy as np
 
-    from async_rl.app.plots import moving_average
+    from app.plots import moving_average
 
     values = np.array([[1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 3.0, 3.0, 3.0]])
     steps, smooth = moving_average(np.arange(5), values, 2)

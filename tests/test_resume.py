@@ -41,7 +41,7 @@ def run(tmp_path, start, name, kill_after=None):
     procs = [spawn(log, "async_rl.buffer_service", run_dir)]
     try:
         learner = spawn(log, "learner.run", run_dir, "--start", start)
-        procs += [learner, spawn(log, "actors.loop", run_dir, "--actor-id", "a0")]
+        procs += [learner, spawn(log, "actors.loop", run_dir, "--actor-id", "a0", "--start", start)]
         if kill_after is not None:
 
             def trained_past_kill_point():

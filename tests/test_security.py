@@ -7,7 +7,7 @@ import threading
 import pytest
 import zmq
 
-from async_rl.app.cli import main
+from app.cli import main
 from async_rl.buffer_service import BufferService
 from async_rl.config import ConfigError, load_config
 from async_rl.messages import Counters, Stats
@@ -132,7 +132,7 @@ def test_the_local_ray_instance_listens_on_loopback_only(tmp_path):
     script = (
         "import os, sys, time, ray\n"
         "from async_rl.config import load_config\n"
-        "from async_rl.app.driver import init_ray\n"
+        "from app.cluster import init_ray\n"
         "init_ray(load_config(None, []), None)\n"
         "@ray.remote\n"
         "class Probe:\n"

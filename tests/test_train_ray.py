@@ -32,7 +32,7 @@ from tests.helpers import (
 
 
 def scale(run_dir: Path, actors: int) -> None:
-    cli = [sys.executable, "-m", "async_rl.app.cli"]
+    cli = [sys.executable, "-m", "app.cli"]
     command = [*cli, "scale", str(run_dir), "--actors", str(actors)]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -192,7 +192,7 @@ def _rows(t0: float, n: int, wait: float, step: float, full_per_row: float) -> l
 
 
 def test_the_autoscaler_keeps_the_buffer_fill_between_its_bounds():
-    from async_rl.app.driver import autoscale
+    from app.fleet import autoscale
     from async_rl.config import Config
 
     cfg = Config()

@@ -7,25 +7,28 @@ group, or reads them from the durable `fs` store, and generates with them.
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
 
 from async_rl.paths import RunPaths, publish_endpoints
-from async_rl.weight_group import (
-    CollectiveWeightStore,
-    WeightSender,
+from async_rl.weights import CollectiveWeightStore, FsWeightStore
+from async_rl.weights.buckets import (
+    ALONE,
     bucket_sizes,
+    gathered_buckets,
     pack_bucket,
     plan_buckets,
     unpack_bucket,
 )
-from async_rl.weights import FsWeightStore
+from async_rl.weights.collective import WeightSender
 from learner.hf import hf_state_dict, import_hf
 from tests.helpers import ENV, ROOT
 
@@ -38,8 +41,8 @@ import json, sys, time
 import torch
 from actors.embedded import EmbeddedEngine
 from actors.engine import SamplingParams
-from async_rl.weight_group import CollectiveWeightStore, WeightReceiver
-from async_rl.weights import FsWeightStore
+from async_rl.weights import CollectiveWeightStore, FsWeightStore
+from async_rl.weights.collective import WeightReceiver
 run_dir, name, start, want = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(1)
 durable = FsWeightStore(run_dir + "/weights", template=start)
@@ -120,6 +123,40 @@ def test_buckets_round_trip_every_dtype_and_bound_their_size():
     assert pack_bucket(tensors, 1, 400, state).data_ptr() == state["c"].data_ptr()  # no copy
     with pytest.raises(ValueError, match="unknown dtype"):
         unpack_bucket([["x", "torch.complex64", [1], 0, 0]], 0, torch.zeros(8, dtype=torch.uint8))
+
+
+def test_gathering_follows_the_same_plan_counted_in_the_cast_dtype():
+    """The learner's gathering and the broadcast share one plan: buckets are what the plan
+    says, counted in the dtype the tensors travel in (fp32 masters as bf16); 0 is one bucket
+    but for tensors of `ALONE` bytes or more."""
+    state = {"a": torch.zeros(16), "b": torch.zeros(16), "c": torch.zeros(24), "d": torch.ones(8)}
+    plan = plan_buckets(state, bucket_bytes=128, dtype=torch.bfloat16)
+    buckets = list(gathered_buckets(state, 128, torch.bfloat16))
+    # bf16: a at 0, b at 64 (aligned); c would end at 128 + 48: a new bucket, with d at 64
+    assert [sorted(b) for b in buckets] == [["a", "b"], ["c", "d"]]
+    assert [t[3] for t in plan] == [0, 0, 1, 1]
+    assert all(v.dtype == torch.bfloat16 for b in buckets for v in b.values())
+    assert [sorted(b) for b in gathered_buckets(state)] == [["a", "b", "c", "d"]]
+    big = {"x": torch.zeros(1), "y": torch.zeros(ALONE // 4), "z": torch.zeros(1)}
+    assert [sorted(b) for b in gathered_buckets(big)] == [["x"], ["y"], ["z"]]
+
+
+def test_the_sender_lets_go_of_the_last_version_before_the_next_is_gathered(tmp_path):
+    """`WeightSender.last` (for late joiners) would keep a whole version alive while the
+    learner gathers the next: `before_gather` drops it."""
+    sender = WeightSender("127.0.0.1", TIMEOUT_S, 2**20)
+    store = CollectiveWeightStore(FsWeightStore(tmp_path), 1000, sender)
+    try:
+        state = {"w": torch.ones(1000)}
+        alive = weakref.ref(state["w"])
+        store.publish(0, state)
+        del state
+        assert alive() is not None  # kept for joiners
+        store.before_gather()
+        gc.collect()
+        assert alive() is None
+    finally:
+        store.close()
 
 
 @pytest.mark.slow

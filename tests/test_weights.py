@@ -13,6 +13,7 @@ from async_rl.tokenizer import Tokenizer
 from async_rl.weights import (
     FsWeightStore,
     RayWeightStore,
+    VersionGone,
     WeightAnnouncer,
     WeightSubscriber,
     read_manifest,
@@ -38,6 +39,12 @@ def test_fs_store_round_trip_latest_and_collect(tmp_path):
     fetched = store.fetch(3)
     assert all(torch.equal(fetched[k], state(3)[k]) for k in fetched)
     assert fetched["b.weight"].dtype == torch.bfloat16
+    with store.reading(3) as tensors:  # what every store's reader yields: tensors by name
+        assert sorted(tensors) == sorted(fetched)
+        assert all(torch.equal(tensors[k], fetched[k]) for k in fetched)
+    with pytest.raises(VersionGone, match="not"):
+        with store.reading(7):
+            pass
     store.publish(4, state(9))  # a resumed learner publishes a version again
     assert torch.equal(store.fetch(4)["a.weight"], state(9)["a.weight"])
     # keep the newest 2, version 0 (the starting point) and what actors still use
@@ -48,8 +55,9 @@ def test_fs_store_round_trip_latest_and_collect(tmp_path):
 READER = """
 import sys, time
 from async_rl.weights import FsWeightStore
-with FsWeightStore(sys.argv[1]).reading(int(sys.argv[2])) as path:
-    print(path, flush=True)
+store = FsWeightStore(sys.argv[1])
+with store.reading(int(sys.argv[2])):
+    print(store.path(int(sys.argv[2])), flush=True)
     time.sleep(600)
 """
 
@@ -70,8 +78,8 @@ def test_a_version_is_not_collected_under_a_reader_and_a_dead_reader_lets_go(tmp
         assert reader.stdout.readline().strip().endswith("v000001")  # holding it
         assert store.collect(in_use=set()) == [2]  # 1 is being read, 3 is the newest
         assert store.versions() == [0, 1, 3]
-        with store.reading(1) as path:  # readers share
-            assert read_manifest(path)["version"] == 1
+        with store.reading(1):  # readers share
+            assert read_manifest(store.path(1))["version"] == 1
     finally:
         reader.kill()
         reader.wait(10)
@@ -165,8 +173,9 @@ def test_ray_store_round_trip():
         fetched = reader.fetch(2)
         assert all(torch.equal(fetched[k], state(2)[k]) for k in fetched)
         assert reader.collect(set()) == [1]
-        with pytest.raises(ValueError, match="not in the Ray object store"):
-            reader.fetch(1)
+        with pytest.raises(VersionGone, match="not in the Ray object store"):
+            with reader.reading(1):
+                pass
     finally:
         ray.shutdown()
 

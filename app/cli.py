@@ -143,7 +143,7 @@ def _print_eval(label: str, result) -> None:
 
 
 def cmd_sft(cfg: Config) -> Path:
-    from async_rl.app.evaluation import evaluate_checkpoint
+    from app.evaluation import evaluate_checkpoint
     from async_rl.runtime import configure_torch
     from learner.sft import run_sft
 
@@ -161,7 +161,7 @@ def cmd_sft(cfg: Config) -> Path:
 
 
 def cmd_eval(cfg: Config, checkpoint: str, limit: int | None) -> None:
-    from async_rl.app.evaluation import evaluate_checkpoint
+    from app.evaluation import evaluate_checkpoint
 
     _setup(cfg)
     start = time.monotonic()
@@ -170,8 +170,8 @@ def cmd_eval(cfg: Config, checkpoint: str, limit: int | None) -> None:
 
 
 def cmd_train(cfg: Config, ray_address: str | None) -> None:
-    from async_rl.app.driver import check_placement
-    from async_rl.app.plan import Cluster, make_plan
+    from app.cluster import check_placement
+    from app.plan import Cluster, make_plan
     from async_rl.metrics import steps_logged
 
     check_placement(cfg, ray_address)  # before the cold start and Ray
@@ -200,7 +200,7 @@ def cmd_train(cfg: Config, ray_address: str | None) -> None:
             cmd_sft(cfg)
         start = str(cached)
     print(f"starting checkpoint (version 0): {start}")
-    from async_rl.app.driver import train
+    from app.driver import train
 
     summary = train(cfg, Path(start), ray_address)
     accuracy = summary["accuracy"]
@@ -216,7 +216,7 @@ def cmd_train(cfg: Config, ray_address: str | None) -> None:
 
 def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     """Print the plan of `cfg` on the cluster the arguments describe; 1 if it does not fit."""
-    from async_rl.app.plan import Cluster, make_plan
+    from app.plan import Cluster, make_plan
 
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.bandwidth_gbps)
     plan = make_plan(cfg, cluster)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from async_rl.app import diagnose
+    from app import diagnose
 
     paths = RunPaths(args.run_dir)
     if not paths.config.exists():
@@ -318,12 +318,12 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
 def _run_tool(args: argparse.Namespace) -> None:
     if args.command == "sweep":
-        from async_rl.app.sweep import run_sweep
+        from app.sweep import run_sweep
 
         specs = run_sweep(args.file)
         print(f"sweep done: {len(specs)} runs under {specs[0].run_dir.parent}")
     elif args.command == "plot":
-        from async_rl.app.plots import plot
+        from app.plots import plot
 
         figure, table = plot(args.runs, args.out, args.title, args.baseline)
         print(f"wrote {figure} and {table}")

@@ -58,83 +58,12 @@ import torch
 import torch.distributed as dist
 
 from async_rl.paths import RunPaths, read_endpoints
+from async_rl.weights.buckets import bucket_sizes, pack_bucket, plan_buckets, unpack_bucket
 
 log = logging.getLogger(__name__)
 
 WAIT_S = 1.0  # a receiver waiting for a key looks at its stop flag this often
 EVENT_WAIT_S = 1.0  # how long the learner waits for an event a member counted but not wrote
-
-_DTYPES = {
-    str(d): d
-    for d in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int64)
-}
-
-
-ALIGN = 64  # bytes: every tensor starts aligned in its bucket, so it is a view of it
-ALONE = 16 * 2**20  # a tensor this large is a bucket of its own, sent from its own memory
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-
-
-def _nbytes(dtype: str, shape: list[int]) -> int:
-    return _dtype(dtype).itemsize * int(torch.Size(shape).numel())
-
-
-def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[list]:
-    """The header's tensor list, `[name, dtype, shape, bucket, offset]` in order: small tensors
-    packed at aligned offsets into buckets of at most `bucket_bytes`, a large one (`ALONE`, or
-    larger than a bucket) in a bucket of its own. Nothing is copied."""
-    tensors, bucket, size = [], -1, bucket_bytes  # the first tensor opens bucket 0
-    for name, t in state.items():
-        n = t.numel() * t.element_size()
-        offset = -(-size // ALIGN) * ALIGN
-        if n >= min(ALONE, bucket_bytes) or offset + n > bucket_bytes:
-            bucket, offset = bucket + 1, 0
-        tensors.append([name, str(t.dtype), list(t.shape), bucket, offset])
-        size = bucket_bytes if n >= min(ALONE, bucket_bytes) else offset + n  # alone: closed
-    return tensors
-
-
-def bucket_sizes(tensors: list[list]) -> list[int]:
-    sizes: list[int] = []
-    for _, dtype, shape, bucket, offset in tensors:
-        if bucket == len(sizes):
-            sizes.append(0)
-        sizes[bucket] = max(sizes[bucket], offset + _nbytes(dtype, shape))
-    return sizes
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"weights header: unknown dtype {name!r}")
-    return _DTYPES[name]
-
-
-def pack_bucket(tensors: list[list], index: int, size: int, state) -> torch.Tensor:
-    """Bucket `index` to send: the tensor's own bytes when it is alone, else a packed copy."""
-    members = [t for t in tensors if t[3] == index]
-    if len(members) == 1:
-        return _raw(state[members[0][0]])
-    bucket = torch.zeros(size, dtype=torch.uint8)
-    for name, _, _, _, offset in members:
-        raw = _raw(state[name])
-        bucket[offset : offset + raw.numel()] = raw
-    return bucket
-
-
-def unpack_bucket(tensors: list[list], index: int, bucket: torch.Tensor) -> dict:
-    """The tensors of bucket `index`: views of it (it is theirs from now on)."""
-    out = {}
-    for name, dtype, shape, b, offset in tensors:
-        if b != index:
-            continue
-        n = _nbytes(dtype, shape)
-        if offset % ALIGN or offset + n > bucket.numel():
-            raise ValueError(f"weights header: {name} does not fit bucket {index} at {offset}")
-        out[name] = bucket[offset : offset + n].view(_dtype(dtype)).reshape(shape)
-    return out
 
 
 def _broadcast(group, tensor: torch.Tensor) -> None:
@@ -161,7 +90,8 @@ class WeightSender:
 
     It keeps the last version it sent, and a thread of its own hands it to actors that join
     while the learner has nothing new to send (a learner waiting for data from an actor that
-    waits for weights would otherwise wait for ever).
+    waits for weights would otherwise wait for ever); `forget` lets go of it when the learner
+    starts gathering the next one, so that two versions are never held at once.
     """
 
     def __init__(self, host: str, timeout_s: float, bucket_bytes: int):
@@ -238,15 +168,21 @@ class WeightSender:
                 return 0
             return self._send(version, state, rebuild=changed)
 
+    def forget(self) -> None:
+        """Let go of the last version (the learner is gathering the next; joiners get that).
+        A transfer to joiners under way keeps it until it ends."""
+        self.last = None
+
     def _serve_joiners(self) -> None:
         while not self.stopping.wait(0.5):
             with self.lock:
+                last = self.last
                 try:
-                    changed = self.last is not None and self._membership_changed()
+                    changed = last is not None and self._membership_changed()
                 except (RuntimeError, dist.DistError):
                     continue
                 if changed:
-                    self._send(*self.last, rebuild=True)
+                    self._send(*last, rebuild=True)
 
     def _send(self, version: int, state: dict[str, torch.Tensor], rebuild: bool) -> int:
         try:
@@ -303,9 +239,10 @@ class WeightReceiver:
             self.stopping.wait(0.2)
 
     def _store(self):
+        """The learner's store of now; None until the learner has published its address."""
         endpoints = read_endpoints(self.paths, "learner") or {}
         if "weights_store" not in endpoints:
-            raise ValueError("the learner has not published its weights store yet")
+            return None
         host, port = endpoints["weights_store"].rsplit(":", 1)
         timeout = timedelta(seconds=self.timeout_s)
         return dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
@@ -316,10 +253,9 @@ class WeightReceiver:
         while not self.stopping.is_set():
             try:
                 store.wait([key], timedelta(seconds=WAIT_S))
-            except dist.DistStoreError as e:
-                if "timeout" not in str(e).lower():
-                    raise
-                continue
+            except dist.DistStoreError:
+                if not store.check([key]):  # the store answers: the wait timed out (a store
+                    continue  # that is gone raises here)
             return store.get(key)
         return None
 
@@ -336,6 +272,8 @@ class WeightReceiver:
     def _serve(self) -> None:
         """Register with the learner of now, then receive until an epoch ends or fails."""
         store = self.current = self._store()
+        if store is None:
+            return
         joined = _event(store, f"join:{self.member}")
         epoch, placed = 0, None
         while placed is None:  # an epoch made after this join that lists this member
@@ -390,6 +328,10 @@ class CollectiveWeightStore:
         self.sender, self.receiver = sender, receiver
         self.sent: int | None = None
         self.last_receivers = 0
+
+    def before_gather(self) -> None:
+        if self.sender is not None:
+            self.sender.forget()
 
     def publish(self, version: int, hf_state: dict[str, torch.Tensor], durable=False) -> None:
         if durable or version % self.durable_every == 0 or self.sent is None:  # first: durable

@@ -1,0 +1,65 @@
+"""Weight versions from the learner to the actors: every piece of the weight path.
+
+Version v is the learner's weights after v global steps; version 0 is the starting checkpoint.
+The learner publishes v+1 after every global step and does not wait for anyone; an actor swaps
+to the newest complete version between generation steps (`actors.versions` says which); a late
+joiner fetches the newest.
+
+    store.py        the `WeightStore` protocol; `VersionGone`; what readers get (tensors)
+    fs.py           `fs`: each version a Hugging Face checkpoint directory under the run
+    ray_store.py    `ray`: tensors in the Ray object store (no shared filesystem needed)
+    collective.py   `collective`: buckets broadcast over a gloo group, `fs` or `ray` behind it
+    buckets.py      the one bucketing scheme: gathering learner shards, broadcasting to actors
+    announce.py     the learner's PUB announcements (`WeightsReady`) and the actors' SUB
+
+Every store hands out Hugging Face tensor names (`model.layers.0.mlp.experts.3.gate_proj.weight`),
+the layout vLLM and transformers read, and every reader yields those tensors:
+`with store.reading(v) as tensors:`. Nothing is unpickled: files are safetensors and JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from async_rl.paths import RunPaths
+from async_rl.weights.announce import WeightAnnouncer, WeightSubscriber
+from async_rl.weights.collective import CollectiveWeightStore, WeightReceiver, WeightSender
+from async_rl.weights.fs import FsWeightStore, read_manifest
+from async_rl.weights.ray_store import RayWeightStore
+from async_rl.weights.store import VersionGone, WeightsSource, WeightStore
+
+__all__ = [
+    "CollectiveWeightStore",
+    "FsWeightStore",
+    "RayWeightStore",
+    "VersionGone",
+    "WeightAnnouncer",
+    "WeightStore",
+    "WeightSubscriber",
+    "WeightsSource",
+    "read_manifest",
+    "weight_store",
+]
+
+
+def weight_store(
+    cfg,
+    run_dir: Path,
+    start: Path | None = None,
+    create: bool = False,
+    member: str | None = None,
+) -> WeightStore:
+    """The run's store (`learner.weight_store`); the learner creates it, actors open it (an
+    actor names itself, `member`, for the collective path's group)."""
+    lrn = cfg.learner
+    kind = lrn.durable_store if lrn.weight_store == "collective" else lrn.weight_store
+    if kind == "ray":
+        durable = RayWeightStore(f"{cfg.run.name}-weights", lrn.keep_versions, create=create)
+    else:
+        durable = FsWeightStore(RunPaths(run_dir).weights, template=start, keep=lrn.keep_versions)
+    if lrn.weight_store != "collective":
+        return durable
+    timeout_s, bucket = lrn.collective_timeout_s, lrn.publish_bucket_mib * 2**20
+    sender = WeightSender(cfg.run.bind_host, timeout_s, bucket) if create else None
+    receiver = WeightReceiver(run_dir, member, timeout_s) if member else None
+    return CollectiveWeightStore(durable, lrn.durable_every, sender, receiver)

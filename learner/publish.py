@@ -1,0 +1,99 @@
+"""Rank 0's side of the weights: the store, the announcer and the publish thread.
+
+    publisher = Publisher(cfg, paths, start, ctx, curve, source, version, weights)  rank 0
+    publisher.before_gather()       the last publish is done, the store lets go of its copy
+    state = hf_weights()            (collective: every rank gathers)
+    publisher.submit(v, state, in_use)   on the publish thread: store, tell the buffer,
+                                         announce, collect old versions
+
+Other ranks have no publisher. One version is in flight at most: the publish of v runs while
+the step of v + 1 trains, and is done before v + 1 is gathered, so that rank 0 never holds
+two versions at once (the collective sender's copy for late joiners included).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import zmq
+
+from async_rl.clients import BatchSource
+from async_rl.config import Config
+from async_rl.paths import RunPaths, publish_endpoints, read_endpoints
+from async_rl.weights import WeightAnnouncer, weight_store
+from learner.background import Background
+
+
+def checkpoints_at(cfg: Config, version: int) -> bool:
+    """Whether the run checkpoints `version`: every `learner.checkpoint_every`, and the last."""
+    every = cfg.learner.checkpoint_every
+    return version == cfg.run.num_steps or bool(every and version % every == 0)
+
+
+class Publisher:
+    def __init__(
+        self,
+        cfg: Config,
+        paths: RunPaths,
+        start: Path,
+        ctx: zmq.Context,
+        curve,
+        source: BatchSource,
+        version: int,
+        weights: dict[str, torch.Tensor],
+        ranks: int = 1,
+    ):
+        """Open the run's store (publishing `version` unless it holds it), bind the announcer
+        (a restarted learner takes its old address back), record the endpoints and tell the
+        buffer `version`. `source` belongs to the publish thread from here on."""
+        self.cfg, self.source, self.ranks = cfg, source, ranks
+        self.store = weight_store(cfg, paths.root, start, create=True)
+        latest = self.store.latest()
+        if latest is None or latest < version:
+            self.store.publish(version, weights)
+        previous = (read_endpoints(paths, "learner") or {}).get("weights")
+        self.announcer = WeightAnnouncer(ctx, cfg.run.bind_host, curve, previous)
+        publish_endpoints(
+            paths, "learner", {"weights": self.announcer.address, **self.store.endpoints()}
+        )
+        self.source.publish(version)
+        self.thread = Background("publish")
+
+    def publish(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]):
+        """On the publish thread: the store writes the version (manifest last), the buffer
+        learns it (admission), the announcement goes out, old versions are collected.
+        A checkpoint's version is durable (the collective path's late joiners start there)."""
+        self.store.publish(version, hf_state, durable=checkpoints_at(self.cfg, version))
+        self.source.publish(version)  # first: an actor told of it may lease at once
+        self.announcer.announce(version)
+        self.store.collect(in_use)
+
+    def before_gather(self) -> None:
+        self.thread.wait()
+        self.store.before_gather()
+
+    def submit(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]) -> dict:
+        """Publish on the thread; the metrics of the previous version's transfer (if the store
+        tells) and the bytes rank 0 holds for it (`publish_peak_mib`)."""
+        self.thread.submit(self.publish, version, hf_state, in_use)
+        return {"publish_peak_mib": self.peak_bytes(hf_state) / 2**20, **self.store.stats()}
+
+    def peak_bytes(self, state: dict[str, torch.Tensor]) -> int:
+        """Bytes rank 0 holds to publish a version beyond the model: the version's copy, and
+        with several ranks the last bucket in flight (the others hold at most a bucket)."""
+        copy = sum(v.numel() * v.element_size() for v in state.values())
+        bucket = min(self.cfg.learner.publish_bucket_mib * 2**20, copy)
+        return copy + (bucket if self.ranks > 1 else 0)
+
+    def wait(self) -> None:
+        self.thread.wait()
+
+    def close(self) -> None:
+        """What is in flight is finished first."""
+        try:
+            self.thread.close()
+        finally:
+            self.announcer.close()
+            self.source.close()
+            self.store.close()
