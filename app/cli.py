@@ -15,6 +15,7 @@ from async_rl.config import (
     Config,
     ConfigError,
     load_config,
+    placement_lines,
     precision_warning,
     reference,
     to_toml,
@@ -354,8 +355,9 @@ def _run_configured(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"async-rl: config error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
+    if args.dry_run:  # the config, and the placement by role as TOML comments
         print(to_toml(cfg), end="")
+        print("\n".join(f"# placement: {line}" for line in placement_lines(cfg)))
         return 0
     try:
         if args.command == "train":

@@ -1,8 +1,12 @@
 """Ray for a run: joining or starting it, and what the run's processes reserve in it.
 
-`check_placement` refuses a learner this machine cannot hold before Ray starts; the learner's
-ranks get a placement group (a CPU each, and a GPU each on CUDA), an actor the GPUs of its
-engine.
+Every process asks Ray for what its role needs (`async_rl.config.role_resources`): a learner
+rank a CPU (and a GPU on CUDA), an actor a CPU (and its engine's GPUs), the buffer nothing, and
+each the custom resources of `<section>.resources`, which pin a role to the nodes that
+advertise them (`ray start --resources='{"learner_node": 1}'`). `check_placement` refuses a
+learner this machine cannot hold before Ray starts; `check_resources` refuses, once Ray is up
+and before anything starts, a role that no node of the cluster can hold. The learner's ranks
+get a placement group of one bundle each.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 
 import ray
 
-from async_rl.config import Config, ConfigError, is_loopback
+from async_rl.config import Config, ConfigError, is_loopback, role_resources
 
 
 def init_ray(cfg: Config, address: str | None) -> None:
@@ -64,6 +68,38 @@ def check_placement(cfg: Config, address: str | None) -> None:
             )
 
 
+def ray_options(need: dict[str, float]) -> dict[str, Any]:
+    """Ray actor options asking for `need` (a role's resources)."""
+    custom = {k: v for k, v in need.items() if k not in ("CPU", "GPU")}
+    return {"num_cpus": need.get("CPU", 0), "num_gpus": need.get("GPU", 0), "resources": custom}
+
+
+def _fits(offer: dict[str, float], need: dict[str, float]) -> int:
+    """How many processes needing `need` a node offering `offer` holds (many if `need` is
+    nothing)."""
+    counts = [int(offer.get(k, 0) // v) for k, v in need.items() if v > 0]
+    return min(counts) if counts else 1 << 30
+
+
+def check_resources(cfg: Config) -> None:
+    """Once Ray is up: a `ConfigError` naming the key for a role that no alive node can hold
+    (the learner: all its ranks, over the nodes together), with what the nodes offer."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    wanted = {"buffer": 1, "learner": cfg.learner.num_ranks, "actor": 1}
+    for role, need in role_resources(cfg).items():
+        room = sum(_fits(offer, need) for offer in nodes)
+        if room < wanted[role]:
+            offers = "; ".join(
+                ", ".join(f"{k} {v:g}" for k, v in sorted(o.items()) if not k.startswith("node:"))
+                for o in nodes
+            )
+            raise ConfigError(
+                f"{role}.resources",  # the sections are named after the roles
+                f"{wanted[role]} {role} process(es) need {need} each; the Ray cluster's nodes "
+                f"hold {room} (they offer: {offers})",
+            )
+
+
 def place_learner_ranks(cfg: Config, timeout_s: float) -> tuple[Any, list[dict[str, Any]]]:
     """Reserve the learner's ranks (a placement group of a CPU each, and a GPU each on CUDA):
     the group and, in rank order, the Ray options that put each rank in its bundle."""
@@ -71,7 +107,7 @@ def place_learner_ranks(cfg: Config, timeout_s: float) -> tuple[Any, list[dict[s
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     world = cfg.learner.num_ranks
-    bundle = {"CPU": 1, **({"GPU": 1} if cfg.learner.device == "cuda" else {})}
+    bundle = role_resources(cfg)["learner"]
     group = placement_group([bundle] * world, strategy="PACK")
     if not ray.wait([group.ready()], timeout=timeout_s)[0]:
         raise RuntimeError(
@@ -82,14 +118,4 @@ def place_learner_ranks(cfg: Config, timeout_s: float) -> tuple[Any, list[dict[s
         PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
         for rank in range(world)
     ]
-    options = {"num_cpus": 1, "num_gpus": bundle.get("GPU", 0)}
-    return group, [{**options, "scheduling_strategy": s} for s in strategies]
-
-
-def actor_gpus(cfg: Config) -> dict[str, int]:
-    """The GPUs one actor reserves: its engine's on CUDA (a vLLM engine's tensor-parallel
-    group), none on CPU."""
-    act = cfg.actor
-    if act.device != "cuda":
-        return {}
-    return {"num_gpus": act.tensor_parallel_size if act.engine == "vllm" else 1}
+    return group, [{**ray_options(bundle), "scheduling_strategy": s} for s in strategies]

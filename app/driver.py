@@ -29,10 +29,10 @@ from typing import Any
 
 import ray
 
-from app.cluster import check_placement, init_ray
+from app.cluster import check_placement, check_resources, init_ray
 from app.fleet import Fleet
 from app.supervisor import Supervisor
-from async_rl.config import Config
+from async_rl.config import Config, ConfigError
 
 
 def _interrupt(signum, frame) -> None:
@@ -92,6 +92,11 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
 
     check_placement(cfg, ray_address)
     init_ray(cfg, ray_address)
+    try:
+        check_resources(cfg)
+    except ConfigError:
+        ray.shutdown()
+        raise
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     run = Supervisor(cfg, start)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from async_rl.config import Config, ModelConfig, precision_warning
+from async_rl.config import Config, ModelConfig, placement_lines, precision_warning
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -196,6 +196,7 @@ class Plan:
             f"placement: learner {ranks} rank(s) (FSDP2 over {ranks}, expert parallel {ep}), "
             f"{cfg.actor.num_actors} actor(s) (up to {cfg.actor.max_actors}), "
             f"{cfg.actor.tensor_parallel_size} device(s) each",
+            *(f"  {line}" for line in placement_lines(cfg)),
             f"model: {lrn['numel'] / 1e9:.3f} B parameters, {precision}",
             f"learner rank (rank 0, the largest shard): {_gib(lrn['total'])}",
             f"  {master} parameters {_gib(lrn['params'])}, gradients {_gib(lrn['grads'])}, "

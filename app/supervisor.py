@@ -23,11 +23,11 @@ from typing import Any
 
 import ray
 
-from app.cluster import actor_gpus, place_learner_ranks
+from app.cluster import place_learner_ranks, ray_options
 from app.workers import ActorWorker, BufferWorker, LearnerWorker, learner_name
-from async_rl.config import Config, to_toml
+from async_rl.config import Config, role_resources, to_toml
 from async_rl.messages import ActorStats, ProcessStatus
-from async_rl.paths import RunPaths, write_fleet_size
+from async_rl.paths import RunPaths, write_fleet_size, write_json_atomic
 
 # How long a process that is starting or restarting may take to answer its first ping.
 START_TIMEOUT_S = 300.0
@@ -58,6 +58,7 @@ class Process:
     status: ProcessStatus | None = None  # its last answer
     up: bool = False  # it answered since it last (re)started
     down_since: float | None = None  # while not up: since when it has been starting or gone
+    node: str | None = None  # the Ray node it last answered from
 
 
 def _wait_all(refs: list, timeout_s: float) -> list:
@@ -95,7 +96,8 @@ class Supervisor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.paths.config.write_text(to_toml(self.cfg))
         opts = {"max_restarts": -1, "max_task_retries": 0}
-        handle = ray.remote(BufferWorker).options(num_cpus=0, **opts).remote(str(self.run_dir))
+        need = ray_options(role_resources(self.cfg)["buffer"])
+        handle = ray.remote(BufferWorker).options(**need, **opts).remote(str(self.run_dir))
         self.buffer = Process("buffer", Role.BUFFER, handle)
         ray.get(handle.status.remote())
         self.start_learners()
@@ -141,12 +143,13 @@ class Supervisor:
         return f"{why}: restarting the learner ({self.cfg.learner.num_ranks} rank(s))"
 
     def scale(self, n: int) -> None:
+        need = role_resources(self.cfg)["actor"]
         while len(self.actors) < n:
             actor_id = f"a{self.next_actor}"
             self.next_actor += 1
             handle = (
                 ray.remote(ActorWorker)
-                .options(num_cpus=1, max_restarts=-1, max_task_retries=0, **actor_gpus(self.cfg))
+                .options(max_restarts=-1, max_task_retries=0, **ray_options(need))
                 .remote(str(self.run_dir), actor_id, str(self.start))
             )
             self.actors[actor_id] = Process(actor_id, Role.ACTOR, handle)
@@ -203,6 +206,9 @@ class Supervisor:
                 process.down_since = now
             return None
         process.up, process.down_since = True, None
+        if process.node != status.node:
+            process.node = status.node
+            self.record_placement()
         if status.error and role is Role.LEARNER and len(self.learners) > 1:
             return self.restart_learners(f"{name} failed ({status.error})")
         if status.error and role in (Role.LEARNER, Role.BUFFER):  # the learner: one rank
@@ -243,6 +249,12 @@ class Supervisor:
     def _restart(self, process: Process) -> None:
         ray.kill(process.handle, no_restart=False)
         process.up, process.ping, process.down_since = False, None, time.monotonic()
+
+    def record_placement(self) -> None:
+        """`control/placement.json`: the node each process last answered from."""
+        processes = [self.buffer, *self.learners, *self.actors.values()]
+        placed = {p.name: {"role": p.role.value, "node": p.node} for p in processes if p and p.node}
+        write_json_atomic(self.paths.placement, placed)
 
     def learner_done(self) -> bool:
         status = self.learners[0].status if self.learners else None

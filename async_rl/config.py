@@ -44,8 +44,8 @@ def _f(
     lt: float | None = None,
 ) -> Any:
     meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -222,6 +222,13 @@ class ActorConfig:
         0.1, "The learner's idle share (waiting for data) that growing needs.", gt=0, lt=1
     )
 
+    resources: dict[str, float] = _f(
+        {},
+        "Ray resources each actor needs besides its CPU (and its engine's GPUs on cuda), e.g. "
+        "{actor_node = 1}: it runs only on nodes that advertise them (`ray start --resources`); "
+        "{} = any node.",
+    )
+
 
 @dataclass
 class BufferConfig:
@@ -249,6 +256,13 @@ class BufferConfig:
         "How long the learner waits for a global batch, and a client for the buffer to answer, "
         "before it gives up.",
         gt=0,
+    )
+
+    resources: dict[str, float] = _f(
+        {},
+        "Ray resources the buffer process needs besides its CPU share (none), e.g. "
+        "{buffer_node = 1}: it runs only on nodes that advertise them (`ray start --resources`); "
+        "{} = any node.",
     )
 
 
@@ -362,6 +376,13 @@ class LearnerConfig:
         0.0, "Label smoothing of the cold start's cross-entropy (0 = none).", ge=0, lt=1
     )
 
+    resources: dict[str, float] = _f(
+        {},
+        "Ray resources each learner rank needs besides its CPU (and GPU on cuda), e.g. "
+        "{learner_node = 1}: it runs only on nodes that advertise them (`ray start --resources`); "
+        "{} = any node.",
+    )
+
 
 @dataclass
 class AlgoConfig:
@@ -450,6 +471,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     elif typ == list[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    elif typ == dict[str, float]:
+        value = _resources(key, value)
     else:  # pragma: no cover - a field type this loader does not know is our bug
         raise AssertionError(f"unsupported config type {typ} for {key}")
 
@@ -470,6 +493,59 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             if meta[bound] is not None and not ok(meta[bound]):
                 raise ConfigError(key, f"must be {word} {meta[bound]}, got {value}")
     return value
+
+
+# Ray resources the run sets itself (from learner.device, actor.device, the engine's GPUs).
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _resources(key: str, value: Any) -> dict[str, float]:
+    """A table of Ray resources: names to positive amounts (`{learner_node = 1}`)."""
+    if not isinstance(value, dict):
+        raise ConfigError(
+            key, f"expected a table of Ray resources like {{name = 1}}, got {value!r}"
+        )
+    out = {}
+    for name, amount in value.items():
+        if not name or name in RESERVED_RESOURCES:
+            raise ConfigError(
+                key, f"{name!r}: the run reserves {', '.join(RESERVED_RESOURCES)} itself"
+            )
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ConfigError(key, f"{name!r}: the amount must be a number > 0, got {amount!r}")
+        out[name] = float(amount)
+    return out
+
+
+def role_resources(cfg: Config) -> dict[str, dict[str, float]]:
+    """What one process of each role asks of Ray: the buffer, each learner rank, each actor
+    (their CPU and GPUs, and the custom resources of `<section>.resources` that pin them)."""
+    lrn, act = cfg.learner, cfg.actor
+    actor_gpus = act.tensor_parallel_size if act.engine == "vllm" else 1
+    return {
+        "buffer": dict(cfg.buffer.resources),
+        "learner": {"CPU": 1.0, **({"GPU": 1.0} if lrn.device == "cuda" else {}), **lrn.resources},
+        "actor": {
+            "CPU": 1.0,
+            **({"GPU": float(actor_gpus)} if act.device == "cuda" else {}),
+            **act.resources,
+        },
+    }
+
+
+def placement_lines(cfg: Config) -> list[str]:
+    """The placement by role, as `--dry-run` and `plan` print it."""
+    need = {
+        role: ", ".join(f"{k} {v:g}" for k, v in r.items()) or "nothing (any node)"
+        for role, r in role_resources(cfg).items()
+    }
+    act = cfg.actor
+    return [
+        f"buffer: 1 process, needs {need['buffer']}",
+        f"learner: {cfg.learner.num_ranks} rank(s), each needs {need['learner']}",
+        f"actors: {act.num_actors} at start ({act.min_actors}..{act.max_actors}), each needs "
+        f"{need['actor']}",
+    ]
 
 
 def _apply(cfg: Config, data: dict[str, Any], origin: str) -> None:
@@ -715,6 +791,10 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
     return repr(value)
 
 
@@ -739,7 +819,7 @@ def reference(markdown: bool = False) -> str:
                 "|---|---|---|---|",
             ]
         for name, f in _section_fields(section).items():
-            typ = getattr(f.type, "__name__", str(f.type))
+            typ = "table" if f.type == dict[str, float] else getattr(f.type, "__name__", f.type)
             default = _toml_value(
                 f.default if f.default is not dataclasses.MISSING else f.default_factory()
             )

@@ -10,6 +10,8 @@
       control/pids/<name>.pid    the pid of each process of the run
       control/fleet.json     a fleet size asked for with `async-rl scale`
       control/actors.json    the fleet size the driver runs (the learner logs it)
+      control/placement.json which Ray node each process runs on ({"a0": {"role": "actor",
+                             "node": "3223d3..."}}), kept by the driver
       wandb/, wandb_id       the wandb run, and its id kept across resumes
       sft_metrics.jsonl      the cold start's loss curve
       variant.json, train.log    a sweep's run: its variant, and its `async-rl train` output
@@ -89,6 +91,11 @@ class RunPaths:
     def actors(self) -> Path:
         """Where the driver says how many actors the fleet has."""
         return self.root / "control" / "actors.json"
+
+    @property
+    def placement(self) -> Path:
+        """Where the driver says which Ray node each process of the run runs on."""
+        return self.root / "control" / "placement.json"
 
     def endpoint(self, service: str) -> Path:
         return self.root / "endpoints" / f"{service}.json"

@@ -19,9 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -253,6 +257,111 @@ def end(procs: list[subprocess.Popen], timeout: float = 60) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(10)
+
+
+def end_session(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the process group of `proc` (started in a session of its own)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            continue
+    # the group may outlive its leader: make sure nothing of it is left
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class RayCluster:
+    """A Ray cluster of several nodes on this machine, as a user starts one: `ray start` per
+    node (the head, then workers joining it), each with its CPUs and custom resources, on
+    loopback, with token authentication; every node's processes in a session of their own, so
+    a test ends them (or kills one node) by process group. `env` is what a client needs.
+
+        with RayCluster(tmp_path) as cluster:
+            cluster.add("learner", num_cpus=2, resources={"learner_node": 1})
+            launch(log, ..., "--ray-address", cluster.address, env=cluster.env)
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        head_cpus: int = 0,
+        head_resources: dict | None = None,
+        multinode: bool = False,
+    ):
+        """`multinode`: Ray's cluster mode (worker nodes may join; its servers then listen
+        beyond loopback, behind the token); else its single-machine mode, on loopback only."""
+        self.tmp_path, self.nodes = tmp_path, {}
+        self.short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # unix socket paths are short
+        token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.env = {
+            **ENV,
+            "RAY_TMPDIR": self.short,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if multinode else "0",
+            **token,
+        }
+        with socket.socket() as probe:  # a free port for the head's GCS
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.address = f"127.0.0.1:{port}"
+        head = ["--head", f"--port={port}", "--include-dashboard=false"]
+        self.add("head", head_cpus, head_resources or {}, head)
+
+    def add(self, name: str, num_cpus: int, resources: dict, args: list[str] | None = None):
+        """Start node `name` (`args`: the head's; default: join the head) and wait for it."""
+        ray_bin = Path(sys.executable).parent / "ray"
+        log = self.tmp_path / f"ray-{name}.log"
+        command = [
+            str(ray_bin),
+            "start",
+            *(args or [f"--address={self.address}"]),
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            f"--resources={json.dumps(resources)}",
+            "--disable-usage-stats",
+        ]
+        proc = subprocess.Popen(
+            command,
+            env=self.env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.nodes[name] = proc
+        started = "Ray runtime started"
+        wait_for(lambda: proc.poll() is not None or started in log.read_text(), timeout=120)
+        assert proc.poll() is None, log.read_text()
+
+    def node_ids(self) -> dict[str, str]:
+        """Ray's node id of each custom resource's node (`{"learner_node": "3223d3..."}`)."""
+        script = (
+            "import json, sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); "
+            "print(json.dumps({k: n['NodeID'] for n in ray.nodes() if n['Alive'] "
+            "for k in n['Resources'] if not k.startswith('node:')}))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script, self.address],
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def __enter__(self) -> RayCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(list(self.nodes.values())):  # workers first, the head last
+            end_session(proc)
+        shutil.rmtree(self.short, ignore_errors=True)
 
 
 def pid_of(run_dir: Path, name: str) -> int | None:

@@ -3,11 +3,19 @@
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from async_rl.config import Config, ConfigError, load_config, reference, to_toml
+from async_rl.config import (
+    Config,
+    ConfigError,
+    load_config,
+    placement_lines,
+    reference,
+    to_toml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "configs").glob("*.toml"))  # run configs (sweeps: test_sweep.py)
@@ -149,6 +157,10 @@ def test_resolved_config_round_trips(tmp_path):
         (["actor.autoscale_fill_low=0.8"], "actor.autoscale_fill_low", "autoscale_fill_high"),
         (["run.bind_host=0.0.0.0"], "run.bind_host", "loopback"),
         (["tis_cap=2"], "tis_cap", "section.key"),
+        (["learner.resources=3"], "learner.resources", "table of Ray resources"),
+        (["actor.resources={GPU = 1}"], "actor.resources", "reserves CPU, GPU"),
+        (["buffer.resources={head = 0}"], "buffer.resources", "number > 0"),
+        (['buffer.resources={head = "x"}'], "buffer.resources", "number > 0"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key, words):
@@ -157,6 +169,17 @@ def test_config_errors_name_the_key(overrides, key, words):
     assert err.value.key == key
     assert str(err.value).startswith(f"{key}:")
     assert words in str(err.value)
+
+
+def test_resources_round_trip_and_show_in_the_placement():
+    cfg = load_config(None, ['actor.resources={actor_node = 1, "node:10.0.0.5" = 0.5}'])
+    assert cfg.actor.resources == {"actor_node": 1.0, "node:10.0.0.5": 0.5}
+    again = ['actor.resources={"actor_node" = 1.0, "node:10.0.0.5" = 0.5}']
+    assert load_config(None, again) == cfg
+    assert tomllib.loads(to_toml(cfg))["actor"]["resources"] == cfg.actor.resources
+    lines = placement_lines(cfg)
+    assert lines[2].endswith("each needs CPU 1, actor_node 1, node:10.0.0.5 0.5")
+    assert lines[0] == "buffer: 1 process, needs nothing (any node)"
 
 
 def test_errors_in_files_name_the_key_and_file(tmp_path):

@@ -98,6 +98,7 @@ def test_the_30b_config_fits_three_nodes_of_eight_80_gib_gpus_and_not_two():
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("fits") and "30.532 B parameters" in done.stdout
     assert "bfloat16 compute over float32 masters" in done.stdout
+    assert "learner: 16 rank(s), each needs CPU 1, GPU 1" in done.stdout  # placement by role
     cfg = load_config(ROOT / "configs/qwen3_30b_a3b_fp8.toml", [])
     plan = make_plan(cfg, Cluster(nodes=3, gpus_per_node=8, gpu_mem_gib=80))
     # 16 bytes per parameter of a rank's shard: fp32 masters, gradients, AdamW's two moments

@@ -2,13 +2,9 @@
 
 import json
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +14,7 @@ from tests import faults
 from tests.helpers import (
     ENV,
     ROOT,
+    RayCluster,
     descendants,
     fleet_sizes,
     json_lines,
@@ -115,65 +112,13 @@ def test_ctrl_c_leaves_a_run_that_resume_continues(tmp_path, start):
 
 
 def test_train_joins_an_existing_ray_cluster(tmp_path, start):
-    ray_bin = Path(sys.executable).parent / "ray"
-    short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's unix socket paths must be short
-    # Ray >= 2.59 authenticates every client of a cluster with a token; share one. The head
-    # stays on loopback (Ray's single-machine mode, as `init_ray` uses).
-    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env = {**ENV, "RAY_TMPDIR": short, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **token}
-    log = tmp_path / "head.log"
-    with socket.socket() as probe:  # a free port for the head's GCS
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # `--block` keeps the head's processes in this session, so the test ends them (and only
-    # them) by process group; `ray stop` would stop every Ray instance on the machine.
-    head = subprocess.Popen(
-        [
-            str(ray_bin),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=4",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        started = "Ray runtime started"
-        wait_for(lambda: head.poll() is not None or started in log.read_text(), timeout=120)
-        assert head.poll() is None, log.read_text()
-        address = f"127.0.0.1:{port}"
-        joined = [*train_overrides(tmp_path, start, "joined", 3), "--ray-address", address]
-        proc = launch(tmp_path / "joined.log", *joined, env=env)
+    """A head started by `ray start` on loopback (Ray's single-machine mode, as `init_ray`
+    uses), with token authentication (Ray >= 2.59 authenticates every client of a cluster)."""
+    with RayCluster(tmp_path, head_cpus=4) as cluster:
+        joined = [*train_overrides(tmp_path, start, "joined", 3), "--ray-address", cluster.address]
+        proc = launch(tmp_path / "joined.log", *joined, env=cluster.env)
         assert proc.wait(300) == 0, (tmp_path / "joined.log").read_text()
         assert versions(tmp_path / "joined") == [1, 2, 3]
-    finally:
-        end_session(head)
-        shutil.rmtree(short, ignore_errors=True)
-
-
-def end_session(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the process group of `proc` (started in a session of its own)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            continue
-    # the group may outlive its leader: make sure nothing of it is left
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _rows(t0: float, n: int, wait: float, step: float, full_per_row: float) -> list[dict]:
