@@ -12,6 +12,7 @@ get a placement group of one bundle each.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import ray
@@ -82,22 +83,35 @@ def _fits(offer: dict[str, float], need: dict[str, float]) -> int:
 
 
 def check_resources(cfg: Config) -> None:
-    """Once Ray is up: a `ConfigError` naming the key for a role that no alive node can hold
-    (the learner: all its ranks, over the nodes together), with what the nodes offer."""
+    """Once Ray is up: a `ConfigError` naming the key for a role that the alive nodes cannot
+    hold: no node holds one of its processes (the learner: all its ranks, over the nodes
+    together), or the cluster's total of a resource is less than the buffer, the learner and
+    one actor need together. (Both are necessary, not sufficient: Ray's placement decides.)"""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    offers = "; ".join(
+        ", ".join(f"{k} {v:g}" for k, v in sorted(o.items()) if not k.startswith("node:"))
+        for o in nodes
+    )
     wanted = {"buffer": 1, "learner": cfg.learner.num_ranks, "actor": 1}
-    for role, need in role_resources(cfg).items():
+    needs = role_resources(cfg)
+    for role, need in needs.items():
         room = sum(_fits(offer, need) for offer in nodes)
         if room < wanted[role]:
-            offers = "; ".join(
-                ", ".join(f"{k} {v:g}" for k, v in sorted(o.items()) if not k.startswith("node:"))
-                for o in nodes
-            )
             raise ConfigError(
                 f"{role}.resources",  # the sections are named after the roles
                 f"{wanted[role]} {role} process(es) need {need} each; the Ray cluster's nodes "
                 f"hold {room} (they offer: {offers})",
             )
+    for role, need in needs.items():
+        for name in need:
+            total = sum(o.get(name, 0.0) for o in nodes)
+            demand = sum(wanted[r] * n.get(name, 0.0) for r, n in needs.items())
+            if demand > total:
+                raise ConfigError(
+                    f"{role}.resources",
+                    f"the buffer, {wanted['learner']} learner rank(s) and an actor need "
+                    f"{name} {demand:g} together; the cluster has {total:g} (nodes: {offers})",
+                )
 
 
 def place_learner_ranks(cfg: Config, timeout_s: float) -> tuple[Any, list[dict[str, Any]]]:
@@ -119,3 +133,24 @@ def place_learner_ranks(cfg: Config, timeout_s: float) -> tuple[Any, list[dict[s
         for rank in range(world)
     ]
     return group, [{**ray_options(bundle), "scheduling_strategy": s} for s in strategies]
+
+
+def alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+class NodeWatch:
+    """The Ray nodes alive, looked at every `CHECK_S`: `lost()` names those gone since (Ray
+    marks a node dead when its raylet misses heartbeats, about 15 s after it died)."""
+
+    CHECK_S = 2.0
+
+    def __init__(self):
+        self.alive, self.checked = alive_nodes(), time.monotonic()
+
+    def lost(self) -> set[str]:
+        if time.monotonic() - self.checked < self.CHECK_S:
+            return set()
+        alive, self.checked = alive_nodes(), time.monotonic()
+        gone, self.alive = self.alive - alive, alive
+        return gone

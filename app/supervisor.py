@@ -23,7 +23,7 @@ from typing import Any
 
 import ray
 
-from app.cluster import place_learner_ranks, ray_options
+from app.cluster import NodeWatch, place_learner_ranks, ray_options
 from app.workers import ActorWorker, BufferWorker, LearnerWorker, learner_name
 from async_rl.config import Config, role_resources, to_toml
 from async_rl.messages import ActorStats, ProcessStatus
@@ -91,10 +91,13 @@ class Supervisor:
         self.learner_restarts = 0
         self.actors: dict[str, Process] = {}  # by actor id, in the order they were started
         self.next_actor = 0
+        self.nodes: NodeWatch | None = None  # from launch on
+        self.lost_nodes: list[dict[str, Any]] = []  # {"node", "at", "processes"}
 
     def launch(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.paths.config.write_text(to_toml(self.cfg))
+        self.nodes = NodeWatch()
         opts = {"max_restarts": -1, "max_task_retries": 0}
         need = ray_options(role_resources(self.cfg)["buffer"])
         handle = ray.remote(BufferWorker).options(**need, **opts).remote(str(self.run_dir))
@@ -172,9 +175,11 @@ class Supervisor:
         ranks: a peer's failure looks like that) or stops answering stops the whole group,
         which the next poll starts again. Returns what was done, for the terminal.
         """
-        if not self.learners:  # stopped by the previous poll
-            self.start_learners()
         now, events = time.monotonic(), []
+        for node in sorted(self.nodes.lost() if self.nodes else ()):
+            events.append(self._node_lost(node, now))
+        if not self.learners:  # stopped by the previous poll (or a lost node)
+            self.start_learners()
         for process in [*self.learners, self.buffer, *self.actors.values()]:
             if process.ping is None:
                 process.ping = (process.handle.status.remote(), now)
@@ -193,6 +198,20 @@ class Supervisor:
             if not self.learners:  # the group was stopped: the next poll starts it
                 break
         return events
+
+    def _node_lost(self, node: str, now: float) -> str:
+        """Ray lost `node`: what ran there is down until Ray starts it again where its
+        resources are (actors and the buffer), or the learner group starts again."""
+        here = [p for p in [self.buffer, *self.learners, *self.actors.values()] if p.node == node]
+        names = [p.name for p in here]
+        self.lost_nodes.append({"node": node, "at": time.time(), "processes": names})
+        for process in here:
+            process.up, process.node, process.down_since = False, None, now
+        self.record_placement()
+        lost = f"node {node[:12]} lost ({', '.join(names) or 'nothing of the run'} ran there)"
+        if any(p.role is Role.LEARNER for p in here):
+            return self.restart_learners(lost)
+        return f"{lost}: Ray starts them again where their resources are"
 
     def _answered(self, process: Process, ref, now: float) -> str | None:
         name, role = process.name, process.role
@@ -251,10 +270,13 @@ class Supervisor:
         process.up, process.ping, process.down_since = False, None, time.monotonic()
 
     def record_placement(self) -> None:
-        """`control/placement.json`: the node each process last answered from."""
+        """`control/placement.json`: the node each process last answered from, and the nodes
+        the run lost."""
         processes = [self.buffer, *self.learners, *self.actors.values()]
         placed = {p.name: {"role": p.role.value, "node": p.node} for p in processes if p and p.node}
-        write_json_atomic(self.paths.placement, placed)
+        write_json_atomic(
+            self.paths.placement, {"processes": placed, "lost_nodes": self.lost_nodes}
+        )
 
     def learner_done(self) -> bool:
         status = self.learners[0].status if self.learners else None

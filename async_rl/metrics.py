@@ -38,7 +38,7 @@ class MetricsWriter:
     wall-clock `time` it was written; a killed writer's torn last line stays on a line of its
     own (readers skip it). `fleet(seen)` is the row's `rollout/actors`: the fleet the driver
     runs (`control/actors.json`), or without a driver `seen`, the actors the buffer saw
-    lately."""
+    lately; `nodes_lost()` is its `rollout/nodes_lost` (`control/placement.json`)."""
 
     def __init__(self, run_dir: Path, on_row=None):
         self.paths, self.on_row = RunPaths(run_dir), on_row
@@ -51,6 +51,13 @@ class MetricsWriter:
     def fleet(self, seen: float) -> float:
         fleet = read_fleet_size(self.paths)
         return fleet if fleet is not None else seen
+
+    def nodes_lost(self) -> int:
+        """`rollout/nodes_lost`: the Ray nodes the driver saw the run lose (0 without one)."""
+        try:
+            return len(json.loads(self.paths.placement.read_bytes())["lost_nodes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
 
     def write(self, row: dict[str, Any]) -> None:
         row["time"] = time.time()

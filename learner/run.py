@@ -202,6 +202,7 @@ class Learner:
             }
         )
         row["rollout/actors"] = self.metrics.fleet(reply.metrics["buffer/actors_seen"])
+        row["rollout/nodes_lost"] = self.metrics.nodes_lost()
         return row
 
     def hf_weights(self) -> dict[str, torch.Tensor]:

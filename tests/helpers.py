@@ -355,6 +355,17 @@ class RayCluster:
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.strip().splitlines()[-1])
 
+    def kill(self, name: str) -> None:
+        """Lose node `name` as a machine dies: SIGKILL to its raylet and every process on it
+        (Ray's workers run in sessions of their own, so its process tree, not its group)."""
+        import psutil
+
+        root = psutil.Process(self.nodes[name].pid)
+        for proc in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        self.nodes.pop(name).wait(10)
+
     def __enter__(self) -> RayCluster:
         return self
 

@@ -9,41 +9,10 @@ import json
 import pytest
 
 from app.cluster import check_resources
-from async_rl.config import ConfigError, load_config
-from tests.helpers import RayCluster, json_lines, launch, train_overrides, versions
-
-
-@pytest.mark.slow
-def test_the_learner_and_the_actors_run_on_the_nodes_their_resources_name(tmp_path, start):
-    head = {"head_node": 1}
-    with RayCluster(tmp_path, head_cpus=1, head_resources=head, multinode=True) as cluster:
-        cluster.add("learner", num_cpus=1, resources={"learner_node": 1})
-        cluster.add("actors", num_cpus=2, resources={"actor_node": 2})
-        nodes = cluster.node_ids()
-        assert len(set(nodes.values())) == 3
-        overrides = [
-            *train_overrides(tmp_path, start, "nodes", 4),
-            "run.eval_every=2",
-            "actor.num_actors=2",
-            "actor.max_actors=2",
-            "buffer.resources={head_node = 1}",
-            "learner.resources={learner_node = 1}",
-            "actor.resources={actor_node = 1}",
-        ]
-        log = tmp_path / "nodes.log"
-        proc = launch(log, *overrides, "--ray-address", cluster.address, env=cluster.env)
-        assert proc.wait(400) == 0, log.read_text()[-4000:]
-    run_dir = tmp_path / "nodes"
-    assert versions(run_dir) == [0, 1, 2, 3, 4]  # 0: the held-out evaluation before training
-    evaluated = [
-        r["version"] for r in json_lines(run_dir / "metrics.jsonl") if "eval/accuracy" in r
-    ]
-    assert evaluated == [0, 2, 4]
-    placed = json.loads((run_dir / "control" / "placement.json").read_text())
-    on = {name: p["node"] for name, p in placed.items()}
-    assert on["buffer"] == nodes["head_node"]
-    assert on["learner"] == nodes["learner_node"]
-    assert on["a0"] == on["a1"] == nodes["actor_node"]
+from async_rl.config import ConfigError, ModelConfig, load_config
+from async_rl.types import RoutingSpec
+from tests import faults
+from tests.helpers import RayCluster, json_lines, launch, train_overrides, versions, wait_for
 
 
 def test_a_role_no_node_can_hold_is_refused_naming_its_key(tmp_path):
@@ -57,5 +26,58 @@ def test_a_role_no_node_can_hold_is_refused_naming_its_key(tmp_path):
         two = ["learner.num_ranks=2", "learner.resources={learner_node = 1}"]
         with pytest.raises(ConfigError, match=r"learner\.resources: 2 learner .* hold 1"):
             check_resources(load_config(None, two))
+        both = ["buffer.resources={learner_node = 1}", "learner.resources={learner_node = 0.5}"]
+        with pytest.raises(ConfigError, match=r"need learner_node 1.5 together; .* has 1"):
+            check_resources(load_config(None, both))
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_run_over_three_nodes_is_placed_by_role_and_survives_losing_the_actors_node(
+    tmp_path, start
+):
+    """The buffer and the learner on the head, two actors on the actor nodes. Then the node of
+    actor a0 dies (its raylet and every process on it, SIGKILL) mid-run: Ray starts a0 again on
+    the other actor node, the run finishes, no accepted group is lost, and the loss is in
+    control/placement.json, metrics.jsonl and on the terminal."""
+    head = {"head_node": 2}
+    with RayCluster(tmp_path, head_cpus=2, head_resources=head, multinode=True) as cluster:
+        cluster.add("a", num_cpus=2, resources={"actor_node": 2, "node_a": 1})
+        cluster.add("b", num_cpus=2, resources={"actor_node": 2, "node_b": 1})
+        nodes = cluster.node_ids()
+        assert len(set(nodes.values())) == 3
+        overrides = [
+            *train_overrides(tmp_path, start, "nodes", 40),
+            "run.eval_every=20",
+            "actor.num_actors=2",
+            "actor.max_actors=2",
+            "buffer.resources={head_node = 1}",
+            "learner.resources={head_node = 1}",
+            "actor.resources={actor_node = 1}",
+        ]
+        run_dir, log = tmp_path / "nodes", tmp_path / "nodes.log"
+        proc = launch(log, *overrides, "--ray-address", cluster.address, env=cluster.env)
+        placement = run_dir / "control" / "placement.json"
+
+        def on(name: str) -> str | None:
+            if not placement.exists():
+                return None
+            return json.loads(placement.read_text())["processes"].get(name, {}).get("node")
+
+        wait_for(lambda: on("a0") and on("a1") and len(versions(run_dir)) >= 3, 240, proc, log)
+        assert on("buffer") == on("learner") == nodes["head_node"]
+        assert {on("a0"), on("a1")} <= {nodes["node_a"], nodes["node_b"]}
+        victim, survivor = ("a", "b") if on("a0") == nodes["node_a"] else ("b", "a")
+        cluster.kill(victim)
+        wait_for(lambda: on("a0") == nodes[f"node_{survivor}"], 240, proc, log)  # back
+        assert proc.wait(400) == 0, log.read_text()[-4000:]
+    assert versions(run_dir) == list(range(41))  # 0: the held-out evaluation before training
+    rows = json_lines(run_dir / "metrics.jsonl")
+    assert [r["version"] for r in rows if "eval/accuracy" in r] == [0, 20, 40]
+    lost = json.loads(placement.read_text())["lost_nodes"]
+    assert [n["node"] for n in lost] == [nodes[f"node_{victim}"]] and "a0" in lost[0]["processes"]
+    assert rows[-1]["rollout/nodes_lost"] == 1 and rows[0].get("rollout/nodes_lost", 0) == 0
+    assert "lost (a0" in log.read_text()  # on the terminal
+    report = faults.audit(run_dir, RoutingSpec.of(ModelConfig()), group_size=4, max_staleness=1)
+    assert not report["problems"] and report["groups_lost"] == 0, report
