@@ -58,7 +58,6 @@ class Process:
     status: ProcessStatus | None = None  # its last answer
     up: bool = False  # it answered since it last (re)started
     down_since: float | None = None  # while not up: since when it has been starting or gone
-    node: str | None = None  # the Ray node it last answered from
 
 
 def _wait_all(refs: list, timeout_s: float) -> list:
@@ -93,6 +92,10 @@ class Supervisor:
         self.next_actor = 0
         self.nodes: NodeWatch | None = None  # from launch on
         self.lost_nodes: list[dict[str, Any]] = []  # {"node", "at", "processes"}
+        # where each process last answered from: {"a0": {"role": "actor", "node": "3223.."}};
+        # kept for a process the supervisor no longer tracks (a learner group restarted)
+        self.placed: dict[str, dict[str, str]] = {}
+        self.ran_on: dict[str, set[str]] = {}  # node -> every process that answered from it
 
     def launch(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +166,8 @@ class Supervisor:
             except ray.exceptions.RayError:  # dead or hung: it goes anyway
                 pass
             ray.kill(actor.handle)
+            if self.placed.pop(actor.name, None):
+                self.record_placement()
         write_fleet_size(self.paths, len(self.actors))
 
     def poll(self) -> list[str]:
@@ -202,14 +207,16 @@ class Supervisor:
     def _node_lost(self, node: str, now: float) -> str:
         """Ray lost `node`: what ran there is down until Ray starts it again where its
         resources are (actors and the buffer), or the learner group starts again."""
-        here = [p for p in [self.buffer, *self.learners, *self.actors.values()] if p.node == node]
-        names = [p.name for p in here]
+        here = [n for n, p in self.placed.items() if p["node"] == node]  # there still
+        learner = any(self.placed.pop(n)["role"] == Role.LEARNER.value for n in here)
+        names = sorted(self.ran_on.pop(node, set()))  # a crashed one may be elsewhere by now
         self.lost_nodes.append({"node": node, "at": time.time(), "processes": names})
-        for process in here:
-            process.up, process.node, process.down_since = False, None, now
+        for process in [self.buffer, *self.learners, *self.actors.values()]:
+            if process.name in here:
+                process.up, process.down_since = False, now
         self.record_placement()
         lost = f"node {node[:12]} lost ({', '.join(names) or 'nothing of the run'} ran there)"
-        if any(p.role is Role.LEARNER for p in here):
+        if learner and self.learners:  # not yet restarted for a rank that crashed with it
             return self.restart_learners(lost)
         return f"{lost}: Ray starts them again where their resources are"
 
@@ -225,8 +232,9 @@ class Supervisor:
                 process.down_since = now
             return None
         process.up, process.down_since = True, None
-        if process.node != status.node:
-            process.node = status.node
+        if self.placed.get(name, {}).get("node") != status.node:
+            self.placed[name] = {"role": role.value, "node": status.node}
+            self.ran_on.setdefault(status.node, set()).add(name)
             self.record_placement()
         if status.error and role is Role.LEARNER and len(self.learners) > 1:
             return self.restart_learners(f"{name} failed ({status.error})")
@@ -272,11 +280,8 @@ class Supervisor:
     def record_placement(self) -> None:
         """`control/placement.json`: the node each process last answered from, and the nodes
         the run lost."""
-        processes = [self.buffer, *self.learners, *self.actors.values()]
-        placed = {p.name: {"role": p.role.value, "node": p.node} for p in processes if p and p.node}
-        write_json_atomic(
-            self.paths.placement, {"processes": placed, "lost_nodes": self.lost_nodes}
-        )
+        record = {"processes": self.placed, "lost_nodes": self.lost_nodes}
+        write_json_atomic(self.paths.placement, record)
 
     def learner_done(self) -> bool:
         status = self.learners[0].status if self.learners else None

@@ -81,3 +81,48 @@ def test_a_run_over_three_nodes_is_placed_by_role_and_survives_losing_the_actors
     assert "lost (a0" in log.read_text()  # on the terminal
     report = faults.audit(run_dir, RoutingSpec.of(ModelConfig()), group_size=4, max_staleness=1)
     assert not report["problems"] and report["groups_lost"] == 0, report
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_losing_the_learners_node_restarts_the_group_on_another_from_its_checkpoint(
+    tmp_path, start
+):
+    """Two nodes can hold the learner; the one it runs on dies after a checkpoint: the group
+    starts again on the other (its rank's crash is seen at once, the node's loss when Ray marks
+    it dead), resumes from the newest checkpoint (on the run directory, which both nodes see
+    here) and finishes the run, no accepted group lost."""
+    head = {"head_node": 2}
+    with RayCluster(tmp_path, head_cpus=2, head_resources=head, multinode=True) as cluster:
+        for name in ("l1", "l2"):
+            cluster.add(name, num_cpus=1, resources={"learner_node": 1, f"node_{name}": 1})
+        nodes = cluster.node_ids()
+        overrides = [
+            *train_overrides(tmp_path, start, "lrn", 200),  # outlasts Ray's ~15 s to see it
+            "buffer.resources={head_node = 1}",
+            "actor.resources={head_node = 1}",
+            "learner.resources={learner_node = 1}",
+        ]
+        run_dir, log = tmp_path / "lrn", tmp_path / "lrn.log"
+        proc = launch(log, *overrides, "--ray-address", cluster.address, env=cluster.env)
+        placement = run_dir / "control" / "placement.json"
+
+        def on(name: str) -> str | None:
+            if not placement.exists():
+                return None
+            return json.loads(placement.read_text())["processes"].get(name, {}).get("node")
+
+        checkpoints = run_dir / "checkpoints" / "learner"
+        wait_for(lambda: on("learner") and list(checkpoints.glob("step-*")), 240, proc, log)
+        victim, survivor = ("l1", "l2") if on("learner") == nodes["node_l1"] else ("l2", "l1")
+        cluster.kill(victim)
+        wait_for(lambda: on("learner") == nodes[f"node_{survivor}"], 300, proc, log)
+        wait_for(lambda: json.loads(placement.read_text())["lost_nodes"], 120, proc, log)
+        assert proc.wait(400) == 0, log.read_text()[-4000:]
+    assert versions(run_dir)[-1] == 200
+    lost = json.loads(placement.read_text())["lost_nodes"]
+    assert [n["node"] for n in lost] == [nodes[f"node_{victim}"]]
+    assert lost[0]["processes"] == ["learner"]
+    assert "restarting the learner" in log.read_text()
+    report = faults.audit(run_dir, RoutingSpec.of(ModelConfig()), group_size=4, max_staleness=1)
+    assert not report["problems"] and report["groups_lost"] == 0, report
