@@ -5,6 +5,7 @@ advertising a custom resource; the run pins the learner to one node and the acto
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,29 @@ def test_a_role_no_node_can_hold_is_refused_naming_its_key(tmp_path):
         ray.shutdown()
 
 
+def train_on(cluster: RayCluster, overrides: list[str], *more: str):
+    """`async-rl train` on `cluster`, the buffer on its head: the run directory, log, process."""
+    config = dict(o.split("=", 1) for o in overrides)
+    run_dir = Path(config["run.output_dir"]) / config["run.name"]
+    log = run_dir.with_suffix(".log")
+    args = [*overrides, "buffer.resources={head_node = 1}", *more]
+    proc = launch(log, *args, "--ray-address", cluster.address, env=cluster.env)
+    return run_dir, log, proc
+
+
+def placed(run_dir: Path):
+    """The driver's `control/placement.json` of a run, and `on(name)`: the node it says the
+    process `name` runs on (None before it answered)."""
+    placement = run_dir / "control" / "placement.json"
+
+    def on(name: str) -> str | None:
+        if not placement.exists():
+            return None
+        return json.loads(placement.read_text())["processes"].get(name, {}).get("node")
+
+    return placement, on
+
+
 @pytest.mark.slow
 def test_a_run_over_three_nodes_is_placed_by_role_and_survives_losing_the_actors_node(
     tmp_path, start
@@ -47,23 +71,16 @@ def test_a_run_over_three_nodes_is_placed_by_role_and_survives_losing_the_actors
         cluster.add("b", num_cpus=2, resources={"actor_node": 2, "node_b": 1})
         nodes = cluster.node_ids()
         assert len(set(nodes.values())) == 3
-        overrides = [
-            *train_overrides(tmp_path, start, "nodes", 40),
+        run_dir, log, proc = train_on(
+            cluster,
+            train_overrides(tmp_path, start, "nodes", 40),
             "run.eval_every=20",
             "actor.num_actors=2",
             "actor.max_actors=2",
-            "buffer.resources={head_node = 1}",
             "learner.resources={head_node = 1}",
             "actor.resources={actor_node = 1}",
-        ]
-        run_dir, log = tmp_path / "nodes", tmp_path / "nodes.log"
-        proc = launch(log, *overrides, "--ray-address", cluster.address, env=cluster.env)
-        placement = run_dir / "control" / "placement.json"
-
-        def on(name: str) -> str | None:
-            if not placement.exists():
-                return None
-            return json.loads(placement.read_text())["processes"].get(name, {}).get("node")
+        )
+        placement, on = placed(run_dir)
 
         wait_for(lambda: on("a0") and on("a1") and len(versions(run_dir)) >= 3, 240, proc, log)
         assert on("buffer") == on("learner") == nodes["head_node"]
@@ -97,20 +114,13 @@ def test_losing_the_learners_node_restarts_the_group_on_another_from_its_checkpo
         for name in ("l1", "l2"):
             cluster.add(name, num_cpus=1, resources={"learner_node": 1, f"node_{name}": 1})
         nodes = cluster.node_ids()
-        overrides = [
-            *train_overrides(tmp_path, start, "lrn", 200),  # outlasts Ray's ~15 s to see it
-            "buffer.resources={head_node = 1}",
+        run_dir, log, proc = train_on(
+            cluster,
+            train_overrides(tmp_path, start, "lrn", 200),  # outlasts Ray's ~15 s to see it
             "actor.resources={head_node = 1}",
             "learner.resources={learner_node = 1}",
-        ]
-        run_dir, log = tmp_path / "lrn", tmp_path / "lrn.log"
-        proc = launch(log, *overrides, "--ray-address", cluster.address, env=cluster.env)
-        placement = run_dir / "control" / "placement.json"
-
-        def on(name: str) -> str | None:
-            if not placement.exists():
-                return None
-            return json.loads(placement.read_text())["processes"].get(name, {}).get("node")
+        )
+        placement, on = placed(run_dir)
 
         checkpoints = run_dir / "checkpoints" / "learner"
         wait_for(lambda: on("learner") and list(checkpoints.glob("step-*")), 240, proc, log)
