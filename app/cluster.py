@@ -102,16 +102,16 @@ def check_resources(cfg: Config) -> None:
                 f"{wanted[role]} {role} process(es) need {need} each; the Ray cluster's nodes "
                 f"hold {room} (they offer: {offers})",
             )
-    for role, need in needs.items():
-        for name in need:
-            total = sum(o.get(name, 0.0) for o in nodes)
-            demand = sum(wanted[r] * n.get(name, 0.0) for r, n in needs.items())
-            if demand > total:
-                raise ConfigError(
-                    f"{role}.resources",
-                    f"the buffer, {wanted['learner']} learner rank(s) and an actor need "
-                    f"{name} {demand:g} together; the cluster has {total:g} (nodes: {offers})",
-                )
+    for name in {k: None for need in needs.values() for k in need}:  # each resource once
+        total = sum(o.get(name, 0.0) for o in nodes)
+        demand = sum(wanted[r] * n.get(name, 0.0) for r, n in needs.items())
+        if demand > total:
+            role = next(r for r, n in needs.items() if name in n)
+            raise ConfigError(
+                f"{role}.resources",
+                f"the buffer, {wanted['learner']} learner rank(s) and an actor need "
+                f"{name} {demand:g} together; the cluster has {total:g} (nodes: {offers})",
+            )
 
 
 def place_learner_ranks(cfg: Config, timeout_s: float) -> tuple[Any, list[dict[str, Any]]]:

@@ -40,8 +40,8 @@ class MetricsWriter:
     runs (`control/actors.json`), or without a driver `seen`, the actors the buffer saw
     lately; `nodes_lost()` is its `rollout/nodes_lost` (`control/placement.json`)."""
 
-    def __init__(self, run_dir: Path, on_row=None):
-        self.paths, self.on_row = RunPaths(run_dir), on_row
+    def __init__(self, run_dir: Path):
+        self.paths = RunPaths(run_dir)
         self.out = self.paths.metrics.open("a+b")
         if self.out.tell():
             self.out.seek(-1, os.SEEK_END)
@@ -63,8 +63,6 @@ class MetricsWriter:
         row["time"] = time.time()
         self.out.write(json.dumps(row).encode() + b"\n")
         self.out.flush()
-        if self.on_row is not None:
-            self.on_row(row)
 
     def close(self) -> None:
         self.out.close()

@@ -29,7 +29,6 @@ Run on its own: `python -m learner.run RUN_DIR --start CHECKPOINT` (reads `RUN_D
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
 import sys
@@ -240,35 +239,31 @@ class Learner:
         version it reached (every rank writes its shards), one that fails does not
         (it resumes from its last good checkpoint)."""
         every, steps = self.cfg.run.eval_every, self.cfg.run.num_steps
-        with self._metrics_log(on_metrics) as emit:
-            if every and self.version == 0:
-                emit({"version": 0, **self.evaluate()})
-            while self.version < steps:
-                row = self.train_one()
-                if row is None:
-                    break
-                if every and (self.version % every == 0 or self.version == steps):
-                    row.update(self.evaluate())
-                emit(row)
-                # after its metrics: a learner resumed from this checkpoint logs every version
-                if checkpoints_at(self.cfg, self.version):
-                    self.checkpoint(wait=False)
-            if self.version > self.saved:  # stopped: it resumes where it stopped
-                self.checkpoint(wait=False)
-            # the last version and checkpoint are complete when the learner is done
-            if self.publisher is not None:
-                self.publisher.wait()
-            self.saver.wait()
 
-    @contextlib.contextmanager
-    def _metrics_log(self, on_metrics):
-        """`emit(row)` appends a row to `metrics.jsonl` (rank 0; the other ranks' rows are
-        empty and go nowhere)."""
-        if self.publisher is None:
-            yield lambda row: None
-            return
-        self.metrics.on_row = on_metrics
-        yield self.metrics.write
+        def emit(row: dict) -> None:  # rank 0's rows; the other ranks' are empty
+            if self.publisher is not None:
+                self.metrics.write(row)
+                if on_metrics is not None:
+                    on_metrics(row)
+
+        if every and self.version == 0:
+            emit({"version": 0, **self.evaluate()})
+        while self.version < steps:
+            row = self.train_one()
+            if row is None:
+                break
+            if every and (self.version % every == 0 or self.version == steps):
+                row.update(self.evaluate())
+            emit(row)
+            # after its metrics: a learner resumed from this checkpoint logs every version
+            if checkpoints_at(self.cfg, self.version):
+                self.checkpoint(wait=False)
+        if self.version > self.saved:  # stopped: it resumes where it stopped
+            self.checkpoint(wait=False)
+        # the last version and checkpoint are complete when the learner is done
+        if self.publisher is not None:
+            self.publisher.wait()
+        self.saver.wait()
 
     def close(self) -> None:
         try:

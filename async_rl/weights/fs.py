@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from async_rl.paths import write_json_atomic
 from async_rl.weights.store import PlainStore, VersionGone
@@ -202,11 +202,8 @@ class FsWeightStore(PlainStore):
 
     def fetch(self, version: int) -> dict[str, torch.Tensor]:
         """The version's tensors by Hugging Face name, read whole."""
-        file = self.path(version) / WEIGHTS
-        try:
-            return load_file(file)
-        except (OSError, SafetensorError) as e:
-            raise ValueError(f"{file}: cannot read ({e})") from None
+        with self.reading(version) as tensors:
+            return dict(tensors)
 
     def collect(self, in_use: set[int]) -> list[int]:
         """Delete versions no actor uses or is reading, keeping the newest `keep`; return
