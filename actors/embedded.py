@@ -28,7 +28,9 @@ interface):
   through the new weights again first. Routing traces keep the experts of the forward that
   produced each position's first use (what the engine really ran).
 - Weights: `load_weights` takes a checkpoint directory, or (for the model already served)
-  tensors by Hugging Face name, as the Ray weight store hands them out.
+  tensors by Hugging Face name, as the Ray weight store hands them out. An engine built from a
+  directory without tensors (config.json only: an actor on a node without the run directory)
+  serves nothing until its first `load_weights` of tensors.
 - Routing: the top-k expert ids of every MoE layer for every position run forward: the prompt
   and every sampled token but the last, `[P + C - 1, L, K]`.
 """
@@ -51,7 +53,7 @@ from actors.engine import (
     requests_of,
     run_to_completion,
 )
-from async_rl.hf_config import ModelSpec, check_tensors, read_model_spec
+from async_rl.hf_config import ModelSpec, check_tensors, has_weights, read_model_spec
 from async_rl.weights import WeightsSource
 
 KV_ON_SWAP = ("keep", "recompute")
@@ -134,11 +136,14 @@ class EmbeddedEngine:
         self.waiting: deque[GroupRequest] = deque()
         self.running = RunningRows(max_running_rows, self.device)
         self.finished: dict[str, list[Generation | None]] = {}  # groups not complete yet
-        self.load_weights(checkpoint_dir, 0)
+        self._spec = read_model_spec(checkpoint_dir)
+        self.closed = False
+        if has_weights(checkpoint_dir):
+            self.load_weights(checkpoint_dir, 0)
 
     @property
     def spec(self) -> ModelSpec:
-        return self._model().spec
+        return self._spec
 
     @property
     def num_running(self) -> int:
@@ -157,21 +162,23 @@ class EmbeddedEngine:
             spec = read_model_spec(source)
             tensors = read_tensors(Path(source), spec)
         else:
-            spec = self._model().spec
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            spec = self._spec
             tensors = check_tensors(dict(source), spec, f"weights of version {version}")
         rows = self.running.rows
         if self.model is not None and rows and spec != self.model.spec:
             raise ValueError(f"weights of version {version}: another model than the running one")
         with torch.inference_mode():
             model = Model(spec, tensors, self.quantization, self.device)
-            self.model, self.version = model, version
+            self.model, self._spec, self.version = model, spec, version
             if rows and self.kv_on_swap == "recompute":
                 sequences = [r.request.prompt + r.tokens[:-1] for r in rows]
                 _, cache, _ = self._prefill(model, sequences)
                 self.running.replace_cache(cache)
 
     def close(self) -> None:
-        self.model = None
+        self.model, self.closed = None, True
 
     # ------------------------------------------------------------------ scheduling
     def submit(self, request: GroupRequest) -> None:
@@ -317,5 +324,6 @@ class EmbeddedEngine:
 
     def _model(self) -> Model:
         if self.model is None:
-            raise RuntimeError("the engine is closed")
+            why = "closed" if self.closed else "built without weights and none loaded yet"
+            raise RuntimeError(f"the engine is {why}")
         return self.model

@@ -26,7 +26,9 @@ Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = expe
   weight store's source) through `reload_weights(weights_iterator=...)`; on CPU it then
   prepacks the MoE experts again (`_repack_moe_experts`: vLLM 0.32 skips that on a reload and
   the CPU kernel would misread them), and finally drops the prefix cache (its KV entries were
-  computed by the old weights).
+  computed by the old weights). A directory without tensors (config.json and tokenizer files:
+  an actor on a node without the run directory) starts vLLM with `load_format="dummy"`, as
+  verl's rollout workers do; the first `load_weights` of tensors then sets the real ones.
 - On CPU the engine core runs in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set
   in `os.environ`): no worker process to track, no OpenMP thread pinning of the host, and a KV
   cache of `kv_cache_gib` instead of a fraction of the machine's memory; eager mode (no
@@ -56,7 +58,7 @@ from actors.engine import (
     requests_of,
     run_to_completion,
 )
-from async_rl.hf_config import check_tensors, read_model_spec
+from async_rl.hf_config import check_tensors, has_weights, read_model_spec
 from async_rl.weights import WeightsSource
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
@@ -91,6 +93,16 @@ class _Partial:
             self.finish_reason = delta.finish_reason
         if getattr(delta, "routed_experts", None) is not None:
             self.routed_experts = delta.routed_experts
+
+
+def _cuda_kwargs(quantization: str, tensor_parallel_size: int, memory: float) -> dict:
+    """vLLM's arguments on CUDA: routed experts returned, tensor parallelism, FP8."""
+    return {
+        "enable_return_routed_experts": True,
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": memory,
+        **({"quantization": "fp8"} if quantization == "fp8" else {}),
+    }
 
 
 class VLLMEngine:
@@ -129,15 +141,12 @@ class VLLMEngine:
 
         if device == "cpu" and tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size: vLLM on CPU runs on one device here: use 1")
-        kwargs = {}
         if device == "cpu":
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+            kwargs = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
         else:
-            kwargs["enable_return_routed_experts"] = True
-            kwargs["tensor_parallel_size"] = tensor_parallel_size
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-            if quantization == "fp8":
-                kwargs["quantization"] = "fp8"
+            kwargs = _cuda_kwargs(quantization, tensor_parallel_size, gpu_memory_utilization)
+        if not has_weights(path):  # config.json only: the first weights come as tensors
+            kwargs["load_format"] = "dummy"
         set_num_threads = torch.set_num_threads
         try:
             self.llm = LLM(

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from async_rl.config import Config, ConfigError, is_loopback, role_resources
+from async_rl.transport import WILDCARD_HOSTS
 
 
 def init_ray(cfg: Config, address: str | None) -> None:
@@ -40,7 +41,7 @@ def init_ray(cfg: Config, address: str | None) -> None:
         address="local",
         num_cpus=max(os.cpu_count() or 1, 1 + cfg.learner.num_ranks + cfg.actor.max_actors),
         include_dashboard=False,
-        _node_ip_address=cfg.run.bind_host,
+        _node_ip_address=None if cfg.run.bind_host in WILDCARD_HOSTS else cfg.run.bind_host,
         log_to_driver=False,
     )
 
@@ -112,6 +113,33 @@ def check_resources(cfg: Config) -> None:
                 f"the buffer, {wanted['learner']} learner rank(s) and an actor need "
                 f"{name} {demand:g} together; the cluster has {total:g} (nodes: {offers})",
             )
+
+
+def wait_for_resources(cfg: Config, say=print) -> None:
+    """`check_resources`, at once with `run.resources_timeout_s = 0`; else the roles' bundles
+    are asked of Ray's autoscaler (`request_resources`: the buffer, every learner rank and
+    `actor.num_actors` actors) and the check is repeated until it passes or the timeout ends,
+    when the last refusal is raised."""
+    timeout_s = cfg.run.resources_timeout_s
+    if timeout_s <= 0:
+        return check_resources(cfg)
+    from ray.autoscaler.sdk import request_resources
+
+    needs = role_resources(cfg)
+    counts = {"buffer": 1, "learner": cfg.learner.num_ranks, "actor": cfg.actor.num_actors}
+    bundles = [need for role, need in needs.items() for _ in range(counts[role]) if need]
+    request_resources(bundles=bundles)
+    deadline, told = time.monotonic() + timeout_s, False
+    while True:
+        try:
+            return check_resources(cfg)
+        except ConfigError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(e.key, f"{e.message} (after waiting {timeout_s:g}s)") from None
+            if not told:
+                say(f"waiting up to {timeout_s:g}s for nodes (run.resources_timeout_s): {e}")
+                told = True
+        time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
 
 
 def place_learner_ranks(cfg: Config, timeout_s: float) -> tuple[Any, list[dict[str, Any]]]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import ray
 
-from app.cluster import check_placement, check_resources, init_ray
+from app.cluster import check_placement, init_ray, wait_for_resources
 from app.fleet import Fleet
 from app.supervisor import Supervisor
 from async_rl.config import Config, ConfigError
@@ -93,7 +93,7 @@ def train(cfg: Config, start: Path, ray_address: str | None = None) -> dict[str,
     check_placement(cfg, ray_address)
     init_ray(cfg, ray_address)
     try:
-        check_resources(cfg)
+        wait_for_resources(cfg)
     except ConfigError:
         ray.shutdown()
         raise

@@ -24,10 +24,10 @@ from typing import Any
 import ray
 
 from app.cluster import NodeWatch, place_learner_ranks, ray_options
-from app.workers import ActorWorker, BufferWorker, LearnerWorker, learner_name
+from app.workers import ActorWorker, BufferWorker, LearnerWorker, learner_name, start_files
 from async_rl.config import Config, role_resources, to_toml
 from async_rl.messages import ActorStats, ProcessStatus
-from async_rl.paths import RunPaths, write_fleet_size, write_json_atomic
+from async_rl.paths import RunPaths, write_fleet_size, write_json_atomic, write_pid
 
 # How long a process that is starting or restarting may take to answer its first ping.
 START_TIMEOUT_S = 300.0
@@ -96,14 +96,19 @@ class Supervisor:
         # kept for a process the supervisor no longer tracks (a learner group restarted)
         self.placed: dict[str, dict[str, str]] = {}
         self.ran_on: dict[str, set[str]] = {}  # node -> every process that answered from it
+        self.config = to_toml(cfg)  # what every process is started with
+        self.start_files: dict[str, bytes] | None = None  # an actor's part of `start`
 
     def launch(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.paths.config.write_text(to_toml(self.cfg))
+        self.paths.config.write_text(self.config)
+        self.start_files = start_files(self.start)
         self.nodes = NodeWatch()
         opts = {"max_restarts": -1, "max_task_retries": 0}
         need = ray_options(role_resources(self.cfg)["buffer"])
-        handle = ray.remote(BufferWorker).options(**need, **opts).remote(str(self.run_dir))
+        handle = (
+            ray.remote(BufferWorker).options(**need, **opts).remote(str(self.run_dir), self.config)
+        )
         self.buffer = Process("buffer", Role.BUFFER, handle)
         ray.get(handle.status.remote())
         self.start_learners()
@@ -122,7 +127,7 @@ class Supervisor:
                     max_restarts=0,  # a rank is restarted with its group, by `poll`
                     max_task_retries=0,
                 )
-                .remote(str(self.run_dir), str(self.start), rank, world)
+                .remote(str(self.run_dir), self.config, str(self.start), rank, world)
             )
             self.learners.append(Process(learner_name(rank), Role.LEARNER, handle))
         ranks = [p.handle for p in self.learners]
@@ -156,7 +161,7 @@ class Supervisor:
             handle = (
                 ray.remote(ActorWorker)
                 .options(max_restarts=-1, max_task_retries=0, **ray_options(need))
-                .remote(str(self.run_dir), actor_id, str(self.start))
+                .remote(str(self.run_dir), self.config, actor_id, self.start_files)
             )
             self.actors[actor_id] = Process(actor_id, Role.ACTOR, handle)
         while len(self.actors) > n:
@@ -223,7 +228,8 @@ class Supervisor:
     def _answered(self, process: Process, ref, now: float) -> str | None:
         name, role = process.name, process.role
         try:
-            status = process.status = ray.get(ref)
+            status, last = ray.get(ref), process.status
+            process.status = status
         except ray.exceptions.RayActorError:  # crashed; Ray restarts it (not a learner rank)
             if role is Role.LEARNER:
                 return self.restart_learners(f"{name} crashed")
@@ -232,6 +238,8 @@ class Supervisor:
                 process.down_since = now
             return None
         process.up, process.down_since = True, None
+        if last is None or last.pid != status.pid:  # started, or started again
+            write_pid(self.paths, name, status.pid)
         if self.placed.get(name, {}).get("node") != status.node:
             self.placed[name] = {"role": role.value, "node": status.node}
             self.ran_on.setdefault(status.node, set()).add(name)

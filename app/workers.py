@@ -6,26 +6,54 @@ Each runs its loop in a thread (`_Threaded`) and answers the supervisor's pings 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
 import ray
 
-from async_rl.config import Config, is_loopback, load_config
+from async_rl.config import Config, config_from_toml, is_loopback
+from async_rl.hf_config import WEIGHT_FILES
 from async_rl.messages import ActorStats, ProcessStatus
-from async_rl.paths import RunPaths, write_pid
 from async_rl.runtime import configure_torch
+from async_rl.transport import node_ip
 
 
-def _setup_process(run_dir: str, name: str) -> Config:
-    """Config, threads, and the process's pid file (for operators and fault-injection tests)."""
-    paths = RunPaths(run_dir)
-    write_pid(paths, name)
-    cfg = load_config(paths.config)
+def _setup_process(config: str) -> Config:
+    """The run's config (TOML text from the driver: no process reads the run directory for
+    it) and the process's threads."""
+    cfg = config_from_toml(config, "the run's config")
     configure_torch(cfg.run.num_threads)
     return cfg
+
+
+def start_files(start: Path) -> dict[str, bytes]:
+    """What an actor needs of the run's starting checkpoint, by file name: every file but the
+    tensors (config.json and the tokenizer's), a few KB to MB; the tensors come from the weight
+    store. The driver reads them, so that an actor never reads the run directory."""
+    return {
+        f.name: f.read_bytes()
+        for f in sorted(Path(start).iterdir())
+        if f.is_file() and f.name not in WEIGHT_FILES and f.suffix != ".safetensors"
+    }
+
+
+def _write_start(files: dict[str, bytes], run_dir: str, actor_id: str) -> Path:
+    """`start_files` written to a directory of this node's temporary space, the same one on a
+    restart (the old one is replaced)."""
+    tag = hashlib.sha1(run_dir.encode()).hexdigest()[:12]
+    where = Path(tempfile.gettempdir()) / f"async-rl-{tag}-{actor_id}-start"
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    for name, data in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"start checkpoint file {name!r}: not a plain file name")
+        (where / name).write_bytes(data)
+    return where
 
 
 class _Threaded:
@@ -67,10 +95,10 @@ class _Threaded:
 
 
 class BufferWorker(_Threaded):
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, config: str):
         from async_rl.buffer_service import BufferService
 
-        cfg = _setup_process(run_dir, "buffer")
+        cfg = _setup_process(config)
         self.service = BufferService(cfg, Path(run_dir))
         self._start(self.service.run)
 
@@ -83,8 +111,8 @@ class LearnerWorker(_Threaded):
     """One learner rank. Rank 0 opens the rendezvous (`rendezvous`), then every rank `join`s
     the group, builds its learner (FSDP2 shards with several ranks) and starts training."""
 
-    def __init__(self, run_dir: str, start: str, rank: int = 0, world_size: int = 1):
-        self.cfg = _setup_process(run_dir, learner_name(rank))
+    def __init__(self, run_dir: str, config: str, start: str, rank: int = 0, world_size: int = 1):
+        self.cfg = _setup_process(config)
         self.run_dir, self.start, self.rank, self.world_size = run_dir, start, rank, world_size
         self.error, self.finished, self.learner, self.store = None, False, None, None
 
@@ -92,11 +120,8 @@ class LearnerWorker(_Threaded):
         """Rank 0: the address and free port the other ranks join at."""
         from learner.parallel import open_rendezvous
 
-        host = (
-            self.cfg.run.bind_host
-            if is_loopback(self.cfg.run.bind_host)
-            else (ray.util.get_node_ip_address())
-        )
+        bind = self.cfg.run.bind_host
+        host = bind if is_loopback(bind) else node_ip()
         self.store, port = open_rendezvous(host, self.world_size, collective_timeout_s(self.cfg))
         return host, port
 
@@ -140,11 +165,16 @@ def collective_timeout_s(cfg: Config) -> float:
 
 
 class ActorWorker(_Threaded):
-    def __init__(self, run_dir: str, actor_id: str, start: str):
+    """One actor. It reads nothing of the run directory (with `learner.weight_store = ray`, or
+    `collective` over `ray`): its config and the starting checkpoint's small files come from
+    the driver, the weights from the store, the endpoints from Ray (`async_rl.paths`)."""
+
+    def __init__(self, run_dir: str, config: str, actor_id: str, start: dict[str, bytes]):
         from actors.loop import Actor
 
-        cfg = _setup_process(run_dir, actor_id)
-        self.actor = Actor(cfg, Path(run_dir), actor_id, start=Path(start))
+        cfg = _setup_process(config)
+        self.start = _write_start(start, run_dir, actor_id)
+        self.actor = Actor(cfg, Path(run_dir), actor_id, start=self.start)
         self._start(self.actor.run)
 
     def stats(self) -> ActorStats:
@@ -154,3 +184,4 @@ class ActorWorker(_Threaded):
         self.actor.stop()
         self.thread.join(120)
         self.actor.close()
+        shutil.rmtree(self.start, ignore_errors=True)

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
-        self.key = key
+        self.key, self.message = key, message
 
 
 def _f(
@@ -93,6 +93,12 @@ class RunConfig:
         120.0,
         "A process that answers no ping for this long (stopped, hung) is killed and restarted.",
         gt=0,
+    )
+    resources_timeout_s: float = _f(
+        0.0,
+        "On an autoscaling Ray cluster: how long to wait for nodes with the roles' resources "
+        "(asked of the autoscaler) before refusing the run; 0 = refuse at once.",
+        ge=0,
     )
 
 
@@ -771,12 +777,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         text = path.read_text()
     except OSError as e:
         raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+    return config_from_toml(text, str(path), overrides)
+
+
+def config_from_toml(text: str, source: str, overrides: list[str] | tuple = ()) -> Config:
+    """`load_config` of TOML text (`source` names it in errors): how the driver hands a run's
+    resolved config to processes on nodes that do not have its run directory."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
+        raise ConfigError("--config", f"{source} is not valid TOML: {e}") from None
     cfg = Config()
-    _apply(cfg, data, str(path))
+    _apply(cfg, data, source)
     for item in overrides:
         section, name, value = _parse_override(item)
         _apply(cfg, {section: {name: value}}, "overrides")

@@ -143,6 +143,15 @@ def _check_architecture(c: dict[str, Any], file: Path) -> None:
         raise ValueError(f"{file}: needs hidden_act 'silu' and no attention bias")
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def has_weights(path: str | Path) -> bool:
+    """Whether a checkpoint directory holds its tensors, or only what describes the model
+    (config.json, tokenizer files: what an actor on another node gets, `app.workers`)."""
+    return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
+
+
 def read_model_spec(path: str | Path) -> ModelSpec:
     """Parse and check `path/config.json` (module docstring)."""
     file = Path(path) / CONFIG

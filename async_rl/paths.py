@@ -6,8 +6,9 @@
       buffer/                Arrow IPC segments and consumed.jsonl (`async_rl.segments`)
       weights/v000012/       weight versions of the `fs` store (`async_rl.weights`)
       checkpoints/sft/       the cold start; checkpoints/learner/step-*/: learner checkpoints
-      endpoints/<service>.json   ZeroMQ addresses a service bound ({"ingest": "tcp://..."})
-      control/pids/<name>.pid    the pid of each process of the run
+      endpoints/<service>.json   ZeroMQ addresses a service bound ({"ingest": "tcp://..."});
+                             under Ray also in Ray's key-value store, where clients read them
+      control/pids/<name>.pid    the pid of each process of the run (the driver writes them)
       control/fleet.json     a fleet size asked for with `async-rl scale`
       control/actors.json    the fleet size the driver runs (the learner logs it)
       control/placement.json which Ray node each process runs on ({"a0": {"role": "actor",
@@ -119,13 +120,54 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+ENDPOINTS_NAMESPACE = "async-rl-endpoints"
+
+
+def _ray_kv():
+    """Ray's key-value store (in the head's GCS) when this process is part of a Ray cluster,
+    else None. Endpoints go there too, so that a process on a node without the run directory
+    finds its services (`learner.weight_store = ray | collective`)."""
+    import sys
+
+    ray = sys.modules.get("ray")  # a process that never imported Ray is not in a cluster
+    if ray is None or not ray.is_initialized():
+        return None
+    from ray.experimental import internal_kv
+
+    return internal_kv
+
+
+def _endpoint_key(paths: RunPaths, service: str) -> str:
+    return f"{paths.root}/{service}"  # the run directory as every process of the run names it
+
+
+def _check_endpoints(data: Any, where: str) -> dict[str, str]:
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError(f"{where}: expected an object of addresses")
+    return data
+
+
 def publish_endpoints(paths: RunPaths, service: str, addresses: dict[str, str]) -> None:
-    """Record the addresses a service bound, for clients started anywhere in the run."""
+    """Record the addresses a service bound, for clients started anywhere in the run: in
+    `endpoints/<service>.json` and, under Ray, in Ray's key-value store."""
     write_json_atomic(paths.endpoint(service), addresses)
+    if (kv := _ray_kv()) is not None:
+        key = _endpoint_key(paths, service)
+        kv._internal_kv_put(key, json.dumps(addresses), namespace=ENDPOINTS_NAMESPACE)
 
 
 def read_endpoints(paths: RunPaths, service: str) -> dict[str, str] | None:
-    """A service's addresses, None before it published them; `ValueError` if the file is bad."""
+    """A service's addresses, None before it published them; `ValueError` if they are bad.
+    Under Ray they come from Ray's key-value store (the run directory is not read)."""
+    if (kv := _ray_kv()) is not None:
+        key = _endpoint_key(paths, service)
+        raw = kv._internal_kv_get(key, namespace=ENDPOINTS_NAMESPACE)
+        if raw is None:
+            return None
+        try:
+            return _check_endpoints(json.loads(raw), f"Ray key {key}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Ray key {key}: not valid JSON ({e})") from None
     path = paths.endpoint(service)
     try:
         data = json.loads(path.read_text())
@@ -133,9 +175,7 @@ def read_endpoints(paths: RunPaths, service: str) -> dict[str, str] | None:
         return None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise ValueError(f"{path}: expected an object of addresses")
-    return data
+    return _check_endpoints(data, str(path))
 
 
 def wait_for_endpoints(paths: RunPaths, service: str, timeout_s: float = 60.0) -> dict[str, str]:
@@ -148,11 +188,13 @@ def wait_for_endpoints(paths: RunPaths, service: str, timeout_s: float = 60.0) -
     return found
 
 
-def write_pid(paths: RunPaths, name: str) -> None:
-    """`control/pids/<name>.pid` (for operators and fault-injection tests)."""
+def write_pid(paths: RunPaths, name: str, pid: int | None = None) -> None:
+    """`control/pids/<name>.pid`: `pid` (default: this process's), for operators and
+    fault-injection tests. Under `async-rl train` the driver writes them (from the processes'
+    answers: they may run on nodes without the run directory)."""
     path = paths.pid(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(str(os.getpid()))
+    path.write_text(str(os.getpid() if pid is None else pid))
 
 
 def request_fleet(paths: RunPaths, actors: int) -> None:

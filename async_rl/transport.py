@@ -2,13 +2,17 @@
 
 The messages themselves (frames, kinds, headers, Arrow payloads) are `async_rl.messages`; where
 a service's addresses are published is `async_rl.paths`. Services bind to a free port on
-`run.bind_host` (loopback by default) and publish their addresses in the run directory, so
-clients started anywhere in the run find them without fixed ports.
+`run.bind_host` (loopback by default) and publish their addresses (`async_rl.paths`), so
+clients started anywhere in the run find them without fixed ports. A wildcard bind host
+(`0.0.0.0`, `::`) listens on every interface and publishes the node's own address
+(`reachable_host`): Ray's node IP under Ray, else the host name's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import socket as sockets
+import sys
 import uuid
 from typing import Any
 
@@ -22,17 +26,42 @@ def send(socket: zmq.Socket, frames: list) -> None:
     socket.send_multipart(frames, copy=len(frames[-1]) < 65536)
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "*")
+
+
+def reachable_host(host: str) -> str:
+    """The address clients on other nodes reach a socket bound to `host` at: `host` itself,
+    or for a wildcard the node's IP (Ray's, when this process is in a Ray cluster)."""
+    if host not in WILDCARD_HOSTS:
+        return host
+    return node_ip()
+
+
+def node_ip() -> str:
+    """This node's address: under Ray, the one its node was started with (`ray start
+    --node-ip-address`); else the host name's."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        here = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node["NodeID"] == here:
+                return node["NodeManagerAddress"]
+    return sockets.gethostbyname(sockets.gethostname())
+
+
 def bind(socket: zmq.Socket, host: str, previous: str | None = None) -> str:
-    """Bind to `previous` (the address a restarted service had, so that its clients reconnect
-    without being told) if it is on `host` and free, else to a free port on `host`; return the
-    address clients connect to."""
-    if previous and previous.startswith(f"tcp://{host}:"):
+    """Bind to `previous`'s port (the address a restarted service had, so that its clients
+    reconnect without being told) if it is on this node and free, else to a free port on
+    `host`; return the address clients connect to."""
+    listen = "*" if host in WILDCARD_HOSTS else host
+    reach = reachable_host(host)
+    if previous and previous.startswith(f"tcp://{reach}:"):
         try:
-            socket.bind(previous)
+            socket.bind(f"tcp://{listen}:{previous.rsplit(':', 1)[1]}")
             return previous
         except zmq.ZMQError:
             pass  # taken meanwhile: a new port, published again by the caller
-    return f"tcp://{host}:{socket.bind_to_random_port(f'tcp://{host}')}"
+    return f"tcp://{reach}:{socket.bind_to_random_port(f'tcp://{listen}')}"
 
 
 class Client:

@@ -64,18 +64,19 @@ def buffer_service(tmp_path):
 @pytest.fixture
 def run_services():
     """`with run_services(cfg, start) as (learner, actor):` the buffer service in a thread, a
-    learner and an actor of one run; all closed after."""
+    learner and an actor of one run (built from `actor_start`, default `start`); all closed
+    after."""
     from actors.loop import Actor
     from learner.run import Learner
 
     @contextlib.contextmanager
-    def services(cfg, start):
+    def services(cfg, start, actor_start=None):
         ctx = zmq.Context()
         buffer = BufferService(cfg, cfg.run_dir, ctx=ctx)
         buffer_thread = threading.Thread(target=buffer.run, daemon=True)
         buffer_thread.start()
         learner = Learner(cfg, cfg.run_dir, start, ctx=ctx)
-        actor = Actor(cfg, cfg.run_dir, "a0", ctx=ctx, start=start)
+        actor = Actor(cfg, cfg.run_dir, "a0", ctx=ctx, start=actor_start or start)
         try:
             yield learner, actor
         finally:
@@ -89,11 +90,12 @@ def run_services():
 
 @pytest.fixture
 def train_in_threads(run_services):
-    """`rows, learner, actor = train_in_threads(cfg, start)`: the run's services in threads
-    until the learner reaches `run.num_steps`; its metric rows, and the (closed) services."""
+    """`rows, learner, actor = train_in_threads(cfg, start, actor_start=None)`: the run's
+    services in threads until the learner reaches `run.num_steps`; its metric rows, and the
+    (closed) services."""
 
-    def train(cfg, start):
-        with run_services(cfg, start) as (learner, actor):
+    def train(cfg, start, actor_start=None):
+        with run_services(cfg, start, actor_start) as (learner, actor):
             thread = threading.Thread(target=actor.run, daemon=True)
             thread.start()
             rows = []

@@ -313,8 +313,17 @@ class RayCluster:
         head = ["--head", f"--port={port}", "--include-dashboard=false"]
         self.add("head", head_cpus, head_resources or {}, head)
 
-    def add(self, name: str, num_cpus: int, resources: dict, args: list[str] | None = None):
-        """Start node `name` (`args`: the head's; default: join the head) and wait for it."""
+    def add(
+        self,
+        name: str,
+        num_cpus: int,
+        resources: dict,
+        args: list[str] | None = None,
+        env: dict | None = None,
+        cwd: Path | None = None,
+    ):
+        """Start node `name` (`args`: the head's; default: join the head) and wait for it;
+        `env`: more environment for its processes, `cwd`: their working directory."""
         ray_bin = Path(sys.executable).parent / "ray"
         log = self.tmp_path / f"ray-{name}.log"
         command = [
@@ -329,7 +338,8 @@ class RayCluster:
         ]
         proc = subprocess.Popen(
             command,
-            env=self.env,
+            env={**self.env, **(env or {})},
+            cwd=cwd,
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -373,6 +383,37 @@ class RayCluster:
         for proc in reversed(list(self.nodes.values())):  # workers first, the head last
             end_session(proc)
         shutil.rmtree(self.short, ignore_errors=True)
+
+
+class FileAudit:
+    """Which processes of a node touched files under `watched` directories: `env` starts a
+    node with `tests/audit/sitecustomize.py` (an audit hook in every Python process of it);
+    `started()` are the pids it ran in, `touched()` the `(pid, event, path)` it saw.
+
+        audit = FileAudit(tmp_path / "audit.log", [run_dir, start])
+        cluster.add("a", 2, {"actor_node": 2}, env=audit.env, cwd=empty_dir)
+    """
+
+    def __init__(self, log: Path, watched: list[Path]):
+        self.log = log
+        hook = Path(__file__).parent / "audit"
+        pythonpath = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+        self.env = {
+            "PYTHONPATH": pythonpath,
+            "ASYNC_RL_AUDIT_LOG": str(log),
+            "ASYNC_RL_AUDIT_DIRS": os.pathsep.join(str(w) for w in watched),
+        }
+
+    def _lines(self) -> list[list[str]]:
+        text = self.log.read_text() if self.log.exists() else ""
+        return [line.split(" ", 2) for line in text.splitlines()]
+
+    def started(self) -> dict[int, str]:
+        """The pid of each process the hook ran in, and its working directory."""
+        return {int(p[0]): p[2] for p in self._lines() if p[1] == "start"}
+
+    def touched(self) -> list[tuple[int, str, str]]:
+        return [(int(p[0]), p[1], p[2]) for p in self._lines() if p[1] != "start"]
 
 
 def pid_of(run_dir: Path, name: str) -> int | None:

@@ -157,6 +157,26 @@ def test_load_weights_swaps_to_the_new_checkpoint(ckpts):
     assert engine.version == 6
 
 
+def test_an_engine_from_the_start_files_alone_serves_the_first_tensors_it_loads(ckpts, tmp_path):
+    """What an actor on another node gets of the starting checkpoint (`start_files`: its
+    config.json and tokenizer, no tensors) builds an engine that serves nothing until the
+    first version's tensors come from the weight store, and then serves exactly them."""
+    from app.workers import start_files
+
+    model, path = ckpts[0]
+    files = start_files(path)
+    assert "config.json" in files and not [n for n in files if "safetensors" in n]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    engine = build_engine(ActorConfig(quantization="fp32"), tmp_path)
+    params = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=6, seed=0)
+    with pytest.raises(RuntimeError, match="built without weights"):
+        engine.submit(GroupRequest("g", PROMPTS[0], 2, params))
+    engine.load_weights(hf_state_dict(model, CFG), version=3)
+    kl, agree, _ = _mismatch(engine, model, params)
+    assert engine.version == 3 and kl.max() < 1e-5 and agree.mean() >= 0.999
+
+
 def test_trace_shape_dtype_and_finish_reasons(ckpts, tmp_path):
     path = ckpts[0][1]
     greedy = SamplingParams(temperature=0, top_p=1.0, max_new_tokens=6, seed=None)

@@ -274,10 +274,17 @@ def test_capabilities_and_unsupported_settings(engine, checkpoints):
 
 def test_an_actor_on_the_ray_weight_store_serves_vllm(tmp_path, checkpoints, train_in_threads):
     """`actor.engine = "vllm"` with `learner.weight_store = "ray"` (the pair the paper-scale
-    config uses): the store hands out tensors, so the actor builds vLLM from the run's starting
-    checkpoint and swaps the tensors of every new version in."""
+    config uses), as on a node without the run directory: the actor builds vLLM from the
+    starting checkpoint's small files alone (`start_files`: no tensors, `load_format="dummy"`),
+    loads version 0's tensors from the store and swaps the tensors of every new version in."""
+    from app.workers import start_files
+
     ray = pytest.importorskip("ray")
     (path_a, _), _ = checkpoints
+    config_only = tmp_path / "start"
+    config_only.mkdir()
+    for name, data in start_files(path_a).items():
+        (config_only / name).write_bytes(data)
     cfg = pipeline_config(
         tmp_path,
         "vllm-ray",
@@ -288,7 +295,7 @@ def test_an_actor_on_the_ray_weight_store_serves_vllm(tmp_path, checkpoints, tra
     )
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        rows, _, actor = train_in_threads(cfg, path_a)
+        rows, _, actor = train_in_threads(cfg, path_a, actor_start=config_only)
     finally:
         ray.shutdown()
     assert isinstance(actor.engine, VLLMEngine)

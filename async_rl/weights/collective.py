@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 
 from async_rl.paths import RunPaths, read_endpoints
+from async_rl.transport import reachable_host
 from async_rl.weights.buckets import bucket_sizes, pack_bucket, plan_buckets, unpack_bucket
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class WeightSender:
             host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
         )
         self.store.add("events", 0)
-        self.address = f"{host}:{self.store.port}"
+        self.address = f"{reachable_host(host)}:{self.store.port}"
         self.epoch, self.messages, self.events_seen = 0, 0, 0
         self.members: list[str] = []
         self.joining: set[str] = set()

@@ -43,8 +43,15 @@ class RayWeightStore(PlainStore):
 
         self.ray = ray
         if create:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # on the learner's node: the versions' objects are the learner's (it put them) and
+            # go with it; a registry elsewhere would only add a node whose loss loses them all
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)
             registry = ray.remote(num_cpus=0)(_Registry)
-            self.registry = registry.options(name=name, get_if_exists=True).remote(keep)
+            self.registry = registry.options(
+                name=name, get_if_exists=True, scheduling_strategy=here
+            ).remote(keep)
         else:
             self.registry = ray.get_actor(name)
 
