@@ -397,6 +397,16 @@ class AlgoConfig:
     num_minibatches: int = _f(1, "N: mini-batch updates per global step (1 = on-policy).", ge=1)
     tis_mode: str = _f("full", "Train-inference IS weight.", choices=("full", "decoupled", "none"))
     tis_cap: float = _f(5.0, "C: truncation of the IS weight.", gt=0)
+    is_correction: str = _f(
+        "token_tis",
+        "How the IS ratio becomes a weight: token_tis min(rho, C) per token; icepop rho masked "
+        "to 0 outside [1/C, C]; seq_mask_tis token_tis times a mask of responses whose geometric "
+        "mean ratio leaves [1/geo_mask_cap, geo_mask_cap]; seq_tis min(prod rho, C) per response.",
+        choices=("token_tis", "icepop", "seq_mask_tis", "seq_tis"),
+    )
+    geo_mask_cap: float = _f(
+        1.01, "C_geo of is_correction = seq_mask_tis (the geometric mean's bound).", gt=1
+    )
     clip: bool = _f(True, "PPO-style clipping mask (false = the no-clipping ablation).")
     eps_low: float = _f(0.2, "Lower clip range (mask if A < 0 and r < 1 - eps_low).", gt=0, lt=1)
     eps_high: float = _f(0.27, "Upper clip range (mask if A > 0 and r > 1 + eps_high).", gt=0)
@@ -704,6 +714,17 @@ def _validate_learner(cfg: Config) -> None:
             f"a mini-batch of {algo.prompts_per_minibatch} groups does not split into whole "
             f"groups for learner.num_ranks = {lrn.num_ranks} ranks; choose a multiple of "
             f"{lrn.num_ranks}",
+        )
+    if algo.is_correction != "token_tis" and algo.tis_mode == "none":
+        raise ConfigError(
+            "algo.is_correction",
+            f"{algo.is_correction} corrects the IS ratio, and algo.tis_mode = none has none; "
+            "choose algo.tis_mode = full or decoupled",
+        )
+    if algo.is_correction == "icepop" and algo.tis_cap <= 1:
+        raise ConfigError(
+            "algo.tis_cap",
+            f"icepop keeps ratios in [1/C, C], empty for C = {algo.tis_cap}; choose C > 1",
         )
     if cfg.model.attn_backend == "flex" and lrn.device != "cuda":
         raise ConfigError(

@@ -19,6 +19,17 @@ Switches (`async_rl.config.AlgoConfig`):
     "decoupled" w_t = min(pi_prox / mu, C) * pi_theta / pi_prox   caps only the discrepancy (verl)
     "none"      w_t = 1                                          "w/o train-infer-IS" ablation
   Both readings agree on-policy (pi_theta = pi_prox) and whenever no weight reaches C.
+- correction (`is_correction`): how the IS ratio rho_t that `tis_mode` names (pi_theta/mu for
+  "full", pi_prox/mu for "decoupled", whose weight then keeps its factor pi_theta/pi_prox) becomes
+  a weight; S_i = sum_t log rho_t over response i's |y_i| tokens:
+    "token_tis"    w_t = min(rho_t, C)                            truncated per token (above)
+    "icepop"       w_t = rho_t if 1/C <= rho_t <= C, else 0      token mask (IcePop, NeMo-RL)
+    "seq_mask_tis" w_t = min(rho_t, C) * 1[|S_i| / |y_i| <= log C_geo]
+                   the whole response masked when the geometric mean of its ratios,
+                   exp(S_i / |y_i|), leaves [1/C_geo, C_geo] (verl's geometric rejection,
+                   NeMo-RL's seq-mask-tis); C_geo = `geo_mask_cap`
+    "seq_tis"      w_t = min(exp(S_i), C)                         one truncated weight per response
+  For "none" there is no ratio and no correction (config.validate refuses the combination).
 - clipping mask M_t of decoupled PPO with r_t = pi_theta / pi_prox (`clip`, `eps_low`,
   `eps_high`): M_t = 0 if A_i > 0 and r_t > 1 + eps_high, M_t = 0 if A_i < 0 and
   r_t < 1 - eps_low, else 1. `clip = false` sets M_t = 1 (the "no clipping" ablation).
@@ -38,8 +49,10 @@ log rho = log pi_prox - log mu:
 - `train_infer_kl_k3`: k3 estimate (Schulman 2020) of the same KL, mean((rho - 1) - log rho),
   unbiased and never negative.
 - `extreme_token_frac`: share of tokens with max(rho, 1/rho) > 2.
-- `clip_frac`: share of tokens with M_t = 0; `tis_trunc_frac`: share whose IS ratio (pi_theta/mu
-  for "full", pi_prox/mu for "decoupled") exceeded C; 0 for "none".
+- `clip_frac`: share of tokens with M_t = 0; `tis_trunc_frac`: share whose weight was truncated
+  at C (rho_t > C per token, exp(S_i) > C for every token of response i under "seq_tis"; 0 for
+  "icepop" and "none"); `is_mask_frac`: share whose weight the correction set to 0 ("icepop",
+  "seq_mask_tis"; else 0).
 """
 
 from __future__ import annotations
@@ -53,6 +66,7 @@ import torch
 from async_rl.config import AlgoConfig
 
 TIS_MODES = ("full", "decoupled", "none")
+IS_CORRECTIONS = ("token_tis", "icepop", "seq_mask_tis", "seq_tis")
 
 
 def group_advantages(
@@ -99,6 +113,10 @@ def _check_inputs(logprobs_BT, prox_logprobs_BT, behavior_logprobs_BT, advantage
     _check_shape("advantages_B", advantages_B, shape[:1])
     if cfg.tis_mode not in TIS_MODES:
         raise ValueError(f"tis_mode: {cfg.tis_mode!r} is not one of {', '.join(TIS_MODES)}")
+    if cfg.is_correction not in IS_CORRECTIONS:
+        raise ValueError(
+            f"is_correction: {cfg.is_correction!r} is not one of {', '.join(IS_CORRECTIONS)}"
+        )
 
 
 def minirl_loss(
@@ -125,37 +143,54 @@ def minirl_loss(
     prox = torch.where(valid, prox_logprobs_BT.detach().to(dtype), zero)
     mu = torch.where(valid, behavior_logprobs_BT.detach().to(dtype), zero)
     adv_B1 = advantages_B.detach().to(dtype)[:, None]
-    log_cap = math.log(cfg.tis_cap)
 
     with torch.no_grad():
         log_r = logp - prox  # log r_t = log pi_theta / pi_prox
-        if cfg.tis_mode == "full":
-            log_is = logp - mu
-            w = torch.exp(log_is.clamp(max=log_cap))  # = min(exp(log_is), C) without overflow
-        elif cfg.tis_mode == "decoupled":
-            log_is = prox - mu
-            w = torch.exp(log_is.clamp(max=log_cap) + log_r)
-        else:
-            log_is = torch.full_like(logp, -math.inf)
+        if cfg.tis_mode == "none":
             w = torch.ones_like(logp)
-        truncated = log_is > log_cap
+            truncated = masked = torch.zeros_like(valid)
+        else:
+            log_is = (logp if cfg.tis_mode == "full" else prox) - mu  # log rho_t; 0 on padding
+            log_w, truncated, masked = _correction(log_is, valid, cfg)
+            if cfg.tis_mode == "decoupled":
+                log_w = log_w + log_r
+            w = torch.exp(log_w)  # capped in log space: no overflow below C
         clipped = torch.zeros_like(valid)
         if cfg.clip:
             clipped = ((adv_B1 > 0) & (log_r > math.log1p(cfg.eps_high))) | (
                 (adv_B1 < 0) & (log_r < math.log1p(-cfg.eps_low))
             )
         # where, not a product: an unbounded decoupled weight may be inf on a masked token.
-        coef = torch.where(valid & ~clipped, w * adv_B1, zero)
+        coef = torch.where(valid & ~clipped & ~masked, w * adv_B1, zero)
 
     per_response_B = (coef * logp).sum(dim=1)
     if cfg.length_norm:
         per_response_B = per_response_B / valid.sum(dim=1).clamp(min=1).to(dtype)
     loss = -per_response_B.mean()
-    return loss, _metrics(prox, mu, valid, clipped, truncated)
+    return loss, _metrics(prox, mu, valid, clipped, truncated, masked)
+
+
+def _correction(log_is, valid, cfg: AlgoConfig):
+    """(log w_t, truncated, masked) of `is_correction` (module docstring) from log rho_t."""
+    log_cap = math.log(cfg.tis_cap)
+    none = torch.zeros_like(valid)
+    if cfg.is_correction == "icepop":
+        return log_is, none, (log_is.abs() > log_cap) & valid
+    if cfg.is_correction == "seq_tis":
+        seq_B1 = torch.where(valid, log_is, 0.0).sum(dim=1, keepdim=True)
+        log_w = seq_B1.clamp(max=log_cap).expand_as(log_is)
+        return log_w, (seq_B1 > log_cap) & valid, none
+    log_w, truncated = log_is.clamp(max=log_cap), log_is > log_cap
+    if cfg.is_correction == "token_tis":
+        return log_w, truncated, none
+    geo_B1 = torch.where(valid, log_is, 0.0).sum(dim=1, keepdim=True) / valid.sum(
+        dim=1, keepdim=True
+    ).clamp(min=1)
+    return log_w, truncated, (geo_B1.abs() > math.log(cfg.geo_mask_cap)) & valid
 
 
 @torch.no_grad()
-def _metrics(prox, mu, valid, clipped, truncated) -> dict[str, float]:
+def _metrics(prox, mu, valid, clipped, truncated, masked) -> dict[str, float]:
     """The loss's metrics (module docstring), token means over the completion tokens."""
     # In float64: k3 of nearby policies is a small difference of O(1) numbers.
     n = valid.sum().clamp(min=1).double()
@@ -164,6 +199,7 @@ def _metrics(prox, mu, valid, clipped, truncated) -> dict[str, float]:
     return {
         "clip_frac": ((clipped & valid).sum() / n).item(),
         "tis_trunc_frac": ((truncated & valid).sum() / n).item(),
+        "is_mask_frac": ((masked & valid).sum() / n).item(),
         "train_infer_kl": (-log_rho.sum() / n).item(),
         "train_infer_kl_k3": (k3.sum() / n).item(),
         "extreme_token_frac": (((log_rho.abs() > math.log(2)) & valid).sum() / n).item(),

@@ -132,6 +132,10 @@ def test_resolved_config_round_trips(tmp_path):
         (["algo.clip=1"], "algo.clip", "true or false"),
         (["algo.tis_mode=half"], "algo.tis_mode", "'decoupled'"),
         (["algo.eps_low=1.2"], "algo.eps_low", "< 1"),
+        (["algo.is_correction=icepop", "algo.tis_mode=none"], "algo.is_correction", "full"),
+        (["algo.is_correction=icepop", "algo.tis_cap=1"], "algo.tis_cap", "C > 1"),
+        (["algo.is_correction=seq"], "algo.is_correction", "'seq_tis'"),
+        (["algo.geo_mask_cap=1"], "algo.geo_mask_cap", "> 1"),
         (["model.top_k=9"], "model.top_k", "model.num_experts"),
         (["model.num_kv_heads=3"], "model.num_kv_heads", "divide"),
         (

@@ -22,29 +22,47 @@ def reference(logp, prox, mu, rewards, lengths, G, cfg):
         std = math.sqrt(sum((r - mean) ** 2 for r in rs) / (G - 1))
         adv += [(r - mean) / (std + 1e-6) if cfg.adv_std_norm else r - mean for r in rs]
     total, grad = 0.0, [[0.0] * len(row) for row in logp]
-    counts = dict(clip=0, trunc=0, tokens=0, kl=0.0, k3=0.0, extreme=0)
+    counts = dict(clip=0, trunc=0, masked=0, tokens=0, kl=0.0, k3=0.0, extreme=0)
+    C = cfg.tis_cap
     for i in range(B):
+        n_i = lengths[i]
+        # rho_t, the ratio the correction weighs: pi_theta/mu ("full") or pi_prox/mu
+        rho = [
+            math.exp((logp[i][t] if cfg.tis_mode == "full" else prox[i][t]) - mu[i][t])
+            for t in range(n_i)
+        ]
+        seq_ratio = math.prod(rho)
+        geo_mean = seq_ratio ** (1 / n_i) if n_i else 1.0
         s = 0.0
-        for t in range(lengths[i]):
-            ratio_is = math.exp(logp[i][t] - mu[i][t])
+        for t in range(n_i):
             r = math.exp(logp[i][t] - prox[i][t])
             prox_is = math.exp(prox[i][t] - mu[i][t])
-            if cfg.tis_mode == "full":
-                w, trunc = min(ratio_is, cfg.tis_cap), ratio_is > cfg.tis_cap
-            elif cfg.tis_mode == "decoupled":
-                w, trunc = min(prox_is, cfg.tis_cap) * r, prox_is > cfg.tis_cap
-            else:
-                w, trunc = 1.0, False
-            m = 1.0
-            if cfg.clip and (
+            trunc = keep = False
+            if cfg.tis_mode == "none":
+                w, keep = 1.0, True
+            elif cfg.is_correction == "token_tis":
+                w, trunc, keep = min(rho[t], C), rho[t] > C, True
+            elif cfg.is_correction == "icepop":
+                w, keep = rho[t], 1 / C <= rho[t] <= C
+            elif cfg.is_correction == "seq_mask_tis":
+                w, trunc = min(rho[t], C), rho[t] > C
+                keep = 1 / cfg.geo_mask_cap <= geo_mean <= cfg.geo_mask_cap
+            else:  # seq_tis
+                w, trunc, keep = min(seq_ratio, C), seq_ratio > C, True
+            if cfg.tis_mode == "decoupled":
+                w *= r
+            m = 1.0 if keep else 0.0
+            clipped = cfg.clip and (
                 (adv[i] > 0 and r > 1 + cfg.eps_high) or (adv[i] < 0 and r < 1 - cfg.eps_low)
-            ):
+            )
+            if clipped:
                 m = 0.0
-            norm = lengths[i] if cfg.length_norm else 1
+            norm = n_i if cfg.length_norm else 1
             s += m * w * adv[i] * logp[i][t] / norm
             grad[i][t] = -m * w * adv[i] / norm / B
-            counts["clip"] += m == 0.0
+            counts["clip"] += bool(clipped)
             counts["trunc"] += trunc
+            counts["masked"] += not keep
             counts["tokens"] += 1
             counts["kl"] += mu[i][t] - prox[i][t]
             counts["k3"] += prox_is - 1 - math.log(prox_is)
@@ -54,6 +72,7 @@ def reference(logp, prox, mu, rewards, lengths, G, cfg):
     metrics = {
         "clip_frac": counts["clip"] / n,
         "tis_trunc_frac": counts["trunc"] / n,
+        "is_mask_frac": counts["masked"] / n,
         "train_infer_kl": counts["kl"] / n,
         "train_infer_kl_k3": counts["k3"] / n,
         "extreme_token_frac": counts["extreme"] / n,
@@ -77,14 +96,11 @@ SWITCHES = list(
 )
 
 
-@pytest.mark.parametrize("tis_mode, clip, length_norm, std_norm", SWITCHES)
-def test_loss_gradient_and_metrics_match_the_reference(tis_mode, clip, length_norm, std_norm):
-    cfg = replace(
-        AlgoConfig(), tis_mode=tis_mode, clip=clip, length_norm=length_norm, adv_std_norm=std_norm
-    )
-    for seed in range(3):
-        logp, prox, mu, rewards, mask, lengths, G = random_case(seed)
-        adv = group_advantages(rewards, G, std_norm).double()
+def _check_against_reference(cfg, seeds=range(3), spread=0.6):
+    metrics_seen = []
+    for seed in seeds:
+        logp, prox, mu, rewards, mask, lengths, G = random_case(seed, spread=spread)
+        adv = group_advantages(rewards, G, cfg.adv_std_norm).double()
         logp = logp.clone().requires_grad_(True)
         loss, metrics = minirl_loss(logp, prox, mu, adv, mask, cfg)
         loss.backward()
@@ -96,8 +112,74 @@ def test_loss_gradient_and_metrics_match_the_reference(tis_mode, clip, length_no
         grad = torch.tensor(ref_grad, dtype=torch.float64)
         assert torch.allclose(logp.grad, grad, rtol=1e-9, atol=1e-12)
         assert (logp.grad[~mask] == 0).all()
+        assert metrics.keys() == ref_metrics.keys()
         for key, value in ref_metrics.items():
             assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        metrics_seen.append(metrics)
+    return metrics_seen
+
+
+@pytest.mark.parametrize("tis_mode, clip, length_norm, std_norm", SWITCHES)
+def test_loss_gradient_and_metrics_match_the_reference(tis_mode, clip, length_norm, std_norm):
+    cfg = replace(
+        AlgoConfig(), tis_mode=tis_mode, clip=clip, length_norm=length_norm, adv_std_norm=std_norm
+    )
+    _check_against_reference(cfg)
+
+
+# caps chosen so that on the random cases each correction both keeps and drops some tokens
+CORRECTIONS = {
+    "icepop": dict(tis_cap=2.0),
+    "seq_mask_tis": dict(tis_cap=2.0, geo_mask_cap=1.4),
+    "seq_tis": dict(tis_cap=2.0),
+}
+
+
+@pytest.mark.parametrize(
+    "correction, tis_mode, clip, length_norm",
+    list(itertools.product(CORRECTIONS, ("full", "decoupled"), (True, False), (True, False))),
+)
+def test_each_correction_matches_the_reference(correction, tis_mode, clip, length_norm):
+    cfg = replace(
+        AlgoConfig(),
+        is_correction=correction,
+        tis_mode=tis_mode,
+        clip=clip,
+        length_norm=length_norm,
+        **CORRECTIONS[correction],
+    )
+    seen = _check_against_reference(cfg, seeds=range(4), spread=0.8)
+    masked = [m["is_mask_frac"] for m in seen]
+    truncated = [m["tis_trunc_frac"] for m in seen]
+    if correction == "seq_tis":
+        assert max(masked) == 0 and 0 < max(truncated) < 1
+    else:
+        assert 0 < max(masked) < 1
+    if correction == "icepop":
+        assert max(truncated) == 0
+
+
+def test_the_corrections_on_a_hand_worked_case():
+    """One response of 2 tokens, A = 1, on policy (pi_theta = pi_prox): rho = (3, 0.5)."""
+    mu = torch.log(torch.tensor([[0.2, 0.8]]))
+    pi = torch.log(torch.tensor([[0.6, 0.4]]))
+    expected = {  # correction -> (weights, masked share, truncated share) with C = 2
+        "token_tis": ([2.0, 0.5], 0.0, 0.5),
+        "icepop": ([0.0, 0.5], 0.5, 0.0),  # 3 > C: dropped; 0.5 = 1/C: kept
+        "seq_tis": ([1.5, 1.5], 0.0, 0.0),  # prod = 1.5 < C
+        "seq_mask_tis": ([0.0, 0.0], 1.0, 0.5),  # geometric mean sqrt(1.5) = 1.22 > 1.2
+    }
+    for correction, (w, masked, truncated) in expected.items():
+        cfg = replace(AlgoConfig(), is_correction=correction, tis_cap=2.0, geo_mask_cap=1.2)
+        logp = pi.clone().requires_grad_(True)
+        loss, m = minirl_loss(logp, pi, mu, torch.ones(1), torch.ones(1, 2), cfg)
+        loss.backward()
+        assert logp.grad.flatten().tolist() == pytest.approx([-x for x in w]), correction
+        assert (m["is_mask_frac"], m["tis_trunc_frac"]) == (masked, truncated), correction
+    cfg = replace(AlgoConfig(), is_correction="seq_mask_tis", tis_cap=2.0, geo_mask_cap=1.25)
+    logp = pi.clone().requires_grad_(True)
+    _, m = minirl_loss(logp, pi, mu, torch.ones(1), torch.ones(1, 2), cfg)
+    assert m["is_mask_frac"] == 0.0  # 1.22 <= 1.25: the response is kept
 
 
 def test_the_switches_are_exercised_by_the_random_cases():
