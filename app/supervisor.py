@@ -28,6 +28,7 @@ from app.workers import ActorWorker, BufferWorker, LearnerWorker, learner_name, 
 from async_rl.config import Config, role_resources, to_toml
 from async_rl.messages import ActorStats, ProcessStatus
 from async_rl.paths import RunPaths, write_fleet_size, write_json_atomic, write_pid
+from async_rl.weights import prepare_weight_store
 
 # How long a process that is starting or restarting may take to answer its first ping.
 START_TIMEOUT_S = 300.0
@@ -98,6 +99,7 @@ class Supervisor:
         self.ran_on: dict[str, set[str]] = {}  # node -> every process that answered from it
         self.config = to_toml(cfg)  # what every process is started with
         self.start_files: dict[str, bytes] | None = None  # an actor's part of `start`
+        self.weights_registry = None  # the `ray` store's registry, on the driver's node
 
     def launch(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,7 @@ class Supervisor:
         )
         self.buffer = Process("buffer", Role.BUFFER, handle)
         ray.get(handle.status.remote())
+        self.weights_registry = prepare_weight_store(self.cfg)  # held: it lives with the run
         self.start_learners()
         self.scale(self.cfg.actor.num_actors)
 

@@ -188,7 +188,8 @@ def test_losing_the_learners_node_restarts_the_group_on_another_from_its_checkpo
         nodes = cluster.node_ids()
         run_dir, log, proc = train_on(
             cluster,
-            train_overrides(tmp_path, start, "lrn", 200),  # outlasts Ray's ~15 s to see it
+            # outlasts Ray's ~15-30 s to mark the node dead (the collective path trains ~7/s)
+            train_overrides(tmp_path, start, "lrn", 1000),
             "actor.resources={head_node = 1}",
             "learner.resources={learner_node = 1}",
             "learner.weight_store=collective",
@@ -206,7 +207,9 @@ def test_losing_the_learners_node_restarts_the_group_on_another_from_its_checkpo
         wait_for(lambda: on("learner") == nodes[f"node_{survivor}"], 300, proc, log)
         wait_for(lambda: json.loads(placement.read_text())["lost_nodes"], 120, proc, log)
         assert proc.wait(400) == 0, log.read_text()[-4000:]
-    assert versions(run_dir)[-1] == 200
+    assert versions(run_dir)[-1] == 1000
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["rollout/nodes_lost"] == 1
     lost = json.loads(placement.read_text())["lost_nodes"]
     assert [n["node"] for n in lost] == [nodes[f"node_{victim}"]]
     assert lost[0]["processes"] == ["learner"]

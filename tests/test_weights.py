@@ -176,6 +176,25 @@ def test_ray_store_round_trip():
         with pytest.raises(VersionGone, match="not in the Ray object store"):
             with reader.reading(1):
                 pass
+
+        @ray.remote(num_cpus=0)
+        class Publisher:  # a learner process, which may die with its node
+            def publish(self, version):
+                big = {"c.weight": torch.full((512, 512), float(version)), **state(version)}
+                RayWeightStore("weights-test", create=True).publish(version, big)  # in plasma
+                return os.getpid()
+
+        learner = Publisher.remote()
+        ray.get(learner.publish.remote(3))
+        ray.kill(learner)  # a version put by the publisher itself would be lost with it
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(learner.publish.remote(4))  # answers once it is dead
+        dead_since = time.monotonic()
+        while time.monotonic() < dead_since + 3:  # Ray drops a dead owner's objects soon after
+            fetched = reader.fetch(3)
+            assert (fetched["c.weight"] == 3).all()
+            assert torch.equal(fetched["a.weight"], state(3)["a.weight"])
+            time.sleep(0.5)
     finally:
         ray.shutdown()
 

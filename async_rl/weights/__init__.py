@@ -25,7 +25,7 @@ from async_rl.paths import RunPaths
 from async_rl.weights.announce import WeightAnnouncer, WeightSubscriber
 from async_rl.weights.collective import CollectiveWeightStore, WeightReceiver, WeightSender
 from async_rl.weights.fs import FsWeightStore, read_manifest
-from async_rl.weights.ray_store import RayWeightStore
+from async_rl.weights.ray_store import RayWeightStore, create_registry
 from async_rl.weights.store import VersionGone, WeightsSource, WeightStore
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "WeightStore",
     "WeightSubscriber",
     "WeightsSource",
+    "prepare_weight_store",
     "read_manifest",
     "weight_store",
 ]
@@ -52,9 +53,8 @@ def weight_store(
     """The run's store (`learner.weight_store`); the learner creates it, actors open it (an
     actor names itself, `member`, for the collective path's group)."""
     lrn = cfg.learner
-    kind = lrn.durable_store if lrn.weight_store == "collective" else lrn.weight_store
-    if kind == "ray":
-        durable = RayWeightStore(f"{cfg.run.name}-weights", lrn.keep_versions, create=create)
+    if _durable_kind(cfg) == "ray":
+        durable = RayWeightStore(_registry_name(cfg), lrn.keep_versions, create=create)
     else:
         durable = FsWeightStore(RunPaths(run_dir).weights, template=start, keep=lrn.keep_versions)
     if lrn.weight_store != "collective":
@@ -63,3 +63,21 @@ def weight_store(
     sender = WeightSender(cfg.run.bind_host, timeout_s, bucket) if create else None
     receiver = WeightReceiver(run_dir, member, timeout_s) if member else None
     return CollectiveWeightStore(durable, lrn.durable_every, sender, receiver)
+
+
+def prepare_weight_store(cfg):
+    """Called by the driver under Ray before the learner starts: a `ray` store's registry is
+    created on the driver's node (see `ray_store.create_registry`). The driver keeps what it
+    returns for the run (the registry's handle, or None): Ray ends an actor nobody holds."""
+    if _durable_kind(cfg) == "ray":
+        return create_registry(_registry_name(cfg), cfg.learner.keep_versions)
+    return None
+
+
+def _durable_kind(cfg) -> str:
+    lrn = cfg.learner
+    return lrn.durable_store if lrn.weight_store == "collective" else lrn.weight_store
+
+
+def _registry_name(cfg) -> str:
+    return f"{cfg.run.name}-weights"

@@ -13,13 +13,19 @@ from async_rl.weights.store import PlainStore, VersionGone
 
 
 class _Registry:
-    """Ray actor body: version -> object ref of that version's tensors (numpy arrays)."""
+    """Ray actor body: version -> object ref of that version's tensors (numpy arrays).
+
+    The registry puts each version itself, so the objects are its own and sit in its node's
+    object store: they outlive the learner process (and node) that published them (Ray loses a
+    `ray.put` object with its owner or with the one node that holds it)."""
 
     def __init__(self, keep: int):
         self.keep, self.refs = keep, {}
 
-    def put(self, version: int, refs: list) -> None:
-        self.refs[version] = refs[0]  # wrapped in a list so Ray passes the ref, not the value
+    def put(self, version: int, arrays: dict) -> None:
+        import ray
+
+        self.refs[version] = ray.put(arrays)
 
     def latest(self) -> int | None:
         return max(self.refs) if self.refs else None
@@ -42,22 +48,11 @@ class RayWeightStore(PlainStore):
         import ray
 
         self.ray = ray
-        if create:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            # on the learner's node: the versions' objects are the learner's (it put them) and
-            # go with it; a registry elsewhere would only add a node whose loss loses them all
-            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)
-            registry = ray.remote(num_cpus=0)(_Registry)
-            self.registry = registry.options(
-                name=name, get_if_exists=True, scheduling_strategy=here
-            ).remote(keep)
-        else:
-            self.registry = ray.get_actor(name)
+        self.registry = create_registry(name, keep) if create else ray.get_actor(name)
 
     def publish(self, version: int, hf_state: dict[str, torch.Tensor], durable=False) -> None:
         arrays = {k: _to_numpy(v) for k, v in hf_state.items()}
-        self.ray.get(self.registry.put.remote(version, [self.ray.put(arrays)]))
+        self.ray.get(self.registry.put.remote(version, arrays))
 
     def latest(self) -> int | None:
         return self.ray.get(self.registry.latest.remote())
@@ -75,6 +70,19 @@ class RayWeightStore(PlainStore):
 
     def collect(self, in_use: set[int]) -> list[int]:
         return self.ray.get(self.registry.collect.remote(sorted(in_use)))
+
+
+def create_registry(name: str, keep: int):
+    """The named registry, created on this process's node unless it exists. The driver creates
+    it first, on its own node: the one node a run cannot lose (a registry on a learner or actor
+    node would lose every version with that node). The registry lives while a handle to it
+    does: its creator keeps the one returned."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    registry = ray.remote(num_cpus=0)(_Registry)
+    return registry.options(name=name, get_if_exists=True, scheduling_strategy=here).remote(keep)
 
 
 def _to_numpy(t: torch.Tensor) -> tuple:
