@@ -121,6 +121,20 @@ def _add_tool_commands(sub) -> None:
     diagnose.add_argument("--replay", nargs="+", default=["none", "r2", "r3"], help="modes")
     diagnose.add_argument("--groups", type=int, default=32, help="groups per version at most")
     diagnose.add_argument("--out", type=Path, default=None, help="a PNG to write (and .md)")
+    replay = sub.add_parser(
+        "replay",
+        help="train again on a recorded run's data with other learner settings (no actors)",
+        description="Retrain from RUN's buffer, in the order its learner consumed it, from its "
+        "starting checkpoint, with other algo.* / learner optimizer settings; writes a run "
+        "directory (default RUN-replay) that plot and diagnose read. The data stays the "
+        "recorded policy's.",
+    )
+    replay.add_argument("run_dir", type=Path, help="the recorded run directory, e.g. runs/tiny")
+    replay.add_argument(
+        "overrides",
+        nargs="*",
+        help="e.g. algo.clip=false algo.routing_replay=r2 learner.lr=2e-5 run.name=noclip",
+    )
     scale = sub.add_parser("scale", help="change the number of actors of a running run")
     scale.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/tiny")
     scale.add_argument("--actors", type=int, required=True, help="the fleet size wanted")
@@ -277,7 +291,7 @@ def _histogram(counts: dict[int, int], bins: int = 10) -> str:
     return "  ".join(f"{k}: {v}" for k, v in counts.items()) or "-"
 
 
-TOOLS = ("buffer", "scale", "keys", "plot", "sweep", "diagnose")
+TOOLS = ("buffer", "scale", "keys", "plot", "sweep", "diagnose", "replay")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,6 +347,10 @@ def _run_tool(args: argparse.Namespace) -> None:
         cmd_buffer_inspect(args.run_dir)
     elif args.command == "diagnose":
         cmd_diagnose(args)
+    elif args.command == "replay":
+        from app.replay import replay
+
+        replay(args.run_dir, args.overrides)
     elif args.command == "keys":
         from async_rl.security import create_keys
 

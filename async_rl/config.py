@@ -582,7 +582,7 @@ def _apply(cfg: Config, data: dict[str, Any], origin: str) -> None:
             setattr(getattr(cfg, section), name, _coerce(key, fields[name], value))
 
 
-def _parse_override(item: str) -> tuple[str, str, Any]:
+def parse_override(item: str) -> tuple[str, str, Any]:
     if "=" not in item:
         raise ConfigError(
             item or "override", f"{item!r}: an override must look like section.key=value"
@@ -811,7 +811,7 @@ def config_from_toml(text: str, source: str, overrides: list[str] | tuple = ()) 
     cfg = Config()
     _apply(cfg, data, source)
     for item in overrides:
-        section, name, value = _parse_override(item)
+        section, name, value = parse_override(item)
         _apply(cfg, {section: {name: value}}, "overrides")
     validate(cfg)
     return cfg
