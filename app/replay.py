@@ -244,48 +244,59 @@ def _wall_time(run_dir: Path) -> float | None:
     return times[-1] - times[0] if len(times) > 1 else None
 
 
+def _open_replay(run: Path, overrides: list[str]) -> tuple[Config, Path, int]:
+    """(the replay's config, the starting checkpoint, versions it already logged), all checked
+    before anything is written; a new replay must not land on another directory."""
+    from async_rl.metrics import steps_logged
+
+    recorded, cfg = replay_config(run, overrides)
+    served = served_batches(run, cfg)
+    start = _start_of(run, recorded)
+    root = cfg.run_dir
+    marker = {"replay_of": str(run.resolve()), "overrides": list(overrides), "start": str(start)}
+    if (root / MARKER).exists():
+        before = json.loads((root / MARKER).read_text())
+        if before != marker:
+            raise ConfigError(
+                "run.name",
+                f"{root} is a replay of {before['replay_of']} with {before['overrides']}; "
+                "choose another run.name",
+            )
+    elif root.exists() and any(root.iterdir()):
+        raise ConfigError("run.name", f"{root} exists and is not this replay")
+    done = steps_logged(root)
+    if done < cfg.run.num_steps:
+        root.mkdir(parents=True, exist_ok=True)
+        RunPaths(root).config.write_text(to_toml(cfg))
+        (root / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        copy_buffer(run, root, served)
+    return cfg, start, done
+
+
 def replay(run: Path, overrides: list[str], say=print) -> dict[str, Any]:
     """Replay `run` with `overrides` (module docstring); a summary."""
     from app.evaluation import EngineEvaluator
-    from async_rl.metrics import ProgressDisplay, WandbLogger, steps_logged
+    from async_rl.metrics import ProgressDisplay, WandbLogger
     from async_rl.runtime import configure_torch
     from learner.run import Learner
 
     run = Path(run)
-    recorded, cfg = replay_config(run, overrides)
-    served = served_batches(run, cfg)
-    start = _start_of(run, recorded)
-    paths = RunPaths(cfg.run_dir)
-    marker = {"replay_of": str(run.resolve()), "overrides": list(overrides), "start": str(start)}
-    if (paths.root / MARKER).exists():
-        before = json.loads((paths.root / MARKER).read_text())
-        if before != marker:
-            raise ConfigError(
-                "run.name",
-                f"{paths.root} is a replay of {before['replay_of']} with "
-                f"{before['overrides']}; choose another run.name",
-            )
-    elif paths.root.exists() and any(paths.root.iterdir()):
-        raise ConfigError("run.name", f"{paths.root} exists and is not this replay")
-    done = steps_logged(paths.root)
+    cfg, start, done = _open_replay(run, overrides)
+    root = cfg.run_dir
     if done >= cfg.run.num_steps:
-        say(f"{paths.root} already replayed {done} versions: nothing to do")
-        return {"run_dir": str(paths.root), "steps": done, "wall_time_s": 0.0}
-    paths.root.mkdir(parents=True, exist_ok=True)
-    paths.config.write_text(to_toml(cfg))
-    (paths.root / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-    copy_buffer(run, paths.root, served)
+        say(f"{root} already replayed {done} versions: nothing to do")
+        return {"run_dir": str(root), "steps": done, "wall_time_s": 0.0}
     say(
-        f"replaying {run} ({cfg.run.num_steps} versions) into {paths.root}: the data stays the "
+        f"replaying {run} ({cfg.run.num_steps} versions) into {root}: the data stays the "
         "recorded policy's; importance weights and staleness are measured against its "
         "behaviour log-probs"
     )
     configure_torch(cfg.run.num_threads)
     evaluator = EngineEvaluator(cfg, start) if cfg.run.eval_every else None
-    source = ReplaySource(paths.root, cfg)  # the feed's and the publisher's
-    learner = Learner(cfg, paths.root, start, sources=lambda: source, evaluator=evaluator)
+    source = ReplaySource(root, cfg)  # the feed's and the publisher's
+    learner = Learner(cfg, root, start, sources=lambda: source, evaluator=evaluator)
     began = time.monotonic()
-    wandb = WandbLogger(cfg, paths.root)
+    wandb = WandbLogger(cfg, root)
     try:
         with ProgressDisplay(cfg.run.num_steps, cfg.logging.progress) as display:
 
@@ -298,10 +309,10 @@ def replay(run: Path, overrides: list[str], say=print) -> dict[str, Any]:
         learner.close()
         wandb.close()
     summary = {
-        "run_dir": str(paths.root),
+        "run_dir": str(root),
         "steps": learner.version,
         "wall_time_s": time.monotonic() - began,
-        "replayed_wall_time_s": _wall_time(paths.root),
+        "replayed_wall_time_s": _wall_time(root),
         "recorded_wall_time_s": _wall_time(run),
     }
     took = summary["recorded_wall_time_s"]
