@@ -304,6 +304,9 @@ class RayCluster:
             **ENV,
             "RAY_TMPDIR": self.short,
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if multinode else "0",
+            # a dead node is declared dead in about 3 s, not Ray's 15 s (a test run is short)
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
             **token,
         }
         with socket.socket() as probe:  # a free port for the head's GCS
