@@ -108,6 +108,9 @@ def _add_tool_commands(sub) -> None:
     plot.add_argument(
         "--baseline", default=None, help="the variant the table measures the others against"
     )
+    plot.add_argument(
+        "--panels", nargs="+", default=[], help="more metrics to draw, e.g. buffer/max_staleness"
+    )
     diagnose = sub.add_parser(
         "diagnose", help="the first-order approximation on a run's data: ratios, gaps, cosines"
     )
@@ -340,7 +343,7 @@ def _run_tool(args: argparse.Namespace) -> None:
     elif args.command == "plot":
         from app.plots import plot
 
-        figure, table = plot(args.runs, args.out, args.title, args.baseline)
+        figure, table = plot(args.runs, args.out, args.title, args.baseline, args.panels)
         print(f"wrote {figure} and {table}")
         print(table.read_text(), end="")
     elif args.command == "buffer":

@@ -5,7 +5,8 @@
     ├─ starts ──────────────────────────────► LearnerWorker  global steps, publishes v+1
     ├─ starts K (elastic) ──────────────────► ActorWorker×K  lease → generate → push groups
     ├─ tails metrics.jsonl → progress bar, wandb
-    └─ polls control/fleet.json (async-rl scale) and the autoscaler; replaces dead actors
+    ├─ polls control/fleet.json (async-rl scale) and the autoscaler; replaces dead actors
+    └─ moves the buffer's K with the staleness autopilot (buffer.autopilot, app/autopilot.py)
 
     data plane (zmq):  actors ──groups──► buffer ◄──sample(v)── learner ──"v ready"──► actors
     weights:           learner ──WeightStore (fs | ray)──► actors, newest complete version
@@ -29,6 +30,7 @@ from typing import Any
 
 import ray
 
+from app.autopilot import Autopilot
 from app.cluster import check_placement, init_ray, wait_for_resources
 from app.fleet import Fleet
 from app.supervisor import Supervisor
@@ -70,10 +72,14 @@ def _supervise(run: Supervisor, metrics: _Metrics, wandb, display) -> None:
     """The driver's loop until the learner is done: metrics to wandb and the terminal, the
     heartbeat of every process, the fleet's size."""
     fleet = Fleet(run.cfg, run.paths)
+    pilot = Autopilot(run.cfg) if run.cfg.buffer.autopilot else None
     while True:
         for row in metrics.new_rows():
             wandb.log(row)
             display.update(row, len(run.actors))
+            decision = pilot.observe(row) if pilot else None
+            if decision and (said := run.steer(decision)):
+                display.print(said)
         for event in run.poll():
             display.print(event)
         if run.learner_done():

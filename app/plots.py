@@ -212,9 +212,15 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(
-    paths: list[Path], out: Path, title: str = "", baseline: str | None = None
+    paths: list[Path],
+    out: Path,
+    title: str = "",
+    baseline: str | None = None,
+    panels: list[str] = (),
 ) -> tuple[Path, Path]:
-    """Write `out` (PNG) and `out` with a `.md` suffix (the table); return both paths."""
+    """Write `out` (PNG) and `out` with a `.md` suffix (the table); return both paths.
+    `panels`: metric names (`buffer/max_staleness`, `learner/tokens_per_s`, ...) drawn after
+    the four, each as its moving average; one no run logged is an error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,8 +230,13 @@ def plot(
     for run_dir in find_runs([Path(p) for p in paths]):
         groups[variant_of(run_dir)].append(read_run(run_dir))
     rows = summarize(groups, baseline)  # before drawing: a wrong baseline is an error
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-    for ax, (key, label, log, smoothed) in zip(axes, PANELS, strict=True):
+    logged = {key for runs in groups.values() for run in runs for key in run}
+    unknown = [key for key in panels if key not in logged]
+    if unknown:
+        raise ValueError(f"--panels: no run logged {', '.join(unknown)}")
+    drawn = [*PANELS, *((key, key, False, True) for key in panels)]
+    fig, axes = plt.subplots(1, len(drawn), figsize=(4.2 * len(drawn), 3.4))
+    for ax, (key, label, log, smoothed) in zip(axes, drawn, strict=True):
         for variant, runs in groups.items():
             data = _aligned(runs, key)
             if data is None:

@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from async_rl.config import Config, ConfigError, load_config, parse_override, to_toml
 from async_rl.messages import Batch, Wait
-from async_rl.paths import RunPaths
+from async_rl.paths import RunPaths, write_json_atomic
 from async_rl.segments import LOG, read_log, scan_segments
 from async_rl.types import RoutingSpec, trajectory_schema
 
@@ -244,6 +244,16 @@ def _wall_time(run_dir: Path) -> float | None:
     return times[-1] - times[0] if len(times) > 1 else None
 
 
+def replay_variant(run: Path, overrides: list[str]) -> str:
+    """The variant `plot` groups a replay under: the recorded run's variant (its sweep's, else
+    its name) and the learner settings changed, so that the replays of a variant's seeds with
+    the same settings are one line (`off-clip replay algo.clip=false`)."""
+    from app.plots import variant_of
+
+    changed = sorted(o for o in overrides if not o.startswith(("run.", "logging.")))
+    return " ".join([variant_of(run), "replay", *changed])
+
+
 def _open_replay(run: Path, overrides: list[str]) -> tuple[Config, Path, int]:
     """(the replay's config, the starting checkpoint, versions it already logged), all checked
     before anything is written; a new replay must not land on another directory."""
@@ -269,6 +279,7 @@ def _open_replay(run: Path, overrides: list[str]) -> tuple[Config, Path, int]:
         root.mkdir(parents=True, exist_ok=True)
         RunPaths(root).config.write_text(to_toml(cfg))
         (root / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        write_json_atomic(RunPaths(root).variant, {"variant": replay_variant(run, overrides)})
         copy_buffer(run, root, served)
     return cfg, start, done
 

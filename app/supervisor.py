@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 
+from app.autopilot import Decision
 from app.cluster import NodeWatch, place_learner_ranks, ray_options
 from app.workers import ActorWorker, BufferWorker, LearnerWorker, learner_name, start_files
 from async_rl.config import Config, role_resources, to_toml
@@ -177,6 +178,15 @@ class Supervisor:
             if self.placed.pop(actor.name, None):
                 self.record_placement()
         write_fleet_size(self.paths, len(self.actors))
+
+    def steer(self, decision: Decision) -> str | None:
+        """The autopilot's K and signals to the buffer (a failure: the next window's retry)."""
+        ref = self.buffer.handle.steer.remote(decision.k, decision.reason, decision.signals)
+        try:
+            ray.get(ref, timeout=60)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            return f"autopilot: the buffer did not take K = {decision.k} ({type(e).__name__})"
+        return f"autopilot: K -> {decision.k} ({decision.reason})" if decision.changed else None
 
     def poll(self) -> list[str]:
         """Ping every process (without waiting) and act on what the answers say.

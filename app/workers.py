@@ -102,6 +102,9 @@ class BufferWorker(_Threaded):
         self.service = BufferService(cfg, Path(run_dir))
         self._start(self.service.run)
 
+    def steer(self, k: int, reason: str, signals: dict[str, float]) -> None:
+        self.service.steer(k, reason, signals)
+
     def stop(self) -> None:
         self.service.stop()
         self.thread.join(30)

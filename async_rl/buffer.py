@@ -16,6 +16,12 @@ is dropped for being long; a lease that expires (`buffer.lease_timeout_s`) or wh
 leaves or restarts ends the wait. Without it the batch takes newer groups and the late one is
 dropped when it arrives (prime-rl's and TRL's rule; it trains on the short completions first).
 
+K may change during a run (`set_max_staleness`, the staleness autopilot's lever) without
+breaking admission's promise: a higher K binds at once; a lower K binds new leases at once, and
+the store's drop rule only from learner version p + K_old + 1 on (p the version published at
+the change): by then every group leased under the old bound is trained or past its old
+deadline. Each change is a consumption-log entry, so a restarted buffer keeps it.
+
 They share the consumption log (`consumed.jsonl`). The service (`async_rl.buffer_service`)
 holds one `ReplayBuffer` and is its only user in a run; it is single-threaded. It calls the
 buffer's methods only, never the store or admission behind them.
@@ -75,6 +81,9 @@ class ReplayBuffer:
         )
         self.rejected: Counter[str] = Counter()
         self.wait_for_leases = wait_for_leases
+        self.lowering: tuple[int, int] | None = None  # (K, from learner version) of the store
+        self.autopilot: dict[str, float] = {}  # the controller's last signals (`autopilot/*`)
+        self._recover_staleness(self.store.recovered)
         self.lease_wait_s, self.waiting_since = 0.0, None  # complete batches held for leases
 
     @classmethod
@@ -111,6 +120,8 @@ class ReplayBuffer:
         """The global batch for learner `version`, or None while it is not complete or is held
         for groups still being generated (module docstring)."""
         now = time.monotonic() if now is None else now
+        if self.lowering is not None and version >= self.lowering[1]:
+            self.store.max_staleness, self.lowering = self.lowering[0], None
         if self.wait_for_leases and version not in self.store.served_at and self._due(version, now):
             # the clock runs only while a complete batch is held: what waiting costs the learner
             if self.waiting_since is None and self.store.ready(version):
@@ -121,6 +132,36 @@ class ReplayBuffer:
             self.lease_wait_s += now - self.waiting_since
             self.waiting_since = None
         return table
+
+    def set_max_staleness(self, k: int, reason: str = "") -> None:
+        """Change K (module docstring): at once for new leases, for the store's drop rule at
+        once if higher, else from the version when no group leased under the old K remains."""
+        if k < 0:
+            raise ValueError(f"max_staleness: must be >= 0, got {k}")
+        if k == self.admission.max_staleness:
+            return
+        self.admission.max_staleness = k
+        at = self.published if k >= self.store.max_staleness else None
+        if at is None:
+            at = self.published + self.store.max_staleness + 1
+            self.lowering = (k, at)
+        else:
+            self.store.max_staleness, self.lowering = k, None
+        self.store.log.append({"max_staleness": k, "from_version": at, "reason": reason})
+        log.info("max_staleness -> %d (the store's from version %d): %s", k, at, reason)
+
+    def _recover_staleness(self, entries: list[dict]) -> None:
+        """K as the log's changes left it (the config's K without any)."""
+        served = max(self.store.served_at, default=-1)
+        for e in entries:
+            if "max_staleness" not in e:
+                continue
+            k, at = e["max_staleness"], e["from_version"]
+            self.admission.max_staleness = k
+            if k >= self.store.max_staleness or served + 1 >= at:
+                self.store.max_staleness, self.lowering = k, None
+            else:
+                self.lowering = (k, at)
 
     def _due(self, version: int, now: float) -> bool:
         """Whether a leased group must be in this batch, and room is left for it."""
@@ -179,6 +220,8 @@ class ReplayBuffer:
             **self.admission.metrics(),
             "buffer/rejected": sum(self.rejected.values()),
             "buffer/lease_wait_s": self.lease_wait_s,
+            "buffer/max_staleness": self.admission.max_staleness,
+            **self.autopilot,
         }
 
     def close(self) -> None:

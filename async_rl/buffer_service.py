@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import signal
 import sys
 import threading
@@ -91,6 +92,7 @@ class BufferService:
         publish_endpoints(paths, "buffer", self.addresses)
         self.held: list[tuple[float, bytes, Request]] = []  # (deadline, peer, request)
         self.stopping = threading.Event()
+        self.control: queue.SimpleQueue = queue.SimpleQueue()  # from other threads, see `steer`
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -105,6 +107,10 @@ class BufferService:
                 while self.router in events and self.router.poll(0):
                     self._request(self.router.recv_multipart())
                 self._retry_held()
+                while not self.control.empty():
+                    k, reason, signals = self.control.get()
+                    self.buffer.set_max_staleness(k, reason)
+                    self.buffer.autopilot = signals
         finally:
             self.buffer.close()
             self.pull.close(linger=0)
@@ -114,6 +120,11 @@ class BufferService:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def steer(self, k: int, reason: str, signals: dict[str, float]) -> None:
+        """From any thread: K for the buffer (`ReplayBuffer.set_max_staleness`) and the
+        controller's signals to report (`autopilot/*`), taken up by the service's loop."""
+        self.control.put((k, reason, signals))
 
     # ------------------------------------------------------------------ ingest
     def _ingest(self) -> None:

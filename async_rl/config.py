@@ -257,6 +257,31 @@ class BufferConfig:
         "completion that newer, shorter ones overtook) instead of dropping it when it arrives; "
         "the wait ends when the group arrives or its lease expires or is released.",
     )
+    autopilot: bool = _f(
+        False,
+        "Staleness autopilot: the driver moves K (starting at max_staleness) within "
+        "[autopilot_min_k, autopilot_max_k] every autopilot_every versions: up while the "
+        "learner waits for data, down when K x the learner's per-version drift exceeds "
+        "autopilot_max_drift (app/autopilot.py).",
+    )
+    autopilot_min_k: int = _f(0, "The autopilot's lowest K.", ge=0)
+    autopilot_max_k: int = _f(4, "The autopilot's highest K.", ge=0)
+    autopilot_every: int = _f(10, "Versions between two autopilot decisions (its window).", ge=1)
+    autopilot_idle_high: float = _f(
+        0.1,
+        "K goes up while the learner waits for batches more than this share of its time.",
+        gt=0,
+        lt=1,
+    )
+    autopilot_max_drift: float = _f(
+        0.03,
+        "Bound on K x drift, drift = mean |pi_{v+1} / pi_v - 1| over a sampled group's tokens "
+        "(the staleness factor of delta one version apart, as `diagnose` measures it): the "
+        "staleness factor at the worst staleness K allows. On tiny_cot, where `diagnose` finds "
+        "the token and sequence gradients' cosine 0.99 at a factor of 0.003-0.007 and "
+        "0.62-0.87 at 0.013-0.024, 0.03 lets K reach 4 at the on-policy lr.",
+        gt=0,
+    )
     wait_timeout_s: float = _f(
         600.0,
         "How long the learner waits for a global batch, and a client for the buffer to answer, "
@@ -747,6 +772,13 @@ def _validate_learner(cfg: Config) -> None:
 
 
 def _validate_run(cfg: Config) -> None:
+    buf = cfg.buffer
+    if buf.autopilot and not buf.autopilot_min_k <= buf.max_staleness <= buf.autopilot_max_k:
+        raise ConfigError(
+            "buffer.max_staleness",
+            f"the autopilot starts at K = {buf.max_staleness}, outside buffer.autopilot_min_k.."
+            f"buffer.autopilot_max_k ({buf.autopilot_min_k}..{buf.autopilot_max_k})",
+        )
     lrn = cfg.learner
     if (
         lrn.weight_store == "collective"

@@ -16,7 +16,9 @@ for publishing, which waits on the disk) and the median of the per-round ratios:
 
 - `bare`: forward, -(1/B) sum A log pi over completion tokens, backward, AdamW step;
 - `TrainStep none / r2 / r3`: the learner's global step, N = 1, MiniRL loss;
-  goals: none <= 1.15 x bare; r2, r3 <= 1.05 x none (the R3 paper reports 3.45%);
+  goals: none <= 1.15 x bare; r2, r3 <= 1.05 x none (the R3 paper reports 3.45%); with the
+  staleness autopilot's drift sample (one group's no-grad forward before and after the update,
+  `buffer.autopilot`) <= 1.10 x none;
 - ranks: the large batch below trained by one process and by `--ranks` gloo ranks with FSDP2,
   by the wall clock (on this 2-core machine the ranks share the cores: reported, no goal);
 - micro-batches: a global batch of `--micro-copies` copies of the rows in one forward, and in
@@ -162,12 +164,19 @@ def prox_pass(model: torch.nn.Module, batch: PackedBatch) -> None:
 
 
 def train_step(
-    model: torch.nn.Module, group_size: int, replay: str, microbatch: int = 0, ac: str = "none"
+    model: torch.nn.Module,
+    group_size: int,
+    replay: str,
+    microbatch: int = 0,
+    ac: str = "none",
+    drift: bool = False,
 ) -> TrainStep:
     """The learner's global step as `learner.run.Learner` builds it, N = 1; `microbatch`
-    positions per forward (0: one forward) and activation checkpointing `ac`."""
+    positions per forward (0: one forward), activation checkpointing `ac`, and with `drift`
+    the staleness autopilot's drift sample (`buffer.autopilot`)."""
     overrides = [f"algo.group_size={group_size}", f"algo.routing_replay={replay}"]
     overrides += [f"learner.max_tokens_per_microbatch={microbatch}"]
+    overrides += [f"buffer.autopilot={str(drift).lower()}"]
     cfg = load_config(None, [*overrides, "run.num_steps=10000"])
     apply_activation_checkpointing(model, ac)
     return TrainStep(model, build_optimizer(model, cfg.learner), cfg)
@@ -298,6 +307,7 @@ def steps_report(batch: PackedBatch, checkpoint: Path, root: Path, args) -> None
     steps = {"bare": bare_step(fresh(), cfg)}
     for replay in ("none", "r2", "r3"):
         steps[f"TrainStep {replay}"] = train_step(fresh(), args.group_size, replay)
+    steps["drift"] = train_step(fresh(), args.group_size, "none", drift=True)
     calls = {name: functools.partial(fn, batch) for name, fn in steps.items()}
     # micro-batches: one global batch `--micro-copies` times as large, in one forward
     # and in micro-batches of `--microbatch-tokens` positions
@@ -324,6 +334,7 @@ def steps_report(batch: PackedBatch, checkpoint: Path, root: Path, args) -> None
         ("TrainStep N=1 none", "TrainStep none", "bare", 1.15),
         ("TrainStep N=1 r2", "TrainStep r2", "TrainStep none", 1.05),
         ("TrainStep N=1 r3", "TrainStep r3", "TrainStep none", 1.05),
+        ("  + the autopilot's drift sample", "drift", "TrainStep none", 1.10),
         (f"TrainStep N=1 none x{args.micro_copies} rows", "one shot", "one shot", None),
         (f"  in micro-batches of {micro} positions", "micro", "one shot", 1.10),
         ("  ... + full activation ckpt", "micro ac", "micro", None),

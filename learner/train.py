@@ -123,6 +123,7 @@ class TrainStep:
         self.max_tokens, self.chunk = learner.max_tokens_per_microbatch, learner.logprob_chunk
         self.dp = dp or DataParallel()
         self.device = next(model.parameters()).device
+        self.measure_drift = cfg.buffer.autopilot  # `drift`, the staleness autopilot's signal
         check_sharded(model, self.dp)
 
     def __call__(self, batch: PackedBatch) -> dict[str, float]:
@@ -130,9 +131,12 @@ class TrainStep:
         batch = batch.to(self.device)
         full = dataclasses.replace(batch, advantages_B=self.objective.advantages(batch.rewards_B))
         local = self._local_rows(full)
+        sample = self._sample_logprobs(local) if self.measure_drift else None
         prox = self._proximal_pass(local)
         per_mb = [self._update(local, i, prox) for i in range(self.num_minibatches)]
         metrics = self._reduce(full, local, prox, per_mb)
+        if sample is not None:
+            metrics["drift"] = self._drift(*sample)
         metrics["step_time_s"] = time.monotonic() - start
         metrics["policy_version_min"] = int(full.policy_versions_B.min())
         return metrics
@@ -164,6 +168,29 @@ class TrainStep:
                 f"{batch.num_rows} rows do not split into {self.num_minibatches} mini-batches"
             )
         return batch
+
+    # ---------------------------------------------------------------- 0. the drift sample
+    def _sample_logprobs(self, batch: PackedBatch) -> tuple[PackedBatch, torch.Tensor]:
+        """The drift sample (the first group of this rank's rows) and its log pi at the
+        weights of now, routed as mini-batch 1 is, one micro-batch at a time."""
+        sample = batch.rows(0, min(self.group_size, batch.num_rows))
+        logprobs_BT = torch.zeros(sample.num_rows, sample.width, device=self.device)
+        self.model.eval()
+        for index, m in self._pieces(sample):
+            replay = replayed_routing(self.routing_replay, 0, m.routing_BTLK, None)
+            with torch.no_grad(), self._replaying(replay):
+                logp_BT = self._logprobs(m)[0]
+            logprobs_BT[slice(None) if index is None else index, : m.width] = logp_BT
+        return sample, logprobs_BT
+
+    def _drift(self, sample: PackedBatch, before_BT: torch.Tensor) -> float:
+        """mean |pi_{v+1} / pi_v - 1| over the sample's completion tokens (all ranks): how
+        far one step moved the policy (`app.autopilot`)."""
+        _, after_BT = self._sample_logprobs(sample)
+        mask_BT = sample.mask_BT
+        ratio_BT = torch.expm1((after_BT - before_BT).double()).abs()
+        value = float(ratio_BT[mask_BT].sum()) / max(float(mask_BT.sum()), 1.0)
+        return self._dp_mean(value, mask_BT.sum()) if self.dp.enabled else value
 
     # ---------------------------------------------------------------- 1. the proximal pass
     def _proximal_pass(self, batch: PackedBatch) -> Proximal:

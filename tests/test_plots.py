@@ -44,7 +44,8 @@ def test_plot_writes_a_png_and_a_table(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
 
-    assert matplotlib.image.imread(out).shape[1] > 1000  # four panels side by side
+    four = matplotlib.image.imread(out).shape[1]
+    assert four > 1000  # four panels side by side
     table = out.with_suffix(".md").read_text()
     # final accuracy: mean and sd over seeds of 0.58 and 0.59
     assert "| stable | 2 | 0.585 | 0.585 (0.007) | - | 0 (-) |" in table
@@ -59,6 +60,10 @@ def test_plot_writes_a_png_and_a_table(tmp_path, capsys):
     capsys.readouterr()
     assert main([*cmd, "--baseline", "nope"]) != 0
     assert "baseline 'nope' is not one of the variants" in capsys.readouterr().err
+    assert main([*cmd, "--panels", "learner/entropy", "buffer/max_staleness"]) != 0
+    assert "--panels: no run logged buffer/max_staleness" in capsys.readouterr().err
+    assert main([*cmd, "--panels", "learner/train_infer_kl"]) == 0
+    assert matplotlib.image.imread(out).shape[1] == pytest.approx(four * 5 / 4, rel=0.02)
 
 
 def test_read_run_and_collapse_rule(tmp_path):

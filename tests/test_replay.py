@@ -94,6 +94,12 @@ def test_a_replay_with_the_recorded_settings_is_the_recorded_learner_bit_for_bit
     assert any(c[v]["learner/loss"] != a[v]["learner/loss"] for v in range(2, steps + 1))
     wc = _weights(tmp_path / "lr", steps)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    # plot's variants: the recorded run's, and its replays by the settings they changed
+    variants = {
+        d: json.loads((d / "variant.json").read_text())["variant"]
+        for d in (replayed, tmp_path / "lr")
+    }
+    assert variants == {replayed: "rec replay", tmp_path / "lr": "rec replay learner.lr=1e-2"}
 
     out = _cli("plot", str(recorded), str(replayed), "--out", str(tmp_path / "fig.png"))
     assert out.returncode == 0, out.stderr[-3000:]
