@@ -17,8 +17,8 @@ for publishing, which waits on the disk) and the median of the per-round ratios:
 - `bare`: forward, -(1/B) sum A log pi over completion tokens, backward, AdamW step;
 - `TrainStep none / r2 / r3`: the learner's global step, N = 1, MiniRL loss;
   goals: none <= 1.15 x bare; r2, r3 <= 1.05 x none (the R3 paper reports 3.45%); with the
-  staleness autopilot's drift sample (one group's no-grad forward before and after the update,
-  `buffer.autopilot`) <= 1.10 x none;
+  staleness autopilot's drift sample (one group's no-grad forward after the update, against
+  mini-batch 1's own forward before it, `buffer.autopilot`) <= 1.10 x none;
 - ranks: the large batch below trained by one process and by `--ranks` gloo ranks with FSDP2,
   by the wall clock (on this 2-core machine the ranks share the cores: reported, no goal);
 - micro-batches: a global batch of `--micro-copies` copies of the rows in one forward, and in

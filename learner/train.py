@@ -94,6 +94,7 @@ class Proximal:
     routing_BTLK: torch.Tensor | None = None  # the learner's routing of those rows
     entropy_sum: float = 0.0  # over completion tokens, at the proximal weights
     agree_sum: float = 0.0  # routing agreement with the actor, over real input positions
+    first_BT: torch.Tensor | None = None  # log pi_prox of mini-batch 1's rows (drift only)
 
 
 class TrainStep:
@@ -131,12 +132,11 @@ class TrainStep:
         batch = batch.to(self.device)
         full = dataclasses.replace(batch, advantages_B=self.objective.advantages(batch.rewards_B))
         local = self._local_rows(full)
-        sample = self._sample_logprobs(local) if self.measure_drift else None
         prox = self._proximal_pass(local)
         per_mb = [self._update(local, i, prox) for i in range(self.num_minibatches)]
         metrics = self._reduce(full, local, prox, per_mb)
-        if sample is not None:
-            metrics["drift"] = self._drift(*sample)
+        if self.measure_drift:
+            metrics["drift"] = self._drift(local, prox.first_BT)
         metrics["step_time_s"] = time.monotonic() - start
         metrics["policy_version_min"] = int(full.policy_versions_B.min())
         return metrics
@@ -170,24 +170,21 @@ class TrainStep:
         return batch
 
     # ---------------------------------------------------------------- 0. the drift sample
-    def _sample_logprobs(self, batch: PackedBatch) -> tuple[PackedBatch, torch.Tensor]:
-        """The drift sample (the first group of this rank's rows) and its log pi at the
-        weights of now, routed as mini-batch 1 is, one micro-batch at a time."""
-        sample = batch.rows(0, min(self.group_size, batch.num_rows))
-        logprobs_BT = torch.zeros(sample.num_rows, sample.width, device=self.device)
+    def _drift(self, batch: PackedBatch, first_BT: torch.Tensor) -> float:
+        """mean |pi_{v+1} / pi_v - 1| over the completion tokens of the drift sample, the
+        first group of this rank's rows (all ranks): how far one step moved the policy
+        (`app.autopilot`). pi_v is mini-batch 1's own forward (`first_BT`); pi_{v+1} one
+        no-grad forward at the new weights, routed as mini-batch 1 was."""
+        rows = min(self.group_size, batch.num_rows // self.num_minibatches)
+        sample = batch.rows(0, rows)
+        after_BT = torch.zeros(sample.num_rows, sample.width, device=self.device)
         self.model.eval()
         for index, m in self._pieces(sample):
             replay = replayed_routing(self.routing_replay, 0, m.routing_BTLK, None)
             with torch.no_grad(), self._replaying(replay):
-                logp_BT = self._logprobs(m)[0]
-            logprobs_BT[slice(None) if index is None else index, : m.width] = logp_BT
-        return sample, logprobs_BT
-
-    def _drift(self, sample: PackedBatch, before_BT: torch.Tensor) -> float:
-        """mean |pi_{v+1} / pi_v - 1| over the sample's completion tokens (all ranks): how
-        far one step moved the policy (`app.autopilot`)."""
-        _, after_BT = self._sample_logprobs(sample)
+                after_BT[slice(None) if index is None else index, : m.width] = self._logprobs(m)[0]
         mask_BT = sample.mask_BT
+        before_BT = first_BT[:rows, : sample.width]
         ratio_BT = torch.expm1((after_BT - before_BT).double()).abs()
         value = float(ratio_BT[mask_BT].sum()) / max(float(mask_BT.sum()), 1.0)
         return self._dp_mean(value, mask_BT.sum()) if self.dp.enabled else value
@@ -247,13 +244,16 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if i == 0:
             self.model.train()
+            if self.measure_drift:
+                prox.first_BT = torch.zeros(mb.num_rows, mb.width, device=self.device)
         parts = []
         for index, m in self._pieces(mb):
             rows = slice(None) if index is None else index
             rec = None if recorded is None else recorded[rows, : m.width]
             replay = replayed_routing(self.routing_replay, i, m.routing_BTLK, rec)
             with self._replaying(replay):
-                loss, metrics = self._loss(m, i, prox, None if i == 0 else prox_BT[rows, : m.width])
+                own = None if i == 0 else prox_BT[rows, : m.width]
+                loss, metrics = self._loss(m, i, prox, own, rows)
                 share = m.num_rows / mb.num_rows
                 scaled = loss if index is None else loss * share
                 # Ranks' gradients are summed; equal shares make each rank's weight 1/world_size.
@@ -265,9 +265,9 @@ class TrainStep:
         metrics = {k: sum(p[1][k] * p[2] for p in parts) / tokens for k in parts[0][1]}
         return self._optimize(sum(p[0] for p in parts), metrics, mb)
 
-    def _loss(self, m: PackedBatch, i: int, prox: Proximal, prox_BT: torch.Tensor | None):
-        """The objective's loss of micro-batch `m` of mini-batch `i`; mini-batch 0 is at the
-        proximal weights, so its own forward gives its pi_prox (`prox_BT` None)."""
+    def _loss(self, m: PackedBatch, i: int, prox: Proximal, prox_BT: torch.Tensor | None, rows):
+        """The objective's loss of micro-batch `m` (`rows` of mini-batch `i`); mini-batch 0
+        is at the proximal weights, so its own forward gives its pi_prox (`prox_BT` None)."""
         if i:
             logp_BT, _ = self._logprobs(m)
         else:
@@ -275,6 +275,8 @@ class TrainStep:
                 logp_BT, entropy_BT = self._logprobs(m, with_entropy=True)
             prox_BT = logp_BT.detach()
             self._prox_metrics(m, entropy_BT, trace.experts, prox)
+            if prox.first_BT is not None:
+                prox.first_BT[rows, : m.width] = prox_BT
         return self.objective.loss(
             logp_BT, prox_BT, m.behavior_logprobs_BT, m.advantages_B, m.mask_BT
         )

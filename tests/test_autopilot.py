@@ -137,14 +137,20 @@ def test_a_lower_k_keeps_the_promise_of_the_leases_granted_under_the_old(tmp_pat
 
 
 # ------------------------------------------------------------------------- the learner's drift
-def test_drift_is_how_far_one_step_moves_the_first_groups_token_probabilities(make_step):
-    """Against the model's plain forward (whole logits, float64 ratio) before and after."""
+@pytest.mark.parametrize(
+    "shape", [[], ["algo.num_minibatches=2", "learner.max_tokens_per_microbatch=40"]]
+)
+def test_drift_is_how_far_one_step_moves_the_first_groups_token_probabilities(make_step, shape):
+    """Against the model's plain forward (whole logits, float64 ratio) before and after; in
+    one piece, and with two mini-batches in micro-batches (pi_v is mini-batch 1's forward)."""
     from learner.model import build_model, token_logprobs
 
     model = build_model(ModelConfig(), seed=0)
     batch = random_batch(0, 2, G, ModelConfig())
     before = copy.deepcopy(model)
-    step = make_step(model, "buffer.autopilot=true", f"algo.group_size={G}", "learner.lr=1e-2")
+    step = make_step(
+        model, "buffer.autopilot=true", f"algo.group_size={G}", "learner.lr=1e-2", *shape
+    )
     metrics = step(batch)
     first = batch.rows(0, G)
 

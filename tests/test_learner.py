@@ -158,14 +158,14 @@ def test_r2_with_several_minibatches_keeps_the_prox_routing(base, new_step):
     seen = []
     original = step._loss
 
-    def spy(mb, i, prox, prox_BT):  # an update's loss, under the routing it replays
+    def spy(mb, i, prox, prox_BT, rows):  # an update's loss, under the routing it replays
         replay, step.hooks._replay_BTLK = step.hooks._replay_BTLK, None
         if replay is not None:  # the routing of the same rows, free, at the same weights
             with torch.no_grad(), step.hooks.record() as trace:
                 model(mb.inputs_BT)
             seen.append(routing_agreement(replay, trace.experts, mb.mask_BT))
         step.hooks._replay_BTLK = replay
-        return original(mb, i, prox, prox_BT)
+        return original(mb, i, prox, prox_BT, rows)
 
     step._loss = spy
     step(batch)

@@ -224,8 +224,8 @@ def test_r2_minibatches_after_the_first_use_the_prox_routing(setup):
             seen["logp_BT"] = logp_BT.detach()
             return objective.loss(logp_BT, *rest)
 
-    def spy(mb, i, prox, prox_BT):  # an update's loss, under the routing it replays
-        out = original(mb, i, prox, prox_BT)
+    def spy(mb, i, prox, prox_BT, rows):  # an update's loss, under the routing it replays
+        out = original(mb, i, prox, prox_BT, rows)
         replay = step.hooks._replay_BTLK
         if replay is None:  # mini-batch 1, at the proximal weights
             return out
