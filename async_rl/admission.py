@@ -50,8 +50,11 @@ class Admission:
         lease_timeout_s: float,
         log: Callable[[dict], None],
         recovered: list[dict] = (),
+        clock: Callable[[], float] = time.monotonic,
     ):
-        """`log` appends an entry to the consumption log; `recovered` are its entries so far."""
+        """`log` appends an entry to the consumption log; `recovered` are its entries so far;
+        `clock` gives the seconds that lease expiry, latencies and `full_s` count in."""
+        self.clock = clock
         self.batch_groups, self.max_staleness = global_batch_groups, max_staleness
         self.lease_timeout_s, self.log = lease_timeout_s, log
         self.published = max((e["published"] for e in recovered if "published" in e), default=0)
@@ -79,7 +82,6 @@ class Admission:
         accepted: int,
         count: int = 1,
         version: int | None = None,
-        now: float | None = None,
         work: tuple[int, int] = (0, 0),
     ) -> tuple[int, list[tuple[str, int]]] | None:
         """Up to `count` leases for `actor_id`, or None while actors must pause.
@@ -89,11 +91,11 @@ class Admission:
         prompt to generate for. `version` is the weights version the actor holds; `work` its
         running rows and swaps in flight so far.
         """
-        now = time.monotonic() if now is None else now
+        now = self.clock()
         if version is not None:
             self.actor_versions[actor_id] = (version, now)
             self.actor_work[actor_id] = work
-        self.expire(now)
+        self.expire()
         room = (self.max_staleness + self.published + 1) * self.batch_groups
         room -= accepted + len(self.leases)
         if room <= 0:
@@ -111,17 +113,17 @@ class Admission:
             granted.append((lease_id, prompt))
         return self.published, granted
 
-    def expire(self, now: float | None = None) -> None:
+    def expire(self) -> None:
         """Forget leases older than `buffer.lease_timeout_s`; their prompts are handed out again."""
-        now = time.monotonic() if now is None else now
+        now = self.clock()
         for lease_id, (_, expiry, prompt, _) in list(self.leases.items()):
             if expiry <= now:
                 del self.leases[lease_id]
                 self.reissue.append(prompt)
 
-    def outstanding(self, now: float | None = None) -> list[int]:
+    def outstanding(self) -> list[int]:
         """The `min_version` of every lease whose group has not arrived (nor expired)."""
-        self.expire(now)
+        self.expire()
         return [min_version for *_, min_version in self.leases.values()]
 
     def _next_prompt(self) -> int:
@@ -131,12 +133,11 @@ class Admission:
         self.next_prompt += 1
         return self.next_prompt - 1
 
-    def fulfilled(self, lease_id: str | None, now: float | None = None) -> None:
+    def fulfilled(self, lease_id: str | None) -> None:
         """The group of a lease was accepted: the lease is spent."""
         lease = self.leases.pop(lease_id or "", None)
         if lease is not None:
-            now = time.monotonic() if now is None else now
-            self.latencies.append(now - (lease[1] - self.lease_timeout_s))
+            self.latencies.append(self.clock() - (lease[1] - self.lease_timeout_s))
 
     def give_back(self, lease_id: str | None) -> None:
         """The group of a lease was refused: its prompt is handed out again."""
@@ -150,15 +151,15 @@ class Admission:
             if owner == actor_id:
                 self.give_back(lease_id)
 
-    def versions_in_use(self, now: float | None = None) -> list[int]:
+    def versions_in_use(self) -> list[int]:
         """Weights versions that actors reported within the lease timeout."""
-        now = time.monotonic() if now is None else now
+        now = self.clock()
         return sorted(
             {v for v, seen in self.actor_versions.values() if now - seen < self.lease_timeout_s}
         )
 
-    def metrics(self, now: float | None = None) -> dict[str, float]:
-        now = time.monotonic() if now is None else now
+    def metrics(self) -> dict[str, float]:
+        now = self.clock()
         full = self.full_s + (now - self.full_since if self.full_since is not None else 0.0)
         seen = [a for a, (_, s) in self.actor_versions.items() if now - s < ACTOR_SEEN_S]
         return {

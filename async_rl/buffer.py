@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -61,7 +62,11 @@ class ReplayBuffer:
         lease_timeout_s: float = 600.0,
         vocab_size: int | None = None,
         wait_for_leases: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """`clock`: the one source of seconds for leases, their expiry and the wait metrics
+        (tests give a manual one)."""
+        self.clock = clock
         self.store = SegmentStore(
             root,
             spec,
@@ -78,6 +83,7 @@ class ReplayBuffer:
             lease_timeout_s=lease_timeout_s,
             log=self.store.log.append,
             recovered=self.store.recovered,
+            clock=clock,
         )
         self.rejected: Counter[str] = Counter()
         self.wait_for_leases = wait_for_leases
@@ -110,19 +116,19 @@ class ReplayBuffer:
         self.rejected[reason] += 1
         log.warning("rejected a message (%s): %s", reason, detail)
 
-    def append(self, groups: list[tuple[pa.RecordBatch, str | None]], now: float | None = None):
+    def append(self, groups: list[tuple[pa.RecordBatch, str | None]]):
         """Store checked groups durably, then spend the leases they were generated under."""
         self.store.append([batch for batch, _ in groups])
         for _, lease in groups:
-            self.admission.fulfilled(lease, now)
+            self.admission.fulfilled(lease)
 
-    def sample(self, version: int, now: float | None = None) -> pa.Table | None:
+    def sample(self, version: int) -> pa.Table | None:
         """The global batch for learner `version`, or None while it is not complete or is held
         for groups still being generated (module docstring)."""
-        now = time.monotonic() if now is None else now
+        now = self.clock()
         if self.lowering is not None and version >= self.lowering[1]:
             self.store.max_staleness, self.lowering = self.lowering[0], None
-        if self.wait_for_leases and version not in self.store.served_at and self._due(version, now):
+        if self.wait_for_leases and version not in self.store.served_at and self._due(version):
             # the clock runs only while a complete batch is held: what waiting costs the learner
             if self.waiting_since is None and self.store.ready(version):
                 self.waiting_since = now
@@ -163,10 +169,10 @@ class ReplayBuffer:
             else:
                 self.lowering = (k, at)
 
-    def _due(self, version: int, now: float) -> bool:
+    def _due(self, version: int) -> bool:
         """Whether a leased group must be in this batch, and room is left for it."""
         k, b = self.store.max_staleness, self.store.batch_groups
-        leased = Counter(v + k for v in self.admission.outstanding(now) if v + k >= version)
+        leased = Counter(v + k for v in self.admission.outstanding() if v + k >= version)
         if not leased:
             return False
         live = Counter(g.policy_version + k for g in self.store.live)
@@ -182,12 +188,11 @@ class ReplayBuffer:
         actor_id: str,
         count: int = 1,
         version: int | None = None,
-        now: float | None = None,
         work: tuple[int, int] = (0, 0),
     ) -> tuple[int, list[tuple[str, int]]] | None:
         """Leases for `actor_id` within the staleness budget (`Admission.lease`)."""
         accepted = self.store.num_accepted
-        return self.admission.lease(actor_id, accepted, count, version, now, work)
+        return self.admission.lease(actor_id, accepted, count, version, work)
 
     def give_back(self, lease: str | None) -> None:
         """The group of `lease` was refused: its prompt is handed out again."""
@@ -210,9 +215,9 @@ class ReplayBuffer:
         """`version - policy_version` of each group served for learner `version`."""
         return self.store.staleness(version)
 
-    def versions_in_use(self, now: float | None = None) -> list[int]:
+    def versions_in_use(self) -> list[int]:
         """Weights versions that actors reported within the lease timeout."""
-        return self.admission.versions_in_use(now)
+        return self.admission.versions_in_use()
 
     def metrics(self) -> dict[str, float]:
         return {

@@ -24,7 +24,6 @@ import queue
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -172,14 +171,14 @@ class BufferService:
             request, _ = decode(rest, *REQUESTS)
             if not self._answer(peer, request):
                 wait_s = getattr(request, "wait_s", 0.0)
-                self.held.append((time.monotonic() + wait_s, peer, request))
+                self.held.append((self.buffer.clock() + wait_s, peer, request))
         except (BadMessage, ValueError) as e:
             self.buffer.reject(getattr(e, "reason", "request"), str(e))
             rid = request_id(rest[1]) if len(rest) == 3 else None
             self._reply(peer, Error(rid=rid, error=str(e)))
 
     def _retry_held(self) -> None:
-        now, keep = time.monotonic(), []
+        now, keep = self.buffer.clock(), []
         for deadline, peer, request in self.held:
             if self._answer(peer, request):
                 continue

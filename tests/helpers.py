@@ -121,10 +121,22 @@ def random_batch(seed: int, num_groups: int, g: int, cfg):
     )
 
 
+class ManualClock:
+    """The seconds a test sets (`clock.now = 2.5`), never the machine's: a buffer built with
+    it behaves the same on a machine booted a minute ago as on one up for a year."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def new_buffer(root, **kw) -> ReplayBuffer:
+    """A small buffer on a `ManualClock` at 0 s (`buf.clock.now` moves it)."""
     args = dict(group_size=G, global_batch_groups=2, max_staleness=1, segment_groups=3)
     args.update(kw)
-    return ReplayBuffer(root, SPEC, vocab_size=32, **args)
+    return ReplayBuffer(root, SPEC, vocab_size=32, clock=ManualClock(), **args)
 
 
 class BufferClient(ZmqRolloutSink, ZmqBatchSource):

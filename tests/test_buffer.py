@@ -150,32 +150,35 @@ def test_a_repeated_request_gets_the_same_batch(tmp_path):
 
 def test_admission_allows_k_plus_one_batches_ahead(tmp_path):
     buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2)
-    min_version, leases = buf.lease("a0", count=5, version=0, now=0.0)
+    min_version, leases = buf.lease("a0", count=5, version=0)
     assert min_version == 0 and len(leases) == 4  # (K + 1) * B = 4 groups ahead at version 0
     assert [prompt for _, prompt in leases] == [0, 1, 2, 3]  # prompts in order, once each
-    assert buf.lease("a0", now=0.0) is None
+    assert buf.lease("a0") is None
     buf.append([(make_group(f"g{i}", 0, seed=i), lease) for i, (lease, _) in enumerate(leases)])
-    assert buf.lease("a0", now=0.0) is None  # 4 pending
+    assert buf.lease("a0") is None  # 4 pending
     assert buf.sample(0) is not None
-    assert buf.lease("a0", now=0.0) is None  # trained on 2, pending 2: still 4
+    assert buf.lease("a0") is None  # trained on 2, pending 2: still 4
     buf.set_published(1)
-    assert buf.lease("a0", count=3, now=2.5)[0] == 1  # a new version opens B more slots...
+    buf.clock.now = 2.5
+    assert buf.lease("a0", count=3)[0] == 1  # a new version opens B more slots...
     assert buf.metrics()["buffer/full_s"] == 2.5  # actors were held back from 0.0 to 2.5
-    assert buf.lease("a0", now=3.0) is None  # ...and only B
+    buf.clock.now = 3.0
+    assert buf.lease("a0") is None  # ...and only B
     # leases expire: their prompts go to the next actor that asks
-    min_version, again = buf.lease("a1", count=5, version=1, now=10_000.0)
+    buf.clock.now = 10_000.0
+    min_version, again = buf.lease("a1", count=5, version=1)
     assert [prompt for _, prompt in again] == [4, 5]
-    assert buf.versions_in_use(now=10_000.0) == [1]  # a0 reported too long ago
+    assert buf.versions_in_use() == [1]  # a0 reported too long ago
     buf.release("a1")
     assert not buf.admission.leases and buf.admission.reissue == [4, 5]
 
 
 def test_prompt_indices_are_never_handed_out_twice_across_restarts(tmp_path):
     buf = new_buffer(tmp_path, max_staleness=100)
-    _, first = buf.lease("a0", count=10, now=0.0)
+    _, first = buf.lease("a0", count=10)
     del buf  # crash
     again = new_buffer(tmp_path, max_staleness=100)
-    _, second = again.lease("a0", count=10, now=0.0)
+    _, second = again.lease("a0", count=10)
     assert not {p for _, p in first} & {p for _, p in second}
 
 
@@ -183,9 +186,9 @@ def test_sync_mode_admits_exactly_one_batch_per_version(tmp_path):
     """K = 0: each published version admits one global batch, generated from that version."""
     buf = new_buffer(tmp_path, max_staleness=0, global_batch_groups=2)
     for version in range(3):
-        min_version, leases = buf.lease("a0", count=10, now=0.0)
+        min_version, leases = buf.lease("a0", count=10)
         assert min_version == version and len(leases) == 2
-        assert buf.lease("a0", now=0.0) is None
+        assert buf.lease("a0") is None
         ids = [lease for lease, _ in leases]
         buf.append([(make_group(lease, version, seed=i), lease) for i, lease in enumerate(ids)])
         assert served_ids(buf.sample(version)) == ids
@@ -335,12 +338,13 @@ def test_older_weights_are_served_first_whatever_the_arrival_order(tmp_path):
 def _long_and_short_leases(buf):
     """K = 1, B = 2: four leases at version 0 (two long completions, two short), then the
     short ones come in; version 1 is published and two short groups of it come in too."""
-    _, first = buf.lease("a0", count=4, version=0, now=0.0)
+    buf.clock.now = 0.0
+    _, first = buf.lease("a0", count=4, version=0)
     (long_a, _), (long_b, _), (short_c, _), (short_d, _) = first
     buf.append([(make_group("c", 0, seed=3), short_c), (make_group("d", 0, seed=4), short_d)])
-    assert served_ids(buf.sample(0, now=0.0)) == ["c", "d"]  # a and b still fit at version 1
+    assert served_ids(buf.sample(0)) == ["c", "d"]  # a and b still fit at version 1
     buf.set_published(1)
-    _, second = buf.lease("a0", count=2, version=1, now=0.0)
+    _, second = buf.lease("a0", count=2, version=1)
     buf.append([(make_group(f"new{i}", 1, seed=5 + i), s) for i, (s, _) in enumerate(second)])
     return long_a, long_b
 
@@ -350,12 +354,15 @@ def test_a_batch_waits_for_leased_groups_that_would_go_stale(tmp_path):
     long completion overtaken by shorter, newer ones keeps it: the batch waits for it."""
     buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2)
     long_a, long_b = _long_and_short_leases(buf)
-    assert buf.sample(1, now=1.0) is None  # new0 and new1 are there, but a and b are due
+    buf.clock.now = 1.0
+    assert buf.sample(1) is None  # new0 and new1 are there, but a and b are due
     buf.append([(make_group("a", 0, seed=1), long_a)])
-    assert buf.sample(1, now=2.0) is None  # b is still being generated
+    buf.clock.now = 2.0
+    assert buf.sample(1) is None  # b is still being generated
     buf.append([(make_group("b", 0, seed=2), long_b)])
-    assert served_ids(buf.sample(1, now=3.5)) == ["a", "b"]
-    assert served_ids(buf.sample(2, now=3.5)) == ["new0", "new1"]
+    buf.clock.now = 3.5
+    assert served_ids(buf.sample(1)) == ["a", "b"]
+    assert served_ids(buf.sample(2)) == ["new0", "new1"]
     metrics = buf.metrics()
     assert metrics["buffer/dropped_stale"] == 0
     assert metrics["buffer/lease_wait_s"] == 2.5  # held from 1.0 to 3.5
@@ -365,14 +372,17 @@ def test_lease_wait_counts_only_a_complete_batch_held(tmp_path):
     """A batch held while it could not be served anyway costs the learner nothing: the clock
     does not run."""
     buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2)
-    _, leases = buf.lease("a0", count=2, version=0, now=0.0)
+    _, leases = buf.lease("a0", count=2, version=0)
     (lease_a, _), (lease_b, _) = leases
     buf.set_published(1)
-    assert buf.sample(1, now=1.0) is None  # a and b are due, and nothing else is there
+    buf.clock.now = 1.0
+    assert buf.sample(1) is None  # a and b are due, and nothing else is there
     buf.append([(make_group("a", 0, seed=1), lease_a)])
-    assert buf.sample(1, now=2.0) is None  # one group of two
+    buf.clock.now = 2.0
+    assert buf.sample(1) is None  # one group of two
     buf.append([(make_group("b", 0, seed=2), lease_b)])
-    assert served_ids(buf.sample(1, now=4.0)) == ["a", "b"]
+    buf.clock.now = 4.0
+    assert served_ids(buf.sample(1)) == ["a", "b"]
     assert buf.metrics()["buffer/lease_wait_s"] == 0.0
 
 
@@ -381,27 +391,34 @@ def test_group_latency_is_lease_to_arrival_over_the_last_batch_of_groups(tmp_pat
     over the last global batch's worth of groups (what K learner steps must cover)."""
     buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2)
     assert "rollout/group_latency_s" not in buf.metrics()
-    _, [(lease_a, _), (lease_b, _)] = buf.lease("a0", count=2, version=0, now=10.0)
-    _, [(lease_c, _)] = buf.lease("a0", count=1, version=0, now=11.0)
-    buf.append([(make_group("a", 0, seed=1), lease_a)], now=10.5)
-    buf.append([(make_group("b", 0, seed=2), lease_b)], now=13.0)
+    buf.clock.now = 10.0
+    _, [(lease_a, _), (lease_b, _)] = buf.lease("a0", count=2, version=0)
+    buf.clock.now = 11.0
+    _, [(lease_c, _)] = buf.lease("a0", count=1, version=0)
+    buf.clock.now = 10.5
+    buf.append([(make_group("a", 0, seed=1), lease_a)])
+    buf.clock.now = 13.0
+    buf.append([(make_group("b", 0, seed=2), lease_b)])
     metrics = buf.metrics()
     assert metrics["rollout/group_latency_s"] == 1.75  # 0.5 and 3.0
     assert metrics["rollout/group_latency_max_s"] == 3.0
-    buf.append([(make_group("c", 0, seed=3), lease_c)], now=12.0)  # a leaves the window
+    buf.clock.now = 12.0
+    buf.append([(make_group("c", 0, seed=3), lease_c)])  # a leaves the window
     metrics = buf.metrics()
     assert metrics["rollout/group_latency_s"] == 2.0  # 3.0 and 1.0
     assert metrics["rollout/group_latency_max_s"] == 3.0
-    buf.append([(make_group("d", 0, seed=4), None)], now=12.0)  # no lease: nothing to time
+    buf.append([(make_group("d", 0, seed=4), None)])  # no lease: nothing to time
     assert buf.metrics()["rollout/group_latency_s"] == 2.0
 
 
 def test_without_waiting_a_late_long_group_is_dropped(tmp_path):
     buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2, wait_for_leases=False)
     long_a, long_b = _long_and_short_leases(buf)
-    assert served_ids(buf.sample(1, now=1.0)) == ["new0", "new1"]
+    buf.clock.now = 1.0
+    assert served_ids(buf.sample(1)) == ["new0", "new1"]
     buf.append([(make_group("a", 0, seed=1), long_a), (make_group("b", 0, seed=2), long_b)])
-    assert buf.sample(2, now=2.0) is None
+    buf.clock.now = 2.0
+    assert buf.sample(2) is None
     assert buf.metrics()["buffer/dropped_stale"] == 2
 
 
@@ -409,30 +426,34 @@ def test_a_lease_that_expires_or_is_released_ends_the_wait(tmp_path):
     buf = new_buffer(tmp_path, max_staleness=1, global_batch_groups=2, lease_timeout_s=10.0)
     long_a, _ = _long_and_short_leases(buf)
     buf.append([(make_group("a", 0, seed=1), long_a)])
-    assert buf.sample(1, now=5.0) is None
+    buf.clock.now = 5.0
+    assert buf.sample(1) is None
     # b's lease expires at 10 s: its prompt goes out again and the batch is served without it
-    assert served_ids(buf.sample(1, now=10.0)) == ["a", "new0"]
+    buf.clock.now = 10.0
+    assert served_ids(buf.sample(1)) == ["a", "new0"]
     assert buf.admission.reissue == [1]
 
     other = new_buffer(tmp_path / "released", max_staleness=1, global_batch_groups=2)
     _long_and_short_leases(other)
-    assert other.sample(1, now=1.0) is None
+    other.clock.now = 1.0
+    assert other.sample(1) is None
     other.release("a0")  # the actor left (or restarted): a and b will not come
-    assert served_ids(other.sample(1, now=1.0)) == ["new0", "new1"]
+    assert served_ids(other.sample(1)) == ["new0", "new1"]
 
 
 def test_a_batch_waits_early_when_later_batches_cannot_take_every_leased_group(tmp_path):
     """K = 2, B = 1: three groups leased at version 0 are due by version 2, one batch each at
     versions 0, 1 and 2; the batch for version 0 may not take a newer group instead."""
     buf = new_buffer(tmp_path, max_staleness=2, global_batch_groups=1)
-    _, first = buf.lease("a0", count=3, version=0, now=0.0)
+    _, first = buf.lease("a0", count=3, version=0)
     buf.set_published(1)
-    _, [(newer, _)] = buf.lease("a0", count=1, version=1, now=0.0)
+    _, [(newer, _)] = buf.lease("a0", count=1, version=1)
     buf.append([(make_group("newer", 1, seed=9), newer)])
-    assert buf.sample(0, now=0.0) is None  # three due by 2, two batches after this one
+    assert buf.sample(0) is None  # three due by 2, two batches after this one
     for i, (lease, _) in enumerate(first):
         buf.append([(make_group(f"old{i}", 0, seed=i), lease)])
-    assert [served_ids(buf.sample(v, now=1.0)) for v in range(4)] == [
+    buf.clock.now = 1.0
+    assert [served_ids(buf.sample(v)) for v in range(4)] == [
         ["old0"],
         ["old1"],
         ["old2"],
