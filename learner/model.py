@@ -8,8 +8,13 @@ Two changes to torchtitan's stock Qwen3-MoE, both needed for an RL learner:
   bf16, which in an fp32 model alone costs a train-inference KL as large as FP8's);
 - no load-balancing bias (`load_balance_coeff = None`): the Hugging Face layout that actors load
   has no place for it, so the learner and the actors would route differently.
-Attention is SDPA with a causal mask: batches are right-padded, so every real token sees
-exactly its own prefix and padding never changes a real token's logits.
+Attention is SDPA with a causal mask (`model.attn_backend = "sdpa"`), or torchtitan's flex
+attention (`"flex"`, CUDA: no CPU backward), which needs a `BlockMask` with every forward:
+`build_model` gives the model a forward pre-hook that builds it the way torchtitan's trainer
+does (`get_attention_masks(positions)`: causal, and per document where positions restart), so
+every caller's plain `model(tokens_BT)` works with either. Batches are right-padded, one
+sequence per row, so every real token sees exactly its own prefix and padding never changes a
+real token's logits.
 
 The learner never holds `[positions x vocab]` logits for a whole micro-batch: `policy_logprobs`
 runs the model to its final norm and computes the sampled token's log-prob (and the entropy)
@@ -137,7 +142,31 @@ def build_model(
             model.init_states(buffer_device=torch.device(device))
     else:
         model.init_states(buffer_device=torch.device(device))
+    if cfg.attn_backend == "flex":
+        model.register_forward_pre_hook(FlexMasks(), with_kwargs=True)
     return model.to(dtype or DTYPES[cfg.dtype])
+
+
+class FlexMasks:
+    """The forward pre-hook of a flex-attention model: `attention_masks` for `model(tokens_BT)`
+    when the caller gave none, as torchtitan's trainer builds them (`post_dataloading_process`:
+    `model.get_attention_masks(positions)`, causal and per packed document). Our rows hold one
+    sequence each (positions `0..T-1`), so a mask depends on `(B, T)` alone and is built once
+    per shape: `create_block_mask` is compiled and costs milliseconds even when warm."""
+
+    def __init__(self):
+        self.masks: dict[tuple[int, int, torch.device], object] = {}
+
+    def __call__(self, model: Qwen3Model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("attention_masks") is not None:
+            return args, kwargs
+        tokens_BT = args[0] if args else kwargs["tokens"]
+        B, T = tokens_BT.shape
+        key = (B, T, tokens_BT.device)
+        if key not in self.masks:
+            positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
+            self.masks[key] = model.get_attention_masks(positions_BT)
+        return args, {**kwargs, "attention_masks": self.masks[key]}
 
 
 def apply_activation_checkpointing(model: Qwen3Model, mode: str) -> Qwen3Model:

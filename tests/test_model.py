@@ -162,6 +162,25 @@ def test_bfloat16_model_builds_and_runs():
     assert model(_tokens()).shape == (3, 12, CFG.vocab_size)
 
 
+def test_flex_attention_forward_equals_sdpa_on_rows_of_different_lengths():
+    """torchtitan's flex attention with the mask `build_model` gives it (its trainer's
+    `get_attention_masks`) against SDPA's causal attention: the same weights, right-padded rows
+    of 150, 131 and 9 tokens (past flex's 128-position blocks), fp32, every real position.
+    Only the forward: flex has no CPU backward (the GPU check runs one)."""
+    cfg = ModelConfig(max_seq_len=160)
+    sdpa = build_model(cfg, seed=0).eval()
+    flex = build_model(ModelConfig(max_seq_len=160, attn_backend="flex"), seed=None).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    lengths = (150, 131, 9)
+    tokens = _tokens(batch=len(lengths), length=max(lengths), seed=4)
+    for row, n in enumerate(lengths):
+        tokens[row, n:] = 0  # padding
+    with torch.no_grad():
+        expected, got = sdpa(tokens), flex(tokens)
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(got[row, :n], expected[row, :n], atol=1e-5, rtol=0)
+
+
 def _vocab_reference(h_ND, w_VD, targets_N, temperature):
     """log p(targets), entropy and mean log-prob in float64, all positions at once."""
     logp_NV = torch.log_softmax((h_ND @ w_VD.T) / temperature, dim=-1)
