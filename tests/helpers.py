@@ -4,6 +4,7 @@
   `random_batch()`, a learner's packed global batch;
 - run configurations: `run_config()` (a buffer service's), `pipeline_config()` (a small run of
   threads in one process), `train_overrides()` (a real `async-rl train`);
+  `services_in_threads()`, a run's buffer service, learner and actor in this process;
 - processes: `launch()` starts `async-rl <command>` in its own session with output to a log,
   `stop()` ends it (SIGINT, then SIGKILL of its process group) so that nothing it started
   outlives a test; `spawn()` and `end()` do the same for a service run on its own
@@ -26,12 +27,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import zmq
 
 from async_rl.buffer import ReplayBuffer
 from async_rl.clients import ZmqBatchSource, ZmqRolloutSink
@@ -141,6 +144,31 @@ def new_buffer(root, **kw) -> ReplayBuffer:
 
 class BufferClient(ZmqRolloutSink, ZmqBatchSource):
     """Both sides of a buffer service in one client: what an actor and the learner call."""
+
+
+@contextlib.contextmanager
+def services_in_threads(cfg: Config, start: Path, actor_start: Path | None = None):
+    """`with services_in_threads(cfg, start) as (learner, actor):` the buffer service in a
+    thread, a learner and an actor of one run in this process (the actor built from
+    `actor_start`, default `start`); all closed after. The actor's loop is the caller's to
+    run (`actor.run` in a thread), the learner's too (`learner.run`)."""
+    from actors.loop import Actor
+    from async_rl.buffer_service import BufferService
+    from learner.run import Learner
+
+    ctx = zmq.Context()
+    buffer = BufferService(cfg, cfg.run_dir, ctx=ctx)
+    buffer_thread = threading.Thread(target=buffer.run, daemon=True)
+    buffer_thread.start()
+    learner = Learner(cfg, cfg.run_dir, start, ctx=ctx)
+    actor = Actor(cfg, cfg.run_dir, "a0", ctx=ctx, start=actor_start or start)
+    try:
+        yield learner, actor
+    finally:
+        actor.close()
+        learner.close()
+        buffer.stop()
+        buffer_thread.join(30)
 
 
 # ---------------------------------------------------------------------- configurations
@@ -484,30 +512,38 @@ def stored_groups(run_dir: Path) -> list[pa.RecordBatch]:
     return [b for t in tables for b in t.to_batches()]
 
 
-def kept_kv_logprobs(paths, prompt: list[int], tokens: list[int], k: int):
-    """Float64 log-probs of `tokens` after `prompt` when the first `k` were drawn by the weights
-    of checkpoint `paths[0]` and the rest by `paths[1]`, each attending to the KV entries the
-    weights of their time computed (the in-flight kept-KV rule), teacher-forced through the
-    embedded engine's model at fp32."""
+def kept_kv_logprobs(paths: dict, prompt: list[int], tokens: list[int], versions: list[int]):
+    """Float64 log-probs of `tokens` after `prompt` when token j was drawn by the weights of
+    checkpoint `paths[versions[j]]`, each attending to the KV entries the weights of their time
+    computed (the in-flight kept-KV rule: the prompt is fed by the first token's weights, the
+    input before token j by token j's), teacher-forced through the embedded engine's model at
+    fp32."""
     import torch
     from safetensors.torch import load_file
 
     from actors.embedded_model import Model
     from async_rl.hf_config import read_model_spec
 
-    spec = read_model_spec(paths[0])
-    models = [
-        Model(spec, load_file(Path(p) / "model.safetensors"), "fp32", torch.device("cpu"))
-        for p in paths
-    ]
-    inputs, old = prompt + tokens[:-1], len(prompt) + k - 1  # positions fed by the old weights
-    cache = models[0].new_cache(1)
+    spec = read_model_spec(next(iter(paths.values())))
+    models = {
+        v: Model(spec, load_file(Path(p) / "model.safetensors"), "fp32", torch.device("cpu"))
+        for v, p in paths.items()
+    }
+    inputs = prompt + tokens[:-1]
+    fed_by = [versions[0]] * (len(prompt) - 1) + list(versions)  # the weights feeding each input
+    cache, logits, start = models[versions[0]].new_cache(1), [], 0
     with torch.inference_mode():
-        h_old, _ = models[0].forward(torch.tensor([inputs[:old]]), torch.arange(old)[None], cache)
-        rest = torch.arange(old, len(inputs))[None]
-        h_new, _ = models[1].forward(torch.tensor([inputs[old:]]), rest, cache)
-        logits = torch.cat([models[0].logits(h_old[0]), models[1].logits(h_new[0])])
-    logp = torch.log_softmax(logits[len(prompt) - 1 :].double(), -1)
+        while start < len(inputs):
+            end = start + 1
+            while end < len(inputs) and fed_by[end] == fed_by[start]:
+                end += 1
+            model = models[fed_by[start]]
+            h, _ = model.forward(
+                torch.tensor([inputs[start:end]]), torch.arange(start, end)[None], cache
+            )
+            logits.append(model.logits(h[0]))
+            start = end
+    logp = torch.log_softmax(torch.cat(logits)[len(prompt) - 1 :].double(), -1)
     return logp[torch.arange(len(tokens)), tokens]
 
 

@@ -359,7 +359,7 @@ def test_a_completion_across_a_swap_carries_both_versions_with_kept_kv(ckpts):
     for gen in group:
         k = gen.versions.index(1)  # the first token drawn by the new weights
         assert gen.versions == [0] * k + [1] * (len(gen.tokens) - k) and k == 4
-        expected = kept_kv_logprobs((path_a, path_b), PROMPTS[1], gen.tokens, k)
+        expected = kept_kv_logprobs({0: path_a, 1: path_b}, PROMPTS[1], gen.tokens, gen.versions)
         torch.testing.assert_close(torch.tensor(gen.logprobs).double(), expected, atol=1e-5, rtol=0)
 
 

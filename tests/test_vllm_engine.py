@@ -228,38 +228,98 @@ def test_reload_rejects_a_different_model(engine, tmp_path):
     assert engine.version != 9
 
 
-def test_a_swap_in_flight_tags_each_token_with_its_version_and_keeps_the_kv(engine, checkpoints):
-    """Weights swapped between two steps of a running group: tokens before the swap carry
-    the old version, after it the new one, and (fp32) every token's log-prob is its own version's,
-    attending to the KV entries the weights of their time computed (the embedded engine's
-    teacher-forced kept-KV reference)."""
+def test_two_swaps_in_flight_tag_each_token_with_vllms_version_and_keep_the_kv(engine, checkpoints):
+    """Weights swapped twice (a -> b -> a) under a running group. vLLM's engine core steps in
+    its own process while this one reads, so how many tokens each version drew is vLLM's to
+    say (`weight_versions`), not the version current when a token was read: the versions run
+    in swap order, and (fp32) every token's log-prob is its own version's weights', attending
+    to the KV entries the weights of their time computed (the teacher-forced kept-KV
+    reference), which a token tagged with the wrong version fails."""
     from actors.engine import GroupRequest
     from tests.helpers import kept_kv_logprobs
 
     (path_a, _), (path_b, _) = checkpoints
-    request = GroupRequest("swap", PROMPTS[1], 3, SamplingParams(1.0, 1.0, 10, seed=7))
+    request = GroupRequest("swap", PROMPTS[1], 8, SamplingParams(1.0, 1.0, 12, seed=7))
+    v0 = engine.version
     engine.submit(request)
-    finished, v0 = [], engine.version
     try:
-        for _ in range(3):
-            finished += engine.step()
-        assert engine.num_running == 3 and not finished
-        engine.load_weights(path_b, v0 + 1)  # in flight
+        finished = engine.step()  # at least the first token: drawn by version v0
+        engine.load_weights(load_file(path_b / "model.safetensors"), v0 + 1)  # in flight
+        finished += engine.step()
+        engine.load_weights(path_a, v0 + 2)  # in flight again
         while engine.num_running:
             finished += engine.step()
     finally:
         engine.load_weights(path_a, v0)
     ((_, group),) = finished
-    spanning = 0
+    paths = {v0: path_a, v0 + 1: path_b, v0 + 2: path_a}
     for gen in group:
-        k = gen.versions.index(v0 + 1) if v0 + 1 in gen.versions else len(gen.tokens)
-        assert gen.versions == [v0] * k + [v0 + 1] * (len(gen.tokens) - k) and k == 3
-        spanning += len(gen.tokens) > k
-        if engine.quantization != "fp32" or len(gen.tokens) <= k:
+        assert gen.versions[0] == v0 and gen.versions == sorted(gen.versions)
+        assert set(gen.versions) <= set(paths)
+        if engine.quantization != "fp32":
             continue
-        expected = kept_kv_logprobs((path_a, path_b), PROMPTS[1], gen.tokens, k)
+        expected = kept_kv_logprobs(paths, PROMPTS[1], gen.tokens, gen.versions)
         torch.testing.assert_close(torch.tensor(gen.logprobs).double(), expected, atol=1e-4, rtol=0)
-    assert spanning  # at least one completion ran across the swap
+    assert any(set(gen.versions) == set(paths) for gen in group)  # some ran across both swaps
+
+
+def test_greedy_after_a_swap_equals_a_fresh_engine_of_that_version(engine, checkpoints, tmp_path):
+    """After a swap (tensors) to b, greedy completions are those of an engine started afresh
+    without weights (config files only: vLLM's dummy load) and given b's directory."""
+    from app.workers import start_files
+
+    if engine.quantization != "fp32":
+        pytest.skip("one fresh engine is enough: fp32")
+    (path_a, _), (path_b, _) = checkpoints
+    config_only = tmp_path / "start"
+    config_only.mkdir()
+    for name, data in start_files(path_a).items():
+        (config_only / name).write_bytes(data)
+    greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=None)
+    v0 = engine.version
+    try:
+        engine.load_weights(load_file(path_b / "model.safetensors"), v0 + 1)
+        swapped = engine.generate(PROMPTS, greedy, num_samples=1)
+    finally:
+        engine.load_weights(path_a, v0)
+    fresh = VLLMEngine(config_only, "fp32", "cpu", seed=0, kv_cache_gib=0.25)
+    try:
+        fresh.load_weights(path_b, version=1)
+        again = fresh.generate(PROMPTS, greedy, num_samples=1)
+    finally:
+        fresh.close()
+    tokens = lambda groups: [g.tokens for group in groups for g in group]  # noqa: E731
+    assert tokens(swapped) == tokens(again)
+    assert {v for group in swapped for g in group for v in g.versions} == {v0 + 1}
+    assert {v for group in again for g in group for v in g.versions} == {1}
+
+
+def test_fp8_on_cuda_is_the_embedded_engines_scheme():
+    """The FP8 arguments the engine gives vLLM on CUDA, as vLLM 0.32 resolves them (it cannot
+    run FP8 on this CPU, but it resolves the scheme here): per-output-channel weights and
+    per-token activations (its PTPC methods) for the attention projections and the experts,
+    and the router gate unquantized, as `actors.embedded_model` emulates FP8."""
+    from vllm.config.quantization import resolve_quantization_config
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+    from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+    from vllm.model_executor.layers.quantization.online.base import OnlineQuantizationConfig
+
+    from actors.vllm_engine import _cuda_kwargs
+
+    kwargs = _cuda_kwargs("fp8", 1, 0.85)
+    args = resolve_quantization_config(kwargs["quantization"], kwargs["quantization_config"])
+    config = OnlineQuantizationConfig(args)
+    layers = {
+        "model.layers.3.self_attn.qkv_proj": (QKVParallelLinear, "Fp8PtpcOnlineLinearMethod"),
+        "model.layers.3.self_attn.o_proj": (RowParallelLinear, "Fp8PtpcOnlineLinearMethod"),
+        "model.layers.3.mlp.experts": (RoutedExperts, "Fp8PtpcOnlineMoEMethod"),
+        "model.layers.3.mlp.gate": (GateLinear, None),
+    }
+    for prefix, (layer, method) in layers.items():
+        resolved = config.resolve_quant_method_cls(layer, prefix)
+        assert (resolved and resolved[-1].__name__) == method, prefix
+    assert "quantization" not in _cuda_kwargs("bf16", 1, 0.85)
 
 
 def test_capabilities_and_unsupported_settings(engine, checkpoints):
