@@ -164,11 +164,11 @@ class VLLMEngine:
         path = Path(checkpoint_dir)
         self.spec = read_model_spec(path)
         self.max_model_len = self.spec.max_positions
-        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None  # memory, not disk
-        self.chunks = Path(tempfile.mkdtemp(prefix="async-rl-weights-", dir=shm))
 
         import torch
         from vllm import LLM
+
+        from actors.vllm_transfer import BACKEND
 
         if device == "cpu":
             kwargs = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
@@ -189,11 +189,13 @@ class VLLMEngine:
             enforce_eager=device == "cpu",
             logprobs_mode="processed_logprobs",
             max_logprobs=1,
-            weight_transfer_config={"backend": "async_rl"},  # actors.vllm_transfer
+            weight_transfer_config={"backend": BACKEND},
             **kwargs,
         )
         self.llm.init_weight_transfer_engine({"init_info": {}})
         self.llm.update_weight_version("0")
+        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None  # memory, not disk
+        self.chunks = Path(tempfile.mkdtemp(prefix="async-rl-weights-", dir=shm))
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -341,7 +343,8 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Shut the engine core down and release the weights, KV cache and shared memory."""
-        shutil.rmtree(self.chunks, ignore_errors=True)
+        if hasattr(self, "chunks"):
+            shutil.rmtree(self.chunks, ignore_errors=True)
         llm = getattr(self, "llm", None)
         if llm is None:
             return

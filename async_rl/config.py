@@ -159,7 +159,8 @@ class ActorConfig:
     device: str = _f("cpu", "Device the engine runs on.", choices=("cpu", "cuda"))
     quantization: str = _f(
         "fp8",
-        "Rollout precision (fp8 = e4m3 weights and activations).",
+        "Rollout precision (fp8 = e4m3 weights with a scale per output channel and "
+        "activations per token, router in bf16: vLLM's fp8_per_channel).",
         choices=("fp8", "bf16", "fp32"),
     )
     num_actors: int = _f(1, "Actors at start.", ge=1)

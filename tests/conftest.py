@@ -6,6 +6,10 @@
 - `run_services`: the buffer service (in a thread), a learner and an actor of one run;
 - `train_in_threads`: those three, training the run to its end;
 - `make_step`: a `TrainStep` on a model, configured by dotted overrides.
+
+Tiers: `pytest` runs what CI runs (all but `heavy`); `pytest -m fast` is the inner loop, the
+modules of `FAST` (unit tests and in-process runs of the tiny model, about a minute on two
+cores); `slow` marks the long ones.
 """
 
 from __future__ import annotations
@@ -19,6 +23,21 @@ import zmq
 from async_rl.buffer_service import BufferService
 from async_rl.config import ModelConfig, load_config
 from tests.helpers import BufferClient, pipeline_config, run_config, services_in_threads
+
+# modules whose tests take seconds each: `pytest -m fast`
+FAST = {
+    "test_buffer", "test_buffer_service", "test_config", "test_diagnose", "test_embedded",
+    "test_fuzz", "test_golden", "test_hf", "test_layout", "test_learner", "test_losses",
+    "test_microbatch", "test_model", "test_parallel", "test_pipeline", "test_plan",
+    "test_plots", "test_precision", "test_replay_fp8", "test_security", "test_tasks",
+    "test_tokenizer",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in FAST and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(scope="session")
