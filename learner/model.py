@@ -151,8 +151,11 @@ class FlexMasks:
     """The forward pre-hook of a flex-attention model: `attention_masks` for `model(tokens_BT)`
     when the caller gave none, as torchtitan's trainer builds them (`post_dataloading_process`:
     `model.get_attention_masks(positions)`, causal and per packed document). Our rows hold one
-    sequence each (positions `0..T-1`), so a mask depends on `(B, T)` alone and is built once
-    per shape: `create_block_mask` is compiled and costs milliseconds even when warm."""
+    sequence each (positions `0..T-1`), so a mask depends on `(B, T)` alone: the masks of the
+    last `KEEP` shapes are kept (a global step's forwards repeat its micro-batches' shapes;
+    `create_block_mask` costs milliseconds even compiled)."""
+
+    KEEP = 16
 
     def __init__(self):
         self.masks: dict[tuple[int, int, torch.device], object] = {}
@@ -164,6 +167,8 @@ class FlexMasks:
         B, T = tokens_BT.shape
         key = (B, T, tokens_BT.device)
         if key not in self.masks:
+            if len(self.masks) >= self.KEEP:
+                del self.masks[next(iter(self.masks))]  # the oldest shape
             positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
             self.masks[key] = model.get_attention_masks(positions_BT)
         return args, {**kwargs, "attention_masks": self.masks[key]}
