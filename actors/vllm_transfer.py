@@ -19,8 +19,8 @@ its path in `update_weights({"path": ...})` (a string, which vLLM's RPC carries 
 this backend, in vLLM's worker process, maps the file and loads its tensors through vLLM's
 layerwise reload, as the `ipc` and `nccl` backends do: each layer is restored to its checkpoint
 format, loaded, and processed again (`process_weights_after_loading`: online FP8 quantization
-on CUDA, the CPU MoE kernel's prepacking), and the results are copied into the tensors the
-engine (and its CUDA graphs) already hold. A checkpoint directory's `model.safetensors` is sent
+on CUDA), and the results are copied into the tensors the engine (and its CUDA graphs) already
+hold; on CPU the MoE kernel's prepacking, which vLLM 0.32 skips on an update, is redone. A checkpoint directory's `model.safetensors` is sent
 by its own path, without a copy.
 
 vLLM loads this module in every one of its processes through the `vllm.general_plugins` entry

@@ -338,7 +338,6 @@ def test_older_weights_are_served_first_whatever_the_arrival_order(tmp_path):
 def _long_and_short_leases(buf):
     """K = 1, B = 2: four leases at version 0 (two long completions, two short), then the
     short ones come in; version 1 is published and two short groups of it come in too."""
-    buf.clock.now = 0.0
     _, first = buf.lease("a0", count=4, version=0)
     (long_a, _), (long_b, _), (short_c, _), (short_d, _) = first
     buf.append([(make_group("c", 0, seed=3), short_c), (make_group("d", 0, seed=4), short_d)])
