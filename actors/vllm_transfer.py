@@ -20,8 +20,8 @@ this backend, in vLLM's worker process, maps the file and loads its tensors thro
 layerwise reload, as the `ipc` and `nccl` backends do: each layer is restored to its checkpoint
 format, loaded, and processed again (`process_weights_after_loading`: online FP8 quantization
 on CUDA), and the results are copied into the tensors the engine (and its CUDA graphs) already
-hold; on CPU the MoE kernel's prepacking, which vLLM 0.32 skips on an update, is redone. A checkpoint directory's `model.safetensors` is sent
-by its own path, without a copy.
+hold; on CPU the MoE kernel's prepacking, which vLLM 0.32 skips on an update, is redone. A
+checkpoint directory's `model.safetensors` is sent by its own path, without a copy.
 
 vLLM loads this module in every one of its processes through the `vllm.general_plugins` entry
 point (`pyproject.toml`), which registers the backend before a worker builds its engine.
