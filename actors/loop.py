@@ -45,11 +45,13 @@ from actors.engine import (
     SamplingParams,
     run_to_completion,
 )
+from actors.scoring import scorer_for
 from actors.versions import VersionFollower
 from async_rl.clients import RolloutSink, ZmqRolloutSink
 from async_rl.config import Config, load_config
 from async_rl.messages import ActorStats
 from async_rl.paths import RunPaths, wait_for_endpoints
+from async_rl.rewards import GroupScores
 from async_rl.runtime import configure_torch
 from async_rl.security import curve_for
 from async_rl.tasks import Problem, Task, task_from_config
@@ -81,6 +83,7 @@ class Actor:
         self.cfg, self.run_dir, self.actor_id = cfg, Path(run_dir), actor_id
         self.spec = RoutingSpec.of(cfg.model)
         self.task: Task = task_from_config(cfg)
+        self.scorer = scorer_for(cfg, self.task)
         self.tokenizer: Tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.prompts_per_step = prompts_per_step or cfg.algo.prompts_per_minibatch
         self.ctx = ctx or zmq.Context.instance()
@@ -106,6 +109,7 @@ class Actor:
         self._next_lease = 0.0
         self.held: list[tuple[str, int, int]] = []  # leased, not submitted: (lease, prompt, min v)
         self.submitted: dict[str, tuple[GroupRequest, Problem]] = {}  # by lease, until pushed
+        self.scoring: dict[str, list[Generation]] = {}  # by lease: generated, being scored
 
     def _load(self, version: int | None) -> None:
         """Swap to `version` (or a newer one, if it was collected meanwhile); None: nothing."""
@@ -133,19 +137,20 @@ class Actor:
         return self._continuous_step()
 
     def _static_step(self) -> int:
+        pushed = self._push_scored()  # the last batch's groups, as their rewards come in
         self.sync_weights()
         start = time.monotonic()
-        grant = self._lease(self.prompts_per_step, wait_s=0.5)
+        grant = self._lease(self.prompts_per_step, wait_s=0.0 if self.scorer.pending else 0.5)
         if grant is None:
             self.stats.paused_s += time.monotonic() - start
-            return 0
+            return pushed + self._push_scored(wait_s=0.05)
         self.sync_weights(at_least=grant.min_version)
         start = time.monotonic()
         requests = [self._request(lease, index) for lease, index in grant.leases]
         for request, group in zip(requests, run_to_completion(self.engine, requests), strict=True):
-            self._push(request.request_id, group)
+            self._score(request.request_id, group)
         self.stats.generate_s += time.monotonic() - start
-        return len(requests)
+        return pushed + self._push_scored()
 
     def _continuous_step(self) -> int:
         start = time.monotonic()
@@ -158,14 +163,13 @@ class Actor:
         if self.versions.wanted <= self.engine.version:  # else: the running rows finish first
             self._admit(busy)
         if not (self.engine.num_running or self.engine.num_waiting):
-            return 0
+            return self._push_scored(wait_s=0.05)  # nothing to generate: wait for the rewards
         start = time.monotonic()
-        finished = self.engine.step()
-        for request_id, group in finished:
-            self._push(request_id, group)
+        for request_id, group in self.engine.step():
+            self._score(request_id, group)
         self.stats.running_rows = self.engine.num_running
         self.stats.generate_s += time.monotonic() - start
-        return len(finished)
+        return self._push_scored()
 
     def _admit(self, busy: bool) -> None:
         """Lease groups while rows are free (without waiting while others generate); submit
@@ -197,6 +201,7 @@ class Actor:
             wait_s=wait_s,
             running_rows=self.engine.num_running,
             swaps_in_flight=self.stats.swaps_in_flight,
+            reward_errors=self.stats.reward_errors,
         )
 
     def _request(self, lease: str, index: int) -> GroupRequest:
@@ -214,13 +219,30 @@ class Actor:
         self.submitted[lease] = (request, problem)
         return request
 
-    def _push(self, lease: str, group: list[Generation]) -> None:
-        request, problem = self.submitted.pop(lease)
-        self.sink.push(self._group(problem, request, group), lease)
-        self.stats.groups += 1
-        self.stats.tokens += sum(len(g.tokens) for g in group)
+    def _score(self, lease: str, group: list[Generation]) -> None:
+        """Hand a generated group to the reward pool (`actors.scoring`)."""
+        _, problem = self.submitted[lease]
+        self.scoring[lease] = group
+        texts = [self.tokenizer.decode_completion(g.tokens) for g in group]
+        self.scorer.submit(lease, problem, texts)
 
-    def _group(self, problem: Problem, request: GroupRequest, group: list[Generation]):
+    def _push_scored(self, wait_s: float = 0.0) -> int:
+        """Push the groups whose rewards are in, in the order they were generated; how many."""
+        return self._push(self.scorer.ready(wait_s))
+
+    def _push(self, scored: list[tuple[str, GroupScores]]) -> int:
+        for lease, scores in scored:
+            request, problem = self.submitted.pop(lease)
+            group = self.scoring.pop(lease)
+            self.sink.push(self._group(problem, request, group, scores), lease)
+            self.stats.groups += 1
+            self.stats.tokens += sum(len(g.tokens) for g in group)
+            self.stats.reward_errors += len(scores.errors)
+        return len(scored)
+
+    def _group(
+        self, problem: Problem, request: GroupRequest, group: list[Generation], scores: GroupScores
+    ):
         group_id = f"{self.actor_id}-{problem.prompt_id}-{uuid.uuid4().hex[:8]}"
         rows = [
             Trajectory(
@@ -236,7 +258,8 @@ class Actor:
                 behavior_logprobs=g.logprobs,
                 token_versions=g.versions,
                 routing=g.routing,
-                reward=self.task.reward(problem, self.tokenizer.decode_completion(g.tokens)),
+                reward=scores.rewards[i],
+                reward_extras=scores.extras[i],
                 finish_reason=g.finish_reason,
                 temperature=request.params.temperature,
                 top_p=request.params.top_p,
@@ -261,6 +284,9 @@ class Actor:
         self.stopping.set()
 
     def close(self) -> None:
+        # groups being scored are still pushed: their rewards get their timeout to come in
+        self._push(self.scorer.drain(self.cfg.task.reward_timeout_s + 5))
+        self.scorer.close()
         self.versions.close()
         self.sink.leave(self.actor_id)  # leases of rows that will not finish: no batch waits
         self.sink.close()  # linger: queued groups are still delivered

@@ -67,7 +67,8 @@ class Admission:
         self.reissue: list[int] = []  # prompts of expired or released leases
         self.full_s, self.full_since = 0.0, None
         self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (version, seen)
-        self.actor_work: dict[str, tuple[int, int]] = {}  # actor -> (running rows, swaps)
+        # actor -> (running rows, swaps in flight, reward errors), as it last reported them
+        self.actor_work: dict[str, tuple[int, int, int]] = {}
         # seconds from lease to group of the last global batch's worth of groups
         self.latencies: deque[float] = deque(maxlen=global_batch_groups)
 
@@ -82,14 +83,14 @@ class Admission:
         accepted: int,
         count: int = 1,
         version: int | None = None,
-        work: tuple[int, int] = (0, 0),
+        work: tuple[int, int, int] = (0, 0, 0),
     ) -> tuple[int, list[tuple[str, int]]] | None:
         """Up to `count` leases for `actor_id`, or None while actors must pause.
 
         `accepted` is the store's count of groups trained on or waiting. Returns the minimum
         weights version to generate with and, per lease, its id and the index of the training
         prompt to generate for. `version` is the weights version the actor holds; `work` its
-        running rows and swaps in flight so far.
+        running rows, swaps in flight and reward errors so far.
         """
         now = self.clock()
         if version is not None:
@@ -168,8 +169,9 @@ class Admission:
             "buffer/full_s": full,
             "buffer/actors_seen": len(seen),
             # what the actors said of their engines with their last leases
-            "rollout/running_rows": sum(self.actor_work.get(a, (0, 0))[0] for a in seen),
-            "rollout/swaps_in_flight": sum(swaps for _, swaps in self.actor_work.values()),
+            "rollout/running_rows": sum(self.actor_work.get(a, (0, 0, 0))[0] for a in seen),
+            "rollout/swaps_in_flight": sum(w[1] for w in self.actor_work.values()),
+            "rollout/reward_errors": sum(w[2] for w in self.actor_work.values()),
             **(
                 {
                     "rollout/group_latency_s": sum(self.latencies) / len(self.latencies),

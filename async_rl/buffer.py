@@ -188,7 +188,7 @@ class ReplayBuffer:
         actor_id: str,
         count: int = 1,
         version: int | None = None,
-        work: tuple[int, int] = (0, 0),
+        work: tuple[int, int, int] = (0, 0, 0),
     ) -> tuple[int, list[tuple[str, int]]] | None:
         """Leases for `actor_id` within the staleness budget (`Admission.lease`)."""
         accepted = self.store.num_accepted

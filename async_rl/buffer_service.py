@@ -196,7 +196,7 @@ class BufferService:
             self._reply(peer, Welcome(rid=rid, published=b.published))
         elif isinstance(request, Lease):
             count = min(request.count, MAX_LEASES)
-            work = (request.running_rows, request.swaps_in_flight)
+            work = (request.running_rows, request.swaps_in_flight, request.reward_errors)
             grant = b.lease(request.actor_id, count=count, version=request.version, work=work)
             if grant is None:
                 return False

@@ -70,6 +70,7 @@ class RolloutSink(Protocol):
         wait_s: float = 1.0,
         running_rows: int = 0,
         swaps_in_flight: int = 0,
+        reward_errors: int = 0,
     ) -> Leases | None:
         """Leases to generate up to `count` groups, or None: pause for now. The actor reports
         the weights it holds and what its engine is doing (`async_rl.messages.Lease`)."""
@@ -163,6 +164,7 @@ class ZmqRolloutSink(BufferConnection):
         wait_s: float = 1.0,
         running_rows: int = 0,
         swaps_in_flight: int = 0,
+        reward_errors: int = 0,
     ) -> Leases | None:
         request = Lease(
             actor_id=actor_id,
@@ -171,6 +173,7 @@ class ZmqRolloutSink(BufferConnection):
             wait_s=wait_s,
             running_rows=running_rows,
             swaps_in_flight=swaps_in_flight,
+            reward_errors=reward_errors,
         )
         reply, _ = self.ask(request, Leases, Wait, timeout_s=wait_s + 10)
         return reply if isinstance(reply, Leases) else None

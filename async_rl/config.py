@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from async_rl.rewards import BUILTIN as BUILTIN_REWARDS
+from async_rl.rewards import load_reward, normalize_name
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
 
 
@@ -137,8 +140,23 @@ class TaskConfig:
     path: str = _f("", "JSONL or Parquet file with `prompt` and `answer` columns (type = file).")
     reward: str = _f(
         "exact_match",
-        "Reward of a completion against the answer.",
-        choices=("exact_match", "math_verify"),
+        "Reward of a completion: `exact_match` or `math_verify` (the task's own), or a "
+        "function of yours by name, `package.module:function` or `path/to/file.py:function` "
+        "(signature: README, 'Rewards of your own').",
+    )
+    reward_timeout_s: float = _f(
+        60.0,
+        "A reward call running longer scores 0 and counts in rollout/reward_errors.",
+        gt=0,
+    )
+    reward_workers: int = _f(
+        2, "Workers of an actor's reward pool (scoring runs beside generation).", ge=1
+    )
+    reward_pool: str = _f(
+        "thread",
+        "`thread`, or `process` for CPU-bound verifiers and ones that can hang (killed at the "
+        "timeout); a process pool needs a reward by name.",
+        choices=("thread", "process"),
     )
     ops: list[str] = _f(
         ["+", "*"], "Arithmetic operators to draw from (`+`, `-`, `*`).", choices=("+", "-", "*")
@@ -659,12 +677,31 @@ def _validate_model_and_task(cfg: Config) -> None:
         raise ConfigError("task.min_digits", f"must be <= task.max_digits ({t.max_digits})")
     if t.type == "file" and not t.path:
         raise ConfigError("task.path", "is required when task.type = 'file'")
-    if t.type == "arithmetic" and t.reward != "exact_match":
-        raise ConfigError("task.reward", "the arithmetic task is scored by 'exact_match'")
+    _validate_reward(t)
     if not t.ops:
         raise ConfigError("task.ops", "needs at least one operator")
     if t.worked and "-" in t.ops:
         raise ConfigError("task.ops", "worked solutions (task.worked) are written for + and *")
+
+
+def _validate_reward(t: TaskConfig) -> None:
+    """A reward by name is found, imported and its signature checked now, at start-up; a file
+    path becomes absolute, so every process of the run reads the same file."""
+    if t.reward in BUILTIN_REWARDS:
+        if t.type == "arithmetic" and t.reward != "exact_match":
+            raise ConfigError("task.reward", "the arithmetic task's own reward is 'exact_match'")
+        if t.reward_pool == "process":
+            raise ConfigError(
+                "task.reward_pool",
+                f"the built-in {t.reward!r} runs on threads; for a process pool name it as "
+                f"a function: task.reward = 'async_rl.rewards:{t.reward}'",
+            )
+        return
+    t.reward = normalize_name(t.reward)
+    try:
+        load_reward(t.reward)
+    except ValueError as e:
+        raise ConfigError("task.reward", str(e)) from None
 
 
 def _validate_actor(cfg: Config) -> None:

@@ -111,6 +111,7 @@ class Lease(Request):
     wait_s: float = _wait("how long the buffer may hold the request before answering `wait`")
     running_rows: int = 0  # rows the actor's engine is generating (continuous batching)
     swaps_in_flight: int = 0  # weight versions it loaded under running rows, since it started
+    reward_errors: int = 0  # completions its reward failed on (scored 0), since it started
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +229,7 @@ class ActorStats:
     tokens: int = 0  # completion tokens generated
     weight_swaps: int = 0  # weight versions loaded after the first
     swaps_in_flight: int = 0  # of those, loaded while rows were being generated
+    reward_errors: int = 0  # completions scored 0 because their reward failed or timed out
     running_rows: int = 0  # rows the engine ran after its last step (continuous batching)
     paused_s: float = 0.0  # held back by admission (the buffer's staleness budget)
     weights_s: float = 0.0  # waiting for and loading weights

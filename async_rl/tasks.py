@@ -20,20 +20,19 @@ from __future__ import annotations
 import json
 import math
 import random
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
+
+from async_rl.rewards import BUILTIN as REWARDS
+from async_rl.rewards import math_verify_reward, require_math_verify, score_named
 
 ARITH_OPS = ("+", "-", "*")
 # The second operand of `*` has at most this many digits, so products stay short to generate.
 MUL_MAX_DIGITS = 2
-REWARDS = ("exact_match", "math_verify")
 TASK_KINDS = ("arithmetic", "file")
 FILE_SUFFIXES = (".jsonl", ".parquet")
-_MATH_INSTALL_HINT = "pip install 'async-rl[math]'"
 
 
 @dataclass(frozen=True)
@@ -353,39 +352,6 @@ def load_prompt_file(path: str | Path) -> list[tuple[str, str]]:
     return rows
 
 
-@lru_cache(maxsize=4096)
-def _parse_gold(answer: str, timeout: int | None) -> list:
-    from math_verify import parse
-
-    return parse(answer, parsing_timeout=timeout)
-
-
-def _require_math_verify() -> None:
-    try:
-        import math_verify  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            f"reward 'math_verify' needs the math-verify package: {_MATH_INSTALL_HINT}"
-        ) from None
-
-
-def math_verify_reward(answer: str, completion: str) -> float:
-    """1.0 if math-verify judges `completion` mathematically equal to the gold `answer`."""
-    _require_math_verify()
-    from math_verify import parse, verify
-
-    # math-verify times out with signal.alarm, which only works in the main thread.
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    try:
-        gold = _parse_gold(answer, timeout)
-        pred = parse(completion, parsing_timeout=timeout)
-        # The argument order matters: verify is not symmetric and takes the gold first.
-        return 1.0 if verify(gold, pred, timeout_seconds=timeout) else 0.0
-    except Exception:
-        # Whatever a model writes, scoring it must not crash a rollout: unparseable is wrong.
-        return 0.0
-
-
 class FileTask:
     """Problems from a user's prompt file (see `load_prompt_file`).
 
@@ -408,7 +374,7 @@ class FileTask:
         if heldout_size < 0:
             raise ValueError(f"heldout_size: must be >= 0, got {heldout_size}")
         if reward == "math_verify":
-            _require_math_verify()  # fail at start-up, not in the middle of a run
+            require_math_verify()  # fail at start-up, not in the middle of a run
         self.path = Path(path)
         self.seed = seed
         self.reward_kind = reward
@@ -494,16 +460,43 @@ def build_task(
 
 
 def task_from_config(cfg: Any) -> Task:
-    """The task of a run config (`cfg.task.*`, seeded by `cfg.run.seed`)."""
+    """The task of a run config (`cfg.task.*`, seeded by `cfg.run.seed`), scored by
+    `task.reward`: its own reward, or the user's function by name (`NamedReward`)."""
     t = cfg.task
-    return build_task(
+    builtin = t.reward in REWARDS
+    task = build_task(
         t.type,
         seed=cfg.run.seed,
         path=t.path,
-        reward=t.reward,
+        reward=t.reward if builtin else "exact_match",
         ops=t.ops,
         min_digits=t.min_digits,
         max_digits=t.max_digits,
         heldout_size=t.heldout_size,
         worked=t.worked,
     )
+    return task if builtin else NamedReward(task, t.reward, t.type)
+
+
+class NamedReward:
+    """A task scored by the user's reward function `name` (`async_rl.rewards`) instead of its
+    own: what held-out evaluation and every other caller of `reward` then use. A failing call
+    scores 0 here; the actors score through a pool with a timeout (`actors.scoring`)."""
+
+    def __init__(self, task: Task, name: str, data_source: str):
+        self.task, self.name, self.data_source = task, name, data_source
+
+    def train_problem(self, index: int) -> Problem:
+        return self.task.train_problem(index)
+
+    def num_train(self) -> int | None:
+        return self.task.num_train()
+
+    def heldout(self) -> list[Problem]:
+        return self.task.heldout()
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        return score_named(self.name, self.data_source, problem, [completion]).rewards[0]
+
+    def sft_completion(self, problem: Problem) -> str:
+        return self.task.sft_completion(problem)

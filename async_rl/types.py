@@ -90,6 +90,8 @@ class Trajectory:
     top_p: float
     quantization: str  # "fp8" | "bf16" | "fp32"
     created_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    # the other numbers a reward function returned besides the reward, e.g. {"format": 1.0}
+    reward_extras: dict[str, float] = field(default_factory=dict)
 
 
 def trajectory_schema(spec: RoutingSpec) -> pa.Schema:
@@ -109,6 +111,7 @@ def trajectory_schema(spec: RoutingSpec) -> pa.Schema:
             pa.field("token_versions", pa.list_(pa.int32()), nullable=False),
             pa.field("routing", spec.arrow_type, nullable=True),
             pa.field("reward", pa.float32(), nullable=False),
+            pa.field("reward_extras", pa.map_(pa.string(), pa.float32()), nullable=False),
             pa.field("finish_reason", pa.string(), nullable=False),
             pa.field("temperature", pa.float32(), nullable=False),
             pa.field("top_p", pa.float32(), nullable=False),
@@ -162,6 +165,7 @@ def group_to_batch(rows: list[Trajectory], spec: RoutingSpec) -> pa.RecordBatch:
     columns["behavior_logprobs"] = [r.behavior_logprobs for r in rows]
     columns["token_versions"] = [r.token_versions for r in rows]
     columns["created_at"] = [r.created_at_ms for r in rows]
+    columns["reward_extras"] = [sorted(r.reward_extras.items()) for r in rows]
     schema = trajectory_schema(spec)
     arrays = [
         _routing_array(rows, spec)
@@ -202,6 +206,7 @@ def batch_to_trajectories(batch: pa.RecordBatch | pa.Table, spec: RoutingSpec) -
             token_versions=d["token_versions"][i],
             routing=traces[i],
             created_at_ms=created[i],
+            reward_extras=dict(d["reward_extras"][i]),
         )
         for i in range(batch.num_rows)
     ]

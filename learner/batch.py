@@ -166,16 +166,24 @@ def _pack_routing(column, spec: RoutingSpec, lengths: list[int], width: int):
 
 def rollout_metrics(table: pa.Table) -> dict[str, float]:
     """What a global batch says of its rollouts: response lengths (their spread matters for
-    continuous batching) and weights versions per completion (in-flight updates)."""
+    continuous batching), weights versions per completion (in-flight updates), and the mean of
+    each number a reward function returned besides the reward (`rollout/reward/<name>`, over
+    the completions that have it)."""
     lengths = np.diff(_offsets(table.column("completion_tokens")))
     low = table.column("policy_version").to_numpy()
     high = table.column("policy_version_max").to_numpy()
-    return {
+    metrics = {
         "rollout/response_len_p50": float(np.percentile(lengths, 50)),
         "rollout/response_len_p90": float(np.percentile(lengths, 90)),
         "rollout/response_len_max": int(lengths.max()),
         "rollout/versions_per_completion": float((high - low + 1).mean()),
     }
+    extras: dict[str, list[float]] = {}
+    for row in table.column("reward_extras").to_pylist():
+        for name, value in row:
+            extras.setdefault(name, []).append(value)
+    metrics.update({f"rollout/reward/{k}": float(np.mean(v)) for k, v in sorted(extras.items())})
+    return metrics
 
 
 def _offsets(column) -> np.ndarray:
