@@ -10,10 +10,12 @@
         push each group                                     engine.step(); push finished groups
 
 Either way a group is generated from weights >= its lease's `min_version` (the buffer's
-staleness budget), sampled from the seed `group_seed(run, prompt index, version)`, scored, tagged
-(actor, engine, per-token versions, sampling, quantization) and pushed as one Arrow batch, one
-zmq message. With in-flight updates a completion's tokens can come from several versions:
-`policy_version` is the oldest, `policy_version_max` the newest (DESIGN.md section 4).
+staleness budget), sampled from the seed `group_seed(run, prompt index, version)`, scored on
+the reward pool while generation goes on (`actors.scoring`: groups come back in the order they
+finished generating), tagged (actor, engine, per-token versions, sampling, quantization) and
+pushed as one Arrow batch, one zmq message. With in-flight updates a completion's tokens can
+come from several versions: `policy_version` is the oldest, `policy_version_max` the newest
+(DESIGN.md section 4).
 
 Prompts come from the buffer's leases: each training prompt index is handed out once, in order,
 whatever the size of the fleet, so actors can join and leave without re-sharding. A killed actor
@@ -237,7 +239,7 @@ class Actor:
             self.sink.push(self._group(problem, request, group, scores), lease)
             self.stats.groups += 1
             self.stats.tokens += sum(len(g.tokens) for g in group)
-            self.stats.reward_errors += len(scores.errors)
+            self.stats.reward_errors += scores.failed
         return len(scored)
 
     def _group(

@@ -77,6 +77,7 @@ class _Entry:
             scores.rewards += t.scores.rewards
             scores.extras += t.scores.extras
             scores.errors += t.scores.errors
+            scores.failed += t.scores.failed
         return scores
 
 
@@ -126,9 +127,9 @@ class Scorer:
         while self.pending and self.pending[0].done:
             entry = self.pending.popleft()
             scores = entry.merged()
-            self.errors += len(scores.errors)
-            if scores.errors and self.errors == len(scores.errors):  # the run's first
+            if scores.errors and not self.errors:  # the run's first failure, whole
                 log.warning("a reward failed (scored 0, counted): %s", scores.errors[0])
+            self.errors += scores.failed
             out.append((entry.key, scores))
         return out
 
@@ -207,7 +208,7 @@ class Scorer:
 def _failed(task: _Task, why: str) -> GroupScores:
     n, first = len(task.completions), task.first
     where = f"completion {first}" if n == 1 else f"completions {first}..{first + n - 1}"
-    return GroupScores([0.0] * n, [{} for _ in range(n)], [f"{where}: {why}"])
+    return GroupScores([0.0] * n, [{} for _ in range(n)], [f"{where}: {why}"], failed=n)
 
 
 def scorer_for(cfg, task) -> Scorer:

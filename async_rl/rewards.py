@@ -70,6 +70,7 @@ class GroupScores:
     rewards: list[float]  # [G], 0 where the function failed
     extras: list[dict[str, float]]  # [G], the other numbers of a dict result ({} if none)
     errors: list[str] = field(default_factory=list)  # what failed, with its traceback
+    failed: int = 0  # completions scored 0 because the function failed on them
 
 
 def normalize_name(name: str, base: Path | None = None) -> str:
@@ -227,6 +228,7 @@ def score_group(
                 raise ValueError(f"returned {len(results)} results for {g} completions")
         except Exception:
             scores.errors.append(f"{reward.name} on a group: {traceback.format_exc()}")
+            scores.failed = g
             return scores
     for i in range(g):
         try:
@@ -237,6 +239,7 @@ def score_group(
         except Exception:
             where = f"completion {first + i}"
             scores.errors.append(f"{reward.name} on {where}: {traceback.format_exc()}")
+            scores.failed += 1
     return scores
 
 
@@ -264,6 +267,7 @@ def score_task(task, problem, completions: list[str], first: int = 0) -> GroupSc
             scores.rewards[i] = _number(task.reward(problem, completion), "reward")
         except Exception:
             scores.errors.append(f"completion {first + i}: {traceback.format_exc()}")
+            scores.failed += 1
     return scores
 
 

@@ -142,12 +142,13 @@ def test_a_failing_reward_scores_zero_and_says_why(tmp_path):
     path = _file(tmp_path, REWARDS)
     scores = _score(path, "flaky", ["ok", "boom", "nan", "text", "ok"])
     assert scores.rewards == [1.0, 0.0, 0.0, 0.0, 1.0]
-    assert len(scores.errors) == 3
+    assert len(scores.errors) == scores.failed == 3
     assert "completion 1" in scores.errors[0] and "ZeroDivisionError" in scores.errors[0]
     assert "Traceback" in scores.errors[0]  # the log gets the first one whole
     assert "not finite" in scores.errors[1] and "not a number" in scores.errors[2]
     short = _score(path, "short", ["a", "b"])  # a batched reward with too few results
     assert short.rewards == [0.0, 0.0] and "1 results for 2" in short.errors[0]
+    assert short.failed == 2  # a whole group's call failed: both completions count
 
 
 # ------------------------------------------------------------------------- the pool
