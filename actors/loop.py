@@ -29,6 +29,7 @@ weights version to load, and loading it, is `actors.versions`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -246,11 +247,13 @@ class Actor:
         self, problem: Problem, request: GroupRequest, group: list[Generation], scores: GroupScores
     ):
         group_id = f"{self.actor_id}-{problem.prompt_id}-{uuid.uuid4().hex[:8]}"
+        metadata = json.dumps(problem.metadata, sort_keys=True)
         rows = [
             Trajectory(
                 sample_id=f"{group_id}-{i}",
                 group_id=group_id,
                 prompt_id=problem.prompt_id,
+                problem_metadata=metadata,
                 actor_id=self.actor_id,
                 engine=self.cfg.actor.engine,
                 policy_version=min(g.versions),

@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from async_rl.by_name import normalize_name
 from async_rl.rewards import BUILTIN as BUILTIN_REWARDS
-from async_rl.rewards import load_reward, normalize_name
+from async_rl.rewards import load_reward
+from async_rl.tasks import TASK_KINDS as BUILTIN_TASKS
+from async_rl.tasks import load_task_class
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
 
@@ -136,7 +139,14 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    type: str = _f("arithmetic", "Prompt source.", choices=("arithmetic", "file"))
+    type: str = _f(
+        "arithmetic",
+        "Prompt source: `arithmetic`, `file`, or a task class of yours by name, "
+        "`package.module:Class` or `path/to/file.py:Class` (README, 'Tasks of your own').",
+    )
+    options: dict[str, Any] = _f(
+        {}, "Keyword arguments of a task class by name, besides `seed`, e.g. {level = 2}."
+    )
     path: str = _f("", "JSONL or Parquet file with `prompt` and `answer` columns (type = file).")
     reward: str = _f(
         "exact_match",
@@ -533,6 +543,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             raise ConfigError(key, f"expected a list of strings, got {value!r}")
     elif typ == dict[str, float]:
         value = _resources(key, value)
+    elif typ == dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, e.g. {{level = 2}}, got {value!r}")
     else:  # pragma: no cover - a field type this loader does not know is our bug
         raise AssertionError(f"unsupported config type {typ} for {key}")
 
@@ -677,11 +690,26 @@ def _validate_model_and_task(cfg: Config) -> None:
         raise ConfigError("task.min_digits", f"must be <= task.max_digits ({t.max_digits})")
     if t.type == "file" and not t.path:
         raise ConfigError("task.path", "is required when task.type = 'file'")
+    _validate_task_type(t)
     _validate_reward(t)
     if not t.ops:
         raise ConfigError("task.ops", "needs at least one operator")
     if t.worked and "-" in t.ops:
         raise ConfigError("task.ops", "worked solutions (task.worked) are written for + and *")
+
+
+def _validate_task_type(t: TaskConfig) -> None:
+    """A task class by name is found, imported and checked now, at start-up (it is built by
+    each process that needs it: `async_rl.tasks.task_from_config`)."""
+    if t.type in BUILTIN_TASKS:
+        if t.options:
+            raise ConfigError("task.options", f"is for a task class by name, not {t.type!r}")
+        return
+    t.type = normalize_name(t.type)
+    try:
+        load_task_class(t.type)
+    except ValueError as e:
+        raise ConfigError("task.type", str(e)) from None
 
 
 def _validate_reward(t: TaskConfig) -> None:

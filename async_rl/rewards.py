@@ -17,7 +17,8 @@ or the G completions of a group at once (a verifier that shares work across them
 It may take any of those parameters (`**kwargs` takes them all), and verl's
 `compute_score(data_source, solution_str, ground_truth, extra_info)` works as it is
 (`solution_str` is the completion, `ground_truth` the answer, `extra_info` the metadata,
-`data_source` the task's type). `metadata` holds the problem's `prompt_id`. A dict result
+`data_source` the task's type). `metadata` holds the problem's `prompt_id` and the task's
+metadata of it (`Problem.metadata`). A dict result
 holds the reward under `reward` (or verl's `score`) and any other numbers, which the learner
 reports as `rollout/reward/<name>` (their mean over the global batch). A function that raises,
 returns something other than a finite number, or runs past `task.reward_timeout_s` scores 0
@@ -31,18 +32,15 @@ so a bad name, a missing function or a wrong signature stops the run at start-up
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import math
-import sys
 import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
+
+from async_rl.by_name import is_name, resolve
 
 BUILTIN = ("exact_match", "math_verify")
 SINGLE = ("prompt", "completion", "answer", "metadata")
@@ -73,56 +71,19 @@ class GroupScores:
     failed: int = 0  # completions scored 0 because the function failed on them
 
 
-def normalize_name(name: str, base: Path | None = None) -> str:
-    """`name` with a file path made absolute (against `base`, default the working directory),
-    so that every process of a run finds the same file; other names unchanged."""
-    target, sep, fn = name.rpartition(":")
-    if not sep or not target.endswith(".py"):
-        return name
-    return f"{((base or Path.cwd()) / target).resolve()}:{fn}"
-
-
 def load_reward(name: str) -> UserReward:
     """The user's reward function `name` ("pkg.module:function" or "path/file.py:function"),
     checked; `ValueError` saying what is wrong."""
-    target, sep, fn_name = name.rpartition(":")
-    if not sep or not target or not fn_name.isidentifier():
+    if not is_name(name):
         raise ValueError(
             f"{name!r} is neither a built-in reward ({', '.join(BUILTIN)}) nor "
             "'package.module:function' or 'path/to/file.py:function'"
         )
-    module = _import(target)
-    fn = getattr(module, fn_name, None)
-    if fn is None:
-        raise ValueError(f"{target} has no attribute {fn_name!r}")
+    fn = resolve(name)
     if not callable(fn):
         raise ValueError(f"{name}: {type(fn).__name__} is not callable")
     batched, params = _signature(name, fn)
     return UserReward(name, fn, batched, params)
-
-
-def _import(target: str):
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise ValueError(f"{target}: no such file")
-        # one module per file path, whatever the working directory of the process
-        module_name = f"async_rl_reward_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()}"
-        if module_name in sys.modules:
-            return sys.modules[module_name]
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[module_name]
-            raise ValueError(f"{target} failed to import: {type(e).__name__}: {e}") from e
-        return module
-    try:
-        return importlib.import_module(target)
-    except Exception as e:
-        raise ValueError(f"cannot import {target!r}: {type(e).__name__}: {e}") from e
 
 
 def _signature(name: str, fn: Callable) -> tuple[bool, tuple[str, ...]]:
@@ -244,7 +205,7 @@ def score_group(
 
 
 _LOADED: dict[str, UserReward] = {}
-_LOADING = threading.Lock()  # a pool's threads must not import a file twice, or half of it
+_LOADING = threading.Lock()  # a pool's threads load a reward once
 
 
 def score_named(name: str, data_source: str, problem, completions: list[str], first: int = 0):
@@ -253,7 +214,7 @@ def score_named(name: str, data_source: str, problem, completions: list[str], fi
     with _LOADING:
         if name not in _LOADED:
             _LOADED[name] = load_reward(name)
-    metadata = {"prompt_id": problem.prompt_id}
+    metadata = {"prompt_id": problem.prompt_id, **problem.metadata}
     return score_group(
         _LOADED[name], problem.prompt, completions, problem.answer, metadata, data_source, first
     )

@@ -17,14 +17,16 @@ seeds are hashed with SHA-512, so unlike Python's salted `hash()` they agree acr
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from async_rl.by_name import is_name, resolve
 from async_rl.rewards import BUILTIN as REWARDS
 from async_rl.rewards import math_verify_reward, require_math_verify, score_named
 
@@ -37,9 +39,15 @@ FILE_SUFFIXES = (".jsonl", ".parquet")
 
 @dataclass(frozen=True)
 class Problem:
+    """One prompt and what scores it. Example: `Problem("arith-train-17", "347+589=", "936")`,
+    or with metadata `Problem("wp-3", "Ann has ...", "\\frac{3}{4}", {"level": 2})`."""
+
     prompt_id: str  # stable unique id, e.g. "arith-train-17" / "file-row-42"
     prompt: str  # text fed to the model (after bos), e.g. "347+589="
     answer: str  # reference answer, e.g. "936"
+    # JSON values the task attaches (difficulty, source, test cases ...): stored with each of
+    # its completions (the buffer's `problem_metadata`) and given to the reward as `metadata`
+    metadata: dict = field(default_factory=dict)
 
 
 class Task(Protocol):
@@ -460,22 +468,109 @@ def build_task(
 
 
 def task_from_config(cfg: Any) -> Task:
-    """The task of a run config (`cfg.task.*`, seeded by `cfg.run.seed`), scored by
-    `task.reward`: its own reward, or the user's function by name (`NamedReward`)."""
+    """The task of a run config (`cfg.task.*`, seeded by `cfg.run.seed`): a built-in one or
+    the user's class by name (`UserTask`), scored by `task.reward`: the task's own reward, or
+    the user's function by name (`NamedReward`)."""
     t = cfg.task
     builtin = t.reward in REWARDS
-    task = build_task(
-        t.type,
-        seed=cfg.run.seed,
-        path=t.path,
-        reward=t.reward if builtin else "exact_match",
-        ops=t.ops,
-        min_digits=t.min_digits,
-        max_digits=t.max_digits,
-        heldout_size=t.heldout_size,
-        worked=t.worked,
-    )
+    if t.type in TASK_KINDS:
+        task = build_task(
+            t.type,
+            seed=cfg.run.seed,
+            path=t.path,
+            reward=t.reward if builtin else "exact_match",
+            ops=t.ops,
+            min_digits=t.min_digits,
+            max_digits=t.max_digits,
+            heldout_size=t.heldout_size,
+            worked=t.worked,
+        )
+    else:
+        task = UserTask.build(t.type, cfg.run.seed, t.options)
     return task if builtin else NamedReward(task, t.reward, t.type)
+
+
+REQUIRED = ("train_problem", "heldout")  # what a task class must have; the rest has defaults
+
+
+def load_task_class(name: str):
+    """The user's task class `name` ("pkg.module:Class" or "path/file.py:Class"), checked:
+    its methods, and a constructor that takes `seed`; `ValueError` saying what is wrong."""
+    if not is_name(name):
+        raise ValueError(
+            f"{name!r} is neither a built-in task ({', '.join(TASK_KINDS)}) nor "
+            "'package.module:Class' or 'path/to/file.py:Class'"
+        )
+    cls = resolve(name)
+    if not callable(cls):
+        raise ValueError(f"{name}: {type(cls).__name__} cannot be constructed")
+    missing = [m for m in REQUIRED if not callable(getattr(cls, m, None))]
+    if missing:
+        raise ValueError(f"{name}: has no method(s) {', '.join(missing)} (the task interface)")
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: cannot read its constructor's signature ({e})") from e
+    if not any(p.name == "seed" or p.kind == p.VAR_KEYWORD for p in parameters):
+        raise ValueError(f"{name}: its constructor takes no `seed` (problems are seeded)")
+    return cls
+
+
+class UserTask:
+    """The user's task object behind the `Task` interface: what it returns is checked (a
+    `Problem`, or a dict of its fields), and what it leaves out has a default: an unbounded
+    stream (`num_train`), exact match against the answer (`reward`), the answer as the cold
+    start's completion (`sft_completion`)."""
+
+    def __init__(self, task, name: str):
+        self.task, self.name = task, name
+
+    @classmethod
+    def build(cls, name: str, seed: int, options: dict) -> UserTask:
+        """`name(seed=seed, **options)`; `ValueError` naming `task.type` if that fails."""
+        try:
+            return cls(load_task_class(name)(seed=seed, **options), name)
+        except Exception as e:
+            raise ValueError(f"task.type: {name}(seed={seed}, **{options}) failed: {e}") from e
+
+    def train_problem(self, index: int) -> Problem:
+        return self._checked(self.task.train_problem(index), f"train_problem({index})")
+
+    def num_train(self) -> int | None:
+        num_train = getattr(self.task, "num_train", None)
+        return num_train() if callable(num_train) else None
+
+    def heldout(self) -> list[Problem]:
+        return [self._checked(p, f"heldout()[{i}]") for i, p in enumerate(self.task.heldout())]
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        reward = getattr(self.task, "reward", None)
+        if callable(reward):
+            return reward(problem, completion)
+        return 1.0 if completion.strip() == problem.answer.strip() else 0.0
+
+    def sft_completion(self, problem: Problem) -> str:
+        sft = getattr(self.task, "sft_completion", None)
+        return sft(problem) if callable(sft) else problem.answer
+
+    def _checked(self, problem, where: str) -> Problem:
+        if isinstance(problem, dict):
+            try:
+                problem = Problem(**problem)
+            except TypeError as e:
+                raise ValueError(f"{self.name}.{where}: {e}") from None
+        if not isinstance(problem, Problem):
+            raise ValueError(
+                f"{self.name}.{where}: returned {type(problem).__name__}, not a Problem"
+            )
+        for key in ("prompt_id", "prompt", "answer"):
+            if not isinstance(getattr(problem, key), str):
+                raise ValueError(f"{self.name}.{where}: {key} is not a string")
+        try:
+            json.dumps(problem.metadata)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self.name}.{where}: metadata is not JSON ({e})") from None
+        return problem
 
 
 class NamedReward:

@@ -92,6 +92,7 @@ class Trajectory:
     created_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     # the other numbers a reward function returned besides the reward, e.g. {"format": 1.0}
     reward_extras: dict[str, float] = field(default_factory=dict)
+    problem_metadata: str = "{}"  # the task's metadata of the problem, JSON, e.g. '{"level": 2}'
 
 
 def trajectory_schema(spec: RoutingSpec) -> pa.Schema:
@@ -101,6 +102,7 @@ def trajectory_schema(spec: RoutingSpec) -> pa.Schema:
             pa.field("sample_id", pa.string(), nullable=False),
             pa.field("group_id", pa.string(), nullable=False),
             pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("problem_metadata", pa.string(), nullable=False),
             pa.field("actor_id", pa.string(), nullable=False),
             pa.field("engine", pa.string(), nullable=False),
             pa.field("policy_version", pa.int64(), nullable=False),
@@ -125,6 +127,7 @@ _SCALARS = (
     "sample_id",
     "group_id",
     "prompt_id",
+    "problem_metadata",
     "actor_id",
     "engine",
     "policy_version",

@@ -35,6 +35,10 @@ def test_arrow_round_trip_keeps_every_field():
     check_group(make_group("h", 0, routing=False), SPEC, G)  # engines without traces
 
 
+def _retyped(schema: pa.Schema, name: str, type_: pa.DataType) -> pa.Schema:
+    return schema.set(schema.get_field_index(name), pa.field(name, type_, False))
+
+
 def _with_column(batch: pa.RecordBatch, name: str, values) -> pa.RecordBatch:
     i = batch.schema.get_field_index(name)
     array = pa.array(values, batch.schema.field(name).type)
@@ -48,7 +52,7 @@ def _with_column(batch: pa.RecordBatch, name: str, values) -> pa.RecordBatch:
     [
         (lambda b: b.slice(0, G - 1), "group_size"),
         (lambda b: b.drop_columns(["reward"]), "schema"),
-        (lambda b: b.cast(b.schema.set(12, pa.field("reward", pa.float64(), False))), "schema"),
+        (lambda b: b.cast(_retyped(b.schema, "reward", pa.float64())), "schema"),
         (lambda b: _with_column(b, "behavior_logprobs", [[-0.1]] * G), "lengths"),
         (lambda b: _with_column(b, "group_id", ["g", "g", "g", "other"]), "ids"),
         (lambda b: _with_column(b, "sample_id", ["s"] * G), "ids"),
