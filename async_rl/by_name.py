@@ -21,12 +21,6 @@ from pathlib import Path
 _IMPORTING = threading.Lock()
 
 
-def is_name(value: str) -> bool:
-    """Whether `value` has the form of a name (`target:attribute`), not a built-in keyword."""
-    target, sep, attribute = value.rpartition(":")
-    return bool(sep and target and attribute)
-
-
 def normalize_name(name: str, base: Path | None = None) -> str:
     """`name` with a file path made absolute (against `base`, default the working directory),
     so that every process of a run finds the same file; other names unchanged."""
@@ -36,13 +30,14 @@ def normalize_name(name: str, base: Path | None = None) -> str:
     return f"{((base or Path.cwd()) / target).resolve()}:{attribute}"
 
 
-def resolve(name: str):
-    """The attribute `name` names; `ValueError` saying what is wrong."""
+def resolve(name: str, what: str = "name", builtins: tuple[str, ...] = (), kind: str = ""):
+    """What `name` names (`what`: "function", "Class" in messages); `ValueError` saying what
+    is wrong, and which built-in `kind`s (`builtins`) the setting also takes."""
     target, sep, attribute = name.rpartition(":")
     if not sep or not target or not attribute.isidentifier():
+        also = f"a built-in {kind} ({', '.join(builtins)}) nor " if builtins else ""
         raise ValueError(
-            f"{name!r} is not 'package.module:{attribute or 'name'}' or "
-            f"'path/to/file.py:{attribute or 'name'}'"
+            f"{name!r} is neither {also}'package.module:{what}' or 'path/to/file.py:{what}'"
         )
     with _IMPORTING:
         module = _import(target)

@@ -705,11 +705,7 @@ def _validate_task_type(t: TaskConfig) -> None:
         if t.options:
             raise ConfigError("task.options", f"is for a task class by name, not {t.type!r}")
         return
-    t.type = normalize_name(t.type)
-    try:
-        load_task_class(t.type)
-    except ValueError as e:
-        raise ConfigError("task.type", str(e)) from None
+    _check_named(t, "type", load_task_class)
 
 
 def _validate_reward(t: TaskConfig) -> None:
@@ -725,11 +721,17 @@ def _validate_reward(t: TaskConfig) -> None:
                 f"a function: task.reward = 'async_rl.rewards:{t.reward}'",
             )
         return
-    t.reward = normalize_name(t.reward)
+    _check_named(t, "reward", load_reward)
+
+
+def _check_named(t: TaskConfig, key: str, load) -> None:
+    """`task.<key>` names the user's code: its file path made absolute, so that every process
+    of the run reads the same file, and `load` checks what it names, now."""
+    setattr(t, key, normalize_name(getattr(t, key)))
     try:
-        load_reward(t.reward)
+        load(getattr(t, key))
     except ValueError as e:
-        raise ConfigError("task.reward", str(e)) from None
+        raise ConfigError(f"task.{key}", str(e)) from None
 
 
 def _validate_actor(cfg: Config) -> None:

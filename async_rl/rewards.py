@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from async_rl.by_name import is_name, resolve
+from async_rl.by_name import resolve
 
 BUILTIN = ("exact_match", "math_verify")
 SINGLE = ("prompt", "completion", "answer", "metadata")
@@ -74,12 +74,7 @@ class GroupScores:
 def load_reward(name: str) -> UserReward:
     """The user's reward function `name` ("pkg.module:function" or "path/file.py:function"),
     checked; `ValueError` saying what is wrong."""
-    if not is_name(name):
-        raise ValueError(
-            f"{name!r} is neither a built-in reward ({', '.join(BUILTIN)}) nor "
-            "'package.module:function' or 'path/to/file.py:function'"
-        )
-    fn = resolve(name)
+    fn = resolve(name, "function", BUILTIN, "reward")
     if not callable(fn):
         raise ValueError(f"{name}: {type(fn).__name__} is not callable")
     batched, params = _signature(name, fn)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from async_rl.by_name import is_name, resolve
+from async_rl.by_name import resolve
 from async_rl.rewards import BUILTIN as REWARDS
 from async_rl.rewards import math_verify_reward, require_math_verify, score_named
 
@@ -496,12 +496,7 @@ REQUIRED = ("train_problem", "heldout")  # what a task class must have; the rest
 def load_task_class(name: str):
     """The user's task class `name` ("pkg.module:Class" or "path/file.py:Class"), checked:
     its methods, and a constructor that takes `seed`; `ValueError` saying what is wrong."""
-    if not is_name(name):
-        raise ValueError(
-            f"{name!r} is neither a built-in task ({', '.join(TASK_KINDS)}) nor "
-            "'package.module:Class' or 'path/to/file.py:Class'"
-        )
-    cls = resolve(name)
+    cls = resolve(name, "Class", TASK_KINDS, "task")
     if not callable(cls):
         raise ValueError(f"{name}: {type(cls).__name__} cannot be constructed")
     missing = [m for m in REQUIRED if not callable(getattr(cls, m, None))]

@@ -304,11 +304,9 @@ def layers_30b(device: str) -> str:
 # ---------------------------------------------------------------------- a run
 def end_to_end(device: str) -> str:
     """A short cold start on the CPU, then 3 RL versions on `device` in this process."""
-    import threading
-
     from async_rl.tasks import task_from_config
     from learner.sft import run_sft
-    from tests.helpers import pipeline_config, services_in_threads, stored_groups
+    from tests.helpers import pipeline_config, stored_groups, train_in_threads
 
     tmp = Path(tempfile.mkdtemp(prefix="gpu-smoke-run-"))
     cold = pipeline_config(tmp, "sft", "logging.wandb_mode=disabled")
@@ -322,13 +320,7 @@ def end_to_end(device: str) -> str:
         "buffer.max_staleness=1", "algo.routing_replay=r3",
         *(["model.dtype=bfloat16"] if device == "cuda" else []),
     )  # fmt: skip
-    with services_in_threads(cfg, start) as (learner, actor):
-        thread = threading.Thread(target=actor.run, daemon=True)
-        thread.start()
-        rows: list[dict] = []
-        learner.run(rows.append)
-        actor.stop()
-        thread.join(60)
+    rows, _, actor = train_in_threads(cfg, start)
     groups = stored_groups(cfg.run_dir)
     spanning = sum(len(set(v)) > 1 for b in groups for v in b.column("token_versions").to_pylist())
     completions = sum(b.num_rows for b in groups)

@@ -22,6 +22,7 @@ import zmq
 
 from async_rl.buffer_service import BufferService
 from async_rl.config import ModelConfig, load_config
+from tests import helpers
 from tests.helpers import BufferClient, pipeline_config, run_config, services_in_threads
 
 # modules whose tests take seconds each: `pytest -m fast`
@@ -86,23 +87,9 @@ def run_services():
 
 
 @pytest.fixture
-def train_in_threads(run_services):
-    """`rows, learner, actor = train_in_threads(cfg, start, actor_start=None)`: the run's
-    services in threads until the learner reaches `run.num_steps`; its metric rows, and the
-    (closed) services."""
-
-    def train(cfg, start, actor_start=None):
-        with run_services(cfg, start, actor_start) as (learner, actor):
-            thread = threading.Thread(target=actor.run, daemon=True)
-            thread.start()
-            rows = []
-            learner.run(rows.append)
-            actor.stop()
-            thread.join(60)
-        assert learner.version == cfg.run.num_steps
-        return rows, learner, actor
-
-    return train
+def train_in_threads():
+    """`rows, learner, actor = train_in_threads(cfg, start)` (`helpers.train_in_threads`)."""
+    return helpers.train_in_threads
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@
   `random_batch()`, a learner's packed global batch;
 - run configurations: `run_config()` (a buffer service's), `pipeline_config()` (a small run of
   threads in one process), `train_overrides()` (a real `async-rl train`);
-  `services_in_threads()`, a run's buffer service, learner and actor in this process;
+  `services_in_threads()`, a run's buffer service, learner and actor in this process, and
+  `train_in_threads()` running them to the run's end;
 - processes: `launch()` starts `async-rl <command>` in its own session with output to a log,
   `stop()` ends it (SIGINT, then SIGKILL of its process group) so that nothing it started
   outlives a test; `spawn()` and `end()` do the same for a service run on its own
@@ -169,6 +170,21 @@ def services_in_threads(cfg: Config, start: Path, actor_start: Path | None = Non
         learner.close()
         buffer.stop()
         buffer_thread.join(30)
+
+
+def train_in_threads(cfg: Config, start: Path, actor_start: Path | None = None):
+    """`rows, learner, actor = train_in_threads(cfg, start)`: the run's services in threads of
+    this process until the learner reaches `run.num_steps`; its metric rows, and the (closed)
+    learner and actor."""
+    with services_in_threads(cfg, start, actor_start) as (learner, actor):
+        thread = threading.Thread(target=actor.run, daemon=True)
+        thread.start()
+        rows: list[dict] = []
+        learner.run(rows.append)
+        actor.stop()
+        thread.join(60)
+    assert learner.version == cfg.run.num_steps
+    return rows, learner, actor
 
 
 # ---------------------------------------------------------------------- configurations

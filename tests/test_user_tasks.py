@@ -4,13 +4,12 @@ buffer's rows and in the reward's hands, and a run that trains on one."""
 
 import json
 import textwrap
-import threading
 
 import pytest
 
 from async_rl.config import ConfigError, load_config
 from async_rl.tasks import Problem, UserTask, task_from_config
-from tests.helpers import pipeline_config, services_in_threads, stored_groups
+from tests.helpers import pipeline_config, stored_groups, train_in_threads
 
 # What a user writes: prompts in the tiny model's arithmetic vocabulary (doubling numbers),
 # with metadata the reward reads.
@@ -128,13 +127,7 @@ def test_a_run_trains_on_a_task_class_and_a_reward_by_name(tmp_path, tasks_file)
     )
     quiet = lambda *_: None  # noqa: E731
     start = run_sft(cfg, Tokenizer.arithmetic(), task_from_config(cfg), tmp_path / "sft", log=quiet)
-    with services_in_threads(cfg, start) as (learner, actor):
-        thread = threading.Thread(target=actor.run, daemon=True)
-        thread.start()
-        rows = []
-        learner.run(rows.append)
-        actor.stop()
-        thread.join(60)
+    rows, _, actor = train_in_threads(cfg, start)
     assert [r["version"] for r in rows] == [1, 2, 3]
     stored = [row for g in stored_groups(cfg.run_dir) for row in g.to_pylist()]
     assert stored and all(row["prompt_id"].startswith("double-train-") for row in stored)
