@@ -312,7 +312,7 @@ class EmbeddedEngine:
             row.tokens.append(token)
             row.logprobs.append(logprob)
             row.versions.append(self.version)
-            if token in eos:
+            if token in eos or token in row.request.params.stop_ids:
                 row.finish_reason = "stop"
             elif len(row.tokens) >= row.limit:
                 row.finish_reason = "length"

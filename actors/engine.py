@@ -32,6 +32,7 @@ checkpoint's tensors by Hugging Face name (`async_rl.weights.WeightsSource`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,6 +53,9 @@ class SamplingParams:
     top_p: float  # nucleus mass in (0, 1]; 1 = the full distribution
     max_new_tokens: int  # longest completion, eos included
     seed: int | None  # same seed, prompts and weights -> same samples; None = fresh randomness
+    # ids that end a completion (kept as its last token) besides the checkpoint's own eos ids
+    # (config.json and generation_config.json); the run's are `Tokenizer.stop_ids`
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,17 +174,18 @@ def run_to_completion(engine: Engine, requests: list[GroupRequest]) -> list[list
     return [done[r.request_id] for r in requests]
 
 
-def engine_generate(engine: Engine, max_new_tokens: int, seed: int):
+def engine_generate(engine: Engine, max_new_tokens: int, seed: int, stop_ids: tuple[int, ...] = ()):
     """`generate(prompts, temperature, repeats)` completions through `engine` (held-out
     evaluation, `learner.evaluate`): call c samples from the seeds `seed + 1_000_003 c + ...`."""
     calls = iter(range(1 << 62))
 
     def generate(prompts: list[list[int]], temperature: float, repeats: int):
-        params = SamplingParams(temperature, 1.0, max_new_tokens, seed + 1_000_003 * next(calls))
+        call_seed = seed + 1_000_003 * next(calls)
+        params = SamplingParams(temperature, 1.0, max_new_tokens, call_seed, tuple(stop_ids))
         return [[g.tokens for g in group] for group in engine.generate(prompts, params, repeats)]
 
     return generate
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
-    return SamplingParams(params.temperature, params.top_p, params.max_new_tokens, seed)
+    return dataclasses.replace(params, seed=seed)

@@ -58,7 +58,7 @@ from async_rl.rewards import GroupScores
 from async_rl.runtime import configure_torch
 from async_rl.security import curve_for
 from async_rl.tasks import Problem, Task, task_from_config
-from async_rl.tokenizer import Tokenizer, load_tokenizer
+from async_rl.tokenizer import Tokenizer, tokenizer_from_config
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch
 from async_rl.weights import WeightSubscriber, weight_store
 
@@ -87,7 +87,7 @@ class Actor:
         self.spec = RoutingSpec.of(cfg.model)
         self.task: Task = task_from_config(cfg)
         self.scorer = scorer_for(cfg, self.task)
-        self.tokenizer: Tokenizer = load_tokenizer(cfg.model.tokenizer)
+        self.tokenizer: Tokenizer = tokenizer_from_config(cfg)
         self.prompts_per_step = prompts_per_step or cfg.algo.prompts_per_minibatch
         self.ctx = ctx or zmq.Context.instance()
         self.stopping = threading.Event()
@@ -215,6 +215,7 @@ class Actor:
             top_p=act.top_p,
             max_new_tokens=act.max_new_tokens,
             seed=group_seed(self.cfg.run.seed, index, version),
+            stop_ids=self.tokenizer.stop_ids,
         )
         problem = self.task.train_problem(index)
         prompt = self.tokenizer.encode_prompt(problem.prompt)

@@ -222,6 +222,8 @@ class VLLMEngine:
             top_p=params.top_p,
             max_tokens=params.max_new_tokens,
             seed=params.seed,
+            # besides the checkpoint's eos and its generation_config.json eos_token_id list
+            stop_token_ids=list(params.stop_ids),
             logprobs=0,  # the sampled token's log-prob only
             detokenize=False,
             skip_special_tokens=False,

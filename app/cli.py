@@ -147,10 +147,10 @@ def _setup(cfg: Config):
     """Threads, tokenizer and task of a run (imports torch)."""
     from async_rl.runtime import configure_torch
     from async_rl.tasks import task_from_config
-    from async_rl.tokenizer import load_tokenizer
+    from async_rl.tokenizer import tokenizer_from_config
 
     configure_torch(cfg.run.num_threads)
-    return load_tokenizer(cfg.model.tokenizer), task_from_config(cfg)
+    return tokenizer_from_config(cfg), task_from_config(cfg)
 
 
 def _print_eval(label: str, result) -> None:

@@ -21,7 +21,7 @@ from actors.embedded import EmbeddedEngine
 from actors.engine import engine_generate
 from async_rl.config import Config
 from async_rl.tasks import task_from_config
-from async_rl.tokenizer import load_tokenizer
+from async_rl.tokenizer import tokenizer_from_config
 from learner.evaluate import EvalResult, evaluate
 
 
@@ -36,7 +36,7 @@ class EngineEvaluator:
             device=cfg.actor.device,
             max_running_rows=cfg.actor.max_running_rows,
         )
-        self.tokenizer = load_tokenizer(str(checkpoint))
+        self.tokenizer = tokenizer_from_config(cfg, checkpoint)
         self.task = task_from_config(cfg)
 
     def __call__(self, weights: dict[str, torch.Tensor] | None = None) -> EvalResult:
@@ -44,7 +44,9 @@ class EngineEvaluator:
         if weights is not None:
             self.engine.load_weights(weights, self.engine.version)
         cfg = self.cfg
-        generate = engine_generate(self.engine, cfg.actor.max_new_tokens, cfg.run.seed)
+        generate = engine_generate(
+            self.engine, cfg.actor.max_new_tokens, cfg.run.seed, self.tokenizer.stop_ids
+        )
         return evaluate(
             generate,
             self.tokenizer,

@@ -168,6 +168,14 @@ class TaskConfig:
         "timeout); a process pool needs a reward by name.",
         choices=("thread", "process"),
     )
+    chat_template: bool = _f(
+        False,
+        "Render each prompt through the tokenizer's chat template as a user message with the "
+        "generation prompt (transformers' apply_chat_template); otherwise bos + the prompt text.",
+    )
+    system_prompt: str = _f(
+        "", "A system message before each prompt (needs chat_template = true); empty: none."
+    )
     ops: list[str] = _f(
         ["+", "*"], "Arithmetic operators to draw from (`+`, `-`, `*`).", choices=("+", "-", "*")
     )
@@ -197,6 +205,11 @@ class ActorConfig:
     temperature: float = _f(1.0, "Sampling temperature.", gt=0)
     top_p: float = _f(1.0, "Nucleus sampling mass.", gt=0, le=1)
     max_new_tokens: int = _f(8, "Longest completion, in tokens.", ge=1)
+    stop_tokens: list[str] = _f(
+        [],
+        "Tokens that end a completion besides the tokenizer's eos and its "
+        'generation_config.json eos_token_id list, e.g. ["<|endoftext|>"].',
+    )
     batching: str = _f(
         "static",
         "`static`: an actor leases a step's prompts and generates them together (a batch waits "
@@ -692,6 +705,12 @@ def _validate_model_and_task(cfg: Config) -> None:
         raise ConfigError("task.path", "is required when task.type = 'file'")
     _validate_task_type(t)
     _validate_reward(t)
+    if t.system_prompt and not t.chat_template:
+        raise ConfigError("task.system_prompt", "needs task.chat_template = true")
+    if t.chat_template and m.tokenizer == "arithmetic":
+        raise ConfigError(
+            "task.chat_template", "the arithmetic tokenizer has none: set model.tokenizer to a dir"
+        )
     if not t.ops:
         raise ConfigError("task.ops", "needs at least one operator")
     if t.worked and "-" in t.ops:

@@ -82,7 +82,7 @@ def model_generate(
             logits,
             [p for p in prompts for _ in range(repeats)],
             max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_id,
+            stop_ids=tokenizer.stop_ids,
             pad_id=tokenizer.pad_id,
             temperature=temperature,
             generator=generator,
@@ -128,7 +128,7 @@ def sample(
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    stop_ids: tuple[int, ...],
     pad_id: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
@@ -163,8 +163,8 @@ def sample(
             logprobs[i].append(float(next_logp[i]))
         tokens[rows[~done], lengths[~done]] = next_ids[~done]
         lengths = lengths + (~done).long()
-        done |= next_ids == eos_id
+        done |= torch.isin(next_ids, torch.tensor(stop_ids))
         if done.all():
             break
-    finish = ["stop" if c and c[-1] == eos_id else "length" for c in completions]
+    finish = ["stop" if c and c[-1] in stop_ids else "length" for c in completions]
     return Samples(completions, logprobs, finish)

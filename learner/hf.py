@@ -70,11 +70,7 @@ def export_hf(
         save_file(hf_state, tmp / WEIGHTS, metadata={"format": "pt"})
         config = hf_config(cfg, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        gen = {
-            "bos_token_id": tokenizer.bos_id,
-            "eos_token_id": tokenizer.eos_id,
-            "pad_token_id": tokenizer.pad_id,
-        }
+        gen = tokenizer.generation_config()  # every stop id: transformers stops where we do
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         tokenizer.save(tmp)
         for f in tmp.iterdir():

@@ -48,7 +48,7 @@ from async_rl.paths import RunPaths
 from async_rl.runtime import configure_torch
 from async_rl.security import curve_for
 from async_rl.tasks import task_from_config
-from async_rl.tokenizer import load_tokenizer
+from async_rl.tokenizer import tokenizer_from_config
 from learner.background import Background
 from learner.checkpoint import Snapshot, latest_checkpoint, load_checkpoint, new_token
 from learner.evaluate import EvalResult, evaluate_run
@@ -104,7 +104,7 @@ class Learner:
         self.model, _ = import_hf(start, cfg.model, device=self.device, dtype=master)
         apply_activation_checkpointing(self.model, cfg.learner.activation_checkpointing)
         apply_fsdp(self.model, self.dp, cfg.learner.expert_parallel, compute)
-        self.tokenizer = load_tokenizer(str(start))
+        self.tokenizer = tokenizer_from_config(cfg, start)
         self.task = task_from_config(cfg)
         if evaluator is None and self.dp.enabled and self.dp.is_main and cfg.run.eval_every:
             raise ValueError("several learner ranks evaluate through an engine (an evaluator)")

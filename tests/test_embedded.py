@@ -203,6 +203,30 @@ def test_trace_shape_dtype_and_finish_reasons(ckpts, tmp_path):
     assert len(engine.generate(prompts[1:], greedy, 1)[0][0].tokens) <= 2
 
 
+def _cut(tokens: list[int], stops: set[int]) -> list[int]:
+    end = next(i for i, t in enumerate(tokens) if t in stops)
+    return tokens[: end + 1]
+
+
+def test_generation_config_eos_list_and_request_stop_ids_end_a_row(ckpts, tmp_path):
+    """Qwen's way: `generation_config.json` lists several eos ids; a request adds its own."""
+    path = ckpts[0][1]
+    greedy = SamplingParams(temperature=0, top_p=1.0, max_new_tokens=6, seed=None)
+    first = EmbeddedEngine(path, quantization="fp32").generate(PROMPTS[:1], greedy, 1)[0][0]
+    listed = tmp_path / "listed"
+    shutil.copytree(path, listed)
+    (listed / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [1, first.tokens[3]]})
+    )
+    engine = EmbeddedEngine(listed, quantization="fp32")
+    (gen,) = engine.generate(PROMPTS[:1], greedy, 1)[0]
+    assert gen.finish_reason == "stop" and gen.tokens == _cut(first.tokens, {first.tokens[3]})
+    stopping = SamplingParams(0, 1.0, 6, None, stop_ids=(first.tokens[1],))
+    (gen,) = engine.generate(PROMPTS[:1], stopping, 1)[0]
+    both = {first.tokens[1], first.tokens[3]}
+    assert gen.finish_reason == "stop" and gen.tokens == _cut(first.tokens, both)
+
+
 def test_routing_trace_is_uint16_above_256_experts(tmp_path):
     cfg = ModelConfig(num_layers=1, num_experts=300, top_k=3, dim=16, moe_hidden_dim=8)
     path = export_hf(build_model(cfg, seed=0), cfg, Tokenizer.arithmetic(), tmp_path / "wide")

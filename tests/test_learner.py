@@ -43,7 +43,7 @@ def rollouts(actor_model, num_groups=4, seed=0, noise=0.0):
     for g in range(num_groups):
         problem = task.train_problem(g)
         prompt = tok.encode_prompt(problem.prompt)
-        out = sample(model, [prompt] * G, max_new_tokens=4, eos_id=1, pad_id=0, generator=gen)
+        out = sample(model, [prompt] * G, max_new_tokens=4, stop_ids=(1,), pad_id=0, generator=gen)
         rows = []
         for i, (c, lp, fr) in enumerate(
             zip(out.completions, out.logprobs, out.finish_reasons, strict=True)

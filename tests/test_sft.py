@@ -30,13 +30,20 @@ def test_sampler_follows_a_scripted_model_and_reports_logprobs():
         return out
 
     out = sample(
-        logits_fn, [[2, 3, 4], [2, 3, 4]], max_new_tokens=6, eos_id=eos, pad_id=pad, temperature=0
+        logits_fn,
+        [[2, 3, 4], [2, 3, 4]],
+        max_new_tokens=6,
+        stop_ids=(eos,),
+        pad_id=pad,
+        temperature=0,
     )
     assert out.completions == [[5, 6, eos], [5, 6, eos]]
     assert out.finish_reasons == ["stop", "stop"]
     expected = torch.log_softmax(torch.tensor([4.0] + [0.0] * (vocab - 1)), 0)[0].item()
     assert all(abs(lp - expected) < 1e-6 for lp in out.logprobs[0])
-    short = sample(logits_fn, [[2, 3, 4]], max_new_tokens=2, eos_id=eos, pad_id=pad, temperature=0)
+    short = sample(
+        logits_fn, [[2, 3, 4]], max_new_tokens=2, stop_ids=(eos,), pad_id=pad, temperature=0
+    )
     assert short.completions == [[5, 6]] and short.finish_reasons == ["length"]
 
 
@@ -44,9 +51,9 @@ def test_batched_sampling_equals_one_prompt_at_a_time():
     """Right padding: a row's completion does not depend on the other rows' lengths."""
     model = build_model(ModelConfig(), seed=3).eval()
     prompts = [[2, 5, 6], [2, 7, 8, 9, 10, 11], [2, 12]]
-    batched = sample(model, prompts, max_new_tokens=5, eos_id=1, pad_id=0, temperature=0)
+    batched = sample(model, prompts, max_new_tokens=5, stop_ids=(1,), pad_id=0, temperature=0)
     for i, prompt in enumerate(prompts):
-        alone = sample(model, [prompt], max_new_tokens=5, eos_id=1, pad_id=0, temperature=0)
+        alone = sample(model, [prompt], max_new_tokens=5, stop_ids=(1,), pad_id=0, temperature=0)
         assert alone.completions[0] == batched.completions[i]
         assert torch.allclose(
             torch.tensor(alone.logprobs[0]), torch.tensor(batched.logprobs[i]), atol=1e-5

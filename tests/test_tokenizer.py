@@ -1,6 +1,7 @@
 """The arithmetic tokenizer: fixed ids, lossless round trips, and Hugging Face compatibility."""
 
 import json
+import shutil
 
 import pytest
 
@@ -11,6 +12,7 @@ from async_rl.tokenizer import (
     load_tokenizer,
     save_arithmetic_tokenizer,
 )
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +115,82 @@ def test_from_dir_bad_config(tok, tmp_path):
     config.write_text(json.dumps({"eos_token": "<end>"}))
     with pytest.raises(ValueError, match="'<end>' is not in the vocabulary"):
         Tokenizer.from_dir(tmp_path)
+
+
+# ------------------------------------------------------------------ a Qwen-style BPE tokenizer
+EXAMPLE = ROOT / "examples" / "word_problems"
+QWEN_DIR = EXAMPLE / "tokenizer"  # byte-level BPE trained here (examples/word_problems/build.py)
+
+
+def _example_build():
+    from async_rl.by_name import resolve
+
+    return resolve(f"{EXAMPLE / 'build.py'}:main")
+
+
+def test_the_example_files_are_what_its_build_script_makes(tmp_path):
+    _example_build()(tmp_path)
+    for name in ("problems.jsonl", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (EXAMPLE / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("system", ["", "Answer with a boxed fraction."])
+def test_chat_prompts_are_transformers_apply_chat_template(system):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(QWEN_DIR)
+    ours = load_tokenizer(QWEN_DIR).for_run(chat_template=True, system_prompt=system)
+    for text in ("A jug holds 8 cups. Ann drinks 3 cups. What fraction is left?", "½ of 7?  "):
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": text})
+        want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        assert ours.encode_prompt(text) == want["input_ids"]
+        assert ours.render_prompt(text).endswith(f"{text}<|im_end|>\n<|im_start|>assistant\n")
+    assert ours.bos_id is None and ours.encode_prompt("x")[0] == ours._tok.token_to_id(
+        "<|im_start|>"
+    )
+    plain = load_tokenizer(QWEN_DIR)  # no chat template asked for: the text alone, no bos
+    assert plain.encode_prompt("3 apples") == plain.encode("3 apples")
+
+
+def test_stop_ids_are_eos_then_generation_config_then_stop_tokens():
+    tok = load_tokenizer(QWEN_DIR)
+    im_end, text_end, im_start = (tok._tok.token_to_id(t) for t in QWEN_STOPS)
+    assert tok.eos_id == im_end and tok.pad_id == text_end
+    assert tok.stop_ids == (im_end, text_end)  # generation_config.json: Qwen's two
+    run = tok.for_run(stop_tokens=["<|im_start|>"])
+    assert run.stop_ids == (im_end, text_end, im_start) and tok.stop_ids == (im_end, text_end)
+    ids = tok.encode("12 apples")
+    assert run.decode_completion([*ids, text_end, *ids]) == "12 apples"
+    assert run.decode_completion([*ids, im_start]) == "12 apples"
+    assert run.generation_config()["eos_token_id"] == [im_end, text_end, im_start]
+    with pytest.raises(ValueError, match="actor.stop_tokens: '<nope>' is not a token"):
+        tok.for_run(stop_tokens=["<nope>"])
+    with pytest.raises(ValueError, match="task.chat_template: the tokenizer arithmetic has no"):
+        Tokenizer.arithmetic().for_run(chat_template=True)
+
+
+QWEN_STOPS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
+
+
+def test_a_chat_template_file_is_read_and_saved_where_every_reader_finds_it(tmp_path):
+    shutil.copytree(QWEN_DIR, tmp_path / "t")
+    config = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template")
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "t" / "chat_template.jinja").write_text(template)  # transformers 5's file
+    tok = load_tokenizer(tmp_path / "t")
+    assert tok.chat_template == template
+    tok.save(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert saved["chat_template"] == template
+
+
+def test_the_run_tokenizer_checks_the_model_vocabulary(tmp_path):
+    from async_rl.config import load_config
+    from async_rl.tokenizer import tokenizer_from_config
+
+    cfg = load_config(None, [f"model.tokenizer={QWEN_DIR}", "task.chat_template=true"])
+    with pytest.raises(ValueError, match="model.vocab_size: 32 is below the tokenizer's 434"):
+        tokenizer_from_config(cfg)
+    cfg = load_config(None, [f"model.tokenizer={QWEN_DIR}", "model.vocab_size=448"])
+    assert tokenizer_from_config(cfg).encode_prompt("7") == load_tokenizer(QWEN_DIR).encode("7")

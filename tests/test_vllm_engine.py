@@ -7,6 +7,8 @@ One engine per precision (vLLM takes ~10 s to start); the reload test puts the f
 back when it is done, so test order does not matter.
 """
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -362,3 +364,40 @@ def test_an_actor_on_the_ray_weight_store_serves_vllm(tmp_path, checkpoints, tra
     assert [r["version"] for r in rows] == [1, 2]
     assert actor.stats.weight_swaps >= 1 and actor.engine.version >= 1
     assert rows[0]["learner/train_infer_kl_k3"] < 1e-4  # vLLM fp32 samples what the learner has
+
+
+def test_a_qwen_style_bpe_checkpoint_generates_and_stops_as_in_the_embedded_engine(tmp_path):
+    """A byte-level BPE tokenizer with Qwen's special tokens and chat template (the worked
+    example's): prompts rendered by our tokenizer, Qwen's two stops in generation_config.json
+    plus one of the run's (`actor.stop_tokens`); vLLM gives the embedded engine's ids."""
+    from actors.embedded import EmbeddedEngine
+    from tests.helpers import ROOT
+
+    qwen = Tokenizer.from_dir(ROOT / "examples" / "word_problems" / "tokenizer")
+    cfg = ModelConfig(vocab_size=448, max_seq_len=64)
+    model = build_model(cfg, seed=5).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # decisive, as trained models are: no near-ties
+    prompts = [
+        qwen.for_run(chat_template=True).encode_prompt(text)
+        for text in ("A pizza has 8 equal slices. Ann eats 3.", "How many apples now?", "½")
+    ]
+    path = export_hf(model, cfg, qwen, tmp_path / "q")
+    greedy = SamplingParams(0.0, 1.0, 12, None)
+    free = [g.tokens for (g,) in EmbeddedEngine(path, "fp32").generate(prompts, greedy, 1)]
+    listed, extra = free[0][4], free[1][3]  # tokens these rows reach: made stops
+    run = qwen.for_run(chat_template=True, stop_tokens=[qwen._tok.id_to_token(extra)])
+    (path / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [*qwen.stop_ids, listed]})
+    )
+    params = SamplingParams(0.0, 1.0, 12, None, stop_ids=run.stop_ids)
+    ours = EmbeddedEngine(path, "fp32").generate(prompts, params, 1)
+    vllm = VLLMEngine(path, "fp32", "cpu", seed=0, kv_cache_gib=0.25)
+    try:
+        theirs = vllm.generate(prompts, params, 1)
+    finally:
+        vllm.close()
+    for (a,), (b,) in zip(ours, theirs, strict=True):
+        assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
+    assert ours[0][0].tokens[-1] in (listed, extra) and ours[0][0].finish_reason == "stop"
+    assert ours[1][0].tokens[-1] in (listed, extra) and ours[1][0].finish_reason == "stop"
