@@ -22,7 +22,7 @@ import torch
 from actors.embedded import EmbeddedEngine
 from actors.engine import SamplingParams
 from actors.vllm_engine import VLLMEngine
-from async_rl.tasks import ArithmeticTask
+from async_rl.tasks.arithmetic import ArithmeticTask
 from async_rl.tokenizer import Tokenizer
 from learner.hf import import_hf
 

@@ -136,7 +136,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from actors.embedded import EmbeddedEngine
-    from async_rl.tasks import ArithmeticTask
+    from async_rl.tasks.arithmetic import ArithmeticTask
     from async_rl.tokenizer import Tokenizer
     from learner.hf import import_hf
     from learner.routing import RoutingHooks

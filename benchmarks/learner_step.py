@@ -72,7 +72,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from actors.embedded import EmbeddedEngine  # noqa: E402
 from actors.engine import SamplingParams  # noqa: E402
 from async_rl.config import Config, ModelConfig, load_config  # noqa: E402
-from async_rl.tasks import ArithmeticTask  # noqa: E402
+from async_rl.tasks.arithmetic import ArithmeticTask  # noqa: E402
 from async_rl.tokenizer import Tokenizer  # noqa: E402
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch  # noqa: E402
 from async_rl.weights import FsWeightStore, WeightAnnouncer  # noqa: E402

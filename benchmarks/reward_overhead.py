@@ -77,7 +77,7 @@ def main() -> None:
     from actors.embedded import EmbeddedEngine
     from async_rl.config import ModelConfig
     from async_rl.rewards import math_verify
-    from async_rl.tasks import ArithmeticTask
+    from async_rl.tasks.arithmetic import ArithmeticTask
     from async_rl.tokenizer import Tokenizer
     from learner.hf import export_hf
     from learner.model import build_model

@@ -70,7 +70,7 @@ def record_batch() -> None:
     from actors.embedded import EmbeddedEngine
     from actors.engine import SamplingParams
     from async_rl.config import ModelConfig
-    from async_rl.tasks import ArithmeticTask
+    from async_rl.tasks.arithmetic import ArithmeticTask
     from async_rl.tokenizer import Tokenizer
     from async_rl.types import RoutingSpec, Trajectory, group_to_batch
     from learner.hf import export_hf

@@ -4,6 +4,8 @@
   inside a function;
 - `actors/` and `learner/` do not import each other, nor the entry points of `app/`;
 - nothing imports `app/` (the entry points sit on top of everything);
+- the built-in tasks (`async_rl/tasks/arithmetic.py`, `files.py`) sit on the task interface
+  (`async_rl/tasks/__init__.py`) and nothing imports them: runs build them by name;
 - no two modules import each other, directly or around a circle;
 - no function is longer than 60 lines, no class longer than 250.
 """
@@ -132,3 +134,20 @@ def test_the_cycle_check_finds_a_circle_through_a_function_import(tmp_path):
     (tmp_path / "c.py").write_text("import a\nimport d\n")
     (tmp_path / "d.py").write_text("")
     assert import_cycles(sorted(tmp_path.glob("*.py")), tmp_path) == [["a", "b", "c"]]
+
+
+def test_the_built_in_tasks_sit_on_the_task_interface_and_are_reached_by_name_only():
+    """`async_rl/tasks/__init__.py` is the task interface; the built-in tasks are modules on it
+    that import only the interface and the rewards of the core, and that nothing in the
+    packages imports: a run builds them by name (`task.type`), as it builds a user's."""
+    builtins = ("async_rl.tasks.arithmetic", "async_rl.tasks.files")
+    everything = [p for package in PACKAGES for p in sources(package)]
+    task_modules = [p for p in everything if module_name(p) in builtins]
+    assert len(task_modules) == len(builtins)
+    others = [p for p in everything if module_name(p) not in builtins]
+    assert _offenders(others, builtins) == []
+    ours = ("async_rl", "actors", "learner", "app")
+    for path in task_modules:
+        used = {n for n in imported(path) if n.split(".")[0] in ours}
+        allowed = {n for n in used if n.startswith(("async_rl.tasks", "async_rl.rewards"))}
+        assert used == allowed, f"{path.name} imports {sorted(used - allowed)}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from async_rl.config import ModelConfig
-from async_rl.tasks import ArithmeticTask
+from async_rl.tasks.arithmetic import ArithmeticTask
 from async_rl.tokenizer import Tokenizer
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch
 from learner.batch import pack

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from async_rl.config import ModelConfig
-from async_rl.tasks import ArithmeticTask
+from async_rl.tasks.arithmetic import ArithmeticTask
 from async_rl.tokenizer import Tokenizer
 from learner.evaluate import sample
 from learner.model import build_model

@@ -9,14 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from async_rl.tasks import (
-    ArithmeticTask,
-    FileTask,
-    Problem,
-    build_task,
-    load_prompt_file,
-    worked,
-)
+from async_rl.tasks import Problem, build_task
+from async_rl.tasks.arithmetic import ArithmeticTask, worked
+from async_rl.tasks.files import FileTask, load_prompt_file
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 PROMPT = re.compile(r"^(\d+)([+*-])(\d+)=$")
@@ -290,9 +285,9 @@ def test_build_task(tmp_path):
     assert build_task("file", seed=0, path=str(path), heldout_size=2).num_train() == 8
     with pytest.raises(ValueError, match=r"kind: must be one of \['arithmetic', 'file'\]"):
         build_task("maths", seed=0)
-    with pytest.raises(ValueError, match="path"):
+    with pytest.raises(TypeError, match="path"):
         build_task("file", seed=0)
-    with pytest.raises(ValueError, match="reward"):
+    with pytest.raises(TypeError, match="reward"):  # its own reward is exact match
         build_task("arithmetic", seed=0, reward="math_verify")
 
 

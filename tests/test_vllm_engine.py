@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 from actors.engine import SamplingParams  # noqa: E402
 from actors.vllm_engine import VLLMEngine  # noqa: E402
 from async_rl.config import ModelConfig  # noqa: E402
-from async_rl.tasks import ArithmeticTask  # noqa: E402
+from async_rl.tasks.arithmetic import ArithmeticTask  # noqa: E402
 from async_rl.tokenizer import Tokenizer  # noqa: E402
 from learner.hf import export_hf  # noqa: E402
 from learner.model import build_model  # noqa: E402
