@@ -385,6 +385,14 @@ class LearnerConfig:
         "non-loopback run.bind_host, set true to state that the network is trusted.",
     )
     keep_versions: int = _f(3, "Weight versions kept after actors stop using them.", ge=1)
+    weight_deltas: str = _f(
+        "off",
+        "`measure`: rank 0 keeps the last published version (one more copy of the model in "
+        "the published dtype) and logs each version's sparse delta against it "
+        "(learner/delta_share, learner/delta_mib, learner/version_mib); stores still ship "
+        "whole versions.",
+        choices=("off", "measure"),
+    )
     device: str = _f(
         "cpu",
         "Device the learner trains on: `cpu` (ranks talk over gloo) or `cuda` (a GPU per rank, "

@@ -22,6 +22,7 @@ from async_rl.clients import BatchSource
 from async_rl.config import Config
 from async_rl.paths import RunPaths, publish_endpoints, read_endpoints
 from async_rl.weights import WeightAnnouncer, weight_store
+from async_rl.weights.delta import DeltaMeter
 from learner.background import Background
 
 
@@ -59,6 +60,9 @@ class Publisher:
         )
         self.source.publish(version)
         self.thread = Background("publish")
+        self.deltas = DeltaMeter() if cfg.learner.weight_deltas == "measure" else None
+        if self.deltas is not None:  # `weights` may be views of the parameters
+            self.deltas.measure(version, {k: v.clone() for k, v in weights.items()})
 
     def publish(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]):
         """On the publish thread: the store writes the version (manifest last), the buffer
@@ -76,13 +80,17 @@ class Publisher:
     def submit(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]) -> dict:
         """Publish on the thread; the metrics of the previous version's transfer (if the store
         tells) and the bytes rank 0 holds for it (`publish_peak_mib`)."""
+        deltas = {} if self.deltas is None else self.deltas.measure(version, hf_state)
         self.thread.submit(self.publish, version, hf_state, in_use)
-        return {"publish_peak_mib": self.peak_bytes(hf_state) / 2**20, **self.store.stats()}
+        peak = self.peak_bytes(hf_state) / 2**20
+        return {"publish_peak_mib": peak, **deltas, **self.store.stats()}
 
     def peak_bytes(self, state: dict[str, torch.Tensor]) -> int:
-        """Bytes rank 0 holds to publish a version beyond the model: the version's copy, and
-        with several ranks the last bucket in flight (the others hold at most a bucket)."""
+        """Bytes rank 0 holds to publish a version beyond the model: the version's copy (and
+        the last version's, when deltas are measured), and with several ranks the last bucket
+        in flight (the others hold at most a bucket)."""
         copy = sum(v.numel() * v.element_size() for v in state.values())
+        copy *= 1 if self.deltas is None else 2
         bucket = min(self.cfg.learner.publish_bucket_mib * 2**20, copy)
         return copy + (bucket if self.ranks > 1 else 0)
 

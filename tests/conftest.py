@@ -31,7 +31,7 @@ FAST = {
     "test_fuzz", "test_golden", "test_hf", "test_layout", "test_learner", "test_losses",
     "test_microbatch", "test_model", "test_parallel", "test_pipeline", "test_plan",
     "test_plots", "test_precision", "test_replay_fp8", "test_reward_runs", "test_rewards",
-    "test_security", "test_tasks", "test_tokenizer", "test_user_tasks",
+    "test_security", "test_tasks", "test_tokenizer", "test_user_tasks", "test_delta",
 }  # fmt: skip
 
 
