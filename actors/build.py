@@ -16,8 +16,11 @@ from async_rl.config import ActorConfig
 ENGINES = ("embedded", "vllm")
 
 
-def build_engine(actor_cfg: ActorConfig, checkpoint_dir: str | Path) -> Engine:
-    """The engine `actor_cfg.engine` names, on `actor_cfg.device`, loaded from `checkpoint_dir`."""
+def build_engine(
+    actor_cfg: ActorConfig, checkpoint_dir: str | Path, keep_host: bool = False
+) -> Engine:
+    """The engine `actor_cfg.engine` names, on `actor_cfg.device`, loaded from `checkpoint_dir`
+    (`keep_host`: the embedded engine keeps the weights as published, for deltas)."""
     if actor_cfg.engine == "embedded":
         from actors.embedded import EmbeddedEngine
 
@@ -27,6 +30,7 @@ def build_engine(actor_cfg: ActorConfig, checkpoint_dir: str | Path) -> Engine:
             device=actor_cfg.device,
             max_running_rows=actor_cfg.max_running_rows,
             kv_on_swap=actor_cfg.kv_on_swap,
+            keep_host=keep_host,
         )
     if actor_cfg.engine == "vllm":
         from actors.vllm_engine import VLLMEngine

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.embedded_model import Model, read_tensors
+from actors.embedded_model import Model, patch_model, read_tensors
 from actors.embedded_rows import Row, RunningRows
 from actors.engine import (
     Generation,
@@ -55,6 +55,7 @@ from actors.engine import (
 )
 from async_rl.hf_config import ModelSpec, check_tensors, has_weights, read_model_spec
 from async_rl.weights import WeightsSource
+from async_rl.weights.delta import Delta, apply_delta, fingerprint
 
 KV_ON_SWAP = ("keep", "recompute")
 
@@ -113,6 +114,7 @@ class EmbeddedEngine:
         device: str = "cpu",
         max_running_rows: int = 256,
         kv_on_swap: str = "keep",
+        keep_host: bool = False,
     ):
         if not isinstance(checkpoint_dir, (str, Path)):
             raise ValueError(
@@ -138,6 +140,10 @@ class EmbeddedEngine:
         self.finished: dict[str, list[Generation | None]] = {}  # groups not complete yet
         self._spec = read_model_spec(checkpoint_dir)
         self.closed = False
+        # with weight deltas: the last weights loaded, as published, and their fingerprint
+        self.keep_host = keep_host
+        self.host: dict[str, torch.Tensor] | None = None
+        self.fingerprint = 0
         if has_weights(checkpoint_dir):
             self.load_weights(checkpoint_dir, 0)
 
@@ -172,10 +178,31 @@ class EmbeddedEngine:
         with torch.inference_mode():
             model = Model(spec, tensors, self.quantization, self.device)
             self.model, self._spec, self.version = model, spec, version
-            if rows and self.kv_on_swap == "recompute":
-                sequences = [r.request.prompt + r.tokens[:-1] for r in rows]
-                _, cache, _ = self._prefill(model, sequences)
-                self.running.replace_cache(cache)
+            self._recompute_kv()
+        if self.keep_host:  # what deltas patch (`apply_delta`)
+            self.host, self.fingerprint = tensors, fingerprint(tensors)
+
+    def apply_delta(self, delta: Delta) -> None:
+        """Patch the served weights to `delta.version` in place: the host copy entry by entry
+        (checked first: a delta for another base, or one that would not give the version the
+        learner published, is a `ValueError` and nothing changes), then what the model made of
+        each patched tensor (fp8: only the touched rows requantized). Needs `keep_host`."""
+        if self.host is None or self.model is None:
+            raise ValueError(f"delta {delta.base}->{delta.version}: no weights kept to patch")
+        self.fingerprint = apply_delta(self.host, delta, self.version, self.fingerprint)
+        with torch.inference_mode():
+            for patch in delta.patches:
+                patch_model(self.model, self.host, patch.name, patch.indices)
+            self.version = delta.version
+            self._recompute_kv()
+
+    def _recompute_kv(self) -> None:
+        """With `kv_on_swap = "recompute"`, the running rows' KV cache under the new weights."""
+        rows = self.running.rows
+        if rows and self.kv_on_swap == "recompute":
+            sequences = [r.request.prompt + r.tokens[:-1] for r in rows]
+            _, cache, _ = self._prefill(self.model, sequences)
+            self.running.replace_cache(cache)
 
     def close(self) -> None:
         self.model, self.closed = None, True

@@ -290,3 +290,74 @@ class Model:
         y_RD = grouped_linear(h_RF, layer.down, ends_E)
         y_RD = y_RD * weights_NK.reshape(-1)[order_R, None].to(y_RD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_R, y_RD), ids_NK
+
+
+# ---------------------------------------------------------------------- patching in place
+def patch_model(model: Model, host: dict[str, torch.Tensor], name: str, indices) -> None:
+    """Bring what `model` made of Hugging Face tensor `name` up to `host[name]` (patched
+    already) where the flat `indices` changed (None: everywhere): high-precision tensors
+    entry by entry, matmul weights row by row (fp8: those rows requantized, each row's scale
+    being its own, so the result is what quantizing the whole new tensor gives)."""
+    s, source = model.spec, host[name]
+    if name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        targets = {"model.norm.weight": [model.norm]}.get(name)
+        if targets is None:
+            embed = name == "model.embed_tokens.weight"
+            targets = [model.embed] if embed else [model.lm_head]
+            if s.tie_embeddings and embed:
+                targets.append(model.lm_head)
+        return _copy_entries(targets, source, indices)
+    layer_index, _, rest = name.removeprefix("model.layers.").partition(".")
+    layer = model.layers[int(layer_index)]
+    plain = {
+        "input_layernorm.weight": layer.attn_norm,
+        "post_attention_layernorm.weight": layer.ffn_norm,
+        "mlp.gate.weight": layer.gate,
+    }
+    if rest in plain:
+        return _copy_entries([plain[rest]], source, indices)
+    p = f"model.layers.{layer_index}."
+    if rest in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+        q, k = host[p + "self_attn.q_norm.weight"], host[p + "self_attn.k_norm.weight"]
+        layer.qk_norm.copy_(torch.cat([q.expand(s.num_heads, -1), k.expand(s.num_kv_heads, -1)]))
+        return None
+    rows = _rows(source, indices)
+    q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    offsets = {"q_proj": 0, "k_proj": q_rows, "v_proj": q_rows + kv_rows}
+    if rest.startswith("self_attn."):
+        proj = rest.split(".")[1]
+        weight, offset = (layer.o, 0) if proj == "o_proj" else (layer.qkv, offsets[proj])
+        return _requantize(weight, (), rows + offset, source[rows])
+    expert, proj = rest.removeprefix("mlp.experts.").split(".")[:2]
+    weight = layer.down if proj == "down_proj" else layer.gate_up
+    offset = s.moe_hidden_dim if proj == "up_proj" else 0
+    return _requantize(weight, (int(expert),), rows + offset, source[rows])
+
+
+def _copy_entries(targets: list[torch.Tensor], source: torch.Tensor, indices) -> None:
+    for target in targets:
+        if indices is None:
+            target.copy_(source)
+        else:
+            flat = target.view(-1)
+            index = indices.to(flat.device)
+            flat[index] = source.reshape(-1)[indices].to(flat.device, flat.dtype)
+
+
+def _rows(source: torch.Tensor, indices) -> torch.Tensor:
+    """The output channels (rows) of a `[O, I]` matmul weight the flat `indices` touch."""
+    if indices is None:
+        return torch.arange(source.shape[0])
+    return torch.unique(indices // source.shape[1])
+
+
+def _requantize(weight: Weight, lead: tuple, rows: torch.Tensor, new_rows: torch.Tensor):
+    """Rows `rows` of `weight` (of expert `lead`, if any) set to `new_rows` `[R, I]`."""
+    rows = rows.to(weight.data.device)
+    if weight.fp8:
+        data, scale = quantize_fp8(new_rows.to(weight.data.device))
+        weight.data[(*lead, rows)] = data
+        weight.scale[(*lead, rows)] = scale
+        weight.matrix[(*lead, rows)] = dequantize_fp8(data, scale)
+    else:
+        weight.data[(*lead, rows)] = new_rows.to(weight.data.device, weight.data.dtype)

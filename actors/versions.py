@@ -17,6 +17,7 @@ version it needs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ class VersionFollower:
     def __init__(self, cfg: Config, store: WeightStore, announcements: WeightSubscriber):
         self.cfg, self.store, self.announcements = cfg, store, announcements
         self.wanted = 0  # the newest version known to be needed or available
+        self.steps = {"whole": 0, "delta": 0}  # versions loaded whole, and patched in
         self._last_store_check = 0.0
 
     def heard(self) -> int | None:
@@ -80,9 +82,13 @@ class VersionFollower:
         """An engine at `version` (or newer, if it was collected), built from `start`."""
         if start is None:
             raise ValueError("an actor needs the run's starting checkpoint for the model")
-        engine = build_engine(self.cfg.actor, start)
+        engine = build_engine(self.cfg.actor, start, keep_host=self.deltas)
         self.load(engine, version)
         return engine
+
+    @property
+    def deltas(self) -> bool:
+        return self.cfg.learner.weight_deltas == "send"
 
     def close(self) -> None:
         self.announcements.close()
@@ -92,9 +98,13 @@ class VersionFollower:
         """`engine` at `version`, or at a newer one when that one was collected before it could
         be read (the learner keeps the newest `learner.keep_versions` and those actors report
         using; one announced a moment ago may be gone by the time a busy actor asks for it,
-        though never while it reads it)."""
+        though never while it reads it). With weight deltas, by the cheaper of its chain of
+        deltas and the newest whole version plus the deltas after it (`plan_load`); a chain
+        that fails (a delta missed, collected or damaged) falls back to the whole version."""
         while True:
             try:
+                if self.deltas:
+                    return self._load_by_deltas(engine, version)
                 with self.store.reading(version) as tensors:
                     engine.load_weights(tensors, version)
                 engine.version = version
@@ -105,3 +115,65 @@ class VersionFollower:
                     raise
                 log.info("version %d was collected; loading %d", version, latest)
                 version = latest
+
+    def _load_by_deltas(self, engine: Engine, version: int) -> None:
+        """`plan_load` from the weights held, else from none; if a delta on the way is
+        refused (damaged, or for another base) both ways, the newest whole version up to
+        `version` alone: never weights that are not a published version."""
+        held = engine.version if getattr(engine, "host", None) is not None else None
+        for start in dict.fromkeys((held, None)):
+            try:
+                return self._run(engine, plan_load(self.store, start, version))
+            except (ValueError, VersionGone) as e:
+                log.warning("loading version %d from %s failed: %s", version, start, e)
+        whole = newest_whole(self.store, version)
+        log.error("version %d is out of reach by deltas; serving whole version %d", version, whole)
+        self._run(engine, [("whole", whole)])
+
+    def _run(self, engine: Engine, steps: list[tuple[str, int]]) -> None:
+        for kind, v in steps:
+            self.steps[kind] += 1
+            if kind == "whole":
+                with self.store.reading(v) as tensors:
+                    engine.load_weights(tensors, v)
+                engine.version = v
+            else:
+                engine.apply_delta(self.store.read_delta(v))
+
+
+def newest_whole(store, version: int) -> int:
+    """The newest version up to `version` stored whole; `VersionGone` if there is none."""
+    for v in range(version, -1, -1):
+        with contextlib.suppress(VersionGone):
+            if store.sizes(v)[0] is not None:
+                return v
+    raise VersionGone(f"no whole version up to {version}")
+
+
+def plan_load(store, held: int | None, target: int) -> list[tuple[str, int]]:
+    """How to reach `target` from weights of version `held` (None: none to patch), as
+    `("delta", v)` and `("whole", v)` steps: every delta after `held`, or the newest whole
+    version up to `target` and the deltas after it, whichever reads fewer bytes; `VersionGone`
+    when neither is in the store."""
+    sizes: dict[int, tuple[int | None, int | None]] = {}
+    low = target if held is None else held + 1
+    for v in range(target, -1, -1):  # down to `held` and to the newest whole version
+        try:
+            sizes[v] = store.sizes(v)
+        except VersionGone:
+            sizes[v] = (None, None)
+        if v <= low and any(sizes[u][0] is not None for u in sizes):
+            break
+    whole = next((v for v in sorted(sizes, reverse=True) if sizes[v][0] is not None), None)
+    options = []
+    if held is not None and held < target and all(sizes[v][1] for v in range(held + 1, target + 1)):
+        steps = [("delta", v) for v in range(held + 1, target + 1)]
+        options.append((sum(sizes[v][1] for v in range(held + 1, target + 1)), steps))
+    if whole is not None and all(sizes[v][1] for v in range(whole + 1, target + 1)):
+        steps = [("whole", whole)] + [("delta", v) for v in range(whole + 1, target + 1)]
+        options.append(
+            (sizes[whole][0] + sum(sizes[v][1] for v in range(whole + 1, target + 1)), steps)
+        )
+    if not options:
+        raise VersionGone(f"version {target}: neither its deltas nor a whole version before it")
+    return min(options)[1]

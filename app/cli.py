@@ -82,6 +82,13 @@ def _add_run_commands(sub) -> None:
     plan.add_argument(
         "--bandwidth-gbps", type=float, default=100.0, help="learner-to-actor bandwidth, Gb/s"
     )
+    plan.add_argument(
+        "--delta-share",
+        type=float,
+        default=0.003,
+        help="share of a version's entries that change, for its size as a delta (default "
+        "0.003: bf16 versions of fp32 masters at lr 1e-6)",
+    )
     ev = command("eval", "held-out accuracy of a checkpoint (greedy and avg@k)")
     ev.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
@@ -236,7 +243,9 @@ def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     """Print the plan of `cfg` on the cluster the arguments describe; 1 if it does not fit."""
     from app.plan import Cluster, make_plan
 
-    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.bandwidth_gbps)
+    cluster = Cluster(
+        args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.bandwidth_gbps, args.delta_share
+    )
     plan = make_plan(cfg, cluster)
     print(plan.report())
     return 0 if plan.fits else 1

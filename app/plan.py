@@ -20,7 +20,9 @@ so every number below follows the configured `[model]` exactly:
   one byte per attention and expert weight, bf16 for embeddings,
   norms, routers and the output layer; else two bytes) and the KV cache of
   `actor.max_running_rows` rows at `model.max_seq_len`;
-- a weight version: its bytes in `model.dtype`, and the time to move it at `--bandwidth-gbps`.
+- a weight version: its bytes in `model.dtype`, and the time to move it at `--bandwidth-gbps`;
+  as a sparse delta (`learner.weight_deltas`) when `--delta-share` of its entries change: 8
+  bytes of index and the value per changed entry, a tensor whole where that is smaller.
 The activation estimate counts what each layer saves for the backward per token (module
 `activation_bytes`); on the tiny model it is within 2x of what a forward actually saves
 (tests/test_plan.py measures it).
@@ -49,6 +51,7 @@ class Cluster:
     gpus_per_node: int = 0
     gpu_mem_gib: float = 80.0
     bandwidth_gbps: float = 100.0  # between the learner and the actors, per actor
+    delta_share: float = 0.003  # entries of a version that change (bf16, fp32 masters, lr 1e-6)
 
     @property
     def gpus(self) -> int:
@@ -156,6 +159,7 @@ class Plan:
     learner: dict[str, int] = field(default_factory=dict)  # bytes per rank
     actor: dict[str, int] = field(default_factory=dict)  # bytes per actor
     version_bytes: int = 0
+    delta_bytes: int = 0  # a version as a sparse delta at `cluster.delta_share`
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -212,7 +216,9 @@ class Plan:
             f"({cfg.actor.max_running_rows} rows x {cfg.model.max_seq_len} positions; "
             f"{act['rows_that_fit']} rows fit)",
             f"weight version: {_gib(self.version_bytes)}, {seconds:.1f}s per actor at "
-            f"{cl.bandwidth_gbps:g} Gb/s",
+            f"{cl.bandwidth_gbps:g} Gb/s; as a delta with {cl.delta_share:.2%} of its entries "
+            f"changed {_gib(self.delta_bytes)}, "
+            f"{self.delta_bytes * 8 / (cl.bandwidth_gbps * 1e9):.2f}s",
             "fits" if self.fits else "DOES NOT FIT:\n  " + "\n  ".join(self.problems),
         ]
         if warning := precision_warning(cfg):
@@ -236,6 +242,10 @@ def make_plan(cfg: Config, cluster: Cluster) -> Plan:
         for mode in ("none", "selective", "full")
     }
     plan = Plan(cfg, cluster, version_bytes=numel * b)
+    plan.delta_bytes = sum(
+        min(n * b, math.ceil(cluster.delta_share * n) * (b + 8))  # as `weights.delta`
+        for n in (math.prod(s) for s in shapes.values())
+    )
     plan.learner = {
         "numel": numel,
         "params": shard,

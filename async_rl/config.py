@@ -389,9 +389,16 @@ class LearnerConfig:
         "off",
         "`measure`: rank 0 keeps the last published version (one more copy of the model in "
         "the published dtype) and logs each version's sparse delta against it "
-        "(learner/delta_share, learner/delta_mib, learner/version_mib); stores still ship "
-        "whole versions.",
-        choices=("off", "measure"),
+        "(learner/delta_share, learner/delta_mib, learner/version_mib); `send`: the store "
+        "keeps versions as those deltas (a whole one every full_every and at checkpoints) and "
+        "actors patch their weights with them (README, 'Weight deltas').",
+        choices=("off", "measure", "send"),
+    )
+    full_every: int = _f(
+        10,
+        "With weight_deltas = send: every this many versions (and at every checkpoint) a "
+        "version is stored whole too, so that a late or lagging actor starts from it.",
+        ge=1,
     )
     device: str = _f(
         "cpu",
@@ -822,6 +829,12 @@ def _validate_actor(cfg: Config) -> None:
 
 def _validate_learner(cfg: Config) -> None:
     lrn, algo = cfg.learner, cfg.algo
+    if lrn.weight_deltas == "send" and (lrn.weight_store != "fs" or cfg.actor.engine != "embedded"):
+        raise ConfigError(
+            "learner.weight_deltas",
+            "`send` runs on the fs store with embedded actors so far (got learner.weight_store "
+            f"= {lrn.weight_store}, actor.engine = {cfg.actor.engine}); use `measure` there",
+        )
     if lrn.num_ranks % lrn.expert_parallel or cfg.model.num_experts % lrn.expert_parallel:
         raise ConfigError(
             "learner.expert_parallel",

@@ -60,15 +60,20 @@ class Publisher:
         )
         self.source.publish(version)
         self.thread = Background("publish")
-        self.deltas = DeltaMeter() if cfg.learner.weight_deltas == "measure" else None
+        self.deltas = DeltaMeter() if cfg.learner.weight_deltas != "off" else None
         if self.deltas is not None:  # `weights` may be views of the parameters
             self.deltas.measure(version, {k: v.clone() for k, v in weights.items()})
 
-    def publish(self, version: int, hf_state: dict[str, torch.Tensor], in_use: set[int]):
-        """On the publish thread: the store writes the version (manifest last), the buffer
-        learns it (admission), the announcement goes out, old versions are collected.
-        A checkpoint's version is durable (the collective path's late joiners start there)."""
-        self.store.publish(version, hf_state, durable=checkpoints_at(self.cfg, version))
+    def publish(self, version: int, hf_state, in_use: set[int], delta=None):
+        """On the publish thread: the store writes the version (manifest last; whole, as a
+        delta, or both), the buffer learns it (admission), the announcement goes out, old
+        versions are collected. A checkpoint's version is durable (the collective path's
+        late joiners start there)."""
+        durable = checkpoints_at(self.cfg, version)
+        if delta is None:
+            self.store.publish(version, hf_state, durable=durable)
+        else:
+            self.store.publish(version, hf_state, durable=durable, delta=delta)
         self.source.publish(version)  # first: an actor told of it may lease at once
         self.announcer.announce(version)
         self.store.collect(in_use)
@@ -81,9 +86,18 @@ class Publisher:
         """Publish on the thread; the metrics of the previous version's transfer (if the store
         tells) and the bytes rank 0 holds for it (`publish_peak_mib`)."""
         deltas = {} if self.deltas is None else self.deltas.measure(version, hf_state)
-        self.thread.submit(self.publish, version, hf_state, in_use)
+        delta = self.deltas.delta if self.cfg.learner.weight_deltas == "send" else None
+        whole = delta is None or self._whole(version, delta)
+        self.thread.submit(self.publish, version, hf_state if whole else None, in_use, delta)
         peak = self.peak_bytes(hf_state) / 2**20
         return {"publish_peak_mib": peak, **deltas, **self.store.stats()}
+
+    def _whole(self, version: int, delta) -> bool:
+        """Whether `version` is stored whole besides its delta: every `learner.full_every`,
+        at checkpoints, and when its delta would be no smaller."""
+        full = sum(t.numel() * t.element_size() for t in self.deltas.previous.values())
+        every = version % self.cfg.learner.full_every == 0
+        return every or checkpoints_at(self.cfg, version) or delta.nbytes >= full
 
     def peak_bytes(self, state: dict[str, torch.Tensor]) -> int:
         """Bytes rank 0 holds to publish a version beyond the model: the version's copy (and

@@ -72,13 +72,14 @@ def test_a_missed_wrong_or_corrupted_delta_is_refused_and_nothing_is_written():
 
 
 def test_bits_decide_and_a_mostly_changed_tensor_goes_whole():
-    a = {"x": torch.tensor([0.0, float("nan"), 1.0, 2.0], dtype=torch.bfloat16)}
-    b = {"x": torch.tensor([-0.0, float("nan"), 1.0, 2.0], dtype=torch.bfloat16)}
+    values = [0.0, float("nan"), 1.0, 2.0] + [3.0] * 16
+    a = {"x": torch.tensor(values, dtype=torch.bfloat16)}
+    b = {"x": torch.tensor([-0.0, *values[1:]], dtype=torch.bfloat16)}
     delta = make_delta(a, b, 0, 1, fingerprint(a))
     assert delta.changed == 1 and delta.patches[0].indices.tolist() == [0]  # -0.0 is not 0.0
-    c = {"x": torch.tensor([5.0, 6.0, 7.0, 2.0], dtype=torch.bfloat16)}
-    whole = make_delta(a, c, 0, 1, fingerprint(a))
-    assert whole.patches[0].indices is None and whole.changed == 3
+    c = {"x": torch.tensor([5.0, 6.0, 7.0, 8.0] + values[4:], dtype=torch.bfloat16)}
+    whole = make_delta(a, c, 0, 1, fingerprint(a))  # 4 of 20 changed: 40 bytes sparse, whole
+    assert whole.patches[0].indices is None and whole.changed == 4 and whole.nbytes == 40
     held = {"x": a["x"].clone()}
     assert apply_delta(held, whole, 0, fingerprint(a)) == fingerprint(c)
     assert torch.equal(held["x"], c["x"])
@@ -122,3 +123,182 @@ def test_a_run_measures_each_versions_delta_as_an_independent_comparison_counts_
             < row["learner/version_mib"]
             == pytest.approx(entries * 2 / 2**20)
         )
+
+
+@pytest.mark.parametrize("quantization", ["fp8", "bf16", "fp32"])
+def test_the_embedded_engine_patched_in_place_serves_what_a_fresh_load_serves(
+    quantization, tmp_path
+):
+    """Deltas of bf16 versions applied to a running engine (fp8: touched rows requantized)
+    give bit for bit the model that loading the whole version builds."""
+    from actors.embedded import EmbeddedEngine
+    from actors.engine import SamplingParams
+    from async_rl.config import ModelConfig
+    from async_rl.tokenizer import Tokenizer
+    from learner.hf import export_hf, hf_state_dict
+    from learner.model import build_model
+
+    cfg = ModelConfig(dtype="bfloat16")
+    model = build_model(cfg, seed=1)
+    path = export_hf(model, cfg, Tokenizer.arithmetic(), tmp_path / "v0")
+    engine = EmbeddedEngine(path, quantization, keep_host=True)
+    gen = torch.Generator().manual_seed(0)
+    masters = {k: v.float() for k, v in hf_state_dict(model, cfg).items()}
+    previous = {k: v.to(torch.bfloat16) for k, v in masters.items()}
+    for version in (1, 2):
+        for k, m in masters.items():  # an update that moves some entries of every tensor
+            scale = 1e-2 if "norm" in k else 3e-4 * m.abs().mean()  # norms start at 1.0
+            m.add_(scale * torch.randn(m.shape, generator=gen))
+            if m.dim() == 2:  # and a row's largest entry grows: its fp8 scale changes
+                m.view(-1)[m.abs().argmax()] *= 1.25
+        new = {k: m.to(torch.bfloat16) for k, m in masters.items()}
+        delta = make_delta(previous, new, version - 1, version, fingerprint(previous))
+        assert 0 < delta.share < 0.5 and any(p.indices is not None for p in delta.patches)
+        assert {p.name for p in delta.patches} == set(new)
+        engine.apply_delta(delta)
+        fresh = EmbeddedEngine(path, quantization)
+        fresh.load_weights(new, version)
+        for a, b in zip(_served(engine.model), _served(fresh.model), strict=True):
+            assert torch.equal(a, b)
+        assert (engine.version, engine.fingerprint) == (version, fingerprint(new))
+        previous = new
+    greedy = SamplingParams(0.0, 1.0, 6, None)
+    prompt = [[2, 5, 13, 6, 14]]
+    assert (
+        engine.generate(prompt, greedy, 1)[0][0].tokens
+        == fresh.generate(prompt, greedy, 1)[0][0].tokens
+    )
+    with pytest.raises(ValueError, match="these weights are version 2, not 1"):
+        engine.apply_delta(delta)
+
+
+def _served(model):
+    """Every tensor the embedded model computes with."""
+    out = [model.embed, model.lm_head, model.norm]
+    for layer in model.layers:
+        out += [layer.attn_norm, layer.ffn_norm, layer.qk_norm, layer.gate]
+        for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            out += [w.data.view(torch.uint8) if w.fp8 else w.data, w.matrix]
+            out += [] if w.scale is None else [w.scale]
+    return out
+
+
+# ---------------------------------------------------------------------- stores and actors
+def _published(tmp_path, n: int, full_every: int = 3):
+    """Versions 0..n-1 of a bf16 model (fp32 masters, small steps) stored as the publisher
+    stores them with `weight_deltas = send`: whole every `full_every`, deltas after 0."""
+    from actors.embedded import EmbeddedEngine
+    from async_rl.config import ModelConfig
+    from async_rl.tokenizer import Tokenizer
+    from async_rl.weights.delta import DeltaMeter
+    from async_rl.weights.fs import FsWeightStore
+    from learner.hf import export_hf, hf_state_dict
+    from learner.model import build_model
+
+    cfg = ModelConfig(dtype="bfloat16")
+    model = build_model(cfg, seed=2)
+    start = export_hf(model, cfg, Tokenizer.arithmetic(), tmp_path / "start")
+    store = FsWeightStore(tmp_path / "weights", template=start, keep=100)
+    gen = torch.Generator().manual_seed(3)
+    masters = {k: v.float() for k, v in hf_state_dict(model, cfg).items()}
+    meter, truth = DeltaMeter(), []
+    for v in range(n):
+        state = {k: m.to(torch.bfloat16) for k, m in masters.items()}
+        meter.measure(v, state)
+        whole = meter.delta is None or v % full_every == 0
+        store.publish(v, state if whole else None, delta=meter.delta)
+        truth.append(state)
+        for k, m in masters.items():
+            scale = 1e-2 if "norm" in k else 2e-4 * m.abs().mean()
+            m.add_(scale * torch.randn(m.shape, generator=gen))
+    return store, truth, lambda: EmbeddedEngine(start, "fp8", keep_host=True)
+
+
+def _follower(store):
+    from actors.versions import VersionFollower
+    from async_rl.config import load_config
+
+    return VersionFollower(load_config(None, ["learner.weight_deltas=send"]), store, None)
+
+
+def _holds(engine, truth) -> bool:
+    same = all(
+        torch.equal(engine.host[k].view(torch.int16), t.view(torch.int16)) for k, t in truth.items()
+    )
+    return same and engine.fingerprint == fingerprint(truth)
+
+
+def test_an_actor_reaches_every_version_bit_for_bit_by_chain_or_jump_and_survives_bad_deltas(
+    tmp_path,
+):
+    from actors.versions import plan_load
+    from async_rl.weights.fs import DELTA
+
+    store, truth, engine_of = _published(tmp_path, 10)
+    assert store.sizes(4) == (None, store.sizes(4)[1]) and store.sizes(3)[0] is not None
+    engine, follower = engine_of(), _follower(store)
+    assert plan_load(store, None, 5) == [("whole", 3), ("delta", 4), ("delta", 5)]
+    follower.load(
+        engine, 1
+    )  # the start checkpoint is fp32: its deltas do not fit, a whole one does
+    assert engine.version == 1 and _holds(engine, truth[1])
+    assert plan_load(store, 1, 5) == [
+        ("delta", v) for v in range(2, 6)
+    ]  # fewer bytes than 3's whole
+    follower.load(engine, 5)
+    assert engine.version == 5 and _holds(engine, truth[5])
+    # a delta damaged on disk (same size): refused before anything is written, both ways
+    # (from 5, and from whole 6); the actor serves whole 6 until a whole version passes it
+    damaged = store.root / "v000007" / DELTA
+    data = bytearray(damaged.read_bytes())
+    data[-64:] = bytes(64)
+    damaged.write_bytes(bytes(data))
+    follower.load(engine, 8)
+    assert engine.version == 6 and _holds(engine, truth[6])
+    follower.load(engine, 9)
+    assert engine.version == 9 and _holds(engine, truth[9])
+    # a delta collected under a lagging actor: the newest whole version and the rest
+    lagging = engine_of()
+    follower.load(lagging, 2)
+    store.keep = 1
+    store.collect(in_use=set())
+    assert 5 not in store.versions() and 9 in store.versions()
+    follower.load(lagging, 9)
+    assert lagging.version == 9 and _holds(lagging, truth[9])
+
+
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_a_run_sends_deltas_and_its_actor_holds_exactly_what_the_learner_published(
+    tmp_path, cold_start, train_in_threads, batching
+):
+    """`learner.weight_deltas = "send"`: versions stored as deltas (whole every 2nd), the
+    actor patching its fp8 engine in place; its weights' fingerprint is the learner's."""
+    import json
+
+    from async_rl.weights.fs import DELTA, WEIGHTS
+    from tests.helpers import pipeline_config
+
+    cfg = pipeline_config(
+        tmp_path,
+        f"send-{batching}",
+        "run.num_steps=5",
+        "model.dtype=bfloat16",
+        "actor.quantization=fp8",
+        f"actor.batching={batching}",
+        "actor.weight_update=in_flight"
+        if batching == "continuous"
+        else "actor.weight_update=between_groups",
+        "learner.lr=1e-5",
+        "learner.weight_deltas=send",
+        "learner.full_every=2",
+        "learner.keep_versions=9",
+    )
+    rows, _, actor = train_in_threads(cfg, cold_start)
+    root = cfg.run_dir / "weights"
+    assert not (root / "v000003" / WEIGHTS).exists() and (root / "v000003" / DELTA).exists()
+    assert (root / "v000004" / WEIGHTS).exists() and (root / "v000005" / WEIGHTS).exists()
+    assert all(0 < r["learner/delta_share"] < 0.5 for r in rows)
+    engine = actor.engine
+    manifest = json.loads((root / f"v{engine.version:06d}" / "manifest.json").read_text())
+    assert engine.fingerprint == int(manifest["fingerprint"], 16)
+    assert actor.versions.steps["delta"] > 0

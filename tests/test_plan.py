@@ -181,3 +181,26 @@ def test_a_cuda_learner_needs_a_gpu_per_rank_and_flex_attention_needs_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="learner.device = cuda.*no CUDA device"):
             training_device(DataParallel(device_type="cuda"))
+
+
+@pytest.mark.parametrize("share", [0.003, 0.1, 0.5])
+def test_the_delta_estimate_is_the_bytes_of_a_real_delta_with_that_share_changed(share):
+    """bf16 versions of the tiny model in which that share of every tensor's entries differ
+    (one of them whole, past the 20% at which bf16 values alone are smaller)."""
+    from async_rl.weights.delta import fingerprint, make_delta
+    from learner.hf import hf_state_dict
+
+    cfg = load_config(None, ["model.dtype=bfloat16"])
+    model = build_model(cfg.model, seed=0)
+    old = {k: v.to(torch.bfloat16) for k, v in hf_state_dict(model, cfg.model).items()}
+    gen = torch.Generator().manual_seed(0)
+    new = {}
+    for k, t in old.items():
+        n, flat = t.numel(), t.reshape(-1).clone()
+        which = torch.randperm(n, generator=gen)[: math.ceil(share * n)]
+        flat[which] = flat[which] * 2 + 1  # every chosen entry's bits change
+        new[k] = flat.view(t.shape)
+    delta = make_delta(old, new, 0, 1, fingerprint(old))
+    estimate = make_plan(cfg, Cluster(delta_share=share)).delta_bytes
+    # the plan counts the learner's stacked expert tensors: one entry's rounding per tensor
+    assert abs(estimate - delta.nbytes) <= len(new) * (2 + 8)

@@ -7,8 +7,8 @@ A delta holds, for each tensor (by Hugging Face name) that changed, a `Patch`: t
 row-major indices of the entries whose bits differ (compared bitwise in the published dtype:
 -0.0 and 0.0 differ, a NaN equals its own bits) and their new values: the coordinates of
 vLLM's `SparseWeightPatch(name, indices, values, full_shape)`, so one delta can feed both
-engines. A tensor with more than `dense_share` of its entries changed goes whole (`indices`
-None): indices (8 bytes) would cost more than the values they save.
+engines. A tensor goes whole (`indices` None) where that is no more bytes: past 20% of a bf16
+tensor's entries changed (an int64 index and a 2-byte value each), a third of an fp32 one.
 
 Exactness: every delta names its base version and the fingerprint of the weights it produces.
 `fingerprint(tensors)` is a linear hash of a version's bits, `sum_i bits(x_i) * w(name, i)`
@@ -22,13 +22,16 @@ refused (`ValueError`) and the actor loads a full version instead.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-DENSE_SHARE = 0.25  # indices are int64: past a quarter changed, a bf16 tensor is cheaper whole
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -106,7 +109,6 @@ def make_delta(
     base: int,
     version: int,
     base_fingerprint: int,
-    dense_share: float = DENSE_SHARE,
 ) -> Delta:
     """`new` (version `version`) as a delta on `previous` (version `base`, whose fingerprint
     is `base_fingerprint`); the two must hold the same tensors, shapes and dtypes."""
@@ -126,7 +128,8 @@ def make_delta(
         w = _weights(name, where.astype(np.uint64))
         moved += _dot(new_bits[where], w) - _dot(old_bits[where], w)
         flat = new_t.detach().reshape(-1).cpu()
-        if where.size > dense_share * new_bits.size:
+        size = new_t.element_size()
+        if where.size * (size + 8) >= new_bits.size * size:
             patches.append(Patch(name, tuple(new_t.shape), None, flat.clone()))
         else:
             index = torch.from_numpy(where.astype(np.int64))
@@ -143,14 +146,15 @@ class DeltaMeter:
     def __init__(self):
         self.previous: Mapping[str, torch.Tensor] | None = None
         self.version, self.fingerprint = -1, 0
+        self.delta: Delta | None = None  # the last version's, None after the first
 
     def measure(self, version: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        metrics = {}
+        metrics, self.delta = {}, None
         if self.previous is None:
             mark = fingerprint(tensors)
         else:
             delta = make_delta(self.previous, tensors, self.version, version, self.fingerprint)
-            mark = delta.fingerprint
+            mark, self.delta = delta.fingerprint, delta
             full = sum(t.numel() * t.element_size() for t in tensors.values())
             metrics = {
                 "delta_share": delta.share,
@@ -209,3 +213,46 @@ def apply_delta(
             else:
                 flat[patch.indices.to(flat.device)] = patch.values.to(flat.device)
     return result
+
+
+# ---------------------------------------------------------------------- files
+def save_delta(delta: Delta, path: Path) -> None:
+    """`delta` as a safetensors file: `<name>:values` (and `<name>:indices` where sparse)
+    per patch, the rest in its JSON metadata."""
+    tensors, shapes = {}, {}
+    for patch in delta.patches:
+        tensors[f"{patch.name}:values"] = patch.values.contiguous()
+        if patch.indices is not None:
+            tensors[f"{patch.name}:indices"] = patch.indices.contiguous()
+        shapes[patch.name] = list(patch.shape)
+    header = {
+        "base": delta.base,
+        "version": delta.version,
+        "fingerprint": f"{delta.fingerprint:016x}",
+        "changed": delta.changed,
+        "entries": delta.entries,
+        "shapes": shapes,
+    }
+    save_file(tensors, path, metadata={"format": "pt", "delta": json.dumps(header)})
+
+
+def load_delta(path: Path) -> Delta:
+    """A delta file (`save_delta`), checked for what it must hold; `ValueError` naming it."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = json.loads((f.metadata() or {})["delta"])
+            shapes = header["shapes"]
+            patches = []
+            for name, shape in shapes.items():
+                indices = f.get_tensor(f"{name}:indices") if f"{name}:indices" in f.keys() else None
+                patches.append(Patch(name, tuple(shape), indices, f.get_tensor(f"{name}:values")))
+            return Delta(
+                int(header["base"]),
+                int(header["version"]),
+                patches,
+                int(header["fingerprint"], 16),
+                int(header["changed"]),
+                int(header["entries"]),
+            )
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable weight delta ({type(e).__name__}: {e})") from None

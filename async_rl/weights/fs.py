@@ -29,9 +29,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from async_rl.paths import write_json_atomic
+from async_rl.weights.delta import Delta, load_delta, save_delta
 from async_rl.weights.store import PlainStore, VersionGone
 
 WEIGHTS = "model.safetensors"
+DELTA = "delta.safetensors"  # the version as a delta on the one before (`weights.delta`)
 MANIFEST = "manifest.json"
 TEMPLATE_FILES = (
     "config.json",
@@ -60,8 +62,10 @@ def read_manifest(path: Path) -> dict:
     version, files = data.get("version"), data.get("files")
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise ValueError(f"{file}: 'version' must be a non-negative integer")
-    if not isinstance(files, dict) or WEIGHTS not in files:
-        raise ValueError(f"{file}: 'files' must map file names to sizes and include {WEIGHTS}")
+    if not isinstance(files, dict) or not (WEIGHTS in files or DELTA in files):
+        raise ValueError(
+            f"{file}: 'files' must map file names to sizes and include {WEIGHTS} or {DELTA}"
+        )
     for name, size in files.items():
         if not isinstance(name, str) or "/" in name or name.startswith("."):
             raise ValueError(f"{file}: bad file name {name!r}")
@@ -76,12 +80,23 @@ def read_manifest(path: Path) -> dict:
     return data
 
 
+def _lock_file(path: Path) -> Path:
+    """The file of a version that readers and collection lock: its weights, or its delta
+    when that is all it holds."""
+    return path / WEIGHTS if (path / WEIGHTS).exists() else path / DELTA
+
+
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def _remove_unread(path: Path, wait: bool) -> bool:
     """Delete the version directory `path` unless a reader holds it (module docstring): its
     manifest goes first, so readers stop seeing it before the files go. With `wait`, wait for
     the readers to finish instead; True when it is gone."""
     try:
-        fh = open(path / WEIGHTS, "rb")
+        fh = open(_lock_file(path), "rb")
     except FileNotFoundError:
         shutil.rmtree(path, ignore_errors=True)
         return True
@@ -145,17 +160,29 @@ class FsWeightStore(PlainStore):
             raise VersionGone(f"{path}: manifest names another version")
         return path
 
-    def publish(self, version: int, hf_state: dict[str, torch.Tensor], durable=False) -> None:
+    def publish(
+        self,
+        version: int,
+        hf_state: dict[str, torch.Tensor] | None,
+        durable=False,
+        delta: Delta | None = None,
+    ) -> None:
+        """Write `version`: whole (`hf_state`, a checkpoint directory), as a delta on the
+        version before (`delta`), or both; the manifest, written last, names its files and
+        the fingerprint of its weights (when known)."""
         final = _version_dir(self.root, version)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
         try:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state.items()}
-            save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-            with open(tmp / WEIGHTS, "rb") as fh:
-                os.fsync(fh.fileno())
-            for name in TEMPLATE_FILES:
-                if self.template is not None and (self.template / name).exists():
-                    _link_or_copy(self.template / name, tmp / name)
+            if delta is not None:
+                save_delta(delta, tmp / DELTA)
+                _fsync(tmp / DELTA)
+            if hf_state is not None:
+                tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state.items()}
+                save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+                _fsync(tmp / WEIGHTS)
+                for name in TEMPLATE_FILES:
+                    if self.template is not None and (self.template / name).exists():
+                        _link_or_copy(self.template / name, tmp / name)
             if final.exists():
                 # A resumed learner recomputes versions its crashed run had published.
                 _remove_unread(final, wait=True)
@@ -164,9 +191,10 @@ class FsWeightStore(PlainStore):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         files = {f.name: f.stat().st_size for f in final.iterdir() if f.name != MANIFEST}
-        write_json_atomic(
-            final / MANIFEST, {"version": version, "files": files, "created_at": time.time()}
-        )
+        manifest = {"version": version, "files": files, "created_at": time.time()}
+        if delta is not None:
+            manifest["fingerprint"] = f"{delta.fingerprint:016x}"
+        write_json_atomic(final / MANIFEST, manifest)
 
     def versions(self) -> list[int]:
         """Complete versions, oldest first."""
@@ -182,23 +210,44 @@ class FsWeightStore(PlainStore):
         versions = self.versions()
         return versions[-1] if versions else None
 
+    def sizes(self, version: int) -> tuple[int | None, int | None]:
+        """Bytes of the version whole and as a delta (None where it is not stored so)."""
+        files = read_manifest(self.path(version))["files"]
+        return files.get(WEIGHTS), files.get(DELTA)
+
+    @contextlib.contextmanager
+    def _held(self, version: int, name: str):
+        """The version's file `name`, held against collection (module docstring)."""
+        path = _version_dir(self.root, version)
+        try:
+            fh = open(_lock_file(path), "rb")
+        except OSError:
+            fh = None
+        if fh is None or not (path / name).is_file():
+            if fh is not None:
+                fh.close()
+            raise VersionGone(f"{path}: version {version} is not (or no longer) here as {name}")
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_SH)
+            self.path(version)  # still complete: not collected before the lock was taken
+            yield path / name
+
     @contextlib.contextmanager
     def reading(self, version: int) -> Iterator[Mapping[str, torch.Tensor]]:
         """The version's tensors, read from its file as they are asked for; the version is
         held against collection until the block ends (module docstring)."""
-        path = _version_dir(self.root, version)
-        try:
-            fh = open(path / WEIGHTS, "rb")
-        except OSError:
-            raise VersionGone(f"{path}: version {version} is not (or no longer) here") from None
-        with fh:
-            fcntl.flock(fh, fcntl.LOCK_SH)
-            self.path(version)  # still complete: not collected before the lock was taken
+        with self._held(version, WEIGHTS) as file:
             try:
-                handle = safe_open(path / WEIGHTS, framework="pt")
+                handle = safe_open(file, framework="pt")
             except (OSError, SafetensorError) as e:
-                raise ValueError(f"{path / WEIGHTS}: cannot read ({e})") from None
+                raise ValueError(f"{file}: cannot read ({e})") from None
             yield SafetensorsFile(handle)
+
+    def read_delta(self, version: int) -> Delta:
+        """The version as a delta on the one before; `VersionGone` when it is not stored so,
+        `ValueError` when the file is damaged."""
+        with self._held(version, DELTA) as file:
+            return load_delta(file)
 
     def fetch(self, version: int) -> dict[str, torch.Tensor]:
         """The version's tensors by Hugging Face name, read whole."""
@@ -206,8 +255,11 @@ class FsWeightStore(PlainStore):
             return dict(tensors)
 
     def collect(self, in_use: set[int]) -> list[int]:
-        """Delete versions no actor uses or is reading, keeping the newest `keep`; return
-        what was deleted."""
+        """Delete versions no actor uses or is reading, keeping the newest `keep`, version 0,
+        and the newest whole version with every delta after it (whatever version an actor
+        holds, it can reach the newest one from there); return what was deleted."""
         versions = self.versions()
-        old = [v for v in versions[: -self.keep] if v not in in_use and v != 0]
+        whole = [v for v in versions if (_version_dir(self.root, v) / WEIGHTS).exists()]
+        newest_whole = max(whole, default=0)
+        old = [v for v in versions[: -self.keep] if v not in in_use and v != 0 and v < newest_whole]
         return [v for v in old if _remove_unread(_version_dir(self.root, v), wait=False)]
