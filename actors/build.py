@@ -20,7 +20,7 @@ def build_engine(
     actor_cfg: ActorConfig, checkpoint_dir: str | Path, keep_host: bool = False
 ) -> Engine:
     """The engine `actor_cfg.engine` names, on `actor_cfg.device`, loaded from `checkpoint_dir`
-    (`keep_host`: the embedded engine keeps the weights as published, for deltas)."""
+    (`keep_host`: it keeps the weights as published, for deltas)."""
     if actor_cfg.engine == "embedded":
         from actors.embedded import EmbeddedEngine
 
@@ -42,6 +42,7 @@ def build_engine(
             max_num_seqs=actor_cfg.max_running_rows,
             tensor_parallel_size=actor_cfg.tensor_parallel_size,
             gpu_memory_utilization=actor_cfg.gpu_memory_utilization,
+            keep_host=keep_host,
         )
     raise ValueError(
         f"actor.engine: {actor_cfg.engine!r} is not an engine; choose from "

@@ -68,6 +68,7 @@ from actors.engine import (
 from async_rl.hf_config import check_tensors, has_weights, read_model_spec
 from async_rl.weights import WeightsSource
 from async_rl.weights.buckets import plan_buckets
+from async_rl.weights.delta import Delta, apply_delta, fingerprint
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
 FINISH_REASONS = ("stop", "length")
@@ -135,6 +136,19 @@ def _cuda_kwargs(quantization: str, tensor_parallel_size: int, memory: float) ->
     }
 
 
+def _checked(quantization: str, device: str, tensor_parallel_size: int):
+    """vLLM's capabilities on `device`, if they offer what is asked; ValueError otherwise."""
+    caps = capabilities_of("vllm", device)
+    if quantization not in caps.quantizations:
+        raise ValueError(
+            f"actor.quantization: {quantization!r} is not offered by vllm on {device}; "
+            f"choose from {', '.join(map(repr, caps.quantizations))}"
+        )
+    if device == "cpu" and tensor_parallel_size != 1:
+        raise ValueError("tensor_parallel_size: vLLM on CPU runs on one device here: use 1")
+    return caps
+
+
 class VLLMEngine:
     """`Engine` over vLLM. Example: `VLLMEngine("runs/tiny/weights/v0", "fp32", "cpu")`."""
 
@@ -148,17 +162,13 @@ class VLLMEngine:
         max_num_seqs: int = 256,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
+        keep_host: bool = False,
     ):
-        caps = capabilities_of("vllm", device)
-        if quantization not in caps.quantizations:
-            raise ValueError(
-                f"actor.quantization: {quantization!r} is not offered by vllm on {device}; "
-                f"choose from {', '.join(map(repr, caps.quantizations))}"
-            )
-        if device == "cpu" and tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size: vLLM on CPU runs on one device here: use 1")
+        caps = _checked(quantization, device, tensor_parallel_size)
         self.capabilities, self.quantization, self.device = caps, quantization, device
         self.version = 0
+        # with weight deltas: the last weights loaded, as published, and their fingerprint
+        self.keep_host, self.host, self.fingerprint = keep_host, None, 0
         # running: the request and, per sample, what its deltas brought so far
         self.requests: dict[str, tuple[GroupRequest, list[_Partial]]] = {}
         path = Path(checkpoint_dir)
@@ -305,8 +315,11 @@ class VLLMEngine:
         and nothing changes. Between two steps of running requests too (in flight: they are
         kept, paused, and go on with the new weights)."""
         if isinstance(source, Mapping):
+            patched = source is self.host  # `apply_delta`'s: host and fingerprint are current
             tensors = check_tensors(dict(source), self.spec, f"weights of version {version}")
             files = self._write_chunks(tensors, version)
+            if self.keep_host and not patched:
+                self.host, self.fingerprint = tensors, fingerprint(tensors)
         else:
             path = Path(source)
             spec = read_model_spec(path)
@@ -329,6 +342,17 @@ class VLLMEngine:
         if not self.requests:  # blocks of running requests cannot go; the salt keeps them apart
             self.llm.reset_prefix_cache()
         self.version = version
+
+    def apply_delta(self, delta: Delta) -> None:
+        """Patch the host copy of the weights to `delta.version` (checked first, as in
+        `weights.delta.apply_delta`: nothing changes on a refused delta), then load it whole
+        through the weight-transfer path: vLLM's sparse in-place patches do not reach the
+        CPU kernel's prepacked experts nor FP8 weights quantized at load, and the bytes a
+        delta saves are the learner-to-actor ones."""
+        if self.host is None:
+            raise ValueError(f"delta {delta.base}->{delta.version}: no weights kept to patch")
+        self.fingerprint = apply_delta(self.host, delta, self.version, self.fingerprint)
+        self.load_weights(self.host, delta.version)
 
     def _write_chunks(self, tensors: dict, version: int):
         """The tensors as safetensors files of at most `CHUNK_BYTES` in shared memory, each

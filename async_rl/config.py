@@ -829,11 +829,11 @@ def _validate_actor(cfg: Config) -> None:
 
 def _validate_learner(cfg: Config) -> None:
     lrn, algo = cfg.learner, cfg.algo
-    if lrn.weight_deltas == "send" and (lrn.weight_store != "fs" or cfg.actor.engine != "embedded"):
+    if lrn.weight_deltas == "send" and lrn.weight_store == "collective":
         raise ConfigError(
             "learner.weight_deltas",
-            "`send` runs on the fs store with embedded actors so far (got learner.weight_store "
-            f"= {lrn.weight_store}, actor.engine = {cfg.actor.engine}); use `measure` there",
+            "`send` runs on the fs and ray stores so far, not learner.weight_store = "
+            "collective; use `measure` there",
         )
     if lrn.num_ranks % lrn.expert_parallel or cfg.model.num_experts % lrn.expert_parallel:
         raise ConfigError(

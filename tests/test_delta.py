@@ -184,9 +184,10 @@ def _served(model):
 
 
 # ---------------------------------------------------------------------- stores and actors
-def _published(tmp_path, n: int, full_every: int = 3):
-    """Versions 0..n-1 of a bf16 model (fp32 masters, small steps) stored as the publisher
-    stores them with `weight_deltas = send`: whole every `full_every`, deltas after 0."""
+def _published(tmp_path, n: int, store=None, full_every: int = 3):
+    """Versions 0..n-1 of a bf16 model (fp32 masters, small steps) stored (default: in an
+    `fs` store) as the publisher stores them with `weight_deltas = send`: whole every
+    `full_every`, deltas after 0."""
     from actors.embedded import EmbeddedEngine
     from async_rl.config import ModelConfig
     from async_rl.tokenizer import Tokenizer
@@ -198,7 +199,7 @@ def _published(tmp_path, n: int, full_every: int = 3):
     cfg = ModelConfig(dtype="bfloat16")
     model = build_model(cfg, seed=2)
     start = export_hf(model, cfg, Tokenizer.arithmetic(), tmp_path / "start")
-    store = FsWeightStore(tmp_path / "weights", template=start, keep=100)
+    store = store or FsWeightStore(tmp_path / "weights", template=start, keep=100)
     gen = torch.Generator().manual_seed(3)
     masters = {k: v.float() for k, v in hf_state_dict(model, cfg).items()}
     meter, truth = DeltaMeter(), []
@@ -257,14 +258,41 @@ def test_an_actor_reaches_every_version_bit_for_bit_by_chain_or_jump_and_survive
     assert engine.version == 6 and _holds(engine, truth[6])
     follower.load(engine, 9)
     assert engine.version == 9 and _holds(engine, truth[9])
-    # a delta collected under a lagging actor: the newest whole version and the rest
+    _check_a_lagging_actor(store, truth, engine_of, follower)
+    assert 5 not in store.versions()
+
+
+def _check_a_lagging_actor(store, truth, engine_of, follower):
+    """A delta collected under a lagging actor: it takes the newest whole version and the rest."""
     lagging = engine_of()
     follower.load(lagging, 2)
     store.keep = 1
     store.collect(in_use=set())
-    assert 5 not in store.versions() and 9 in store.versions()
+    assert store.latest() == 9
     follower.load(lagging, 9)
     assert lagging.version == 9 and _holds(lagging, truth[9])
+
+
+@pytest.mark.slow
+def test_the_ray_store_keeps_deltas_and_an_actor_follows_them(tmp_path):
+    ray = pytest.importorskip("ray")
+    from actors.versions import plan_load
+    from async_rl.weights.ray_store import RayWeightStore
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        store, truth, engine_of = _published(tmp_path, 10, RayWeightStore("delta", 1, True))
+        reader = RayWeightStore("delta")  # as an actor on another node looks it up
+        assert reader.sizes(4)[0] is None and reader.sizes(3)[0] is not None
+        assert plan_load(reader, None, 5) == [("whole", 3), ("delta", 4), ("delta", 5)]
+        engine, follower = engine_of(), _follower(reader)
+        for target in (1, 5, 8):
+            follower.load(engine, target)
+            assert engine.version == target and _holds(engine, truth[target])
+        assert follower.steps["delta"] >= 6
+        _check_a_lagging_actor(reader, truth, engine_of, follower)
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.parametrize("batching", ["static", "continuous"])

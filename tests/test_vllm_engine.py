@@ -401,3 +401,45 @@ def test_a_qwen_style_bpe_checkpoint_generates_and_stops_as_in_the_embedded_engi
         assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
     assert ours[0][0].tokens[-1] in (listed, extra) and ours[0][0].finish_reason == "stop"
     assert ours[1][0].tokens[-1] in (listed, extra) and ours[1][0].finish_reason == "stop"
+
+
+def test_a_delta_patched_into_vllm_serves_what_loading_that_version_whole_serves(
+    engine, checkpoints
+):
+    """`learner.weight_deltas = send` with a vLLM actor: the host copy patched (and checked)
+    and loaded; greedy completions are those of the version loaded whole, and a refused delta
+    changes nothing."""
+    from async_rl.weights.delta import fingerprint, make_delta
+
+    (path_a, _), (path_b, _) = checkpoints
+    a, b = load_file(path_a / "model.safetensors"), load_file(path_b / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+
+    def towards_b(tensors, share):  # b differs from a everywhere: a share of its changes
+        return {
+            k: torch.where(torch.rand(v.shape, generator=gen) < share, b[k], v)
+            for k, v in tensors.items()
+        }
+
+    mid = towards_b(a, 0.1)
+    delta = make_delta(a, mid, 1, 2, fingerprint(a))
+    assert 0.05 < delta.share < 0.15
+    engine.keep_host = True
+    try:
+        engine.load_weights(a, 1)
+        greedy = SamplingParams(0.0, 1.0, 6, None)
+        before = engine.generate(PROMPTS, greedy, 1)
+        wrong = make_delta(mid, towards_b(mid, 0.05), 1, 2, fingerprint(mid))  # on mid, not a
+        with pytest.raises(ValueError, match="would not be version 2"):
+            engine.apply_delta(wrong)
+        assert engine.version == 1 and engine.generate(PROMPTS, greedy, 1) == before
+        engine.apply_delta(delta)
+        assert engine.version == 2 and engine.fingerprint == fingerprint(mid)
+        ours = [g.tokens for (g,) in engine.generate(PROMPTS, greedy, 1)]
+        engine.keep_host = False
+        engine.load_weights(mid, 3)
+        assert ours == [g.tokens for (g,) in engine.generate(PROMPTS, greedy, 1)]
+        assert ours != [g.tokens for (g,) in before]
+    finally:
+        engine.keep_host, engine.host = False, None
+        engine.load_weights(path_a, 0)

@@ -216,9 +216,9 @@ def apply_delta(
 
 
 # ---------------------------------------------------------------------- files
-def save_delta(delta: Delta, path: Path) -> None:
-    """`delta` as a safetensors file: `<name>:values` (and `<name>:indices` where sparse)
-    per patch, the rest in its JSON metadata."""
+def to_tensors(delta: Delta) -> tuple[dict[str, torch.Tensor], dict]:
+    """`delta` as flat tensors (`<name>:values`, and `<name>:indices` where sparse) and a
+    JSON-able header: what the stores keep (a safetensors file, Ray objects)."""
     tensors, shapes = {}, {}
     for patch in delta.patches:
         tensors[f"{patch.name}:values"] = patch.values.contiguous()
@@ -233,6 +233,31 @@ def save_delta(delta: Delta, path: Path) -> None:
         "entries": delta.entries,
         "shapes": shapes,
     }
+    return tensors, header
+
+
+def from_tensors(tensors: Mapping[str, torch.Tensor], header: dict, where: str) -> Delta:
+    """The delta `to_tensors` gave; `ValueError` naming `where` when something is missing."""
+    try:
+        patches = [
+            Patch(name, tuple(shape), tensors.get(f"{name}:indices"), tensors[f"{name}:values"])
+            for name, shape in header["shapes"].items()
+        ]
+        return Delta(
+            int(header["base"]),
+            int(header["version"]),
+            patches,
+            int(header["fingerprint"], 16),
+            int(header["changed"]),
+            int(header["entries"]),
+        )
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{where}: not a weight delta ({type(e).__name__}: {e})") from None
+
+
+def save_delta(delta: Delta, path: Path) -> None:
+    """`delta` as a safetensors file, its header in the file's metadata."""
+    tensors, header = to_tensors(delta)
     save_file(tensors, path, metadata={"format": "pt", "delta": json.dumps(header)})
 
 
@@ -241,18 +266,7 @@ def load_delta(path: Path) -> Delta:
     try:
         with safe_open(path, framework="pt") as f:
             header = json.loads((f.metadata() or {})["delta"])
-            shapes = header["shapes"]
-            patches = []
-            for name, shape in shapes.items():
-                indices = f.get_tensor(f"{name}:indices") if f"{name}:indices" in f.keys() else None
-                patches.append(Patch(name, tuple(shape), indices, f.get_tensor(f"{name}:values")))
-            return Delta(
-                int(header["base"]),
-                int(header["version"]),
-                patches,
-                int(header["fingerprint"], 16),
-                int(header["changed"]),
-                int(header["entries"]),
-            )
-    except (OSError, SafetensorError, KeyError, ValueError, TypeError, AttributeError) as e:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError, KeyError, ValueError) as e:
         raise ValueError(f"{path}: not a readable weight delta ({type(e).__name__}: {e})") from None
+    return from_tensors(tensors, header, str(path))

@@ -1,6 +1,7 @@
 """The `ray` weight store: each version's tensors in the Ray object store, indexed by a named
 Ray actor, for runs whose actors share no filesystem with the learner. Tensors travel as numpy
-arrays (bfloat16 as its raw 16 bits) in Ray's own serialization."""
+arrays (bfloat16 as its raw 16 bits) in Ray's own serialization. With weight deltas a version
+is kept whole, as a delta on the one before (`async_rl.weights.delta`), or both, as in `fs`."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from collections.abc import Iterator
 
 import torch
 
+from async_rl.weights.delta import Delta, from_tensors, to_tensors
 from async_rl.weights.store import PlainStore, VersionGone
 
 
 class _Registry:
-    """Ray actor body: version -> object ref of that version's tensors (numpy arrays).
+    """Ray actor body: version -> object refs of that version's tensors (numpy arrays), whole
+    and as a delta (`{"whole": ref or None, "delta": ref or None, "sizes": (bytes, bytes)}`).
 
     The registry puts each version itself, so the objects are its own and sit in its node's
     object store: they outlive the learner process (and node) that published them (Ray loses a
@@ -22,20 +25,31 @@ class _Registry:
     def __init__(self, keep: int):
         self.keep, self.refs = keep, {}
 
-    def put(self, version: int, arrays: dict) -> None:
+    def put(self, version: int, arrays: dict | None, delta: tuple | None, sizes: tuple) -> None:
         import ray
 
-        self.refs[version] = ray.put(arrays)
+        self.refs[version] = {
+            "whole": None if arrays is None else ray.put(arrays),
+            "delta": None if delta is None else ray.put(delta),
+            "sizes": sizes,
+        }
 
     def latest(self) -> int | None:
         return max(self.refs) if self.refs else None
 
-    def get(self, version: int) -> list:
-        return [self.refs[version]] if version in self.refs else []
+    def get(self, version: int, kind: str = "whole") -> list:
+        ref = self.refs.get(version, {}).get(kind)
+        return [] if ref is None else [ref]
+
+    def sizes(self, version: int) -> tuple | None:
+        return self.refs[version]["sizes"] if version in self.refs else None
 
     def collect(self, in_use: list[int]) -> list[int]:
+        """Versions no actor uses, but the newest `keep`, version 0, and the newest whole
+        version with every delta after it."""
         versions = sorted(self.refs)
-        doomed = [v for v in versions[: -self.keep] if v not in in_use and v != 0]
+        whole = max((v for v in versions if self.refs[v]["whole"] is not None), default=0)
+        doomed = [v for v in versions[: -self.keep] if v not in in_use and 0 != v < whole]
         for v in doomed:
             del self.refs[v]
         return doomed
@@ -50,9 +64,24 @@ class RayWeightStore(PlainStore):
         self.ray = ray
         self.registry = create_registry(name, keep) if create else ray.get_actor(name)
 
-    def publish(self, version: int, hf_state: dict[str, torch.Tensor], durable=False) -> None:
-        arrays = {k: _to_numpy(v) for k, v in hf_state.items()}
-        self.ray.get(self.registry.put.remote(version, arrays))
+    def publish(
+        self,
+        version: int,
+        hf_state: dict[str, torch.Tensor] | None,
+        durable=False,
+        delta: Delta | None = None,
+    ) -> None:
+        arrays = packed = None
+        whole_bytes = delta_bytes = None
+        if hf_state is not None:
+            arrays = {k: _to_numpy(v) for k, v in hf_state.items()}
+            whole_bytes = sum(a.nbytes for a, _ in arrays.values())
+        if delta is not None:
+            tensors, header = to_tensors(delta)
+            packed = ({k: _to_numpy(v) for k, v in tensors.items()}, header)
+            delta_bytes = delta.nbytes
+        sizes = (whole_bytes, delta_bytes)
+        self.ray.get(self.registry.put.remote(version, arrays, packed, sizes))
 
     def latest(self) -> int | None:
         return self.ray.get(self.registry.latest.remote())
@@ -65,8 +94,25 @@ class RayWeightStore(PlainStore):
     def fetch(self, version: int) -> dict[str, torch.Tensor]:
         refs = self.ray.get(self.registry.get.remote(version))
         if not refs:
-            raise VersionGone(f"weights version {version} is not in the Ray object store")
+            raise VersionGone(f"weights version {version} is not in the Ray object store whole")
         return {k: _from_numpy(*v) for k, v in self.ray.get(refs[0]).items()}
+
+    def sizes(self, version: int) -> tuple[int | None, int | None]:
+        """Bytes of the version whole and as a delta (None where it is not kept so)."""
+        sizes = self.ray.get(self.registry.sizes.remote(version))
+        if sizes is None:
+            raise VersionGone(f"weights version {version} is not in the Ray object store")
+        return tuple(sizes)
+
+    def read_delta(self, version: int) -> Delta:
+        refs = self.ray.get(self.registry.get.remote(version, "delta"))
+        if not refs:
+            raise VersionGone(
+                f"weights version {version} is not in the Ray object store as a delta"
+            )
+        arrays, header = self.ray.get(refs[0])
+        tensors = {k: _from_numpy(*v) for k, v in arrays.items()}
+        return from_tensors(tensors, header, f"ray weight delta {version}")
 
     def collect(self, in_use: set[int]) -> list[int]:
         return self.ray.get(self.registry.collect.remote(sorted(in_use)))
