@@ -104,6 +104,13 @@ def check_request(request: GroupRequest, spec: ModelSpec) -> None:
         raise ValueError(f"max_new_tokens: must be >= 1, got {params.max_new_tokens}")
 
 
+def _check_settings(kv_on_swap: str, max_running_rows: int) -> None:
+    if kv_on_swap not in KV_ON_SWAP:
+        raise ValueError(f"kv_on_swap: {kv_on_swap!r} is not one of {', '.join(KV_ON_SWAP)}")
+    if max_running_rows < 1:
+        raise ValueError(f"max_running_rows: must be >= 1, got {max_running_rows}")
+
+
 class EmbeddedEngine:
     """The `Engine` of the CPU actor: see the module docstring."""
 
@@ -127,10 +134,7 @@ class EmbeddedEngine:
                 f"quantization: {quantization!r} is not offered; choose from "
                 f"{', '.join(map(repr, self.capabilities.quantizations))}"
             )
-        if kv_on_swap not in KV_ON_SWAP:
-            raise ValueError(f"kv_on_swap: {kv_on_swap!r} is not one of {', '.join(KV_ON_SWAP)}")
-        if max_running_rows < 1:
-            raise ValueError(f"max_running_rows: must be >= 1, got {max_running_rows}")
+        _check_settings(kv_on_swap, max_running_rows)
         self.quantization, self.device = quantization, torch.device(device)
         self.max_running_rows, self.kv_on_swap = max_running_rows, kv_on_swap
         self.version = 0
@@ -143,7 +147,7 @@ class EmbeddedEngine:
         # with weight deltas: the last weights loaded, as published, and their fingerprint
         self.keep_host = keep_host
         self.host: dict[str, torch.Tensor] | None = None
-        self.fingerprint = 0
+        self.fingerprint: int | None = None  # None: not known yet (computed when needed)
         if has_weights(checkpoint_dir):
             self.load_weights(checkpoint_dir, 0)
 
@@ -180,7 +184,7 @@ class EmbeddedEngine:
             self.model, self._spec, self.version = model, spec, version
             self._recompute_kv()
         if self.keep_host:  # what deltas patch (`apply_delta`)
-            self.host, self.fingerprint = tensors, fingerprint(tensors)
+            self.host, self.fingerprint = tensors, None  # the store may tell it
 
     def apply_delta(self, delta: Delta) -> None:
         """Patch the served weights to `delta.version` in place: the host copy entry by entry
@@ -189,6 +193,8 @@ class EmbeddedEngine:
         each patched tensor (fp8: only the touched rows requantized). Needs `keep_host`."""
         if self.host is None or self.model is None:
             raise ValueError(f"delta {delta.base}->{delta.version}: no weights kept to patch")
+        if self.fingerprint is None:
+            self.fingerprint = fingerprint(self.host)
         self.fingerprint = apply_delta(self.host, delta, self.version, self.fingerprint)
         with torch.inference_mode():
             for patch in delta.patches:

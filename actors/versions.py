@@ -137,6 +137,7 @@ class VersionFollower:
                 with self.store.reading(v) as tensors:
                     engine.load_weights(tensors, v)
                 engine.version = v
+                engine.fingerprint = self.store.fingerprint(v)  # the learner's, if it says
             else:
                 engine.apply_delta(self.store.read_delta(v))
 

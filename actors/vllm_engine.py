@@ -168,7 +168,7 @@ class VLLMEngine:
         self.capabilities, self.quantization, self.device = caps, quantization, device
         self.version = 0
         # with weight deltas: the last weights loaded, as published, and their fingerprint
-        self.keep_host, self.host, self.fingerprint = keep_host, None, 0
+        self.keep_host, self.host, self.fingerprint = keep_host, None, None
         # running: the request and, per sample, what its deltas brought so far
         self.requests: dict[str, tuple[GroupRequest, list[_Partial]]] = {}
         path = Path(checkpoint_dir)
@@ -319,7 +319,7 @@ class VLLMEngine:
             tensors = check_tensors(dict(source), self.spec, f"weights of version {version}")
             files = self._write_chunks(tensors, version)
             if self.keep_host and not patched:
-                self.host, self.fingerprint = tensors, fingerprint(tensors)
+                self.host, self.fingerprint = tensors, None  # the store may tell it
         else:
             path = Path(source)
             spec = read_model_spec(path)
@@ -351,6 +351,8 @@ class VLLMEngine:
         delta saves are the learner-to-actor ones."""
         if self.host is None:
             raise ValueError(f"delta {delta.base}->{delta.version}: no weights kept to patch")
+        if self.fingerprint is None:
+            self.fingerprint = fingerprint(self.host)
         self.fingerprint = apply_delta(self.host, delta, self.version, self.fingerprint)
         self.load_weights(self.host, delta.version)
 

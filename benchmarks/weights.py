@@ -1,6 +1,7 @@
 """Weights to actors: publish-to-all-actors-loaded time through `fs`, `ray` and `collective`.
 
     python benchmarks/weights.py [--actors 2] [--synthetic-gib 1.0] [--rounds 3]
+    python benchmarks/weights.py --deltas [--versions 12]     whole versions against deltas
 
 Two states: the tiny model's (`ModelConfig()`, Hugging Face names) and a synthetic one of
 `--synthetic-gib` GiB (bf16 tensors of 64 MiB). The actors are Ray actors (one process each);
@@ -17,6 +18,15 @@ processes, the floor of any collective path (goal: collective <= 1.3 x bare). Me
 Last, what the collective sender's copy of the last version (`WeightSender.last`, kept for late
 joiners) costs rank 0 while the learner gathers the next version: the resident memory it holds,
 kept (as before `forget`) and let go (`Publisher.before_gather`, now).
+
+`--deltas` (no Ray, one process): for the rehearsal config (the paper's shapes, 48 M
+parameters, bf16 versions of fp32 masters) at lr 1e-6 and 3e-5, and the tiny model at its
+own lr (its versions are fp32), AdamW steps (random gradients: Adam's step is about lr per
+entry whatever they are) make `--versions` versions; each is published to an `fs` store whole,
+and to another as `learner.weight_deltas = send` does (a delta, whole too every 10th; whole
+alone where the delta would not halve the bytes), and an
+FP8 embedded engine follows each store (`VersionFollower.load`). Printed: the changed share,
+the bytes stored per version, and the publish-to-loaded time, medians, whole against delta.
 """
 
 from __future__ import annotations
@@ -162,14 +172,88 @@ def sender_copy(gib: float, bucket_bytes: int) -> tuple[int, int]:
         sender.close()
 
 
+def delta_versions(config: str, lr: float | None, versions: int):
+    """(measures of the whole store, of the delta store, changed shares): module docstring."""
+    from actors.embedded import EmbeddedEngine
+    from actors.versions import VersionFollower
+    from async_rl.config import load_config
+    from async_rl.tokenizer import Tokenizer
+    from async_rl.weights.delta import DeltaMeter
+    from learner.hf import export_hf, hf_state_dict
+    from learner.model import build_model
+
+    cfg = load_config(ROOT / config, [] if lr is None else [f"learner.lr={lr}"])
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    model = build_model(cfg.model, seed=0, dtype=torch.float32)
+    root = Path(tempfile.mkdtemp(prefix="delta-bench-"))
+    start = export_hf(model, cfg.model, Tokenizer.arithmetic(), root / "start")
+    masters = {k: v.float().requires_grad_() for k, v in hf_state_dict(model, cfg.model).items()}
+    opt = torch.optim.AdamW(masters.values(), lr=cfg.learner.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    ways = {"whole": "off", "delta": "send"}
+    out = {way: {"mib": [], "s": []} for way in ways}
+    meter, shares = DeltaMeter(), []
+    for way, mode in ways.items():
+        follower_cfg = load_config(None, [f"learner.weight_deltas={mode}"])
+        store = FsWeightStore(root / way, template=start, keep=3)
+        engine = EmbeddedEngine(start, "fp8", keep_host=mode == "send")
+        ways[way] = (store, engine, VersionFollower(follower_cfg, store, None))
+    for v in range(versions):
+        state = {k: m.detach().to(dtype, copy=True) for k, m in masters.items()}
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        meter.measure(v, state)
+        shares += [meter.delta.share] if meter.delta is not None else []
+        for way, (store, engine, follower) in ways.items():
+            delta = meter.delta if way == "delta" else None
+            if delta is not None and delta.nbytes > nbytes / 2:  # as `Publisher`
+                delta = None
+            whole = delta is None or v % 10 == 0
+            mark = meter.fingerprint if way == "delta" else None
+            began = time.perf_counter()
+            store.publish(v, state if whole else None, delta=delta, fingerprint=mark)
+            follower.load(engine, v)
+            if v > 0:  # version 0 is every engine's start
+                out[way]["s"].append(time.perf_counter() - began)
+                files = (root / way / f"v{v:06d}").iterdir()
+                out[way]["mib"].append(sum(f.stat().st_size for f in files) / MIB)
+            store.collect({v})
+        for m in masters.values():
+            m.grad = torch.randn(m.shape, generator=gen)
+        opt.step()
+    return out, shares
+
+
+def delta_main(versions: int) -> int:
+    print(f"whole versions against deltas, {versions} versions each, medians per version")
+    columns = ("changed", 9), ("MiB whole", 11), ("MiB delta", 11), ("s whole", 9)
+    print(f"{'model, lr':<34}" + "".join(f"{c:>{w}}" for c, w in columns) + "  s delta  speedup")
+    for config, lr, label in (
+        ("configs/qwen3_30b_a3b_rehearsal.toml", 1e-6, "rehearsal (bf16), lr 1e-6"),
+        ("configs/qwen3_30b_a3b_rehearsal.toml", 3e-5, "rehearsal (bf16), lr 3e-5"),
+        ("configs/tiny.toml", None, "tiny (fp32), its lr 1e-4"),
+    ):
+        out, shares = delta_versions(config, lr, versions)
+        med = {w: {k: statistics.median(v) for k, v in out[w].items()} for w in out}
+        print(
+            f"{label:<34}{statistics.median(shares):>8.2%}{med['whole']['mib']:>11.2f}"
+            f"{med['delta']['mib']:>11.2f}{med['whole']['s']:>9.3f}{med['delta']['s']:>9.3f}"
+            f"{med['whole']['s'] / med['delta']['s']:>8.2f}x"
+        )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--synthetic-gib", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bucket-mib", type=int, default=256)
+    parser.add_argument("--deltas", action="store_true", help="whole versions against deltas")
+    parser.add_argument("--versions", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.deltas:
+        return delta_main(args.versions)
     ray.init(
         address="local",
         num_cpus=args.actors + 1,

@@ -50,9 +50,12 @@ class Publisher:
         buffer `version`. `source` belongs to the publish thread from here on."""
         self.cfg, self.source, self.ranks = cfg, source, ranks
         self.store = weight_store(cfg, paths.root, start, create=True)
+        self.deltas = DeltaMeter() if cfg.learner.weight_deltas != "off" else None
+        if self.deltas is not None:  # `weights` may be views of the parameters
+            self.deltas.measure(version, {k: v.clone() for k, v in weights.items()})
         latest = self.store.latest()
         if latest is None or latest < version:
-            self.store.publish(version, weights)
+            self._store(version, weights, None, self._mark())
         previous = (read_endpoints(paths, "learner") or {}).get("weights")
         self.announcer = WeightAnnouncer(ctx, cfg.run.bind_host, curve, previous)
         publish_endpoints(
@@ -60,20 +63,13 @@ class Publisher:
         )
         self.source.publish(version)
         self.thread = Background("publish")
-        self.deltas = DeltaMeter() if cfg.learner.weight_deltas != "off" else None
-        if self.deltas is not None:  # `weights` may be views of the parameters
-            self.deltas.measure(version, {k: v.clone() for k, v in weights.items()})
 
-    def publish(self, version: int, hf_state, in_use: set[int], delta=None):
+    def publish(self, version: int, hf_state, in_use: set[int], delta=None, mark=None):
         """On the publish thread: the store writes the version (manifest last; whole, as a
         delta, or both), the buffer learns it (admission), the announcement goes out, old
         versions are collected. A checkpoint's version is durable (the collective path's
         late joiners start there)."""
-        durable = checkpoints_at(self.cfg, version)
-        if delta is None:
-            self.store.publish(version, hf_state, durable=durable)
-        else:
-            self.store.publish(version, hf_state, durable=durable, delta=delta)
+        self._store(version, hf_state, delta, mark)
         self.source.publish(version)  # first: an actor told of it may lease at once
         self.announcer.announce(version)
         self.store.collect(in_use)
@@ -86,18 +82,33 @@ class Publisher:
         """Publish on the thread; the metrics of the previous version's transfer (if the store
         tells) and the bytes rank 0 holds for it (`publish_peak_mib`)."""
         deltas = {} if self.deltas is None else self.deltas.measure(version, hf_state)
-        delta = self.deltas.delta if self.cfg.learner.weight_deltas == "send" else None
-        whole = delta is None or self._whole(version, delta)
-        self.thread.submit(self.publish, version, hf_state if whole else None, in_use, delta)
+        send = self.cfg.learner.weight_deltas == "send"
+        delta = self.deltas.delta if send else None
+        full = sum(t.numel() * t.element_size() for t in hf_state.values())
+        if delta is not None and delta.nbytes > full / 2:
+            delta = None  # saves under half the bytes: applying it costs more than it saves
+        whole = delta is None or self._whole(version)
+        mark = self._mark()
+        self.thread.submit(self.publish, version, hf_state if whole else None, in_use, delta, mark)
         peak = self.peak_bytes(hf_state) / 2**20
         return {"publish_peak_mib": peak, **deltas, **self.store.stats()}
 
-    def _whole(self, version: int, delta) -> bool:
+    def _store(self, version: int, hf_state, delta, mark) -> None:
+        durable = checkpoints_at(self.cfg, version)
+        if mark is None:
+            self.store.publish(version, hf_state, durable=durable)
+        else:  # weight deltas: the version's fingerprint, and its delta where it pays
+            self.store.publish(version, hf_state, durable=durable, delta=delta, fingerprint=mark)
+
+    def _mark(self) -> int | None:
+        """The fingerprint of the version just measured, stored with it when deltas are sent."""
+        return self.deltas.fingerprint if self.cfg.learner.weight_deltas == "send" else None
+
+    def _whole(self, version: int) -> bool:
         """Whether `version` is stored whole besides its delta: every `learner.full_every`,
-        at checkpoints, and when its delta would be no smaller."""
-        full = sum(t.numel() * t.element_size() for t in self.deltas.previous.values())
+        and at checkpoints."""
         every = version % self.cfg.learner.full_every == 0
-        return every or checkpoints_at(self.cfg, version) or delta.nbytes >= full
+        return every or checkpoints_at(self.cfg, version)
 
     def peak_bytes(self, state: dict[str, torch.Tensor]) -> int:
         """Bytes rank 0 holds to publish a version beyond the model: the version's copy (and

@@ -166,10 +166,11 @@ class FsWeightStore(PlainStore):
         hf_state: dict[str, torch.Tensor] | None,
         durable=False,
         delta: Delta | None = None,
+        fingerprint: int | None = None,
     ) -> None:
         """Write `version`: whole (`hf_state`, a checkpoint directory), as a delta on the
         version before (`delta`), or both; the manifest, written last, names its files and
-        the fingerprint of its weights (when known)."""
+        the fingerprint of its weights (`fingerprint`, or the delta's)."""
         final = _version_dir(self.root, version)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
         try:
@@ -192,8 +193,9 @@ class FsWeightStore(PlainStore):
             raise
         files = {f.name: f.stat().st_size for f in final.iterdir() if f.name != MANIFEST}
         manifest = {"version": version, "files": files, "created_at": time.time()}
-        if delta is not None:
-            manifest["fingerprint"] = f"{delta.fingerprint:016x}"
+        if delta is not None or fingerprint is not None:
+            mark = delta.fingerprint if fingerprint is None else fingerprint
+            manifest["fingerprint"] = f"{mark:016x}"
         write_json_atomic(final / MANIFEST, manifest)
 
     def versions(self) -> list[int]:
@@ -209,6 +211,11 @@ class FsWeightStore(PlainStore):
     def latest(self) -> int | None:
         versions = self.versions()
         return versions[-1] if versions else None
+
+    def fingerprint(self, version: int) -> int | None:
+        """The fingerprint of the version's weights (`weights.delta`), if it was stored."""
+        mark = read_manifest(self.path(version)).get("fingerprint")
+        return None if mark is None else int(mark, 16)
 
     def sizes(self, version: int) -> tuple[int | None, int | None]:
         """Bytes of the version whole and as a delta (None where it is not stored so)."""

@@ -25,13 +25,14 @@ class _Registry:
     def __init__(self, keep: int):
         self.keep, self.refs = keep, {}
 
-    def put(self, version: int, arrays: dict | None, delta: tuple | None, sizes: tuple) -> None:
+    def put(self, version: int, arrays, delta, sizes: tuple, fingerprint=None) -> None:
         import ray
 
         self.refs[version] = {
             "whole": None if arrays is None else ray.put(arrays),
             "delta": None if delta is None else ray.put(delta),
             "sizes": sizes,
+            "fingerprint": fingerprint,
         }
 
     def latest(self) -> int | None:
@@ -43,6 +44,9 @@ class _Registry:
 
     def sizes(self, version: int) -> tuple | None:
         return self.refs[version]["sizes"] if version in self.refs else None
+
+    def fingerprint(self, version: int) -> str | None:
+        return self.refs.get(version, {}).get("fingerprint")
 
     def collect(self, in_use: list[int]) -> list[int]:
         """Versions no actor uses, but the newest `keep`, version 0, and the newest whole
@@ -70,6 +74,7 @@ class RayWeightStore(PlainStore):
         hf_state: dict[str, torch.Tensor] | None,
         durable=False,
         delta: Delta | None = None,
+        fingerprint: int | None = None,
     ) -> None:
         arrays = packed = None
         whole_bytes = delta_bytes = None
@@ -81,7 +86,9 @@ class RayWeightStore(PlainStore):
             packed = ({k: _to_numpy(v) for k, v in tensors.items()}, header)
             delta_bytes = delta.nbytes
         sizes = (whole_bytes, delta_bytes)
-        self.ray.get(self.registry.put.remote(version, arrays, packed, sizes))
+        mark = delta.fingerprint if fingerprint is None and delta is not None else fingerprint
+        mark = None if mark is None else f"{mark:016x}"  # Ray's msgpack: no 64-bit unsigned
+        self.ray.get(self.registry.put.remote(version, arrays, packed, sizes, mark))
 
     def latest(self) -> int | None:
         return self.ray.get(self.registry.latest.remote())
@@ -103,6 +110,11 @@ class RayWeightStore(PlainStore):
         if sizes is None:
             raise VersionGone(f"weights version {version} is not in the Ray object store")
         return tuple(sizes)
+
+    def fingerprint(self, version: int) -> int | None:
+        """The fingerprint of the version's weights (`weights.delta`), if it was stored."""
+        mark = self.ray.get(self.registry.fingerprint.remote(version))
+        return None if mark is None else int(mark, 16)
 
     def read_delta(self, version: int) -> Delta:
         refs = self.ray.get(self.registry.get.remote(version, "delta"))
