@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from async_rl.weights.delta import Delta
+
 # What an engine loads a version from: a Hugging Face checkpoint directory (to build the model
 # it serves), or that checkpoint's tensors by Hugging Face name (to swap the weights of the
 # model it already serves; what every store's reader yields).
@@ -62,6 +64,25 @@ class WeightStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class DeltaStore(WeightStore, Protocol):
+    """A store that also keeps versions as sparse deltas (`fs`, `ray`; `weights.delta`):
+    `publish(version, hf_state or None, durable, delta=..., fingerprint=...)` keeps it whole,
+    as a delta on the version before, or both, with its weights' fingerprint."""
+
+    def sizes(self, version: int) -> tuple[int | None, int | None]:
+        """Bytes of the version whole and as a delta (None where it is not kept so);
+        `VersionGone` if it is not here."""
+        ...
+
+    def fingerprint(self, version: int) -> int | None:
+        """The fingerprint of the version's weights, if it was stored."""
+        ...
+
+    def read_delta(self, version: int) -> Delta:
+        """The version as a delta on the one before; `VersionGone` if it is not kept so."""
+        ...
 
 
 class PlainStore:
