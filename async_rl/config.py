@@ -147,7 +147,11 @@ class TaskConfig:
     options: dict[str, Any] = _f(
         {}, "Keyword arguments of a task class by name, besides `seed`, e.g. {level = 2}."
     )
-    path: str = _f("", "JSONL or Parquet file with `prompt` and `answer` columns (type = file).")
+    path: str = _f(
+        "",
+        "JSONL or Parquet file with `prompt` and `answer` columns (type = file); other columns "
+        "are each problem's metadata, a `solution` column the cold start's completion.",
+    )
     reward: str = _f(
         "exact_match",
         "Reward of a completion: `exact_match` or `math_verify` (the task's own), or a "

@@ -140,13 +140,15 @@ def prompt_file(request, tmp_path):
 
 
 def test_file_loading(prompt_file):
-    assert load_prompt_file(prompt_file) == [(f"q{i}", f"a{i}") for i in range(10)]
+    rows = [(f"q{i}", f"a{i}", {"extra": i}) for i in range(10)]
+    assert load_prompt_file(prompt_file) == rows  # other columns: the problem's metadata
     task = FileTask(prompt_file, seed=0, heldout_size=3)
     heldout = task.heldout()
     assert len(heldout) == 3 and task.num_train() == 7
     for p in heldout:
         row = int(p.prompt_id.removeprefix("file-row-"))
-        assert (p.prompt, p.answer) == (f"q{row}", f"a{row}")
+        assert (p.prompt, p.answer, p.metadata) == (f"q{row}", f"a{row}", {"extra": row})
+        assert task.sft_completion(p) == p.answer  # no solution column
     assert FileTask(prompt_file, seed=0, heldout_size=3).heldout() == heldout
     assert task.sft_completion(heldout[0]) == heldout[0].answer
 
@@ -176,15 +178,15 @@ def test_duplicate_prompts_of_heldout_rows_are_not_trained_on(tmp_path):
 
 def test_numeric_answers_become_strings(tmp_path):
     path = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "1+1=", "answer": 2}])
-    assert load_prompt_file(path) == [("1+1=", "2")]
+    assert load_prompt_file(path) == [("1+1=", "2", {})]
     path = write_parquet(tmp_path / "n.parquet", {"prompt": ["half"], "answer": [0.5]})
-    assert load_prompt_file(path) == [("half", "0.5")]
+    assert load_prompt_file(path) == [("half", "0.5", {})]
 
 
 def test_blank_lines_are_skipped(tmp_path):
     path = tmp_path / "b.jsonl"
     path.write_text('\n{"prompt": "p", "answer": "a"}\n\n')
-    assert load_prompt_file(path) == [("p", "a")]
+    assert load_prompt_file(path) == [("p", "a", {})]
 
 
 @pytest.mark.parametrize(
@@ -328,3 +330,16 @@ def test_the_tiny_cot_config_fits_its_longest_worked_answer():
     longest = tok.encode(worked("999*99=")) + [tok.eos_id]
     assert len(longest) <= cfg.actor.max_new_tokens
     assert len(tok.encode_prompt("999*99=")) + len(longest) <= cfg.model.max_seq_len
+
+
+def test_a_solution_column_is_the_cold_starts_completion(tmp_path):
+    rows = [{"prompt": f"q{i}", "answer": "3/4", "solution": f"6/8 by step {i}"} for i in range(4)]
+    task = FileTask(write_jsonl(tmp_path / "s.jsonl", rows), seed=0, heldout_size=1)
+    p = task.train_problem(0)
+    assert task.sft_completion(p) == p.metadata["solution"] and p.metadata["solution"].startswith(
+        "6/8"
+    )
+    with pytest.raises(ValueError, match="line 1: 'solution' must be a string"):
+        load_prompt_file(
+            write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "answer": "a", "solution": 3}])
+        )

@@ -1,6 +1,8 @@
 """The built-in `file` task (`task.type = "file"`): a user's JSONL or Parquet file with string
 columns `prompt` and `answer`, cycled in epochs, reshuffled (seeded) every epoch, scored by
-exact match or math-verify (`task.reward`).
+exact match or math-verify (`task.reward`). Its other columns are each problem's metadata
+(stored with its completions, handed to a reward by name); a `solution` column, where there is
+one, is the cold start's completion instead of the answer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ from async_rl.rewards import math_verify_reward, require_math_verify
 from async_rl.tasks import Problem, check_index
 
 FILE_SUFFIXES = (".jsonl", ".parquet")
+Row = tuple[str, str, dict]  # prompt, answer, the other columns
+
+
+def _row(record: dict[str, Any], where: str) -> Row:
+    extras = {k: v for k, v in record.items() if k not in ("prompt", "answer")}
+    solution = extras.get("solution")
+    if solution is not None and not isinstance(solution, str):
+        raise ValueError(f"{where}: 'solution' must be a string, got {type(solution).__name__}")
+    return _field(record, "prompt", where), _field(record, "answer", where), extras
 
 
 def _field(record: dict[str, Any], key: str, where: str) -> str:
@@ -37,7 +48,7 @@ def _field(record: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+def _read_jsonl(path: Path) -> list[Row]:
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -56,11 +67,11 @@ def _read_jsonl(path: Path) -> list[tuple[str, str]]:
             raise ValueError(f"{where}, column {e.colno}: invalid JSON: {e.msg}") from None
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        rows.append((_field(record, "prompt", where), _field(record, "answer", where)))
+        rows.append(_row(record, where))
     return rows
 
 
-def _read_parquet(path: Path) -> list[tuple[str, str]]:
+def _read_parquet(path: Path) -> list[Row]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -73,25 +84,24 @@ def _read_parquet(path: Path) -> list[tuple[str, str]]:
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; the file has columns {names}")
     try:
-        table = pq.read_table(path, columns=["prompt", "answer"])
+        records = pq.read_table(path).to_pylist()
     except (OSError, ValueError, pa.ArrowException) as e:
         raise ValueError(f"{path}: cannot be read as Parquet: {e}") from None
-    prompts = table.column("prompt").to_pylist()
-    answers = table.column("answer").to_pylist()
-    rows = []
-    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-        record = {"prompt": prompt, "answer": answer}
-        where = f"{path}: row {row}"
-        rows.append((_field(record, "prompt", where), _field(record, "answer", where)))
-    return rows
+    # metadata is JSON: dates, decimals and bytes become their text
+    as_json = [json.loads(json.dumps(r, default=str)) for r in records]
+    return [
+        _row({**j, "prompt": r["prompt"], "answer": r["answer"]}, f"{path}: row {i}")
+        for i, (r, j) in enumerate(zip(records, as_json, strict=True))
+    ]
 
 
-def load_prompt_file(path: str | Path) -> list[tuple[str, str]]:
-    """(prompt, answer) rows of a `.jsonl` or `.parquet` file; ValueError names line or row.
+def load_prompt_file(path: str | Path) -> list[Row]:
+    """(prompt, answer, other columns) rows of a `.jsonl` or `.parquet` file; ValueError names
+    line or row.
 
-    JSONL lines are numbered from 1 and blank lines are skipped; Parquet rows from 0. Columns
-    other than `prompt` and `answer` are ignored. `answer` may be a number, converted with
-    `str()` (so `3.0` stays `"3.0"`; write answers as strings to control their exact text).
+    JSONL lines are numbered from 1 and blank lines are skipped; Parquet rows from 0. `answer`
+    may be a number, converted with `str()` (so `3.0` stays `"3.0"`; write answers as strings
+    to control their exact text); `solution`, where present, must be a string.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -150,8 +160,8 @@ class FileTask:
         self._epoch_orders: dict[int, list[int]] = {}
 
     def _problem(self, row: int) -> Problem:
-        prompt, answer = self._rows[row]
-        return Problem(f"file-row-{row}", prompt, answer)
+        prompt, answer, extras = self._rows[row]
+        return Problem(f"file-row-{row}", prompt, answer, extras)
 
     def _epoch_order(self, epoch: int) -> list[int]:
         order = self._epoch_orders.get(epoch)
@@ -181,4 +191,4 @@ class FileTask:
         return 1.0 if completion.strip() == problem.answer.strip() else 0.0
 
     def sft_completion(self, problem: Problem) -> str:
-        return problem.answer
+        return problem.metadata.get("solution") or problem.answer
