@@ -120,7 +120,10 @@ class VersionFollower:
         """`plan_load` from the weights held, else from none; if a delta on the way is
         refused (damaged, or for another base) both ways, the newest whole version up to
         `version` alone: never weights that are not a published version."""
-        held = engine.version if getattr(engine, "host", None) is not None else None
+        # weights a delta may patch: a published version whose fingerprint the engine knows
+        # (not the starting checkpoint's files, which may differ from version 0 in dtype)
+        known = getattr(engine, "fingerprint", None) is not None
+        held = engine.version if known and engine.host is not None else None
         for start in dict.fromkeys((held, None)):
             try:
                 return self._run(engine, plan_load(self.store, start, version))

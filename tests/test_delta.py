@@ -240,9 +240,7 @@ def test_an_actor_reaches_every_version_bit_for_bit_by_chain_or_jump_and_survive
     assert store.sizes(4) == (None, store.sizes(4)[1]) and store.sizes(3)[0] is not None
     engine, follower = engine_of(), _follower(store)
     assert plan_load(store, None, 5) == [("whole", 3), ("delta", 4), ("delta", 5)]
-    follower.load(
-        engine, 1
-    )  # the start checkpoint is fp32: its deltas do not fit, a whole one does
+    follower.load(engine, 1)  # from the start checkpoint's files: a whole version first
     assert engine.version == 1 and _holds(engine, truth[1])
     assert plan_load(store, 1, 5) == [
         ("delta", v) for v in range(2, 6)
