@@ -55,7 +55,7 @@ from actors.engine import (
 )
 from async_rl.hf_config import ModelSpec, check_tensors, has_weights, read_model_spec
 from async_rl.weights import WeightsSource
-from async_rl.weights.delta import Delta, apply_delta, fingerprint
+from async_rl.weights.delta import Delta, patch_host
 
 KV_ON_SWAP = ("keep", "recompute")
 
@@ -191,11 +191,8 @@ class EmbeddedEngine:
         (checked first: a delta for another base, or one that would not give the version the
         learner published, is a `ValueError` and nothing changes), then what the model made of
         each patched tensor (fp8: only the touched rows requantized). Needs `keep_host`."""
-        if self.host is None or self.model is None:
-            raise ValueError(f"delta {delta.base}->{delta.version}: no weights kept to patch")
-        if self.fingerprint is None:
-            self.fingerprint = fingerprint(self.host)
-        self.fingerprint = apply_delta(self.host, delta, self.version, self.fingerprint)
+        host = self.host if self.model is not None else None
+        self.fingerprint = patch_host(host, delta, self.version, self.fingerprint)
         with torch.inference_mode():
             for patch in delta.patches:
                 patch_model(self.model, self.host, patch.name, patch.indices)

@@ -160,15 +160,16 @@ def plan_load(store, held: int | None, target: int) -> list[tuple[str, int]]:
     version up to `target` and the deltas after it, whichever reads fewer bytes; `VersionGone`
     when neither is in the store."""
     sizes: dict[int, tuple[int | None, int | None]] = {}
-    low = target if held is None else held + 1
+    low, whole = (target if held is None else held + 1), None
     for v in range(target, -1, -1):  # down to `held` and to the newest whole version
         try:
             sizes[v] = store.sizes(v)
         except VersionGone:
             sizes[v] = (None, None)
-        if v <= low and any(sizes[u][0] is not None for u in sizes):
+        if whole is None and sizes[v][0] is not None:
+            whole = v
+        if v <= low and whole is not None:
             break
-    whole = next((v for v in sorted(sizes, reverse=True) if sizes[v][0] is not None), None)
     options = []
     if held is not None and held < target and all(sizes[v][1] for v in range(held + 1, target + 1)):
         steps = [("delta", v) for v in range(held + 1, target + 1)]

@@ -68,7 +68,7 @@ from actors.engine import (
 from async_rl.hf_config import check_tensors, has_weights, read_model_spec
 from async_rl.weights import WeightsSource
 from async_rl.weights.buckets import plan_buckets
-from async_rl.weights.delta import Delta, apply_delta, fingerprint
+from async_rl.weights.delta import Delta, patch_host
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
 FINISH_REASONS = ("stop", "length")
@@ -315,10 +315,9 @@ class VLLMEngine:
         and nothing changes. Between two steps of running requests too (in flight: they are
         kept, paused, and go on with the new weights)."""
         if isinstance(source, Mapping):
-            patched = source is self.host  # `apply_delta`'s: host and fingerprint are current
             tensors = check_tensors(dict(source), self.spec, f"weights of version {version}")
             files = self._write_chunks(tensors, version)
-            if self.keep_host and not patched:
+            if self.keep_host:
                 self.host, self.fingerprint = tensors, None  # the store may tell it
         else:
             path = Path(source)
@@ -329,6 +328,10 @@ class VLLMEngine:
             if not (path / "model.safetensors").is_file():
                 raise ValueError(f"{path}: no model.safetensors")
             files = iter([path / "model.safetensors"])
+        self._swap(files, version)
+
+    def _swap(self, files, version: int) -> None:
+        """Load the safetensors `files` (chunks are removed once loaded) as `version`."""
         self.llm.sleep(level=0, mode="keep")  # the scheduler stops; running requests stay
         try:
             self.llm.start_weight_update()
@@ -349,12 +352,8 @@ class VLLMEngine:
         through the weight-transfer path: vLLM's sparse in-place patches do not reach the
         CPU kernel's prepacked experts nor FP8 weights quantized at load, and the bytes a
         delta saves are the learner-to-actor ones."""
-        if self.host is None:
-            raise ValueError(f"delta {delta.base}->{delta.version}: no weights kept to patch")
-        if self.fingerprint is None:
-            self.fingerprint = fingerprint(self.host)
-        self.fingerprint = apply_delta(self.host, delta, self.version, self.fingerprint)
-        self.load_weights(self.host, delta.version)
+        self.fingerprint = patch_host(self.host, delta, self.version, self.fingerprint)
+        self._swap(self._write_chunks(self.host, delta.version), delta.version)
 
     def _write_chunks(self, tensors: dict, version: int):
         """The tensors as safetensors files of at most `CHUNK_BYTES` in shared memory, each

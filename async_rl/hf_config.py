@@ -157,12 +157,14 @@ def read_model_spec(path: str | Path) -> ModelSpec:
     file = Path(path) / CONFIG
     c = _read_json(file)
     _check_architecture(c, file)
-    eos_ids = _eos_ids(c.get("eos_token_id"), file)
+    eos_ids = eos_id_list(c.get("eos_token_id"), file)
+    if not eos_ids:
+        raise ValueError(f"{file}: eos_token_id must be an id or a list of ids, got None")
     gen_file = Path(path) / "generation_config.json"
     if gen_file.is_file():  # where Qwen lists its stop tokens (<|im_end|>, <|endoftext|>)
         gen_eos = _read_json(gen_file).get("eos_token_id")
         if gen_eos is not None:
-            eos_ids = tuple(dict.fromkeys((*eos_ids, *_eos_ids(gen_eos, gen_file))))
+            eos_ids = tuple(dict.fromkeys((*eos_ids, *eos_id_list(gen_eos, gen_file))))
     rope = c.get("rope_parameters") or {}
     theta = c.get("rope_theta", rope.get("rope_theta", DEFAULT_ROPE_THETA))
     num_heads = int(c["num_attention_heads"])
@@ -236,11 +238,13 @@ def check_tensors(tensors: dict[str, Any], spec: ModelSpec, where: str) -> dict[
     return tensors
 
 
-def _eos_ids(eos: Any, file: Path) -> tuple[int, ...]:
-    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-    if not eos_ids or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_ids):
-        raise ValueError(f"{file}: eos_token_id must be an id or a list of ids, got {eos!r}")
-    return eos_ids
+def eos_id_list(value: Any, where: str | Path) -> tuple[int, ...]:
+    """An `eos_token_id` of config.json or generation_config.json: an id, a list of ids, or
+    absent (`()`); `ValueError` naming `where` otherwise."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{where}: eos_token_id must be an id or a list of ids, got {value!r}")
+    return tuple(ids)
 
 
 def _number(value: Any) -> bool:

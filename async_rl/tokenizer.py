@@ -31,6 +31,8 @@ from typing import Any
 
 import tokenizers
 
+from async_rl.hf_config import eos_id_list
+
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, BOS, UNK)
 ARITH_CHARS = "0123456789+-*= "
@@ -150,14 +152,6 @@ def _compile_template(template: str):
     return env.from_string(template)
 
 
-def _eos_list(value: Any, where: str) -> tuple[int, ...]:
-    """generation_config.json's `eos_token_id`: an id, a list of ids, or absent."""
-    ids = [] if value is None else [value] if not isinstance(value, list) else value
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ValueError(f"{where}: eos_token_id must be an id or a list of ids, got {value!r}")
-    return tuple(ids)
-
-
 def _token_name(value: Any) -> str | None:
     # Configs store a special token either as a string or as a serialized AddedToken dict.
     if isinstance(value, dict):
@@ -229,7 +223,7 @@ class Tokenizer:
         self.chat_template = chat_template or _chat_template(config, None)
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        gen_eos = _eos_list((generation_config or {}).get("eos_token_id"), source)
+        gen_eos = eos_id_list((generation_config or {}).get("eos_token_id"), source)
         for i in gen_eos:
             if i >= self.vocab_size:
                 raise ValueError(f"{source}: generation_config.json eos_token_id {i} is no token")

@@ -178,7 +178,7 @@ def delta_versions(config: str, lr: float | None, versions: int):
     from actors.versions import VersionFollower
     from async_rl.config import load_config
     from async_rl.tokenizer import Tokenizer
-    from async_rl.weights.delta import DeltaMeter
+    from async_rl.weights.delta import DeltaMeter, worth_sending
     from learner.hf import export_hf, hf_state_dict
     from learner.model import build_model
 
@@ -205,7 +205,7 @@ def delta_versions(config: str, lr: float | None, versions: int):
         shares += [meter.delta.share] if meter.delta is not None else []
         for way, (store, engine, follower) in ways.items():
             delta = meter.delta if way == "delta" else None
-            if delta is not None and delta.nbytes > nbytes / 2:  # as `Publisher`
+            if delta is not None and not worth_sending(delta, nbytes):  # as `Publisher`
                 delta = None
             whole = delta is None or v % 10 == 0
             mark = meter.fingerprint if way == "delta" else None

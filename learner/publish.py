@@ -22,7 +22,7 @@ from async_rl.clients import BatchSource
 from async_rl.config import Config
 from async_rl.paths import RunPaths, publish_endpoints, read_endpoints
 from async_rl.weights import WeightAnnouncer, weight_store
-from async_rl.weights.delta import DeltaMeter
+from async_rl.weights.delta import DeltaMeter, worth_sending
 from learner.background import Background
 
 
@@ -85,8 +85,8 @@ class Publisher:
         send = self.cfg.learner.weight_deltas == "send"
         delta = self.deltas.delta if send else None
         full = sum(t.numel() * t.element_size() for t in hf_state.values())
-        if delta is not None and delta.nbytes > full / 2:
-            delta = None  # saves under half the bytes: applying it costs more than it saves
+        if delta is not None and not worth_sending(delta, full):
+            delta = None
         whole = delta is None or self._whole(version)
         mark = self._mark()
         self.thread.submit(self.publish, version, hf_state if whole else None, in_use, delta, mark)

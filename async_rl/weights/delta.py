@@ -165,6 +165,20 @@ class DeltaMeter:
         return metrics
 
 
+def patch_host(host, delta: Delta, version: int, known: int | None) -> int:
+    """An engine's kept weights `host` (version `version`; fingerprint `known`, None: not
+    told, computed here) patched by `delta` as `apply_delta` does; the new fingerprint."""
+    if host is None:
+        raise ValueError(f"delta {delta.base}->{delta.version}: no weights kept to patch")
+    return apply_delta(host, delta, version, fingerprint(host) if known is None else known)
+
+
+def worth_sending(delta: Delta, whole_bytes: int) -> bool:
+    """Whether a version goes as `delta` at all: it must halve the bytes (a denser one costs
+    an actor more to check and apply than loading the version whole)."""
+    return delta.nbytes <= whole_bytes / 2
+
+
 def apply_delta(
     tensors: MutableMapping[str, torch.Tensor], delta: Delta, version: int, fingerprint: int
 ) -> int:
