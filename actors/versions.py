@@ -170,15 +170,17 @@ def plan_load(store, held: int | None, target: int) -> list[tuple[str, int]]:
             whole = v
         if v <= low and whole is not None:
             break
+
+    def chain(first: int) -> int | None:  # bytes of the deltas first..target (an empty one: 0)
+        deltas = [sizes[v][1] for v in range(first, target + 1)]
+        return None if None in deltas else sum(deltas)
+
     options = []
-    if held is not None and held < target and all(sizes[v][1] for v in range(held + 1, target + 1)):
-        steps = [("delta", v) for v in range(held + 1, target + 1)]
-        options.append((sum(sizes[v][1] for v in range(held + 1, target + 1)), steps))
-    if whole is not None and all(sizes[v][1] for v in range(whole + 1, target + 1)):
+    if held is not None and held < target and (cost := chain(held + 1)) is not None:
+        options.append((cost, [("delta", v) for v in range(held + 1, target + 1)]))
+    if whole is not None and (cost := chain(whole + 1)) is not None:
         steps = [("whole", whole)] + [("delta", v) for v in range(whole + 1, target + 1)]
-        options.append(
-            (sizes[whole][0] + sum(sizes[v][1] for v in range(whole + 1, target + 1)), steps)
-        )
+        options.append((sizes[whole][0] + cost, steps))
     if not options:
         raise VersionGone(f"version {target}: neither its deltas nor a whole version before it")
     return min(options)[1]

@@ -401,7 +401,9 @@ class LearnerConfig:
     full_every: int = _f(
         10,
         "With weight_deltas = send: every this many versions (and at every checkpoint) a "
-        "version is stored whole too, so that a late or lagging actor starts from it.",
+        "version is stored whole too, so that a late or lagging actor starts from it (the "
+        "collective path broadcasts it whole: an actor holds a whole version and at most "
+        "full_every - 1 deltas).",
         ge=1,
     )
     device: str = _f(
@@ -833,12 +835,6 @@ def _validate_actor(cfg: Config) -> None:
 
 def _validate_learner(cfg: Config) -> None:
     lrn, algo = cfg.learner, cfg.algo
-    if lrn.weight_deltas == "send" and lrn.weight_store == "collective":
-        raise ConfigError(
-            "learner.weight_deltas",
-            "`send` runs on the fs and ray stores so far, not learner.weight_store = "
-            "collective; use `measure` there",
-        )
     if lrn.num_ranks % lrn.expert_parallel or cfg.model.num_experts % lrn.expert_parallel:
         raise ConfigError(
             "learner.expert_parallel",

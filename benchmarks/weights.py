@@ -22,11 +22,12 @@ kept (as before `forget`) and let go (`Publisher.before_gather`, now).
 `--deltas` (no Ray, one process): for the rehearsal config (the paper's shapes, 48 M
 parameters, bf16 versions of fp32 masters) at lr 1e-6 and 3e-5, and the tiny model at its
 own lr (its versions are fp32), AdamW steps (random gradients: Adam's step is about lr per
-entry whatever they are) make `--versions` versions; each is published to an `fs` store whole,
-and to another as `learner.weight_deltas = send` does (a delta, whole too every 10th; whole
-alone where the delta would not halve the bytes), and an
-FP8 embedded engine follows each store (`VersionFollower.load`). Printed: the changed share,
-the bytes stored per version, and the publish-to-loaded time, medians, whole against delta.
+entry whatever they are) make `--versions` versions; each is published whole, and as
+`learner.weight_deltas = send` does (a delta, whole too every 10th; whole alone where the delta
+would not halve the bytes), to an `fs` store and through the `collective` path (its receiver a
+thread of this process), and an FP8 embedded engine follows each of the four
+(`VersionFollower.load`). Printed: the changed share, the bytes per version (stored; sent
+through the group), and the publish-to-loaded time, medians, whole against delta.
 """
 
 from __future__ import annotations
@@ -52,9 +53,14 @@ import torch.distributed as dist  # noqa: E402
 
 from async_rl.paths import RunPaths, publish_endpoints  # noqa: E402
 from async_rl.weights import FsWeightStore, RayWeightStore  # noqa: E402
-from async_rl.weights.collective import CollectiveWeightStore, WeightSender  # noqa: E402
+from async_rl.weights.collective import (  # noqa: E402
+    CollectiveWeightStore,
+    WeightReceiver,
+    WeightSender,
+)
 
 MIB = 2**20
+MODES = ("off", "send")  # `learner.weight_deltas`: whole versions, deltas
 POLL_S = 0.01  # how often a reader looks for the version (an actor looks once per step)
 
 
@@ -190,43 +196,72 @@ def delta_versions(config: str, lr: float | None, versions: int):
     masters = {k: v.float().requires_grad_() for k, v in hf_state_dict(model, cfg.model).items()}
     opt = torch.optim.AdamW(masters.values(), lr=cfg.learner.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
-    ways = {"whole": "off", "delta": "send"}
+    ways = {f"{kind} {mode}": (kind, mode) for kind in ("fs", "collective") for mode in MODES}
     out = {way: {"mib": [], "s": []} for way in ways}
-    meter, shares = DeltaMeter(), []
-    for way, mode in ways.items():
+    meter, shares, closing = DeltaMeter(), [], []
+    for way, (kind, mode) in ways.items():
         follower_cfg = load_config(None, [f"learner.weight_deltas={mode}"])
-        store = FsWeightStore(root / way, template=start, keep=3)
+        store = reader = FsWeightStore(root / way, template=start, keep=3)
+        if kind == "collective":  # the actor's receiver a thread of this process
+            run_dir = root / way.replace(" ", "-")
+            store = CollectiveWeightStore(reader, 10**9, WeightSender("127.0.0.1", 60.0, 2**28))
+            publish_endpoints(RunPaths(run_dir), "learner", store.endpoints())
+            reader = CollectiveWeightStore(reader, 10**9, None, WeightReceiver(run_dir, "a", 60))
+            closing += [store, reader]
         engine = EmbeddedEngine(start, "fp8", keep_host=mode == "send")
-        ways[way] = (store, engine, VersionFollower(follower_cfg, store, None))
+        ways[way] = (store, reader, engine, VersionFollower(follower_cfg, reader, None))
     for v in range(versions):
         state = {k: m.detach().to(dtype, copy=True) for k, m in masters.items()}
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         meter.measure(v, state)
         shares += [meter.delta.share] if meter.delta is not None else []
-        for way, (store, engine, follower) in ways.items():
-            delta = meter.delta if way == "delta" else None
+        for way, (store, reader, engine, follower) in ways.items():
+            send = way.endswith("send")
+            delta = meter.delta if send else None
             if delta is not None and not worth_sending(delta, nbytes):  # as `Publisher`
                 delta = None
             whole = delta is None or v % 10 == 0
-            mark = meter.fingerprint if way == "delta" else None
+            mark = meter.fingerprint if send else None
             began = time.perf_counter()
-            store.publish(v, state if whole else None, delta=delta, fingerprint=mark)
+            store.publish(v, state, delta=delta, fingerprint=mark, whole=whole)
+            while staged(reader) != v:  # the collective receiver staging it
+                time.sleep(0.001)
             follower.load(engine, v)
             if v > 0:  # version 0 is every engine's start
                 out[way]["s"].append(time.perf_counter() - began)
-                files = (root / way / f"v{v:06d}").iterdir()
-                out[way]["mib"].append(sum(f.stat().st_size for f in files) / MIB)
+                out[way]["mib"].append(moved_bytes(root / way, reader, v) / MIB)
             store.collect({v})
         for m in masters.values():
             m.grad = torch.randn(m.shape, generator=gen)
         opt.step()
+    for store in closing:
+        store.close()
     return out, shares
+
+
+def staged(reader) -> int | None:
+    """The newest version a reader holds: received (`collective`), stored (`fs`)."""
+    if isinstance(reader, CollectiveWeightStore):
+        return reader.receiver.newest()
+    return reader.latest()
+
+
+def moved_bytes(root: Path, reader, version: int) -> int:
+    """Bytes a version took: its files (`fs`), what the group sent (`collective`)."""
+    if isinstance(reader, CollectiveWeightStore):
+        whole, delta = reader.sizes(version)
+        return delta if delta is not None else whole
+    return sum(f.stat().st_size for f in (root / f"v{version:06d}").iterdir())
 
 
 def delta_main(versions: int) -> int:
     print(f"whole versions against deltas, {versions} versions each, medians per version")
     columns = ("changed", 9), ("MiB whole", 11), ("MiB delta", 11), ("s whole", 9)
-    print(f"{'model, lr':<34}" + "".join(f"{c:>{w}}" for c, w in columns) + "  s delta  speedup")
+    print(
+        f"{'model, lr':<28}{'store':<12}"
+        + "".join(f"{c:>{w}}" for c, w in columns)
+        + "  s delta  speedup"
+    )
     for config, lr, label in (
         ("configs/qwen3_30b_a3b_rehearsal.toml", 1e-6, "rehearsal (bf16), lr 1e-6"),
         ("configs/qwen3_30b_a3b_rehearsal.toml", 3e-5, "rehearsal (bf16), lr 3e-5"),
@@ -234,11 +269,13 @@ def delta_main(versions: int) -> int:
     ):
         out, shares = delta_versions(config, lr, versions)
         med = {w: {k: statistics.median(v) for k, v in out[w].items()} for w in out}
-        print(
-            f"{label:<34}{statistics.median(shares):>8.2%}{med['whole']['mib']:>11.2f}"
-            f"{med['delta']['mib']:>11.2f}{med['whole']['s']:>9.3f}{med['delta']['s']:>9.3f}"
-            f"{med['whole']['s'] / med['delta']['s']:>8.2f}x"
-        )
+        for kind in ("fs", "collective"):
+            whole, delta = med[f"{kind} off"], med[f"{kind} send"]
+            print(
+                f"{label:<28}{kind:<12}{statistics.median(shares):>8.2%}{whole['mib']:>11.2f}"
+                f"{delta['mib']:>11.2f}{whole['s']:>9.3f}{delta['s']:>9.3f}"
+                f"{whole['s'] / delta['s']:>8.2f}x"
+            )
     return 0
 
 

@@ -64,12 +64,12 @@ class Publisher:
         self.source.publish(version)
         self.thread = Background("publish")
 
-    def publish(self, version: int, hf_state, in_use: set[int], delta=None, mark=None):
+    def publish(self, version, hf_state, in_use: set[int], delta=None, mark=None, whole=True):
         """On the publish thread: the store writes the version (manifest last; whole, as a
         delta, or both), the buffer learns it (admission), the announcement goes out, old
         versions are collected. A checkpoint's version is durable (the collective path's
         late joiners start there)."""
-        self._store(version, hf_state, delta, mark)
+        self._store(version, hf_state, delta, mark, whole)
         self.source.publish(version)  # first: an actor told of it may lease at once
         self.announcer.announce(version)
         self.store.collect(in_use)
@@ -88,17 +88,17 @@ class Publisher:
         if delta is not None and not worth_sending(delta, full):
             delta = None
         whole = delta is None or self._whole(version)
-        mark = self._mark()
-        self.thread.submit(self.publish, version, hf_state if whole else None, in_use, delta, mark)
+        self.thread.submit(self.publish, version, hf_state, in_use, delta, self._mark(), whole)
         peak = self.peak_bytes(hf_state) / 2**20
         return {"publish_peak_mib": peak, **deltas, **self.store.stats()}
 
-    def _store(self, version: int, hf_state, delta, mark) -> None:
+    def _store(self, version: int, hf_state, delta, mark, whole=True) -> None:
         durable = checkpoints_at(self.cfg, version)
         if mark is None:
             self.store.publish(version, hf_state, durable=durable)
         else:  # weight deltas: the version's fingerprint, and its delta where it pays
-            self.store.publish(version, hf_state, durable=durable, delta=delta, fingerprint=mark)
+            kept = {"delta": delta, "fingerprint": mark, "whole": whole}
+            self.store.publish(version, hf_state, durable=durable, **kept)
 
     def _mark(self) -> int | None:
         """The fingerprint of the version just measured, stored with it when deltas are sent."""

@@ -160,11 +160,6 @@ def test_resolved_config_round_trips(tmp_path):
         (["task.system_prompt=Be brief."], "task.system_prompt", "task.chat_template = true"),
         (["task.chat_template=true"], "task.chat_template", "arithmetic tokenizer has none"),
         (["actor.stop_tokens=3"], "actor.stop_tokens", "list of strings"),
-        (
-            ["learner.weight_deltas=send", "learner.weight_store=collective"],
-            "learner.weight_deltas",
-            "fs and ray stores",
-        ),
         (["actor.num_actors=9"], "actor.num_actors", "max_actors"),
         (["actor.autoscale_fill_low=0.8"], "actor.autoscale_fill_low", "autoscale_fill_high"),
         (["run.bind_host=0.0.0.0"], "run.bind_host", "loopback"),

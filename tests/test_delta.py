@@ -184,35 +184,48 @@ def _served(model):
 
 
 # ---------------------------------------------------------------------- stores and actors
-def _published(tmp_path, n: int, store=None, full_every: int = 3):
-    """Versions 0..n-1 of a bf16 model (fp32 masters, small steps) stored (default: in an
-    `fs` store) as the publisher stores them with `weight_deltas = send`: whole every
-    `full_every`, deltas after 0."""
+def _model_versions(tmp_path, n: int):
+    """`start, versions, engine_of`: versions 0..n-1 of a bf16 model (fp32 masters, small
+    steps) and a maker of fp8 engines that keep their host weights, built from `start`."""
     from actors.embedded import EmbeddedEngine
     from async_rl.config import ModelConfig
     from async_rl.tokenizer import Tokenizer
-    from async_rl.weights.delta import DeltaMeter
-    from async_rl.weights.fs import FsWeightStore
     from learner.hf import export_hf, hf_state_dict
     from learner.model import build_model
 
     cfg = ModelConfig(dtype="bfloat16")
     model = build_model(cfg, seed=2)
     start = export_hf(model, cfg, Tokenizer.arithmetic(), tmp_path / "start")
-    store = store or FsWeightStore(tmp_path / "weights", template=start, keep=100)
     gen = torch.Generator().manual_seed(3)
     masters = {k: v.float() for k, v in hf_state_dict(model, cfg).items()}
-    meter, truth = DeltaMeter(), []
-    for v in range(n):
-        state = {k: m.to(torch.bfloat16) for k, m in masters.items()}
-        meter.measure(v, state)
-        whole = meter.delta is None or v % full_every == 0
-        store.publish(v, state if whole else None, delta=meter.delta, fingerprint=meter.fingerprint)
-        truth.append(state)
+    versions = []
+    for _ in range(n):
+        versions.append({k: m.to(torch.bfloat16) for k, m in masters.items()})
         for k, m in masters.items():
             scale = 1e-2 if "norm" in k else 2e-4 * m.abs().mean()
             m.add_(scale * torch.randn(m.shape, generator=gen))
-    return store, truth, lambda: EmbeddedEngine(start, "fp8", keep_host=True)
+    return start, versions, lambda: EmbeddedEngine(start, "fp8", keep_host=True)
+
+
+def _publish(store, meter, v: int, state, full_every: int) -> None:
+    """As the publisher does with `weight_deltas = send`: whole every `full_every`."""
+    meter.measure(v, state)
+    whole = meter.delta is None or v % full_every == 0
+    store.publish(v, state, delta=meter.delta, fingerprint=meter.fingerprint, whole=whole)
+
+
+def _published(tmp_path, n: int, store=None, full_every: int = 3):
+    """The versions of `_model_versions` stored (default: in an `fs` store) as the publisher
+    stores them: whole every `full_every`, deltas after 0."""
+    from async_rl.weights.delta import DeltaMeter
+    from async_rl.weights.fs import FsWeightStore
+
+    start, truth, engine_of = _model_versions(tmp_path, n)
+    store = store or FsWeightStore(tmp_path / "weights", template=start, keep=100)
+    meter = DeltaMeter()
+    for v, state in enumerate(truth):
+        _publish(store, meter, v, state, full_every)
+    return store, truth, engine_of
 
 
 def _follower(store):
@@ -272,34 +285,84 @@ def _check_a_lagging_actor(store, truth, engine_of, follower):
     assert lagging.version == 9 and _holds(lagging, truth[9])
 
 
-@pytest.mark.slow
-def test_the_ray_store_keeps_deltas_and_an_actor_follows_them(tmp_path):
-    ray = pytest.importorskip("ray")
+def test_the_collective_path_broadcasts_deltas_and_its_actors_follow_them_bit_for_bit(tmp_path):
+    """Members receive deltas while they hold the base (a new epoch and every `full_every`
+    version go whole); an actor patches along them, or takes the received whole version and
+    the deltas after it; a damaged received delta is refused and it serves a whole version;
+    the durable store holds whole versions only."""
+    import time
+
     from actors.versions import plan_load
-    from async_rl.weights.ray_store import RayWeightStore
+    from async_rl.paths import RunPaths, publish_endpoints
+    from async_rl.weights import CollectiveWeightStore, FsWeightStore
+    from async_rl.weights.collective import WeightReceiver, WeightSender
+    from async_rl.weights.delta import DeltaMeter
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    start, truth, engine_of = _model_versions(tmp_path, 6)
+    durable = FsWeightStore(RunPaths(tmp_path).weights, template=start)
+    learner = CollectiveWeightStore(durable, 1000, WeightSender("127.0.0.1", 5.0, 2**16))
+    publish_endpoints(RunPaths(tmp_path), "learner", learner.endpoints())
+    meter, actors = DeltaMeter(), []
+
+    def joined(name):
+        receiver = WeightReceiver(tmp_path, name, 5.0)
+        actors.append(CollectiveWeightStore(durable, 1000, None, receiver))
+        return actors[-1]
+
+    def until(store, v):
+        deadline = time.monotonic() + 60
+        while store.receiver.newest() != v:
+            assert time.monotonic() < deadline, f"version {v} never came"
+            time.sleep(0.02)
+
     try:
-        store, truth, engine_of = _published(tmp_path, 10, RayWeightStore("delta", 1, True))
-        reader = RayWeightStore("delta")  # as an actor on another node looks it up
-        assert reader.sizes(4)[0] is None and reader.sizes(3)[0] is not None
-        assert plan_load(reader, None, 5) == [("whole", 3), ("delta", 4), ("delta", 5)]
-        engine, follower = engine_of(), _follower(reader)
-        for target in (1, 5, 8):
-            follower.load(engine, target)
-            assert engine.version == target and _holds(engine, truth[target])
-        assert follower.steps["delta"] >= 6
-        _check_a_lagging_actor(reader, truth, engine_of, follower)
+        _publish(learner, meter, 0, truth[0], full_every=3)
+        a1 = joined("a1")
+        until(a1, 0)  # a joiner gets the last version whole
+        engine, follower = engine_of(), _follower(a1)
+        follower.load(engine, 0)
+        for v in (1, 2):
+            _publish(learner, meter, v, truth[v], full_every=3)
+        until(a1, 2)
+        assert a1.sizes(2)[0] is None and plan_load(a1, 0, 2) == [("delta", 1), ("delta", 2)]
+        follower.load(engine, 2)
+        assert _holds(engine, truth[2]) and follower.steps == {"whole": 1, "delta": 2}
+        for v in (3, 4):  # 3 goes whole
+            _publish(learner, meter, v, truth[v], full_every=3)
+        until(a1, 4)
+        follower.load(engine, 4)
+        assert _holds(engine, truth[4]) and follower.steps == {"whole": 2, "delta": 3}
+
+        a2 = joined("a2")  # a new epoch: 4 again, whole, to both; then 5 as a delta
+        until(a2, 4)
+        _publish(learner, meter, 5, truth[5], full_every=3)
+        assert learner.last_receivers == 2
+        until(a1, 5), until(a2, 5)
+        late, late_follower = engine_of(), _follower(a2)
+        late_follower.load(late, 5)
+        assert _holds(late, truth[5]) and late_follower.steps == {"whole": 1, "delta": 1}
+        _publish(learner, meter, 6, truth[5], full_every=7)  # nothing changed: an empty delta
+        until(a2, 6)
+        assert a2.sizes(6) == (None, 0) and plan_load(a2, 5, 6) == [("delta", 6)]
+        late_follower.load(late, 6)
+        assert late.version == 6 and _holds(late, truth[5]) and late_follower.steps["delta"] == 2
+        a1.read_delta(5).patches[0].values[0] += 1  # damaged in memory: refused
+        follower.load(engine, 5)
+        assert engine.version == 4 and _holds(engine, truth[4])
+        assert durable.versions() == [0] and durable.sizes(0)[1] is None
+        assert durable.fingerprint(0) == fingerprint(truth[0])
     finally:
-        ray.shutdown()
+        for store in (learner, *actors):
+            store.close()
 
 
-@pytest.mark.parametrize("batching", ["static", "continuous"])
+@pytest.mark.parametrize("batching,store", [("static", "fs"), ("continuous", "collective")])
 def test_a_run_sends_deltas_and_its_actor_holds_exactly_what_the_learner_published(
-    tmp_path, cold_start, train_in_threads, batching
+    tmp_path, cold_start, train_in_threads, batching, store
 ):
-    """`learner.weight_deltas = "send"`: versions stored as deltas (whole every 2nd), the
-    actor patching its fp8 engine in place; its weights' fingerprint is the learner's."""
+    """`learner.weight_deltas = "send"`: versions stored (`fs`) or broadcast (`collective`)
+    as deltas, whole every 2nd, the actor patching its fp8 engine in place; its weights'
+    fingerprint is the learner's."""
     import json
 
     from async_rl.weights.fs import DELTA, WEIGHTS
@@ -319,11 +382,16 @@ def test_a_run_sends_deltas_and_its_actor_holds_exactly_what_the_learner_publish
         "learner.weight_deltas=send",
         "learner.full_every=2",
         "learner.keep_versions=9",
+        f"learner.weight_store={store}",
+        "learner.durable_every=1",  # collective: every version on disk whole, to compare
     )
     rows, _, actor = train_in_threads(cfg, cold_start)
     root = cfg.run_dir / "weights"
-    assert not (root / "v000003" / WEIGHTS).exists() and (root / "v000003" / DELTA).exists()
-    assert (root / "v000004" / WEIGHTS).exists() and (root / "v000005" / WEIGHTS).exists()
+    if store == "fs":
+        assert not (root / "v000003" / WEIGHTS).exists() and (root / "v000003" / DELTA).exists()
+        assert (root / "v000004" / WEIGHTS).exists() and (root / "v000005" / WEIGHTS).exists()
+    else:  # the deltas the actor applied came through the group
+        assert not list(root.glob(f"v*/{DELTA}")) and rows[-1]["learner/weights_receivers"] == 1
     assert all(0 < r["learner/delta_share"] < 0.1 for r in rows)  # deltas pay: under 10%
     engine = actor.engine
     manifest = json.loads((root / f"v{engine.version:06d}" / "manifest.json").read_text())

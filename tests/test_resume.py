@@ -1,4 +1,5 @@
-"""Kill the learner process and resume: the loss trace continues as if uninterrupted.
+"""Kill the learner process and resume: the loss trace continues as if uninterrupted, with the
+weights going to the actor as deltas (bf16 versions at lr 1e-6) before and after the restart.
 
 Buffer, learner and actor run as separate processes through their own entry points
 (`python -m async_rl.buffer_service`, `learner.run`, `actors.loop`). With K = 0 the samples of
@@ -30,12 +31,17 @@ def run(tmp_path, start, name, kill_after=None):
         f"run.num_steps={STEPS}",
         "run.eval_every=0",
         "task.heldout_size=16",
+        'task.ops=["+"]',  # the cold start's task: rewards, and so losses, that are not all 0
+        "task.max_digits=1",
         "actor.max_new_tokens=4",
         "actor.quantization=fp32",
         "buffer.max_staleness=0",
         "buffer.max_message_mib=64",
-        "learner.lr=1e-3",
+        "learner.lr=1e-6",
         "learner.checkpoint_every=2",
+        "model.dtype=bfloat16",  # versions as deltas on the one before (whole every 3rd)
+        "learner.weight_deltas=send",
+        "learner.full_every=3",
     )
     run_dir, log = cfg.run_dir, tmp_path / f"{name}.log"
     procs = [spawn(log, "async_rl.buffer_service", run_dir)]
@@ -60,10 +66,10 @@ def run(tmp_path, start, name, kill_after=None):
     return run_dir
 
 
-def test_killed_learner_resumes_with_the_same_versions_and_loss_trace(tmp_path, start):
-    straight = losses(run(tmp_path, start, "straight"))
-    assert sorted(straight) == list(range(1, STEPS + 1))
-    resumed_dir = run(tmp_path, start, "killed", kill_after=3)  # checkpoint at 2, killed after 3
+def test_killed_learner_resumes_with_the_same_versions_and_loss_trace(tmp_path, cold_start):
+    straight = losses(run(tmp_path, cold_start, "straight"))
+    assert sorted(straight) == list(range(1, STEPS + 1)) and all(straight.values())
+    resumed_dir = run(tmp_path, cold_start, "killed", kill_after=3)  # checkpoint 2, killed past 3
     resumed = losses(resumed_dir)
     assert resumed == straight  # every version, bit for bit
     text = (resumed_dir / "metrics.jsonl").read_text()
@@ -72,3 +78,8 @@ def test_killed_learner_resumes_with_the_same_versions_and_loss_trace(tmp_path, 
     manifests = sorted((resumed_dir / "weights").glob("v*/manifest.json"))
     assert len(manifests) >= 3  # older versions are collected, the newest kept
     assert json.loads(manifests[-1].read_text())["version"] == STEPS
+    # the actor followed the resumed learner's deltas: none refused, none out of reach
+    v5 = resumed_dir / "weights" / "v000005"
+    assert (v5 / "delta.safetensors").exists() and not (v5 / "model.safetensors").exists()
+    log = (tmp_path / "killed.log").read_text()
+    assert "failed" not in log and "out of reach" not in log

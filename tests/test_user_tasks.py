@@ -1,15 +1,13 @@
 """Task classes by name (`task.type = "module:Class"` or a file): checked at start-up, their
-problems checked as they come, defaults for what they leave out, their metadata in the
-buffer's rows and in the reward's hands, and a run that trains on one."""
+problems checked as they come, defaults for what they leave out. A run on one, its metadata in
+the buffer's rows and in the reward's hands: `tests/test_example.py`."""
 
-import json
 import textwrap
 
 import pytest
 
 from async_rl.config import ConfigError, load_config
 from async_rl.tasks import Problem, UserTask, task_from_config
-from tests.helpers import pipeline_config, stored_groups, train_in_threads
 
 # What a user writes: prompts in the tiny model's arithmetic vocabulary (doubling numbers),
 # with metadata the reward reads.
@@ -110,35 +108,3 @@ def test_what_a_task_returns_is_checked(tasks_file):
     cfg = load_config(None, [f"task.type={tasks_file}:Doubling", "task.options={colour = 1}"])
     with pytest.raises(ValueError, match="task.type: .*Doubling.*colour"):
         task_from_config(cfg)  # the options the class does not take: when it is built
-
-
-def test_a_run_trains_on_a_task_class_and_a_reward_by_name(tmp_path, tasks_file):
-    """A cold start and 3 RL versions on the user's task, scored by the user's function from
-    the problem's metadata; the metadata is stored with every completion."""
-    from async_rl.tokenizer import Tokenizer
-    from learner.sft import run_sft
-
-    cfg = pipeline_config(
-        tmp_path,
-        "user-task",
-        "run.num_steps=3",
-        f"task.type={tasks_file}:Doubling",
-        f"task.reward={tasks_file}:score",
-    )
-    quiet = lambda *_: None  # noqa: E731
-    start = run_sft(cfg, Tokenizer.arithmetic(), task_from_config(cfg), tmp_path / "sft", log=quiet)
-    rows, _, actor = train_in_threads(cfg, start)
-    assert [r["version"] for r in rows] == [1, 2, 3]
-    stored = [row for g in stored_groups(cfg.run_dir) for row in g.to_pylist()]
-    assert stored and all(row["prompt_id"].startswith("double-train-") for row in stored)
-    for row in stored:
-        n = json.loads(row["problem_metadata"])["n"]
-        assert row["reward"] == float(_answer(row) == str(2 * n))
-    assert any(row["reward"] == 1.0 for row in stored)  # the cold start doubles some right
-    assert actor.stats.reward_errors == 0
-
-
-def _answer(row) -> str:
-    from async_rl.tokenizer import Tokenizer
-
-    return Tokenizer.arithmetic().decode_completion(row["completion_tokens"]).strip()

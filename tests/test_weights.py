@@ -161,10 +161,11 @@ def test_announcements_reach_subscribers_and_garbage_is_ignored():
     ctx.term()
 
 
-def test_ray_store_round_trip():
+def test_ray_store_round_trip_outlives_its_publisher_and_keeps_deltas(tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
+        _check_ray_deltas(tmp_path)
         store = RayWeightStore("weights-test", keep=1, create=True)
         for v in range(3):
             store.publish(v, state(v))
@@ -197,6 +198,23 @@ def test_ray_store_round_trip():
             time.sleep(0.5)
     finally:
         ray.shutdown()
+
+
+def _check_ray_deltas(tmp_path):
+    """The ray store keeps versions as deltas and an actor follows them bit for bit."""
+    from actors.versions import plan_load
+    from tests.test_delta import _check_a_lagging_actor, _follower, _holds, _published
+
+    store, truth, engine_of = _published(tmp_path, 10, RayWeightStore("delta", 1, True))
+    reader = RayWeightStore("delta")  # as an actor on another node looks it up
+    assert reader.sizes(4)[0] is None and reader.sizes(3)[0] is not None
+    assert plan_load(reader, None, 5) == [("whole", 3), ("delta", 4), ("delta", 5)]
+    engine, follower = engine_of(), _follower(reader)
+    for target in (1, 5, 8):
+        follower.load(engine, target)
+        assert engine.version == target and _holds(engine, truth[target])
+    assert follower.steps["delta"] >= 6
+    _check_a_lagging_actor(reader, truth, engine_of, follower)
 
 
 def test_a_restarted_announcer_takes_its_address_back():

@@ -12,7 +12,7 @@ joiner fetches the newest.
     buckets.py      the one bucketing scheme: gathering learner shards, broadcasting to actors
     announce.py     the learner's PUB announcements (`WeightsReady`) and the actors' SUB
     delta.py        versions as sparse deltas on the one before, checked by a fingerprint of
-                    the weights (`learner.weight_deltas`; `fs` and `ray` keep them)
+                    the weights (`learner.weight_deltas`; every store carries them)
 
 Every store hands out Hugging Face tensor names (`model.layers.0.mlp.experts.3.gate_proj.weight`),
 the layout vLLM and transformers read, and every reader yields those tensors:

@@ -27,7 +27,7 @@ its own join: a restarted actor of the same name never takes its predecessor's p
   at aligned offsets; the receiver's tensors are views of the buckets it received (no copy).
   Or `{"rebuild": e2}` (a new epoch that lists every member of this one and the new joiners:
   members move on without registering), or `{"rebuild": null}` (this epoch failed: every
-  member registers again). Members wait for the key in the store (woken when it is set), so a
+  member registers again). Members wait for the key in the store (asking every 10 ms), so a
   receiver waits for the next version without holding a collective open, and notices when its
   learner is gone.
 - Failure: every collective has `learner.collective_timeout_s`. A member that dies during a
@@ -35,6 +35,13 @@ its own join: a restarted actor of the same name never takes its predecessor's p
   transfer (the actors get a later one, or the durable copy), ends the epoch with
   `{"rebuild": null}`, and the next version goes to the members that registered again. A member
   whose transfer fails registers again. Nothing waits longer than the timeout; nobody hangs.
+- Weight deltas (`learner.weight_deltas = "send"`): a version whose delta the learner made
+  (`async_rl.weights.delta`) goes to an epoch's members as that delta, its header
+  `{"version", "delta": {base, fingerprint, ...}, "tensors"}` planned like a version's, when
+  every member holds its base (they received every transfer of the epoch since its first,
+  which is whole); a new epoch, and every `learner.full_every` version, gets the version
+  whole (with its `fingerprint`). A receiver keeps the newest whole version it received and
+  the deltas after it (at most `full_every - 1`); the durable store keeps whole versions only.
 - A version is complete before anyone can load it: the receiver stages it only when its last
   bucket arrived; the learner announces it (`WeightsReady`) only after the transfer. Staleness
   rules are unchanged. Nothing is pickled: headers are JSON, tensors raw bytes.
@@ -60,10 +67,14 @@ import torch.distributed as dist
 from async_rl.paths import RunPaths, read_endpoints
 from async_rl.transport import reachable_host
 from async_rl.weights.buckets import bucket_sizes, pack_bucket, plan_buckets, unpack_bucket
+from async_rl.weights.delta import Delta, from_tensors, to_tensors
+from async_rl.weights.store import VersionGone
 
 log = logging.getLogger(__name__)
 
-WAIT_S = 1.0  # a receiver waiting for a key looks at its stop flag this often
+# A receiver waiting for a key asks the store this often (a TCPStore `wait` that times out,
+# to look at a stop flag, logs two C++ warnings each time: a waiting actor's log filled up).
+POLL_S = 0.01
 EVENT_WAIT_S = 1.0  # how long the learner waits for an event a member counted but not wrote
 
 
@@ -107,7 +118,8 @@ class WeightSender:
         self.joining: set[str] = set()
         self.group = None
         self.lock = threading.Lock()  # one transfer at a time: `send` or the joiners' thread
-        self.last: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.last: tuple[int, dict[str, torch.Tensor], int | None] | None = None
+        self.holds: int | None = None  # the version every member of the epoch holds
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._serve_joiners, name="weights", daemon=True)
         self.thread.start()
@@ -144,6 +156,7 @@ class WeightSender:
         if self.group is not None:
             self._message({"rebuild": self.epoch + 1})
         self.epoch, self.messages, self.members, self.group = self.epoch + 1, 0, members, None
+        self.holds = None
         listing = {"members": members, "events": self.events_seen}
         self.store.set(f"epoch/{self.epoch}", json.dumps(listing))
         self.store.set("epoch", str(self.epoch))
@@ -155,19 +168,26 @@ class WeightSender:
         log.warning("weights epoch %d (%s) failed: %s", self.epoch, self.members, why)
         with contextlib.suppress(Exception):
             self._message({"rebuild": None})  # every member registers again
-        self.group, self.members = None, []
+        self.group, self.members, self.holds = None, [], None
 
-    def send(self, version: int, state: dict[str, torch.Tensor]) -> int:
+    def send(
+        self,
+        version: int,
+        state: dict[str, torch.Tensor],
+        delta: Delta | None = None,
+        mark: int | None = None,
+    ) -> int:
         """Broadcast `version` to the members (rebuilding the group first when actors joined
-        or left, or the last transfer failed); the number of actors that received it."""
+        or left, or the last transfer failed), as `delta` where every member holds its base,
+        else whole (`mark`: its fingerprint, if known); the number of actors that received it."""
         with self.lock:
-            self.last = (version, state)
+            self.last = (version, state, mark)
             try:
                 changed = self._membership_changed()
             except (RuntimeError, dist.DistError) as e:  # the store: this transfer is lost
                 self._fail(e)
                 return 0
-            return self._send(version, state, rebuild=changed)
+            return self._send(version, state, mark, delta, rebuild=changed)
 
     def forget(self) -> None:
         """Let go of the last version (the learner is gathering the next; joiners get that).
@@ -183,21 +203,28 @@ class WeightSender:
                 except (RuntimeError, dist.DistError):
                     continue
                 if changed:
-                    self._send(*last, rebuild=True)
+                    self._send(*last, None, rebuild=True)
 
-    def _send(self, version: int, state: dict[str, torch.Tensor], rebuild: bool) -> int:
+    def _send(self, version: int, state, mark: int | None, delta: Delta | None, rebuild: bool):
         try:
             if rebuild:
                 self._rebuild()
             if self.group is None:
                 return 0
+            if delta is not None and delta.base == self.holds:
+                state, header = to_tensors(delta)
+                header = {"version": version, "delta": header}
+            else:
+                known = None if mark is None else f"{mark:016x}"
+                header = {"version": version, "fingerprint": known}
             tensors = plan_buckets(state, self.bucket_bytes)
-            self._message({"version": version, "tensors": tensors})
+            self._message({**header, "tensors": tensors})
             for index, size in enumerate(bucket_sizes(tensors)):  # one bucket at a time
                 _broadcast(self.group, pack_bucket(tensors, index, size, state))
         except (RuntimeError, dist.DistError) as e:  # a member died, stalled or never came
             self._fail(e)
             return 0
+        self.holds = version
         return len(self.members)
 
     def close(self) -> None:
@@ -208,12 +235,13 @@ class WeightSender:
 
 class WeightReceiver:
     """An actor's side: a thread that joins the learner's weight groups and stages the
-    newest version it received whole."""
+    newest version it received whole, and the deltas it received after it."""
 
     def __init__(self, run_dir: Path, member: str, timeout_s: float):
         self.paths, self.member, self.timeout_s = RunPaths(run_dir), member, timeout_s
         self.lock = threading.Lock()
-        self.staged: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.staged: tuple[int, dict[str, torch.Tensor], int | None] | None = None
+        self.deltas: dict[int, Delta] = {}  # received after the staged version, in order
         self.received = 0  # versions received through the group
         self.current = None  # the learner's store of now
         self.stopping = threading.Event()
@@ -222,13 +250,54 @@ class WeightReceiver:
 
     def newest(self) -> int | None:
         with self.lock:
-            return None if self.staged is None else self.staged[0]
+            return self._newest()
+
+    def _newest(self) -> int | None:
+        if self.deltas:
+            return max(self.deltas)
+        return None if self.staged is None else self.staged[0]
 
     def tensors(self, version: int) -> dict[str, torch.Tensor] | None:
         with self.lock:
             if self.staged is not None and self.staged[0] == version:
                 return self.staged[1]
             return None
+
+    def delta(self, version: int) -> Delta | None:
+        with self.lock:
+            return self.deltas.get(version)
+
+    def known(self, version: int) -> tuple[int | None, int | None, int | None]:
+        """Bytes of `version` whole and as a delta as received (None where not), and its
+        fingerprint if the learner said."""
+        with self.lock:
+            whole = mark = None
+            if self.staged is not None and self.staged[0] == version:
+                whole = sum(t.numel() * t.element_size() for t in self.staged[1].values())
+                mark = self.staged[2]
+            delta = self.deltas.get(version)
+            if delta is not None:
+                mark = delta.fingerprint
+            return whole, None if delta is None else delta.nbytes, mark
+
+    def _stage(self, header: dict, state: dict[str, torch.Tensor]) -> None:
+        """A version received: whole, or a delta on the newest one held (a delta on another
+        base, which a healthy epoch never sends, is dropped: the actor loads a later one)."""
+        version = int(header["version"])
+        with self.lock:
+            self.received += 1
+            if "delta" not in header:
+                mark = header.get("fingerprint")
+                self.staged = (version, state, None if mark is None else int(mark, 16))
+                self.deltas = {}
+                return
+            delta = from_tensors(state, header["delta"], f"weights group delta {version}")
+            if delta.base != self._newest():
+                log.warning(
+                    "%s: delta on %d, not on %s: dropped", self.member, delta.base, self._newest()
+                )
+                return
+            self.deltas[version] = delta
 
     def _run(self) -> None:
         while not self.stopping.is_set():
@@ -249,15 +318,12 @@ class WeightReceiver:
         return dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
 
     def _wait(self, store, key: str) -> bytes | None:
-        """The value of `key` once it is set (the store wakes the waiter at once); None when
-        the receiver stops. Raises when the learner's store is gone."""
+        """The value of `key` once it is set (asked every `POLL_S`); None when the receiver
+        stops. Raises when the learner's store is gone."""
         while not self.stopping.is_set():
-            try:
-                store.wait([key], timedelta(seconds=WAIT_S))
-            except dist.DistStoreError:
-                if not store.check([key]):  # the store answers: the wait timed out (a store
-                    continue  # that is gone raises here)
-            return store.get(key)
+            if store.check([key]):
+                return store.get(key)
+            self.stopping.wait(POLL_S)
         return None
 
     def _placed(self, store, epoch: int, joined: int = -1) -> tuple[int, int] | None:
@@ -300,9 +366,7 @@ class WeightReceiver:
                     bucket = torch.empty(size, dtype=torch.uint8)
                     _broadcast(group, bucket)
                     state |= unpack_bucket(header["tensors"], index, bucket)
-                with self.lock:
-                    self.staged = (int(header["version"]), state)
-                    self.received += 1
+                self._stage(header, state)
 
     def close(self) -> None:
         """Stop receiving; the learner takes this member out of its group (a fleet that
@@ -334,11 +398,22 @@ class CollectiveWeightStore:
         if self.sender is not None:
             self.sender.forget()
 
-    def publish(self, version: int, hf_state: dict[str, torch.Tensor], durable=False) -> None:
+    def publish(
+        self,
+        version: int,
+        hf_state: dict[str, torch.Tensor],
+        durable=False,
+        delta: Delta | None = None,
+        fingerprint: int | None = None,
+        whole: bool = True,
+    ) -> None:
+        """The durable copy (whole) every `durable_every` versions, at checkpoints and first;
+        the group gets `delta` unless the version goes `whole` (module docstring)."""
         if durable or version % self.durable_every == 0 or self.sent is None:  # first: durable
-            self.durable.publish(version, hf_state)
+            self.durable.publish(version, hf_state, fingerprint=fingerprint)
         if self.sender is not None:
-            self.last_receivers = self.sender.send(version, hf_state)
+            delta = None if whole else delta
+            self.last_receivers = self.sender.send(version, hf_state, delta, fingerprint)
         self.sent = version
 
     def latest(self) -> int | None:
@@ -356,6 +431,33 @@ class CollectiveWeightStore:
             return
         with self.durable.reading(version) as source:
             yield source
+
+    def _known(self, version: int) -> tuple[int | None, int | None, int | None]:
+        return (None, None, None) if self.receiver is None else self.receiver.known(version)
+
+    def sizes(self, version: int) -> tuple[int | None, int | None]:
+        """Bytes of the version whole (received, or in the durable store) and as a received
+        delta; `VersionGone` where neither holds it."""
+        whole, delta, _ = self._known(version)
+        if whole is None:
+            with contextlib.suppress(VersionGone):
+                whole = self.durable.sizes(version)[0]
+        if whole is None and delta is None:
+            raise VersionGone(f"weights version {version}: neither received nor durable")
+        return whole, delta
+
+    def fingerprint(self, version: int) -> int | None:
+        mark = self._known(version)[2]
+        if mark is None:
+            with contextlib.suppress(VersionGone):
+                mark = self.durable.fingerprint(version)
+        return mark
+
+    def read_delta(self, version: int) -> Delta:
+        delta = None if self.receiver is None else self.receiver.delta(version)
+        if delta is None:
+            raise VersionGone(f"weights version {version}: no delta received")
+        return delta
 
     def collect(self, in_use: set[int]) -> list[int]:
         return self.durable.collect(in_use)

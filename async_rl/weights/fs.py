@@ -163,21 +163,22 @@ class FsWeightStore(PlainStore):
     def publish(
         self,
         version: int,
-        hf_state: dict[str, torch.Tensor] | None,
+        hf_state: dict[str, torch.Tensor],
         durable=False,
         delta: Delta | None = None,
         fingerprint: int | None = None,
+        whole: bool = True,
     ) -> None:
-        """Write `version`: whole (`hf_state`, a checkpoint directory), as a delta on the
-        version before (`delta`), or both; the manifest, written last, names its files and
-        the fingerprint of its weights (`fingerprint`, or the delta's)."""
+        """Write `version` (`hf_state`): whole (a checkpoint directory), as a delta on the
+        version before (`delta`, and not `whole`), or both; the manifest, written last, names
+        its files and the fingerprint of its weights (`fingerprint`, or the delta's)."""
         final = _version_dir(self.root, version)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
         try:
             if delta is not None:
                 save_delta(delta, tmp / DELTA)
                 _fsync(tmp / DELTA)
-            if hf_state is not None:
+            if whole or delta is None:
                 tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state.items()}
                 save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
                 _fsync(tmp / WEIGHTS)

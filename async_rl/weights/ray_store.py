@@ -71,14 +71,16 @@ class RayWeightStore(PlainStore):
     def publish(
         self,
         version: int,
-        hf_state: dict[str, torch.Tensor] | None,
+        hf_state: dict[str, torch.Tensor],
         durable=False,
         delta: Delta | None = None,
         fingerprint: int | None = None,
+        whole: bool = True,
     ) -> None:
+        """`version` whole, as a delta (`delta`, and not `whole`), or both, as in `fs`."""
         arrays = packed = None
         whole_bytes = delta_bytes = None
-        if hf_state is not None:
+        if whole or delta is None:
             arrays = {k: _to_numpy(v) for k, v in hf_state.items()}
             whole_bytes = sum(a.nbytes for a, _ in arrays.values())
         if delta is not None:

@@ -67,9 +67,10 @@ class WeightStore(Protocol):
 
 
 class DeltaStore(WeightStore, Protocol):
-    """A store that also keeps versions as sparse deltas (`fs`, `ray`; `weights.delta`):
-    `publish(version, hf_state or None, durable, delta=..., fingerprint=...)` keeps it whole,
-    as a delta on the version before, or both, with its weights' fingerprint."""
+    """A store that also keeps versions as sparse deltas (every store; `weights.delta`):
+    `publish(version, hf_state, durable, delta=..., fingerprint=..., whole=...)` keeps it
+    whole, as a delta on the version before (`whole` False), or both, with its weights'
+    fingerprint; `collective` sends its members the delta, its durable store keeps it whole."""
 
     def sizes(self, version: int) -> tuple[int | None, int | None]:
         """Bytes of the version whole and as a delta (None where it is not kept so);
