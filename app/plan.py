@@ -163,6 +163,12 @@ class Plan:
     problems: list[str] = field(default_factory=list)
 
     @property
+    def publish_host_bytes(self) -> int:
+        """What rank 0 holds in host memory to publish a version (`Publisher.peak_bytes`
+        without the bucket in flight): the version, and the last one with weight deltas."""
+        return self.version_bytes * (1 if self.cfg.learner.weight_deltas == "off" else 2)
+
+    @property
     def fits(self) -> bool:
         return not self.problems
 
@@ -219,6 +225,12 @@ class Plan:
             f"{cl.bandwidth_gbps:g} Gb/s; as a delta with {cl.delta_share:.2%} of its entries "
             f"changed {_gib(self.delta_bytes)}, "
             f"{self.delta_bytes * 8 / (cl.bandwidth_gbps * 1e9):.2f}s",
+            f"  host memory of rank 0 to publish it: {_gib(self.publish_host_bytes)} (the version"
+            + (
+                ", and the last one to compare against: learner.weight_deltas)"
+                if cfg.learner.weight_deltas != "off"
+                else "; x2 with learner.weight_deltas)"
+            ),
             "fits" if self.fits else "DOES NOT FIT:\n  " + "\n  ".join(self.problems),
         ]
         if warning := precision_warning(cfg):
