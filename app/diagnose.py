@@ -15,7 +15,13 @@ it measures:
   `F = 1 + sum_t delta_t`: the relative gap `|W - F| / W` per completion (median, 90th pct);
 - the cosine between the gradients of the token surrogate `sum_seq A sum_t r_t` (eq. 4) and
   of the sequence objective `sum_seq A W` (eq. 2), with the MiniRL advantage `A` of each
-  group, over all parameters and over the router weights alone.
+  group, over all parameters and over the router weights alone;
+- the mechanism of routing replay (`learner.mismatch`): the share of (position, layer) pairs
+  whose top-k set differs between the actor's trace and pi_old's forward (`flip infer`; 0
+  under r3) and between pi_old's and pi_theta's forwards (`flip stale`; 0 under r2 and r3),
+  the share of completion tokens whose routing flipped in any layer against the actor
+  (`flipped tokens`), the 99th percentile of |log pi_old / mu_old| over those tokens and over
+  the others, and the effective sample size of the weights pi_old / mu_old (`ess`).
 
 Weights of version v come from `weights/v000v/` (what the run still keeps:
 `learner.keep_versions`) or a learner checkpoint `checkpoints/learner/step-v/`
@@ -41,6 +47,7 @@ from learner.batch import PackedBatch, pack
 from learner.checkpoint import full_tensors
 from learner.hf import import_hf
 from learner.loss import MiniRL
+from learner.mismatch import Mismatch, flipped_BTL
 from learner.model import build_model, policy_logprobs
 from learner.routing import RoutingHooks
 
@@ -58,6 +65,12 @@ COLUMNS = (
     "gap p90",
     "cos all",
     "cos router",
+    "flip infer",
+    "flip stale",
+    "flipped tokens",
+    "p99 |log rho| flipped",
+    "p99 |log rho| steady",
+    "ess",
 )
 
 
@@ -134,7 +147,7 @@ def measure(
             old_BT, old_routing = _logprobs(old, old_hooks, batch, actor, temperature)
         replay_new = {"none": None, "r2": old_routing, "r3": actor}[replay]
         new.zero_grad(set_to_none=True)
-        new_BT, _ = _logprobs(new, new_hooks, batch, replay_new, temperature)
+        new_BT, new_routing = _logprobs(new, new_hooks, batch, replay_new, temperature)
     finally:
         old_hooks.remove()
         new_hooks.remove()
@@ -170,7 +183,25 @@ def measure(
         "cos all": _cosine(g_tok, g_seq),
         "cos router": _cosine([g_tok[i] for i in pick], [g_seq[i] for i in pick]),
     }
-    return row, gaps
+    return row | _routing_row(batch, old_BT, old_routing, new_routing), gaps
+
+
+def _routing_row(batch: PackedBatch, old_BT, old_routing, new_routing) -> dict:
+    """The mechanism columns (module docstring); "-" where the data has no actor trace."""
+    valid, flipped_BT = batch.valid_BT, None
+    row = {"flip stale": float(flipped_BTL(old_routing, new_routing)[valid].float().mean())}
+    if batch.routing_BTLK is not None:
+        flips_BTL = flipped_BTL(batch.routing_BTLK, old_routing)
+        row["flip infer"] = float(flips_BTL[valid].float().mean())
+        flipped_BT = flips_BTL.any(-1)
+    mismatch = Mismatch()
+    mismatch.add(old_BT, batch.behavior_logprobs_BT, batch.mask_BT, flipped_BT)
+    got = mismatch.metrics()
+    row["ess"] = got["is_ess"]
+    row["flipped tokens"] = got.get("flipped_token_frac", "-")
+    row["p99 |log rho| flipped"] = got.get("abs_log_rho_p99_flipped", "-")
+    row["p99 |log rho| steady"] = got.get("abs_log_rho_p99_steady", got["abs_log_rho_p99"])
+    return {"flip infer": "-"} | row
 
 
 def diagnose(

@@ -408,3 +408,20 @@ def mean_over_ranks(values: dict[str, float], weight: float, dp: DataParallel) -
     dist.all_reduce(sums)
     total, means = sums[-1].item(), sums[:-1].tolist()
     return {k: (s / total if total else 0.0) for k, s in zip(values, means, strict=True)}
+
+
+def gather_over_ranks(values: torch.Tensor, dp: DataParallel) -> torch.Tensor:
+    """Every rank's 1-D float64 `values` end to end, on every rank (collective; `values`
+    itself with one process). Ranks may hold different numbers of values."""
+    if not dp.enabled:
+        return values
+    device = "cuda" if dp.device_type == "cuda" else "cpu"
+    size = torch.tensor([values.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dp.world_size)]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    padded = torch.zeros(max(max(counts), 1), dtype=torch.float64, device=device)
+    padded[: values.numel()] = values.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n].cpu() for part, n in zip(parts, counts, strict=True)])

@@ -46,6 +46,7 @@ import torch
 from async_rl.config import Config
 from learner.batch import PackedBatch, microbatches, split_to
 from learner.loss import MiniRL, Objective
+from learner.mismatch import Mismatch, flipped_BTL
 from learner.model import policy_logprobs
 from learner.optim import lr_multiplier
 from learner.parallel import (
@@ -95,6 +96,9 @@ class Proximal:
     entropy_sum: float = 0.0  # over completion tokens, at the proximal weights
     agree_sum: float = 0.0  # routing agreement with the actor, over real input positions
     first_BT: torch.Tensor | None = None  # log pi_prox of mini-batch 1's rows (drift only)
+    mismatch: Mismatch = dataclasses.field(default_factory=Mismatch)  # log rho, token by token
+    update_flips: float = 0.0  # (position, layer) pairs of mini-batches 2..N whose update
+    update_pairs: float = 0.0  # forward routed otherwise than their proximal forward
 
 
 class TrainStep:
@@ -202,7 +206,7 @@ class TrainStep:
             replay = replayed_routing(self.routing_replay, 0, m.routing_BTLK, None)
             with torch.no_grad(), self._replaying(replay), self.hooks.record() as trace:
                 logprobs_BT, entropy_BT = self._logprobs(m, with_entropy=True)
-            self._prox_metrics(m, entropy_BT, trace.experts, prox)
+            self._prox_metrics(m, logprobs_BT, entropy_BT, trace.experts, prox)
             if index is None:
                 prox.logprobs_BT, prox.routing_BTLK = logprobs_BT, trace.experts
                 continue
@@ -226,12 +230,16 @@ class TrainStep:
             self.model, m.inputs_BT, m.targets_BT, self.temperature, self.chunk, with_entropy
         )[:2]
 
-    def _prox_metrics(self, mb: PackedBatch, entropy_BT, experts_BTLK, prox: Proximal) -> None:
-        """Add the token sums of entropy and routing agreement at the proximal weights."""
+    def _prox_metrics(self, mb: PackedBatch, logp_BT, entropy_BT, experts_BTLK, prox: Proximal):
+        """Add the token sums of entropy and routing agreement at the proximal weights, and
+        the tokens' log rho split by routing flips (`learner.mismatch`)."""
         prox.entropy_sum += float(entropy_BT[mb.mask_BT].sum())
+        flipped_BT = None
         if mb.routing_BTLK is not None:
             same = routing_agreement(mb.routing_BTLK, experts_BTLK, mb.valid_BT)
             prox.agree_sum += same * float(mb.valid_BT.sum())
+            flipped_BT = flipped_BTL(mb.routing_BTLK, experts_BTLK).any(-1)
+        prox.mismatch.add(logp_BT, mb.behavior_logprobs_BT, mb.mask_BT, flipped_BT)
 
     # ---------------------------------------------------------------- 2. the updates
     def _update(self, batch: PackedBatch, i: int, prox: Proximal) -> dict[str, float]:
@@ -253,7 +261,7 @@ class TrainStep:
             replay = replayed_routing(self.routing_replay, i, m.routing_BTLK, rec)
             with self._replaying(replay):
                 own = None if i == 0 else prox_BT[rows, : m.width]
-                loss, metrics = self._loss(m, i, prox, own, rows)
+                loss, metrics = self._loss(m, i, prox, own, rows, rec)
                 share = m.num_rows / mb.num_rows
                 scaled = loss if index is None else loss * share
                 # Ranks' gradients are summed; equal shares make each rank's weight 1/world_size.
@@ -265,16 +273,21 @@ class TrainStep:
         metrics = {k: sum(p[1][k] * p[2] for p in parts) / tokens for k in parts[0][1]}
         return self._optimize(sum(p[0] for p in parts), metrics, mb)
 
-    def _loss(self, m: PackedBatch, i: int, prox: Proximal, prox_BT: torch.Tensor | None, rows):
+    def _loss(self, m: PackedBatch, i: int, prox: Proximal, prox_BT, rows, recorded_BTLK=None):
         """The objective's loss of micro-batch `m` (`rows` of mini-batch `i`); mini-batch 0
-        is at the proximal weights, so its own forward gives its pi_prox (`prox_BT` None)."""
+        is at the proximal weights, so its own forward gives its pi_prox (`prox_BT` None).
+        A later one counts the routing flips since its proximal forward (`recorded_BTLK`)."""
         if i:
-            logp_BT, _ = self._logprobs(m)
+            with self.hooks.record() as trace:
+                logp_BT, _ = self._logprobs(m)
+            flips = flipped_BTL(recorded_BTLK, trace.experts)[m.valid_BT]
+            prox.update_flips += float(flips.sum())
+            prox.update_pairs += flips.numel()
         else:
             with self.hooks.record() as trace:
                 logp_BT, entropy_BT = self._logprobs(m, with_entropy=True)
             prox_BT = logp_BT.detach()
-            self._prox_metrics(m, entropy_BT, trace.experts, prox)
+            self._prox_metrics(m, prox_BT, entropy_BT, trace.experts, prox)
             if prox.first_BT is not None:
                 prox.first_BT[rows, : m.width] = prox_BT
         return self.objective.loss(
@@ -306,6 +319,7 @@ class TrainStep:
             if "routing_agreement" in metrics:
                 agreement = metrics["routing_agreement"]
                 metrics["routing_agreement"] = self._dp_mean(agreement, local.valid_BT.sum())
+        metrics |= self._routing_metrics(local, prox, metrics.get("routing_agreement"))
         for key in per_mb[0]:
             metrics[key] = sum(m[key] for m in per_mb) / len(per_mb)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -313,6 +327,19 @@ class TrainStep:
         metrics["response_len_mean"] = full.mask_BT.sum(1).float().mean().item()
         metrics["num_tokens"] = int(full.mask_BT.sum())
         return metrics
+
+    def _routing_metrics(self, local, prox: Proximal, agreement: float | None) -> dict:
+        """The mechanism of routing replay, per step: `routing_flip_infer`, the share of
+        (real position, layer) pairs whose top-k set differs between the actor and the
+        rollout-policy forward (1 - routing_agreement; 0 under R3); `routing_flip_update`
+        (N > 1), the share of mini-batches 2..N's pairs that the updates before them routed
+        otherwise than their proximal forward (0 under R2 and R3); and `learner.mismatch`'s."""
+        out = {} if agreement is None else {"routing_flip_infer": 1.0 - agreement}
+        if self.num_minibatches > 1:
+            pairs = prox.update_pairs
+            share = prox.update_flips / max(pairs, 1.0)
+            out["routing_flip_update"] = self._dp_mean(share, pairs) if self.dp.enabled else share
+        return out | prox.mismatch.metrics(self.dp)
 
     def _dp_mean(self, value: float, weight: float | torch.Tensor) -> float:
         return mean_over_ranks({"v": value}, float(weight), self.dp)["v"]
@@ -324,5 +351,4 @@ def _rows_of(routing_BTLK: torch.Tensor | None, lo: int, hi: int, width: int):
 
 def routing_agreement(a_BTLK: torch.Tensor, b_BTLK: torch.Tensor, valid_BT: torch.Tensor) -> float:
     """Share of (real token, layer) pairs whose top-k expert sets are equal."""
-    same_BTL = (a_BTLK.long().sort(-1).values == b_BTLK.long().sort(-1).values).all(-1)
-    return same_BTL[valid_BT].float().mean().item()
+    return (~flipped_BTL(a_BTLK, b_BTLK))[valid_BT].float().mean().item()

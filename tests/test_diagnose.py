@@ -72,6 +72,8 @@ def test_the_same_weights_as_the_actor_give_ratio_1_gap_0_cosine_1(models, repla
     assert gaps.max() < 1e-5
     assert row["cos all"] == pytest.approx(1.0, abs=1e-6)
     assert row["cos router"] == pytest.approx(1.0, abs=1e-6)
+    assert row["flip infer"] == row["flip stale"] == row["flipped tokens"] == 0.0
+    assert row["p99 |log rho| steady"] < 1e-5 and row["ess"] == pytest.approx(1.0)
 
 
 def test_a_perturbation_gives_what_float64_transformers_gives(models):
@@ -84,7 +86,8 @@ def test_a_perturbation_gives_what_float64_transformers_gives(models):
         new_path, dtype=torch.float64, experts_implementation="eager"
     )
     mask, mu = batch.mask_BT, batch.behavior_logprobs_BT.double()
-    lp = torch.log_softmax(hf(input_ids=batch.inputs_BT).logits, -1)
+    out = hf(input_ids=batch.inputs_BT, output_router_logits=True)
+    lp = torch.log_softmax(out.logits, -1)
     lp = lp.gather(-1, batch.targets_BT.unsqueeze(-1)).squeeze(-1)
     log_r = torch.where(mask, lp - mu, 0.0)
     r = torch.where(mask, log_r.exp(), 0.0)
@@ -109,3 +112,14 @@ def test_a_perturbation_gives_what_float64_transformers_gives(models):
     assert row["cos all"] < 0.9999  # the approximation is visibly off
     cos_router = cos([g_tok[i] for i in routers], [g_seq[i] for i in routers])
     assert row["cos router"] == pytest.approx(cos_router, abs=1e-4)
+    # the new weights route otherwise than the old (the actor's, here): transformers' top-k
+    top_k = [
+        logits.topk(CFG.top_k, -1).indices.view(*batch.inputs_BT.shape, CFG.top_k)
+        for logits in out.router_logits
+    ]
+    new_BTLK = torch.stack(top_k, dim=2).sort(-1).values
+    moved = (new_BTLK != batch.routing_BTLK.long().sort(-1).values).any(-1)
+    assert row["flip infer"] == 0.0 and row["flip stale"] == pytest.approx(moved.double().mean())
+    assert row["flip stale"] > 0.01
+    replayed, _ = measure(old, new, batch, "r2", ADVANTAGES)  # pi_theta replays pi_old's
+    assert replayed["flip stale"] == 0.0

@@ -1,5 +1,7 @@
 """The learner's global step: packing, routing replay modes, N updates, checkpoints and resume."""
 
+import contextlib
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -15,7 +17,7 @@ from learner.evaluate import sample
 from learner.model import build_model, token_logprobs
 from learner.optim import lr_multiplier
 from learner.routing import RoutingHooks
-from learner.train import replayed_routing, routing_agreement
+from learner.train import replayed_routing
 
 CFG = ModelConfig()
 SPEC = RoutingSpec.of(CFG)
@@ -136,7 +138,13 @@ def test_r3_replays_the_actor_trace_and_r2_is_a_no_op_on_policy(base, new_step):
     batch = packed(table)
     free = new_step(clone(base))(batch)
     assert free["routing_agreement"] < 1.0
-    assert new_step(clone(base), "r3")(batch)["routing_agreement"] == 1.0
+    assert free["routing_flip_infer"] == 1.0 - free["routing_agreement"] > 0
+    assert free["flipped_token_frac"] > 0
+    r3 = new_step(clone(base), "r3")(batch)
+    assert r3["routing_agreement"] == 1.0 and r3["routing_flip_infer"] == 0.0
+    assert r3["flipped_token_frac"] == 0.0 and r3["abs_log_rho_p99_flipped"] == 0.0
+    broken = _replay_disabled(new_step(clone(base), "r3"))(batch)  # caught by the metric
+    assert broken["routing_flip_infer"] == free["routing_flip_infer"]
     # R2 with one mini-batch replays exactly what the model would choose anyway
     losses = {}
     for mode in ("none", "r2"):
@@ -149,29 +157,49 @@ def test_r3_replays_the_actor_trace_and_r2_is_a_no_op_on_policy(base, new_step):
     assert losses["none"] == losses["r2"]
 
 
-def test_r2_with_several_minibatches_keeps_the_prox_routing(base, new_step):
-    """After the first update, free routing drifts; R2 keeps replaying the prox pass's choice."""
-    table = rollouts(base)
-    batch = packed(table)
-    model = clone(base)
-    step = new_step(model, "r2", n=2, lr=0.05)
-    seen = []
-    original = step._loss
+def _replay_disabled(step):
+    """`step` with a routing replay that silently does nothing (verl #7340's failure)."""
+    step.hooks.replay = lambda experts_BTLK: contextlib.nullcontext()
+    return step
 
-    def spy(mb, i, prox, prox_BT, rows):  # an update's loss, under the routing it replays
-        replay, step.hooks._replay_BTLK = step.hooks._replay_BTLK, None
-        if replay is not None:  # the routing of the same rows, free, at the same weights
-            with torch.no_grad(), step.hooks.record() as trace:
-                model(mb.inputs_BT)
-            seen.append(routing_agreement(replay, trace.experts, mb.mask_BT))
-        step.hooks._replay_BTLK = replay
-        return original(mb, i, prox, prox_BT, rows)
 
-    step._loss = spy
-    step(batch)
-    # mini-batch 1 runs at the proximal weights and records the routing itself (no replay);
-    # mini-batch 2 replays it although the update moved the router: free routing would differ
-    assert len(seen) == 1 and seen[0] < 1.0
+def test_the_update_flip_share_is_what_r2_removes_and_a_disabled_replay_shows(base, new_step):
+    """After the first update free routing drifts (mini-batch 2 routes otherwise than its
+    proximal forward did); R2 replays the proximal choice: 0 flips. A replay that does
+    nothing is seen in the metric alone: it flips exactly as free routing does."""
+    batch = packed(rollouts(base))
+    free = new_step(clone(base), "none", n=2, lr=0.05)(batch)
+    r2 = new_step(clone(base), "r2", n=2, lr=0.05)(batch)
+    broken = _replay_disabled(new_step(clone(base), "r2", n=2, lr=0.05))(batch)
+    assert free["routing_flip_update"] > 0 and r2["routing_flip_update"] == 0.0
+    assert broken["routing_flip_update"] == free["routing_flip_update"]
+    assert "routing_flip_update" not in new_step(clone(base), "none")(batch)  # N = 1: none
+
+
+def test_the_mismatch_metrics_of_a_hand_built_batch():
+    """Flips ignore the order within a top-k; |log rho| percentiles split by flipped tokens,
+    and the effective sample size, against numpy on the same numbers (two forwards)."""
+    from learner.mismatch import Mismatch, flipped_BTL
+
+    a = torch.tensor([[[[0, 1], [2, 3]], [[4, 5], [6, 7]]]])  # B 1, T 2, L 2, K 2
+    b = torch.tensor([[[[1, 0], [2, 3]], [[4, 5], [7, 5]]]])
+    assert flipped_BTL(a, b).tolist() == [[[False, False], [False, True]]]
+    log_rho = np.array([0.1, -2.0, 0.5, 3.0, -0.3])
+    flipped = np.array([False, True, False, True, False])
+    mismatch = Mismatch()
+    for part in (slice(0, 2), slice(2, 5)):
+        logp = torch.tensor(log_rho[part])[None] - 1.0
+        mu, mask = torch.full_like(logp, -1.0), torch.ones_like(logp, dtype=torch.bool)
+        mismatch.add(logp, mu, mask, torch.tensor(flipped[part])[None])
+    out, w = mismatch.metrics(), np.exp(log_rho)
+    assert out["is_ess"] == pytest.approx(w.sum() ** 2 / (len(w) * (w**2).sum()))
+    assert out["flipped_token_frac"] == 0.4
+    assert out["abs_log_rho_p99_flipped"] == pytest.approx(np.quantile([2.0, 3.0], 0.99))
+    assert out["abs_log_rho_p99_steady"] == pytest.approx(np.quantile([0.1, 0.5, 0.3], 0.99))
+    assert out["abs_log_rho_p99"] == pytest.approx(np.quantile(np.abs(log_rho), 0.99))
+    unrouted = Mismatch()  # no actor routing to compare with: no split
+    unrouted.add(torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool))
+    assert unrouted.metrics() == {"abs_log_rho_p99": 0.0, "is_ess": 1.0}
 
 
 def test_n_minibatches_make_n_optimizer_steps(base, new_step):

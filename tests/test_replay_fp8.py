@@ -224,8 +224,8 @@ def test_r2_minibatches_after_the_first_use_the_prox_routing(setup):
             seen["logp_BT"] = logp_BT.detach()
             return objective.loss(logp_BT, *rest)
 
-    def spy(mb, i, prox, prox_BT, rows):  # an update's loss, under the routing it replays
-        out = original(mb, i, prox, prox_BT, rows)
+    def spy(mb, i, prox, prox_BT, rows, recorded):  # an update's loss, under its replay
+        out = original(mb, i, prox, prox_BT, rows, recorded)
         replay = step.hooks._replay_BTLK
         if replay is None:  # mini-batch 1, at the proximal weights
             return out
@@ -249,8 +249,8 @@ def test_r2_minibatches_after_the_first_use_the_prox_routing(setup):
         return out
 
     step.objective, step._loss = Objective(), spy
-    step(batch)
-    assert len(checks) == n - 1
+    metrics = step(batch)
+    assert len(checks) == n - 1 and metrics["routing_flip_update"] == 0.0
     assert all(c["replay"] and c["logits"] for c in checks)
     # After the first update the router would choose otherwise, and that would matter.
     assert min(c["free_agreement"] for c in checks) < 1.0
