@@ -68,8 +68,8 @@ COLUMNS = (
     "flip infer",
     "flip stale",
     "flipped tokens",
-    "p99 |log rho| flipped",
-    "p99 |log rho| steady",
+    "p99 abs log rho flipped",
+    "p99 abs log rho steady",
     "ess",
 )
 
@@ -199,8 +199,8 @@ def _routing_row(batch: PackedBatch, old_BT, old_routing, new_routing) -> dict:
     got = mismatch.metrics()
     row["ess"] = got["is_ess"]
     row["flipped tokens"] = got.get("flipped_token_frac", "-")
-    row["p99 |log rho| flipped"] = got.get("abs_log_rho_p99_flipped", "-")
-    row["p99 |log rho| steady"] = got.get("abs_log_rho_p99_steady", got["abs_log_rho_p99"])
+    row["p99 abs log rho flipped"] = got.get("abs_log_rho_p99_flipped", "-")
+    row["p99 abs log rho steady"] = got.get("abs_log_rho_p99_steady", got["abs_log_rho_p99"])
     return {"flip infer": "-"} | row
 
 

@@ -211,6 +211,35 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The mechanism of routing replay (README, "Routing replay, measured"): the run's mean of
+# each metric, its spread over seeds beside it.
+MECHANISM = (
+    ("learner/routing_flip_infer", "flip train-infer"),
+    ("learner/routing_flip_update", "flip update"),
+    ("learner/flipped_token_frac", "flipped tokens"),
+    ("learner/abs_log_rho_p99_flipped", "p99 abs log rho, flipped"),
+    ("learner/abs_log_rho_p99_steady", "p99 abs log rho, steady"),
+    ("learner/is_ess", "IS ESS"),
+)
+
+
+def mechanism_table(groups: dict[str, list[dict]]) -> str:
+    """One row per variant: the mean over its steps of each `MECHANISM` metric, averaged over
+    seeds (their sd in brackets); "" when no run logged any of them."""
+    if not any(key in run for runs in groups.values() for run in runs for key, _ in MECHANISM):
+        return ""
+    lines = ["| variant | " + " | ".join(label for _, label in MECHANISM) + " |"]
+    lines.append("|---|" + "---|" * len(MECHANISM))
+    for variant, runs in groups.items():
+        cells = []
+        for key, _ in MECHANISM:
+            means = [np.mean([v for _, v in run[key]]) for run in runs if run.get(key)]
+            sd = f" ({np.std(means, ddof=1):.2g})" if len(means) > 1 else ""
+            cells.append(f"{np.mean(means):.4g}{sd}" if means else "-")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(
     paths: list[Path],
     out: Path,
@@ -265,5 +294,6 @@ def plot(
     fig.savefig(out, dpi=120)
     plt.close(fig)
     table = out.with_suffix(".md")
-    table.write_text(markdown_table(rows))
+    mechanism = mechanism_table(groups)
+    table.write_text(markdown_table(rows) + (f"\n{mechanism}" if mechanism else ""))
     return out, table

@@ -80,6 +80,21 @@ def test_read_run_and_collapse_rule(tmp_path):
         read_run(tmp_path / "nothing")
 
 
+def test_the_mechanism_table_averages_each_run_then_the_seeds():
+    from app.plots import mechanism_table
+
+    def run(flips):
+        return {"learner/routing_flip_infer": list(enumerate(flips)), "learner/is_ess": [(1, 0.9)]}
+
+    table = mechanism_table({"none": [run([0.1, 0.3]), run([0.4, 0.4])], "r3": [run([0.0])]})
+    lines = table.splitlines()
+    assert lines[0].startswith("| variant | flip train-infer | flip update |")
+    # seed means 0.2 and 0.4: 0.3, sd 0.1414; flip update never logged: "-"
+    assert lines[2] == "| none | 0.3 (0.14) | - | - | - | - | 0.9 (0) |"
+    assert lines[3] == "| r3 | 0 | - | - | - | - | 0.9 |"
+    assert mechanism_table({"x": [{"eval/accuracy": [(0, 0.5)]}]}) == ""
+
+
 def test_moving_average_is_a_trailing_mean():
     import numpy as np
 

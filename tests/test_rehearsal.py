@@ -2,7 +2,8 @@
 configs/qwen3_30b_a3b_rehearsal.toml` for a few steps, so that no change breaks the real
 vocabulary, 128 experts of top-8, mixed precision, two expert-parallel ranks, R2 with N = 2,
 in-flight updates and the collective weight store unnoticed. The full run (README, "The
-paper's shape on a CPU") is the same command without the overrides below."""
+paper's shape on a CPU") is the same command without the overrides below. And the paper's MoE
+shape on the long task (`configs/tiny_moe.toml`), two steps in threads of this process."""
 
 from __future__ import annotations
 
@@ -63,3 +64,27 @@ def test_a_few_steps_of_the_30b_rehearsal_train_end_to_end(tmp_path):
         assert "F32" in dtypes(step / f"optimizer-r{rank:05d}.safetensors")
     # the collective path with the Ray object store behind it: no weights on disk
     assert not (run / "weights").exists() or not any((run / "weights").iterdir())
+
+
+def test_the_128_expert_config_trains_and_logs_the_routing_mechanism(tmp_path, train_in_threads):
+    """configs/tiny_moe.toml with N = 2: FP8 actors flip some of the learner's top-8 of 128
+    (and not all); every step logs the mechanism (README, "Routing replay, measured")."""
+    from async_rl.config import load_config, to_toml
+    from async_rl.tokenizer import Tokenizer
+    from learner.hf import export_hf
+    from learner.model import build_model
+
+    overrides = [f"run.output_dir={tmp_path}", "run.num_steps=2", "run.eval_every=0"]
+    overrides += ["algo.num_minibatches=2", "algo.prompts_per_minibatch=2"]
+    overrides += ["actor.max_new_tokens=16", "task.heldout_size=8"]
+    cfg = load_config(ROOT / "configs" / "tiny_moe.toml", overrides)
+    assert (cfg.model.num_experts, cfg.model.top_k, cfg.actor.quantization) == (128, 8, "fp8")
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+    model = build_model(cfg.model, seed=0)
+    start = export_hf(model, cfg.model, Tokenizer.arithmetic(), tmp_path / "start")
+    rows, _, _ = train_in_threads(cfg, start)
+    for row in rows:
+        assert 0 < row["learner/routing_flip_infer"] < 0.5
+        assert 0 < row["learner/flipped_token_frac"] <= 1 and 0 < row["learner/is_ess"] <= 1
+        assert row["learner/routing_flip_update"] >= 0
