@@ -80,7 +80,9 @@ def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, st
     assert not report["problems"] and report["groups_lost"] == 0, report
     rows = json_lines(run_dir / "metrics.jsonl")
     receivers = [r["learner/weights_receivers"] for r in rows if "learner/weights_receivers" in r]
-    assert 2 in receivers and receivers[-1] == 1  # both actors, then the one left
+    assert 2 in receivers  # both actors, then the one left (a transfer at the very end may
+    last_two = len(receivers) - 1 - receivers[::-1].index(2)  # find it stopping: 0)
+    assert 1 in receivers[last_two:]
     # wandb logged offline into the run directory
     assert list(run_dir.glob("wandb/offline-run-*"))
 
