@@ -235,10 +235,11 @@ class TrainStep:
         the tokens' log rho split by routing flips (`learner.mismatch`)."""
         prox.entropy_sum += float(entropy_BT[mb.mask_BT].sum())
         flipped_BT = None
-        if mb.routing_BTLK is not None:
-            same = routing_agreement(mb.routing_BTLK, experts_BTLK, mb.valid_BT)
+        if mb.routing_BTLK is not None:  # one comparison: agreement and the flipped tokens
+            flip_BTL = flipped_BTL(mb.routing_BTLK, experts_BTLK)
+            same = (~flip_BTL)[mb.valid_BT].float().mean().item()  # as `routing_agreement`
             prox.agree_sum += same * float(mb.valid_BT.sum())
-            flipped_BT = flipped_BTL(mb.routing_BTLK, experts_BTLK).any(-1)
+            flipped_BT = flip_BTL.any(-1)
         prox.mismatch.add(logp_BT, mb.behavior_logprobs_BT, mb.mask_BT, flipped_BT)
 
     # ---------------------------------------------------------------- 2. the updates
