@@ -50,17 +50,17 @@ from actors.engine import (
 )
 from actors.scoring import scorer_for
 from actors.versions import VersionFollower
-from async_rl.clients import RolloutSink, ZmqRolloutSink
 from async_rl.config import Config, load_config
-from async_rl.messages import ActorStats
 from async_rl.paths import RunPaths, wait_for_endpoints
 from async_rl.rewards import GroupScores
 from async_rl.runtime import configure_torch
-from async_rl.security import curve_for
 from async_rl.tasks import Problem, Task, task_from_config
 from async_rl.tokenizer import Tokenizer, tokenizer_from_config
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch
 from async_rl.weights import WeightSubscriber, weight_store
+from async_rl.wire.clients import RolloutSink, ZmqRolloutSink
+from async_rl.wire.messages import ActorStats
+from async_rl.wire.security import curve_for
 
 log = logging.getLogger(__name__)
 

@@ -308,7 +308,7 @@ class BufferConfig:
         "Staleness autopilot: the driver moves K (starting at max_staleness) within "
         "[autopilot_min_k, autopilot_max_k] every autopilot_every versions: up while the "
         "learner waits for data, down when K x the learner's per-version drift exceeds "
-        "autopilot_max_drift (app/autopilot.py).",
+        "autopilot_max_drift (async_rl/run/autopilot.py).",
     )
     autopilot_min_k: int = _f(0, "The autopilot's lowest K.", ge=0)
     autopilot_max_k: int = _f(4, "The autopilot's highest K.", ge=0)
@@ -907,7 +907,7 @@ def _validate_run(cfg: Config) -> None:
             "with `async-rl keys DIR` and set run.curve_keys = DIR",
         )
     if cfg.run.curve_keys:
-        from async_rl.security import check_keys
+        from async_rl.wire.security import check_keys
 
         try:
             check_keys(cfg.run.curve_keys)

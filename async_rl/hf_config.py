@@ -148,7 +148,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 def has_weights(path: str | Path) -> bool:
     """Whether a checkpoint directory holds its tensors, or only what describes the model
-    (config.json, tokenizer files: what an actor on another node gets, `app.workers`)."""
+    (config.json, tokenizer files: what an actor on another node gets, `async_rl.run.workers`)."""
     return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
 
 

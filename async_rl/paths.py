@@ -3,7 +3,7 @@
     runs/<name>/
       config.toml            the resolved configuration (`RunPaths.config`)
       metrics.jsonl          one row per global step (the learner writes it)
-      buffer/                Arrow IPC segments and consumed.jsonl (`async_rl.segments`)
+      buffer/                Arrow IPC segments and consumed.jsonl (`async_rl.buffer.segments`)
       weights/v000012/       weight versions of the `fs` store (`async_rl.weights`)
       checkpoints/sft/       the cold start; checkpoints/learner/step-*/: learner checkpoints
       endpoints/<service>.json   ZeroMQ addresses a service bound ({"ingest": "tcp://..."});

@@ -2,7 +2,7 @@
 
 Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = experts per token.
 
-Only these types, their Arrow form and the messages of `async_rl.messages` cross a process
+Only these types, their Arrow form and the messages of `async_rl.wire.messages` cross a process
 boundary. One row is one
 completion; the G completions of a prompt form a group, which travels, is stored, sampled and
 dropped as one Arrow record batch of G rows.

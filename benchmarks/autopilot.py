@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.plots import find_runs, variant_of  # noqa: E402
 from async_rl.paths import RunPaths  # noqa: E402
+from async_rl.tools.plots import find_runs, variant_of  # noqa: E402
 
 
 def run_figures(run_dir: Path) -> dict[str, float]:

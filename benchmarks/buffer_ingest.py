@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILE = os.environ.get("BENCH_PROFILE", "").split()
 sys.path.insert(0, str(ROOT))
 
-from async_rl.clients import ZmqBatchSource, ZmqRolloutSink  # noqa: E402
 from async_rl.config import load_config, to_toml  # noqa: E402
-from async_rl.messages import Group, encode, table_to_ipc  # noqa: E402
-from async_rl.transport import send  # noqa: E402
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch  # noqa: E402
+from async_rl.wire.clients import ZmqBatchSource, ZmqRolloutSink  # noqa: E402
+from async_rl.wire.messages import Group, encode, table_to_ipc  # noqa: E402
+from async_rl.wire.transport import send  # noqa: E402
 
 
 def make_groups(args, spec: RoutingSpec, prefix: str) -> list[pa.RecordBatch]:
@@ -120,7 +120,7 @@ def main() -> None:
     groups = make_groups(args, spec, "g")
     mb = sum(table_to_ipc(b).size for b in groups) / 1e6
     proc = subprocess.Popen(
-        [sys.executable, *PROFILE, "-m", "async_rl.buffer_service", str(cfg.run_dir)],
+        [sys.executable, *PROFILE, "-m", "async_rl.buffer.service", str(cfg.run_dir)],
         cwd=ROOT,
         stderr=subprocess.DEVNULL,
     )

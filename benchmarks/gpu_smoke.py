@@ -271,7 +271,7 @@ def vocab_logprobs(device: str) -> str:
 
 def layers_30b(device: str) -> str:
     """Peak memory of a forward and backward of two Qwen3-30B-A3B-wide layers on one row."""
-    from app.plan import activation_bytes
+    from async_rl.tools.plan import activation_bytes
     from learner.model import policy_logprobs
 
     tokens = 32_768 if device == "cuda" else 512

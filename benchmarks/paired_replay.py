@@ -38,8 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.plots import find_runs, read_run, variant_of  # noqa: E402
 from async_rl.paths import RunPaths  # noqa: E402
+from async_rl.tools.plots import find_runs, read_run, variant_of  # noqa: E402
 
 METRICS = (  # (metric, how a run's series becomes one number)
     ("eval/accuracy", "final"),

@@ -52,10 +52,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from actors.build import build_engine  # noqa: E402
 from actors.engine import GroupRequest, SamplingParams  # noqa: E402
-from app.driver import train  # noqa: E402
+from async_rl.buffer.segments import inspect  # noqa: E402
 from async_rl.config import load_config  # noqa: E402
 from async_rl.metrics import read_rows  # noqa: E402
-from async_rl.segments import inspect  # noqa: E402
+from async_rl.run.driver import train  # noqa: E402
 from async_rl.tasks import task_from_config  # noqa: E402
 from async_rl.tokenizer import load_tokenizer  # noqa: E402
 
@@ -156,7 +156,7 @@ def engine_alone(args, start: Path) -> list[dict]:
 def _start(args, out: Path) -> Path:
     if args.start is not None:
         return args.start
-    from app.cli import cmd_sft
+    from async_rl.cli import cmd_sft
 
     cfg = load_config(args.config, [*args.overrides, f"run.output_dir={out}", "run.name=sft"])
     return cmd_sft(cfg)  # the config's own cold start

@@ -185,7 +185,7 @@ def main() -> int:
                 next_kill += args.interval
             if now >= next_scale:
                 fleet = rng.choice([n for n in range(1, cfg.actor.max_actors + 1) if n != fleet])
-                scale = [sys.executable, "-m", "app.cli", "scale", str(run_dir)]
+                scale = [sys.executable, "-m", "async_rl.cli", "scale", str(run_dir)]
                 subprocess.run(
                     [*scale, "--actors", str(fleet)],
                     env=helpers.ENV,

@@ -16,7 +16,7 @@ policy's do.
   model), router aux loss off, `experts_implementation` = `--experts` (`grouped_mm`, the fastest
   on CPU: `--time-kernels` times them all), `--threads` torch threads in this one process; one
   optimizer step per generation of prompts x G (num_iterations 1), mean-only advantages.
-- async-rl: `app.driver.train`, as `async-rl train` runs the config (Ray, buffer,
+- async-rl: `async_rl.run.driver.train`, as `async-rl train` runs the config (Ray, buffer,
   learner, one actor, its batching and weight updates, FP8-emulated rollouts),
   `run.num_threads = threads // 2` in each of its two busy processes (learner, actor), so both
   tools get the same thread budget.
@@ -105,7 +105,7 @@ def window(args, times: list[float], tokens: list[int], cpu: dict[int, float], b
 
 
 def run_async_rl(args, start: Path, out: Path, name: str) -> tuple[list, list, dict]:
-    from app.driver import train
+    from async_rl.run.driver import train
 
     cfg = load_config(
         args.config,
@@ -218,7 +218,7 @@ def make_start(args, out: Path) -> Path:
     import torch
 
     torch.set_num_threads(args.threads)
-    from app.evaluation import evaluate_checkpoint
+    from async_rl.run.evaluation import evaluate_checkpoint
 
     path = run_sft(cfg, load_tokenizer(cfg.model.tokenizer), task_from_config(cfg), out / "sft")
     result = evaluate_checkpoint(cfg, path)

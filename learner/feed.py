@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from async_rl.clients import BatchSource
 from async_rl.config import Config
-from async_rl.messages import Batch, ipc_to_table, table_to_ipc
 from async_rl.types import RoutingSpec
+from async_rl.wire.clients import BatchSource
+from async_rl.wire.messages import Batch, ipc_to_table, table_to_ipc
 from learner.background import Background
 from learner.batch import PackedBatch, pack, rollout_metrics
 from learner.parallel import DataParallel, broadcast_bytes

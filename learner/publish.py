@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import zmq
 
-from async_rl.clients import BatchSource
 from async_rl.config import Config
 from async_rl.paths import RunPaths, publish_endpoints, read_endpoints
 from async_rl.weights import WeightAnnouncer, weight_store
 from async_rl.weights.delta import DeltaMeter, worth_sending
+from async_rl.wire.clients import BatchSource
 from learner.background import Background
 
 

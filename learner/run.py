@@ -40,15 +40,15 @@ from pathlib import Path
 import torch
 import zmq
 
-from async_rl.clients import BatchSource, ZmqBatchSource
 from async_rl.config import Config, load_config, precision_warning
-from async_rl.messages import Batch
 from async_rl.metrics import MetricsWriter
 from async_rl.paths import RunPaths
 from async_rl.runtime import configure_torch
-from async_rl.security import curve_for
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import tokenizer_from_config
+from async_rl.wire.clients import BatchSource, ZmqBatchSource
+from async_rl.wire.messages import Batch
+from async_rl.wire.security import curve_for
 from learner.background import Background
 from learner.checkpoint import Snapshot, latest_checkpoint, load_checkpoint, new_token
 from learner.evaluate import EvalResult, evaluate_run
@@ -76,7 +76,7 @@ class Learner:
     """The learner process of a run (module docstring). `sources` makes its batch sources (the
     fetch and publish threads have one each); by default the run's buffer service.
     `evaluator(model)` measures held-out accuracy; by default the model samples for itself
-    (`async-rl train` evaluates through an inference engine, `app.evaluation`)."""
+    (`async-rl train` evaluates through an inference engine, `async_rl.run.evaluation`)."""
 
     def __init__(
         self,

@@ -177,7 +177,7 @@ class TrainStep:
     def _drift(self, batch: PackedBatch, first_BT: torch.Tensor) -> float:
         """mean |pi_{v+1} / pi_v - 1| over the completion tokens of the drift sample, the
         first group of this rank's rows (all ranks): how far one step moved the policy
-        (`app.autopilot`). pi_v is mini-batch 1's own forward (`first_BT`); pi_{v+1} one
+        (`async_rl.run.autopilot`). pi_v is mini-batch 1's own forward (`first_BT`); pi_{v+1} one
         no-grad forward at the new weights, routed as mini-batch 1 was."""
         rows = min(self.group_size, batch.num_rows // self.num_minibatches)
         sample = batch.rows(0, rows)

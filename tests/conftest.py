@@ -20,7 +20,7 @@ import pytest
 import torch
 import zmq
 
-from async_rl.buffer_service import BufferService
+from async_rl.buffer.service import BufferService
 from async_rl.config import ModelConfig, load_config
 from tests import helpers
 from tests.helpers import BufferClient, pipeline_config, run_config, services_in_threads

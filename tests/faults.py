@@ -23,8 +23,8 @@ from pathlib import Path
 import pyarrow as pa
 import zmq
 
-from async_rl.messages import REPLIES, REQUESTS, BadMessage, Lease, Leases, decode
 from async_rl.types import InvalidGroup, RoutingSpec, check_group
+from async_rl.wire.messages import REPLIES, REQUESTS, BadMessage, Lease, Leases, decode
 from tests.helpers import json_lines
 
 

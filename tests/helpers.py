@@ -37,10 +37,10 @@ import numpy as np
 import pyarrow as pa
 import zmq
 
-from async_rl.buffer import ReplayBuffer
-from async_rl.clients import ZmqBatchSource, ZmqRolloutSink
+from async_rl.buffer.replay import ReplayBuffer
 from async_rl.config import Config, load_config, to_toml
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch
+from async_rl.wire.clients import ZmqBatchSource, ZmqRolloutSink
 
 if TYPE_CHECKING:
     import torch
@@ -154,7 +154,7 @@ def services_in_threads(cfg: Config, start: Path, actor_start: Path | None = Non
     `actor_start`, default `start`); all closed after. The actor's loop is the caller's to
     run (`actor.run` in a thread), the learner's too (`learner.run`)."""
     from actors.loop import Actor
-    from async_rl.buffer_service import BufferService
+    from async_rl.buffer.service import BufferService
     from learner.run import Learner
 
     ctx = zmq.Context()
@@ -248,7 +248,7 @@ def launch(log: Path, *args: str, command: str = "train", env=None) -> subproces
     """`async-rl <command> ARGS` in a session of its own, stdout and stderr to `log`."""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "app.cli", command, *args],
+            [sys.executable, "-m", "async_rl.cli", command, *args],
             cwd=ROOT,
             env=env or ENV,
             stdout=out,

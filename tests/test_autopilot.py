@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from app.autopilot import Autopilot
+from async_rl.buffer.segments import read_log
 from async_rl.config import ConfigError, ModelConfig, load_config
-from async_rl.segments import read_log
+from async_rl.run.autopilot import Autopilot
 from async_rl.types import RoutingSpec
 from tests import faults
 from tests.helpers import (

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from async_rl.segments import read_log
+from async_rl.buffer.segments import read_log
 from async_rl.types import (
     InvalidGroup,
     RoutingSpec,
@@ -253,7 +253,7 @@ def test_check_refuses_duplicates_and_tokens_outside_the_vocabulary(tmp_path):
 
 
 def test_inspect_command_reports_counts_staleness_and_bytes(tmp_path, capsys):
-    from app.cli import main
+    from async_rl.cli import main
 
     buf = new_buffer(tmp_path / "run" / "buffer", segment_groups=3, max_staleness=1)
     groups = [make_group(f"g{i}", i // 2, seed=i) for i in range(8)]
@@ -273,7 +273,7 @@ def test_inspect_command_reports_counts_staleness_and_bytes(tmp_path, capsys):
 
 
 def test_inspect_sums_many_versions_into_ranges():
-    from app.cli import _histogram
+    from async_rl.cli import _histogram
 
     counts = {v: 8 for v in range(1001)}  # a long run: one entry per version would be unreadable
     line = _histogram(counts)

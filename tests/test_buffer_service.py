@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 import zmq
 
-from async_rl.buffer_service import BufferService
-from async_rl.messages import Group, encode, table_to_ipc
+from async_rl.buffer.service import BufferService
 from async_rl.types import RoutingSpec, batch_to_trajectories, group_to_batch
+from async_rl.wire.messages import Group, encode, table_to_ipc
 from tests.helpers import ROOT, BufferClient, G, make_group, run_config
 
 
@@ -124,7 +124,7 @@ def test_sigkill_loses_no_accepted_group_and_serves_none_twice(tmp_path):
 
     def start():
         return subprocess.Popen(
-            [sys.executable, "-m", "async_rl.buffer_service", str(cfg.run_dir)],
+            [sys.executable, "-m", "async_rl.buffer.service", str(cfg.run_dir)],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

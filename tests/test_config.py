@@ -220,7 +220,7 @@ def test_readme_config_reference_is_current():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "async_rl.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -237,7 +237,7 @@ def test_cli_dry_run_prints_resolved_config():
 def test_cli_never_imports_torch_for_help_or_dry_run():
     # What makes --help and --dry-run answer in a second: no torch, torchtitan or ray import.
     code = (
-        "import sys; from app.cli import main; main(['train', '--dry-run']); "
+        "import sys; from async_rl.cli import main; main(['train', '--dry-run']); "
         "main(['eval', '--checkpoint', 'x', '--dry-run']); "
         "assert not {'torch', 'ray', 'torchtitan'} & set(sys.modules), 'heavy import'"
     )
@@ -258,7 +258,7 @@ def test_cli_help_lists_config_keys():
 
 
 def test_train_of_a_finished_run_says_so_and_starts_nothing(tmp_path, capsys):
-    from app.cli import main
+    from async_rl.cli import main
 
     run = tmp_path / "done"
     run.mkdir()

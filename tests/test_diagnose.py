@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.diagnose import measure
 from async_rl.config import ModelConfig
 from async_rl.tokenizer import Tokenizer
+from async_rl.tools.diagnose import measure
 from learner.batch import PackedBatch
 from learner.hf import export_hf, import_hf
 from learner.model import build_model, token_logprobs

@@ -161,7 +161,7 @@ def test_an_engine_from_the_start_files_alone_serves_the_first_tensors_it_loads(
     """What an actor on another node gets of the starting checkpoint (`start_files`: its
     config.json and tokenizer, no tensors) builds an engine that serves nothing until the
     first version's tensors come from the weight store, and then serves exactly them."""
-    from app.workers import start_files
+    from async_rl.run.workers import start_files
 
     model, path = ckpts[0]
     files = start_files(path)

@@ -12,8 +12,8 @@ import torch
 
 from actors.embedded import EmbeddedEngine
 from actors.engine import engine_generate
-from app.evaluation import evaluate_checkpoint
 from async_rl.config import load_config
+from async_rl.run.evaluation import evaluate_checkpoint
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import tokenizer_from_config
 from tests.helpers import ENV, ROOT, json_lines, stored_groups
@@ -26,7 +26,7 @@ def test_the_worked_example_trains_and_transformers_scores_its_checkpoint_the_sa
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("math_verify")
     out = subprocess.run(
-        [sys.executable, "-m", "app.cli", "train", "--config",
+        [sys.executable, "-m", "async_rl.cli", "train", "--config",
          "examples/word_problems/config.toml", f"run.output_dir={tmp_path}",
          f"run.num_steps={STEPS}", "run.eval_every=0", "learner.sft_steps=100",
          "learner.sft_batch_size=32", "learner.checkpoint_every=2"],

@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
+from async_rl.buffer.segments import StorageError
 from async_rl.config import ModelConfig, load_config, to_toml
 from async_rl.paths import RunPaths, publish_endpoints, read_endpoints
-from async_rl.segments import StorageError
 from async_rl.types import RoutingSpec
 from async_rl.weights import FsWeightStore
 from learner.checkpoint import latest_checkpoint, save_checkpoint
@@ -252,7 +252,7 @@ def test_dropped_delayed_and_corrupted_zmq_traffic(tmp_path, start):
     run_dir, log = cfg.run_dir, tmp_path / "zmq.log"
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
-    procs = [spawn(log, "async_rl.buffer_service", run_dir)]
+    procs = [spawn(log, "async_rl.buffer.service", run_dir)]
     try:
         paths = RunPaths(run_dir)
         wait_for(lambda: read_endpoints(paths, "buffer"), timeout=60)

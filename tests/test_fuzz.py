@@ -1,6 +1,6 @@
 """Property-based fuzzing of everything that reads outside input: no crash, always a reason.
 
-- messages: random headers for every kind, through the public decoder (`async_rl.messages`);
+- messages: random headers for every kind, through the public decoder (`async_rl.wire.messages`);
 - buffer ingest: random and mutated message frames (the service's parsing and validation);
 - config loader: random TOML documents and dotted overrides;
 - weight manifests: random and mutated manifest files.
@@ -14,10 +14,12 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from async_rl.buffer import ReplayBuffer
-from async_rl.buffer_service import BufferService
+from async_rl.buffer.replay import ReplayBuffer
+from async_rl.buffer.service import BufferService
 from async_rl.config import ConfigError, load_config
-from async_rl.messages import (
+from async_rl.types import InvalidGroup
+from async_rl.weights import read_manifest
+from async_rl.wire.messages import (
     REPLIES,
     REQUESTS,
     BadMessage,
@@ -28,8 +30,6 @@ from async_rl.messages import (
     encode,
     table_to_ipc,
 )
-from async_rl.types import InvalidGroup
-from async_rl.weights import read_manifest
 from tests.helpers import SPEC, G, make_group
 
 KINDS = (*REQUESTS, *REPLIES, Group, WeightsReady)

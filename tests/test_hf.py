@@ -102,7 +102,7 @@ def test_plain_transformers_reproduces_async_rl_eval(cold_start, tmp_path):
     `generate`, no project code but the task's problems and reward) scores what `async-rl eval`
     scores: the exported tokenizer adds the bos the project's prompts start with."""
     transformers = pytest.importorskip("transformers")
-    from app.evaluation import evaluate_checkpoint
+    from async_rl.run.evaluation import evaluate_checkpoint
     from async_rl.tasks import task_from_config
     from tests.helpers import pipeline_config
 

@@ -1,9 +1,12 @@
-"""The layout of DESIGN.md section 6, read from the source: layers point down, code stays small.
+"""The layout of docs/design.md section 6, read from the source: layers point down, code stays
+small.
 
-- `async_rl/` is the shared core: it imports none of `actors`, `learner` or `app`, not even
-  inside a function;
-- `actors/` and `learner/` do not import each other, nor the entry points of `app/`;
-- nothing imports `app/` (the entry points sit on top of everything);
+- the top: the run (`async_rl/run/`), the tools (`async_rl/tools/`) and the CLI
+  (`async_rl/cli.py`); nothing else imports them, and the run does not import the tools;
+- the core is the rest of `async_rl/`: it imports none of `actors`, `learner` or the top, not
+  even inside a function; the wire (`async_rl/wire/`) imports nothing of the buffer process
+  (`async_rl/buffer/`);
+- `actors/` and `learner/` do not import each other, nor the top;
 - the built-in tasks (`async_rl/tasks/arithmetic.py`, `files.py`) sit on the task interface
   (`async_rl/tasks/__init__.py`) and nothing imports them: runs build them by name;
 - no two modules import each other, directly or around a circle;
@@ -16,7 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("async_rl", "actors", "learner", "app")
+PACKAGES = ("async_rl", "actors", "learner")
+TOP = ("async_rl.run", "async_rl.tools", "async_rl.cli")
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 250
 
@@ -85,15 +89,32 @@ def import_cycles(paths: list[Path], root: Path = ROOT) -> list[list[str]]:
     return cycles
 
 
-def test_the_core_imports_neither_actors_nor_learner_nor_the_app():
-    core = sources("async_rl")
+def top(path: Path) -> bool:
+    name = module_name(path)
+    return any(name == t or name.startswith(t + ".") for t in TOP)
+
+
+def test_the_core_imports_neither_actors_nor_learner_nor_the_top():
+    core = [p for p in sources("async_rl") if not top(p)]
     assert len(core) > 10
-    assert _offenders(core, ("actors", "learner", "app")) == []
+    assert _offenders(core, ("actors", "learner", *TOP)) == []
+
+
+def test_the_wire_imports_nothing_of_the_buffer_process():
+    wire = sources("async_rl/wire")
+    assert len(wire) == 5
+    assert _offenders(wire, ("async_rl.buffer",)) == []
 
 
 @pytest.mark.parametrize("package, other", [("actors", "learner"), ("learner", "actors")])
-def test_actors_and_learner_do_not_import_each_other_or_the_app(package, other):
-    assert _offenders(sources(package), (other, "app")) == []
+def test_actors_and_learner_do_not_import_each_other_or_the_top(package, other):
+    assert _offenders(sources(package), (other, *TOP)) == []
+
+
+def test_the_run_does_not_import_the_tools():
+    run = sources("async_rl/run")
+    assert len(run) == 8
+    assert _offenders(run, ("async_rl.tools", "async_rl.cli")) == []
 
 
 def test_no_module_imports_itself_around_a_circle():
@@ -146,8 +167,19 @@ def test_the_built_in_tasks_sit_on_the_task_interface_and_are_reached_by_name_on
     assert len(task_modules) == len(builtins)
     others = [p for p in everything if module_name(p) not in builtins]
     assert _offenders(others, builtins) == []
-    ours = ("async_rl", "actors", "learner", "app")
+    ours = ("async_rl", "actors", "learner")
     for path in task_modules:
         used = {n for n in imported(path) if n.split(".")[0] in ours}
         allowed = {n for n in used if n.startswith(("async_rl.tasks", "async_rl.rewards"))}
         assert used == allowed, f"{path.name} imports {sorted(used - allowed)}"
+
+
+def test_the_distribution_installs_no_generic_top_level_module():
+    """`pip install .` adds the three packages of the layout and nothing named like `app`."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = find_packages(str(ROOT), include=find["packages"]["find"]["include"])
+    assert {p.partition(".")[0] for p in packages} == set(PACKAGES)

@@ -13,7 +13,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from async_rl.buffer import ReplayBuffer
+from async_rl.buffer.replay import ReplayBuffer
 from async_rl.config import ModelConfig, load_config
 from async_rl.types import RoutingSpec
 from learner.batch import pack

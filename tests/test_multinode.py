@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from app.cluster import check_resources, wait_for_resources
 from async_rl.config import ConfigError, ModelConfig, load_config
-from async_rl.security import create_keys
+from async_rl.run.cluster import check_resources, wait_for_resources
 from async_rl.types import RoutingSpec
+from async_rl.wire.security import create_keys
 from tests import faults
 from tests.helpers import (
     FileAudit,

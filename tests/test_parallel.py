@@ -419,7 +419,7 @@ def test_every_rank_writes_its_own_shards_of_a_checkpoint(two_ranks):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_planner_counts_the_shards_of_rank_0(two_ranks, dtype):
     """fp32 masters, gradients and moments, whichever dtype the ranks compute in."""
-    from app.plan import Cluster, make_plan
+    from async_rl.tools.plan import Cluster, make_plan
 
     out = two_ranks[1]["checkpoints"]
     real = json.loads((out / f"rank0-bytes-{dtype}.json").read_text())

@@ -11,7 +11,7 @@ from actors.embedded import EmbeddedEngine
 from actors.engine import SamplingParams
 from actors.loop import group_seed
 from actors.versions import version_to_load
-from async_rl.segments import inspect
+from async_rl.buffer.segments import inspect
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import Tokenizer
 from async_rl.types import RoutingSpec, batch_to_trajectories

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from app.cluster import check_placement
-from app.plan import Cluster, activation_bytes, logits_bytes, make_plan
 from async_rl.config import ConfigError, ModelConfig, load_config
+from async_rl.run.cluster import check_placement
+from async_rl.tools.plan import Cluster, activation_bytes, logits_bytes, make_plan
 from learner.model import apply_activation_checkpointing, build_model, policy_logprobs
 from tests.helpers import ENV, ROOT
 
@@ -88,7 +88,7 @@ def test_the_activation_estimate_is_within_2x_of_what_a_forward_saves():
 
 
 def plan_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "app.cli", "plan", *args]
+    command = [sys.executable, "-m", "async_rl.cli", "plan", *args]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
 
 

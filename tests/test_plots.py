@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from app.plots import collapse_step, read_run, summarize
+from async_rl.cli import main
+from async_rl.tools.plots import collapse_step, read_run, summarize
 
 
 def write_run(path, variant, rewards, accuracy_every=5, kl=1e-3):
@@ -81,7 +81,7 @@ def test_read_run_and_collapse_rule(tmp_path):
 
 
 def test_the_mechanism_table_averages_each_run_then_the_seeds():
-    from app.plots import mechanism_table
+    from async_rl.tools.plots import mechanism_table
 
     def run(flips):
         return {"learner/routing_flip_infer": list(enumerate(flips)), "learner/is_ess": [(1, 0.9)]}
@@ -98,7 +98,7 @@ def test_the_mechanism_table_averages_each_run_then_the_seeds():
 def test_moving_average_is_a_trailing_mean():
     import numpy as np
 
-    from app.plots import moving_average
+    from async_rl.tools.plots import moving_average
 
     values = np.array([[1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 3.0, 3.0, 3.0]])
     steps, smooth = moving_average(np.arange(5), values, 2)

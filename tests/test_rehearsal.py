@@ -34,7 +34,7 @@ def test_a_few_steps_of_the_30b_rehearsal_train_end_to_end(tmp_path):
         "learner.checkpoint_every=2",
         "logging.progress=false",
     ]
-    command = [sys.executable, "-m", "app.cli", "train", "--config", str(CONFIG)]
+    command = [sys.executable, "-m", "async_rl.cli", "train", "--config", str(CONFIG)]
     done = subprocess.run(
         [*command, *overrides], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
     )

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.cli import main
-from async_rl.segments import SegmentStore
+from async_rl.buffer.segments import SegmentStore
+from async_rl.cli import main
 from tests.helpers import ENV, ROOT, SPEC, json_lines, launch, make_group, run_config, wait_for
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "async_rl.cli", *args],
         cwd=ROOT,
         env=ENV,
         capture_output=True,

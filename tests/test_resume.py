@@ -2,7 +2,7 @@
 weights going to the actor as deltas (bf16 versions at lr 1e-6) before and after the restart.
 
 Buffer, learner and actor run as separate processes through their own entry points
-(`python -m async_rl.buffer_service`, `learner.run`, `actors.loop`). With K = 0 the samples of
+(`python -m async_rl.buffer.service`, `learner.run`, `actors.loop`). With K = 0 the samples of
 every version are determined by that version's weights, so an interrupted run and an
 uninterrupted one must agree exactly, step for step.
 """
@@ -44,7 +44,7 @@ def run(tmp_path, start, name, kill_after=None):
         "learner.full_every=3",
     )
     run_dir, log = cfg.run_dir, tmp_path / f"{name}.log"
-    procs = [spawn(log, "async_rl.buffer_service", run_dir)]
+    procs = [spawn(log, "async_rl.buffer.service", run_dir)]
     try:
         learner = spawn(log, "learner.run", run_dir, "--start", start)
         procs += [learner, spawn(log, "actors.loop", run_dir, "--actor-id", "a0", "--start", start)]

@@ -102,7 +102,7 @@ def scorer_result(rewards):
 
 def test_async_rl_train_refuses_a_bad_reward_before_anything_starts(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "app.cli", "train", f"run.output_dir={tmp_path}",
+        [sys.executable, "-m", "async_rl.cli", "train", f"run.output_dir={tmp_path}",
          f"task.reward={tmp_path / 'absent.py'}:score"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

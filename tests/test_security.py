@@ -7,11 +7,11 @@ import threading
 import pytest
 import zmq
 
-from app.cli import main
-from async_rl.buffer_service import BufferService
+from async_rl.buffer.service import BufferService
+from async_rl.cli import main
 from async_rl.config import ConfigError, load_config
-from async_rl.messages import Counters, Stats
-from async_rl.security import create_keys
+from async_rl.wire.messages import Counters, Stats
+from async_rl.wire.security import create_keys
 from tests.helpers import BufferClient, run_config
 
 
@@ -49,7 +49,7 @@ def test_the_unauthenticated_collective_weight_path_stays_on_loopback_unless_tru
 
 
 def test_only_clients_with_the_run_key_get_in_and_refusals_are_counted(tmp_path):
-    from async_rl.security import Curve
+    from async_rl.wire.security import Curve
 
     keys = create_keys(tmp_path / "keys")
     cfg = run_config(tmp_path, f"run.curve_keys={keys}")
@@ -132,7 +132,7 @@ def test_the_local_ray_instance_listens_on_loopback_only(tmp_path):
     script = (
         "import os, sys, time, ray\n"
         "from async_rl.config import load_config\n"
-        "from app.cluster import init_ray\n"
+        "from async_rl.run.cluster import init_ray\n"
         "init_ray(load_config(None, []), None)\n"
         "@ray.remote\n"
         "class Probe:\n"

@@ -78,7 +78,7 @@ def test_the_cold_start_schedule_warms_up_then_decays_to_its_floor():
 
 def _cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "async_rl.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

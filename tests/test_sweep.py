@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.sweep import load_sweep
+from async_rl.tools.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
@@ -62,7 +62,7 @@ def test_shipped_sweeps_parse(file, name, variants, seeds):
 
 def test_two_variant_sweep_runs_resumes_and_plots(tmp_path):
     path = write_sweep(tmp_path)
-    cli = [sys.executable, "-m", "app.cli"]
+    cli = [sys.executable, "-m", "async_rl.cli"]
     out = subprocess.run(
         [*cli, "sweep", str(path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
     )

@@ -29,7 +29,7 @@ from tests.helpers import (
 
 
 def scale(run_dir: Path, actors: int) -> None:
-    cli = [sys.executable, "-m", "app.cli"]
+    cli = [sys.executable, "-m", "async_rl.cli"]
     command = [*cli, "scale", str(run_dir), "--actors", str(actors)]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -139,8 +139,8 @@ def _rows(t0: float, n: int, wait: float, step: float, full_per_row: float) -> l
 
 
 def test_the_autoscaler_keeps_the_buffer_fill_between_its_bounds():
-    from app.fleet import autoscale
     from async_rl.config import Config
+    from async_rl.run.fleet import autoscale
 
     cfg = Config()
     cfg.actor.min_actors, cfg.actor.max_actors = 1, 3

@@ -268,7 +268,7 @@ def test_two_swaps_in_flight_tag_each_token_with_vllms_version_and_keep_the_kv(e
 def test_greedy_after_a_swap_equals_a_fresh_engine_of_that_version(engine, checkpoints, tmp_path):
     """After a swap (tensors) to b, greedy completions are those of an engine started afresh
     without weights (config files only: vLLM's dummy load) and given b's directory."""
-    from app.workers import start_files
+    from async_rl.run.workers import start_files
 
     if engine.quantization != "fp32":
         pytest.skip("one fresh engine is enough: fp32")
@@ -339,7 +339,7 @@ def test_an_actor_on_the_ray_weight_store_serves_vllm(tmp_path, checkpoints, tra
     config uses), as on a node without the run directory: the actor builds vLLM from the
     starting checkpoint's small files alone (`start_files`: no tensors, `load_format="dummy"`),
     loads version 0's tensors from the store and swaps the tensors of every new version in."""
-    from app.workers import start_files
+    from async_rl.run.workers import start_files
 
     ray = pytest.importorskip("ray")
     (path_a, _), _ = checkpoints

@@ -1,5 +1,5 @@
 """Announcements of weight versions: the learner's PUB socket sends `WeightsReady(version=v)`
-(`async_rl.messages`); actors SUB and also ask their store for `latest()`, so a missed
+(`async_rl.wire.messages`); actors SUB and also ask their store for `latest()`, so a missed
 announcement only delays a swap."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import time
 
 import zmq
 
-from async_rl.messages import BadMessage, WeightsReady, decode, encode
-from async_rl.transport import bind
+from async_rl.wire.messages import BadMessage, WeightsReady, decode, encode
+from async_rl.wire.transport import bind
 
 
 class WeightAnnouncer:

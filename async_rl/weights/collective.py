@@ -65,10 +65,10 @@ import torch
 import torch.distributed as dist
 
 from async_rl.paths import RunPaths, read_endpoints
-from async_rl.transport import reachable_host
 from async_rl.weights.buckets import bucket_sizes, pack_bucket, plan_buckets, unpack_bucket
 from async_rl.weights.delta import Delta, from_tensors, to_tensors
 from async_rl.weights.store import VersionGone
+from async_rl.wire.transport import reachable_host
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from async_rl.config import Config, ConfigError, is_loopback, role_resources
-from async_rl.transport import WILDCARD_HOSTS
+from async_rl.wire.transport import WILDCARD_HOSTS
 
 
 def init_ray(cfg: Config, address: str | None) -> None:

@@ -1,6 +1,6 @@
 """The fleet size the driver runs: what `async-rl scale` asks for and what the autoscaler decides.
 
-The supervisor (`app/supervisor.py`) starts and stops actors to reach it; the driver's loop
+The supervisor (`async_rl/run/supervisor.py`) starts and stops actors to reach it; the driver's loop
 asks `Fleet.wanted` each round.
 """
 

@@ -168,7 +168,7 @@ def _print_eval(label: str, result) -> None:
 
 
 def cmd_sft(cfg: Config) -> Path:
-    from app.evaluation import evaluate_checkpoint
+    from async_rl.run.evaluation import evaluate_checkpoint
     from async_rl.runtime import configure_torch
     from learner.sft import run_sft
 
@@ -186,7 +186,7 @@ def cmd_sft(cfg: Config) -> Path:
 
 
 def cmd_eval(cfg: Config, checkpoint: str, limit: int | None) -> None:
-    from app.evaluation import evaluate_checkpoint
+    from async_rl.run.evaluation import evaluate_checkpoint
 
     _setup(cfg)
     start = time.monotonic()
@@ -195,9 +195,9 @@ def cmd_eval(cfg: Config, checkpoint: str, limit: int | None) -> None:
 
 
 def cmd_train(cfg: Config, ray_address: str | None) -> None:
-    from app.cluster import check_placement
-    from app.plan import Cluster, make_plan
     from async_rl.metrics import steps_logged
+    from async_rl.run.cluster import check_placement
+    from async_rl.tools.plan import Cluster, make_plan
 
     check_placement(cfg, ray_address)  # before the cold start and Ray
     print(make_plan(cfg, Cluster.local(cfg)).summary())
@@ -225,7 +225,7 @@ def cmd_train(cfg: Config, ray_address: str | None) -> None:
             cmd_sft(cfg)
         start = str(cached)
     print(f"starting checkpoint (version 0): {start}")
-    from app.driver import train
+    from async_rl.run.driver import train
 
     summary = train(cfg, Path(start), ray_address)
     accuracy = summary["accuracy"]
@@ -241,7 +241,7 @@ def cmd_train(cfg: Config, ray_address: str | None) -> None:
 
 def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     """Print the plan of `cfg` on the cluster the arguments describe; 1 if it does not fit."""
-    from app.plan import Cluster, make_plan
+    from async_rl.tools.plan import Cluster, make_plan
 
     cluster = Cluster(
         args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.bandwidth_gbps, args.delta_share
@@ -266,7 +266,7 @@ def cmd_scale(run_dir: Path, actors: int) -> None:
 
 
 def cmd_buffer_inspect(run_dir: Path) -> None:
-    from async_rl.segments import inspect
+    from async_rl.buffer.segments import inspect
 
     info = inspect(RunPaths(run_dir).buffer)
     print(f"buffer of {run_dir}")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from app import diagnose
+    from async_rl.tools import diagnose
 
     paths = RunPaths(args.run_dir)
     if not paths.config.exists():
@@ -345,12 +345,12 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
 def _run_tool(args: argparse.Namespace) -> None:
     if args.command == "sweep":
-        from app.sweep import run_sweep
+        from async_rl.tools.sweep import run_sweep
 
         specs = run_sweep(args.file)
         print(f"sweep done: {len(specs)} runs under {specs[0].run_dir.parent}")
     elif args.command == "plot":
-        from app.plots import plot
+        from async_rl.tools.plots import plot
 
         figure, table = plot(args.runs, args.out, args.title, args.baseline, args.panels)
         print(f"wrote {figure} and {table}")
@@ -360,11 +360,11 @@ def _run_tool(args: argparse.Namespace) -> None:
     elif args.command == "diagnose":
         cmd_diagnose(args)
     elif args.command == "replay":
-        from app.replay import replay
+        from async_rl.tools.replay import replay
 
         replay(args.run_dir, args.overrides)
     elif args.command == "keys":
-        from async_rl.security import create_keys
+        from async_rl.wire.security import create_keys
 
         where = create_keys(args.directory)
         print(f"keys written to {where}; set run.curve_keys = {str(where)!r}")

@@ -1,7 +1,7 @@
 """The bodies of the run's Ray actors: the buffer, each learner rank, each actor.
 
 Each runs its loop in a thread (`_Threaded`) and answers the supervisor's pings with a
-`ProcessStatus`; `app/supervisor.py` starts them, pings them and restarts them.
+`ProcessStatus`; `async_rl/run/supervisor.py` starts them, pings them and restarts them.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import ray
 
 from async_rl.config import Config, config_from_toml, is_loopback
 from async_rl.hf_config import WEIGHT_FILES
-from async_rl.messages import ActorStats, ProcessStatus
 from async_rl.runtime import configure_torch
-from async_rl.transport import node_ip
+from async_rl.wire.messages import ActorStats, ProcessStatus
+from async_rl.wire.transport import node_ip
 
 
 def _setup_process(config: str) -> Config:
@@ -96,7 +96,7 @@ class _Threaded:
 
 class BufferWorker(_Threaded):
     def __init__(self, run_dir: str, config: str):
-        from async_rl.buffer_service import BufferService
+        from async_rl.buffer.service import BufferService
 
         cfg = _setup_process(config)
         self.service = BufferService(cfg, Path(run_dir))
@@ -129,7 +129,7 @@ class LearnerWorker(_Threaded):
         return host, port
 
     def join(self, host: str | None = None, port: int | None = None) -> None:
-        from app.evaluation import EngineEvaluator
+        from async_rl.run.evaluation import EngineEvaluator
         from learner.parallel import join_group
         from learner.run import Learner
 

@@ -6,15 +6,15 @@
     ├─ starts K (elastic) ──────────────────► ActorWorker×K  lease → generate → push groups
     ├─ tails metrics.jsonl → progress bar, wandb
     ├─ polls control/fleet.json (async-rl scale) and the autoscaler; replaces dead actors
-    └─ moves the buffer's K with the staleness autopilot (buffer.autopilot, app/autopilot.py)
+    └─ moves the buffer's K with the staleness autopilot (buffer.autopilot, run/autopilot.py)
 
     data plane (zmq):  actors ──groups──► buffer ◄──sample(v)── learner ──"v ready"──► actors
-    weights:           learner ──WeightStore (fs | ray)──► actors, newest complete version
+    weights:           learner ──WeightStore──► actors, newest complete version
 
-The driver's parts: `app/workers.py` (the Ray actors' bodies), `app/cluster.py` (Ray start-up,
-placement), `app/supervisor.py` (starting, pinging and restarting the processes: its docstring
-has the restart rules), `app/fleet.py` (the fleet size: `async-rl scale`, the autoscaler); this
-module runs the loop and tails the metrics. Ctrl-C or SIGTERM to the driver stops everything in
+The driver's parts, in `async_rl/run/`: `workers.py` (the Ray actors' bodies), `cluster.py` (Ray
+start-up, placement), `supervisor.py` (starting, pinging and restarting the processes: its
+docstring has the restart rules), `fleet.py` (the fleet size: `async-rl scale`, the autoscaler);
+this module runs the loop and tails the metrics. Ctrl-C or SIGTERM to the driver stops everything in
 order (actors, learner with a final checkpoint, buffer closing its segment) and leaves a
 resumable run directory.
 """
@@ -30,11 +30,11 @@ from typing import Any
 
 import ray
 
-from app.autopilot import Autopilot
-from app.cluster import check_placement, init_ray, wait_for_resources
-from app.fleet import Fleet
-from app.supervisor import Supervisor
 from async_rl.config import Config, ConfigError
+from async_rl.run.autopilot import Autopilot
+from async_rl.run.cluster import check_placement, init_ray, wait_for_resources
+from async_rl.run.fleet import Fleet
+from async_rl.run.supervisor import Supervisor
 
 
 def _interrupt(signum, frame) -> None:

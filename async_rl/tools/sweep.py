@@ -38,7 +38,7 @@ from async_rl.config import ConfigError, load_config
 from async_rl.metrics import steps_logged
 from async_rl.paths import RunPaths
 
-CLI = [sys.executable, "-m", "app.cli"]
+CLI = [sys.executable, "-m", "async_rl.cli"]
 
 
 @dataclass

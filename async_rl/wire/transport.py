@@ -1,6 +1,6 @@
 """ZeroMQ plumbing: binding, sending without copies, and a request client that survives timeouts.
 
-The messages themselves (frames, kinds, headers, Arrow payloads) are `async_rl.messages`; where
+The messages themselves (frames, kinds, headers, Arrow payloads) are `async_rl.wire.messages`; where
 a service's addresses are published is `async_rl.paths`. Services bind to a free port on
 `run.bind_host` (loopback by default) and publish their addresses (`async_rl.paths`), so
 clients started anywhere in the run find them without fixed ports. A wildcard bind host
@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from async_rl.messages import REPLIES, BadMessage, Error, Reply, Request, decode, encode
+from async_rl.wire.messages import REPLIES, BadMessage, Error, Reply, Request, decode, encode
 
 
 def send(socket: zmq.Socket, frames: list) -> None:

@@ -8,10 +8,10 @@ per global batch and K = `buffer.max_staleness`, a lease is granted only while
 where `accepted` counts the groups already trained on or waiting (the `SegmentStore`'s) and
 `leased` the leases outstanding. A lease carries `min_version = p`: its group is generated from
 weights >= p, and serving the oldest weights first, with global batches that wait for leased
-groups about to go stale (`async_rl.buffer`), trains it by learner version K + p, so it is never
-dropped as stale. With the learner caught up (v = p) this is the back-pressure rule "pause above
-(K + 1) * B unconsumed groups"; with K = 0 and one mini-batch exactly one global batch is
-generated per published version, from that version: synchronous RL, sample for sample.
+groups about to go stale (`async_rl.buffer.replay`), trains it by learner version K + p, so
+it is never dropped as stale. With the learner caught up (v = p) this is the back-pressure rule
+"pause above (K + 1) * B unconsumed groups"; with K = 0 and one mini-batch exactly one global
+batch is generated per published version, from that version: synchronous RL, sample for sample.
 
 - Training prompts are handed out once each, in order, whatever the size of the fleet; the
   prompt of an expired (`buffer.lease_timeout_s`) or released lease is handed out again. Prompt

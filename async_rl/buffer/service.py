@@ -5,13 +5,13 @@
     learner --DEALER publish / sample -----------------> ROUTER ┘      │
                                                                      └─ ReplayBuffer (disk)
 
-The messages are those of `async_rl.messages`; the clients are `async_rl.clients`. Requests
-that cannot be answered yet (a lease while actors must pause, a global batch that is not
+The messages are those of `async_rl.wire.messages`; the clients are `async_rl.wire.clients`.
+Requests that cannot be answered yet (a lease while actors must pause, a global batch that is not
 ready) are held and answered as soon as they can be, or with `wait` when the time the client
 allowed runs out; the client then asks again. Bad messages are counted by reason and logged;
 the service keeps serving.
 
-Run on its own: `python -m async_rl.buffer_service RUN_DIR` (reads `RUN_DIR/config.toml`).
+Run on its own: `python -m async_rl.buffer.service RUN_DIR` (reads `RUN_DIR/config.toml`).
 The service binds the ports it bound before, when it restarts on the same run directory, so
 clients reconnect to it without being told.
 """
@@ -29,9 +29,11 @@ from pathlib import Path
 import pyarrow as pa
 import zmq
 
-from async_rl.buffer import ReplayBuffer
+from async_rl.buffer.replay import ReplayBuffer
 from async_rl.config import Config, load_config
-from async_rl.messages import (
+from async_rl.paths import RunPaths, publish_endpoints, read_endpoints
+from async_rl.types import InvalidGroup
+from async_rl.wire.messages import (
     REQUESTS,
     BadMessage,
     Batch,
@@ -56,10 +58,8 @@ from async_rl.messages import (
     request_id,
     table_to_ipc,
 )
-from async_rl.paths import RunPaths, publish_endpoints, read_endpoints
-from async_rl.security import curve_for
-from async_rl.transport import bind, send
-from async_rl.types import InvalidGroup
+from async_rl.wire.security import curve_for
+from async_rl.wire.transport import bind, send
 
 log = logging.getLogger(__name__)
 

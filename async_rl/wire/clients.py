@@ -3,8 +3,8 @@
     RolloutSink   the actors' side:  hello, lease, push a group       ZmqRolloutSink
     BatchSource   the learner's side: sample a global batch, publish   ZmqBatchSource
 
-Both talk to the buffer service (`async_rl.buffer_service`) with the typed messages of
-`async_rl.messages`. A request without a reply (the buffer restarting, or stopped) is asked
+Both talk to the buffer service (`async_rl.buffer.service`) with the typed messages of
+`async_rl.wire.messages`. A request without a reply (the buffer restarting, or stopped) is asked
 again on a fresh socket for up to `retry_s` seconds, or until `stopping` is set; every request
 is safe to repeat (a repeated `sample(v)` gets the same groups, a repeated lease's grant
 expires unused). Thread-unsafe: one client per thread.
@@ -21,7 +21,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 import zmq
 
-from async_rl.messages import (
+from async_rl.paths import RunPaths, wait_for_endpoints
+from async_rl.wire.messages import (
     Batch,
     Counters,
     Group,
@@ -41,9 +42,8 @@ from async_rl.messages import (
     ipc_to_table,
     table_to_ipc,
 )
-from async_rl.paths import RunPaths, wait_for_endpoints
-from async_rl.security import Curve
-from async_rl.transport import Client, send
+from async_rl.wire.security import Curve
+from async_rl.wire.transport import Client, send
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class RolloutSink(Protocol):
         reward_errors: int = 0,
     ) -> Leases | None:
         """Leases to generate up to `count` groups, or None: pause for now. The actor reports
-        the weights it holds and what its engine is doing (`async_rl.messages.Lease`)."""
+        the weights it holds and what its engine is doing (`async_rl.wire.messages.Lease`)."""
         ...
 
     def push(self, batch: pa.RecordBatch, lease: str | None = None) -> None:

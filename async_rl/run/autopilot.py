@@ -9,7 +9,7 @@ staleness factor of about s * drift away from 1 (first order), where the learner
 
 each step (`learner/drift`: the group before and after the step's updates). The worst
 staleness K allows gives the bound B = K * drift. The learner's idle share is its time waiting
-for a batch over its time in the loop, as the autoscaler (`app/fleet.py`) reads it. Every
+for a batch over its time in the loop, as the autoscaler (`async_rl/run/fleet.py`) reads it. Every
 `buffer.autopilot_every` versions, on the rows of that window:
 
     B > autopilot_max_drift and K > autopilot_min_k                    K -> K - 1

@@ -23,13 +23,13 @@ from typing import Any
 
 import ray
 
-from app.autopilot import Decision
-from app.cluster import NodeWatch, place_learner_ranks, ray_options
-from app.workers import ActorWorker, BufferWorker, LearnerWorker, learner_name, start_files
 from async_rl.config import Config, role_resources, to_toml
-from async_rl.messages import ActorStats, ProcessStatus
 from async_rl.paths import RunPaths, write_fleet_size, write_json_atomic, write_pid
+from async_rl.run.autopilot import Decision
+from async_rl.run.cluster import NodeWatch, place_learner_ranks, ray_options
+from async_rl.run.workers import ActorWorker, BufferWorker, LearnerWorker, learner_name, start_files
 from async_rl.weights import prepare_weight_store
+from async_rl.wire.messages import ActorStats, ProcessStatus
 
 # How long a process that is starting or restarting may take to answer its first ping.
 START_TIMEOUT_S = 300.0

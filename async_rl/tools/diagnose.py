@@ -39,9 +39,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from async_rl.buffer.segments import scan_segments
 from async_rl.config import Config
 from async_rl.paths import RunPaths
-from async_rl.segments import scan_segments
 from async_rl.types import RoutingSpec
 from learner.batch import PackedBatch, pack
 from learner.checkpoint import full_tensors

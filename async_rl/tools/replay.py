@@ -34,11 +34,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from async_rl.buffer.segments import LOG, read_log, scan_segments
 from async_rl.config import Config, ConfigError, load_config, parse_override, to_toml
-from async_rl.messages import Batch, Wait
 from async_rl.paths import RunPaths, write_json_atomic
-from async_rl.segments import LOG, read_log, scan_segments
 from async_rl.types import RoutingSpec, trajectory_schema
+from async_rl.wire.messages import Batch, Wait
 
 REPLAYABLE = {
     "algo": None,  # every key but group_size (checked below)
@@ -248,7 +248,7 @@ def replay_variant(run: Path, overrides: list[str]) -> str:
     """The variant `plot` groups a replay under: the recorded run's variant (its sweep's, else
     its name) and the learner settings changed, so that the replays of a variant's seeds with
     the same settings are one line (`off-clip replay algo.clip=false`)."""
-    from app.plots import variant_of
+    from async_rl.tools.plots import variant_of
 
     changed = sorted(o for o in overrides if not o.startswith(("run.", "logging.")))
     return " ".join([variant_of(run), "replay", *changed])
@@ -286,8 +286,8 @@ def _open_replay(run: Path, overrides: list[str]) -> tuple[Config, Path, int]:
 
 def replay(run: Path, overrides: list[str], say=print) -> dict[str, Any]:
     """Replay `run` with `overrides` (module docstring); a summary."""
-    from app.evaluation import EngineEvaluator
     from async_rl.metrics import ProgressDisplay, WandbLogger
+    from async_rl.run.evaluation import EngineEvaluator
     from async_rl.runtime import configure_torch
     from learner.run import Learner
 

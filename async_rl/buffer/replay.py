@@ -1,9 +1,9 @@
 """The replay buffer: a `SegmentStore` (storage, sampling) and an `Admission` controller.
 
     store      append, recover, sample by learner version: never staler than K, every accepted
-               group durable, served at most `buffer.reuse` times (`async_rl.segments`)
+               group durable, served at most `buffer.reuse` times (`async_rl.buffer.segments`)
     admission  leases, prompt indices, actor versions: at most (K + p + 1) * B groups accepted
-               or leased, so none is generated only to be dropped (`async_rl.admission`)
+               or leased, so none is generated only to be dropped (`async_rl.buffer.admission`)
 
 Admission's promise needs the learner's side too: a group leased at published version p must
 be trained by learner version p + K, but a long completion arrives after shorter ones leased
@@ -22,7 +22,7 @@ the store's drop rule only from learner version p + K_old + 1 on (p the version 
 the change): by then every group leased under the old bound is trained or past its old
 deadline. Each change is a consumption-log entry, so a restarted buffer keeps it.
 
-They share the consumption log (`consumed.jsonl`). The service (`async_rl.buffer_service`)
+They share the consumption log (`consumed.jsonl`). The service (`async_rl.buffer.service`)
 holds one `ReplayBuffer` and is its only user in a run; it is single-threaded. It calls the
 buffer's methods only, never the store or admission behind them.
 """
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from async_rl.admission import Admission
+from async_rl.buffer.admission import Admission
+from async_rl.buffer.segments import SegmentStore
 from async_rl.config import Config
 from async_rl.paths import RunPaths
-from async_rl.segments import SegmentStore
 from async_rl.types import RoutingSpec
 
 log = logging.getLogger(__name__)
