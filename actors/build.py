@@ -9,11 +9,13 @@ engine imports the module that chooses among them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 from actors.engine import Engine
+from async_rl.choices import EngineKind
 from async_rl.config import ActorConfig
 
-ENGINES = ("embedded", "vllm")
+ENGINES = get_args(EngineKind)
 
 
 def build_engine(

@@ -53,11 +53,10 @@ from actors.engine import (
     requests_of,
     run_to_completion,
 )
+from async_rl.choices import KvOnSwap, Quantization, check
 from async_rl.hf_config import ModelSpec, check_tensors, has_weights, read_model_spec
 from async_rl.weights import WeightsSource
 from async_rl.weights.delta import Delta, patch_host
-
-KV_ON_SWAP = ("keep", "recompute")
 
 
 def sample_rows(
@@ -104,9 +103,8 @@ def check_request(request: GroupRequest, spec: ModelSpec) -> None:
         raise ValueError(f"max_new_tokens: must be >= 1, got {params.max_new_tokens}")
 
 
-def _check_settings(kv_on_swap: str, max_running_rows: int) -> None:
-    if kv_on_swap not in KV_ON_SWAP:
-        raise ValueError(f"kv_on_swap: {kv_on_swap!r} is not one of {', '.join(KV_ON_SWAP)}")
+def _check_settings(kv_on_swap: KvOnSwap, max_running_rows: int) -> None:
+    check("actor.kv_on_swap", kv_on_swap, KvOnSwap)
     if max_running_rows < 1:
         raise ValueError(f"max_running_rows: must be >= 1, got {max_running_rows}")
 
@@ -117,10 +115,10 @@ class EmbeddedEngine:
     def __init__(
         self,
         checkpoint_dir: str | Path,
-        quantization: str = "fp8",
+        quantization: Quantization = "fp8",
         device: str = "cpu",
         max_running_rows: int = 256,
-        kv_on_swap: str = "keep",
+        kv_on_swap: KvOnSwap = "keep",
         keep_host: bool = False,
     ):
         if not isinstance(checkpoint_dir, (str, Path)):

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from async_rl.choices import Quantization
 from async_rl.hf_config import ModelSpec, check_tensors
 
 Cache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -111,7 +112,7 @@ class Weight:
     channel; `matrix` is their product in fp32, the operand of the emulated W8A8 matmul.
     """
 
-    def __init__(self, weight: torch.Tensor, quantization: str, device: torch.device):
+    def __init__(self, weight: torch.Tensor, quantization: Quantization, device: torch.device):
         self.fp8 = quantization == "fp8"
         if self.fp8:
             self.data, self.scale = quantize_fp8(weight.to(device))
@@ -163,7 +164,7 @@ class Model:
         self,
         spec: ModelSpec,
         t: dict[str, torch.Tensor],
-        quantization: str,
+        quantization: Quantization,
         device: torch.device,
     ):
         """`t`: checked Hugging Face tensors (`check_tensors`); quantized here in fp8."""

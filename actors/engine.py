@@ -38,7 +38,7 @@ from typing import Protocol
 
 import numpy as np
 
-from async_rl.config import ENGINE_CAPABILITIES
+from async_rl.capabilities import ENGINE_CAPABILITIES
 from async_rl.weights import WeightsSource
 
 

@@ -15,7 +15,7 @@ the reward pool while generation goes on (`actors.scoring`: groups come back in 
 finished generating), tagged (actor, engine, per-token versions, sampling, quantization) and
 pushed as one Arrow batch, one zmq message. With in-flight updates a completion's tokens can
 come from several versions: `policy_version` is the oldest, `policy_version_max` the newest
-(DESIGN.md section 4).
+(docs/design.md section 4).
 
 Prompts come from the buffer's leases: each training prompt index is handed out once, in order,
 whatever the size of the fleet, so actors can join and leave without re-sharding. A killed actor
@@ -70,7 +70,32 @@ def group_seed(run_seed: int, prompt_index: int, version: int) -> int:
     return zlib.crc32(f"{run_seed}:{prompt_index}:{version}".encode())
 
 
+def _buffer_sink(cfg: Config, run_dir: Path, ctx: zmq.Context, curve, stopping) -> ZmqRolloutSink:
+    """The actor's sink: the run's buffer service, once it published its endpoints (within
+    `run.startup_timeout_s`)."""
+    timeout, retry_s = cfg.run.startup_timeout_s, cfg.buffer.wait_timeout_s
+    return ZmqRolloutSink(
+        run_dir, ctx=ctx, timeout_s=timeout, curve=curve, retry_s=retry_s, stopping=stopping
+    )
+
+
+def _follow_learner(
+    cfg: Config, run_dir: Path, actor_id: str, ctx: zmq.Context, curve, deadline: float
+) -> VersionFollower:
+    """The actor's view of the learner's versions, once the learner published its endpoints
+    (by `deadline`, a `time.monotonic()` time; else `TimeoutError`)."""
+    left = max(deadline - time.monotonic(), 0.0)
+    learner = wait_for_endpoints(RunPaths(run_dir), "learner", timeout_s=left)
+    store = weight_store(cfg, run_dir, member=actor_id)
+    return VersionFollower(cfg, store, WeightSubscriber(ctx, learner["weights"], curve))
+
+
 class Actor:
+    """One actor of a run (module docstring). Build it, which stores its arguments and opens,
+    reads and starts nothing, then `start()` it (it waits for the buffer and the learner, up
+    to `run.startup_timeout_s`), then `run()`; `close()` closes what `start()` opened (nothing,
+    for an actor never started)."""
+
     def __init__(
         self,
         cfg: Config,
@@ -82,37 +107,49 @@ class Actor:
         start: Path | None = None,
         sink: RolloutSink | None = None,
     ):
-        """`sink` defaults to the run's buffer service (`ZmqRolloutSink`)."""
+        """`engine` defaults to one built from `start` (the run's starting checkpoint) at the
+        first version the learner published; `sink` to the run's buffer service
+        (`ZmqRolloutSink`); `ctx` to the process's zmq context."""
         self.cfg, self.run_dir, self.actor_id = cfg, Path(run_dir), actor_id
+        self.engine, self.ctx, self.sink, self.start_checkpoint = engine, ctx, sink, start
         self.spec = RoutingSpec.of(cfg.model)
-        self.task: Task = task_from_config(cfg)
-        self.scorer = scorer_for(cfg, self.task)
-        self.tokenizer: Tokenizer = tokenizer_from_config(cfg)
         self.prompts_per_step = prompts_per_step or cfg.algo.prompts_per_minibatch
-        self.ctx = ctx or zmq.Context.instance()
         self.stopping = threading.Event()
-        curve = curve_for(cfg)
-        self.sink = sink or ZmqRolloutSink(
-            self.run_dir,
-            ctx=self.ctx,
-            curve=curve,
-            retry_s=cfg.buffer.wait_timeout_s,
-            stopping=self.stopping,
-        )
-        learner = wait_for_endpoints(RunPaths(self.run_dir), "learner", timeout_s=600)
-        store = weight_store(cfg, self.run_dir, member=actor_id)
-        self.versions = VersionFollower(
-            cfg, store, WeightSubscriber(self.ctx, learner["weights"], curve)
-        )
-        if engine is None:
-            engine = self.versions.build(start, self.versions.wait_for(0, self.stopping))
-        self.engine = engine
-        self.sink.hello(actor_id)  # releases leases an earlier incarnation left behind
-        self.stats = ActorStats(version=self.engine.version)
+        self.started = False
+        self.scorer = self.versions = None  # `start()` makes them, the task and the tokenizer
+        self.stats = ActorStats()
         self._next_lease = 0.0
         self.held: list[tuple[str, int, int]] = []  # leased, not submitted: (lease, prompt, min v)
         self.submitted: dict[str, tuple[GroupRequest, Problem]] = {}  # by lease, until pushed
         self.scoring: dict[str, list[Generation]] = {}  # by lease: generated, being scored
+
+    def start(self) -> Actor:
+        """Load the task and the tokenizer, connect to the buffer, wait for the learner's first
+        version and build the engine at it, and say hello to the buffer. The waits together
+        take at most `run.startup_timeout_s`, else `TimeoutError`."""
+        if self.started:
+            raise RuntimeError(f"actor {self.actor_id} is started already")
+        self.started, cfg = True, self.cfg
+        self.task: Task = task_from_config(cfg)
+        self.scorer = scorer_for(cfg, self.task)
+        self.tokenizer: Tokenizer = tokenizer_from_config(cfg)
+        self.ctx = self.ctx or zmq.Context.instance()
+        curve, timeout = curve_for(cfg), cfg.run.startup_timeout_s
+        deadline = time.monotonic() + timeout
+        try:
+            self.sink = self.sink or _buffer_sink(cfg, self.run_dir, self.ctx, curve, self.stopping)
+            self.versions = _follow_learner(
+                cfg, self.run_dir, self.actor_id, self.ctx, curve, deadline
+            )
+            if self.engine is None:  # the learner's first version, to build the engine at
+                first = self.versions.wait_for(0, self.stopping, deadline)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e} (run.startup_timeout_s = {timeout:g} s)") from None
+        if self.engine is None:
+            self.engine = self.versions.build(self.start_checkpoint, first)
+        self.sink.hello(self.actor_id)  # releases leases an earlier incarnation left behind
+        self.stats = ActorStats(version=self.engine.version)
+        return self
 
     def _load(self, version: int | None) -> None:
         """Swap to `version` (or a newer one, if it was collected meanwhile); None: nothing."""
@@ -135,6 +172,8 @@ class Actor:
 
     def step(self) -> int:
         """One step of the loop (module docstring); the number of groups pushed."""
+        if self.versions is None:
+            raise RuntimeError(f"actor {self.actor_id} is not started: call start() first")
         if self.cfg.actor.batching == "static":
             return self._static_step()
         return self._continuous_step()
@@ -290,13 +329,17 @@ class Actor:
         self.stopping.set()
 
     def close(self) -> None:
-        # groups being scored are still pushed: their rewards get their timeout to come in
-        self._push(self.scorer.drain(self.cfg.task.reward_timeout_s + 5))
-        self.scorer.close()
-        self.versions.close()
-        self.sink.leave(self.actor_id)  # leases of rows that will not finish: no batch waits
-        self.sink.close()  # linger: queued groups are still delivered
-        self.engine.close()
+        """Close what `start()` opened (as far as it got); nothing for an actor never started."""
+        if not self.started:
+            return
+        if self.scorer is not None:  # groups being scored are still pushed: their rewards
+            self._push(self.scorer.drain(self.cfg.task.reward_timeout_s + 5))  # get their time
+            self.scorer.close()
+        if self.sink is not None:
+            self.sink.leave(self.actor_id)  # leases of rows that will not finish: no batch waits
+        for part in (self.versions, self.sink, self.engine):  # the sink lingers: queued groups
+            if part is not None:  # are still delivered
+                part.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     actor = Actor(cfg, args.run_dir, args.actor_id, start=args.start)
     signal.signal(signal.SIGTERM, lambda *_: actor.stop())
     signal.signal(signal.SIGINT, lambda *_: actor.stop())
+    actor.start()
     actor.run()
     actor.close()
     return 0

@@ -43,11 +43,11 @@ from concurrent.futures import (
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
+from async_rl.choices import RewardPool, check
 from async_rl.rewards import BUILTIN, GroupScores, load_reward, score_named, score_task
 from async_rl.tasks import Problem
 
 log = logging.getLogger(__name__)
-POOLS = ("thread", "process")
 
 
 @dataclass
@@ -90,12 +90,11 @@ class Scorer:
         *,
         per_completion: bool,
         workers: int,
-        pool: str,
+        pool: RewardPool,
         timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if pool not in POOLS:
-            raise ValueError(f"task.reward_pool: {pool!r} is not one of {', '.join(POOLS)}")
+        check("task.reward_pool", pool, RewardPool)
         self.score, self.per_completion = score, per_completion
         self.workers, self.kind, self.timeout_s, self.clock = workers, pool, timeout_s, clock
         self.pending: deque[_Entry] = deque()

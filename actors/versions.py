@@ -67,8 +67,9 @@ class VersionFollower:
             return None  # the rule's answer, without asking the store
         return version_to_load(engine_version, self.wanted, self.store.latest(), may_swap)
 
-    def wait_for(self, at_least: int, stopping) -> int:
-        """The store's newest version once it is at least `at_least`."""
+    def wait_for(self, at_least: int, stopping, deadline: float | None = None) -> int:
+        """The store's newest version once it is at least `at_least`; `TimeoutError` past
+        `deadline` (a `time.monotonic()` time), when one is given."""
         while True:
             latest = self.store.latest()
             if latest is not None and latest >= at_least:
@@ -76,6 +77,8 @@ class VersionFollower:
                 return latest
             if stopping.is_set():
                 raise InterruptedError("actor stopped while waiting for weights")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"no weights version {at_least} or newer in the store")
             self.announcements.newest(timeout_ms=50)  # wakes up at an announcement
 
     def build(self, start: Path | None, version: int) -> Engine:
@@ -88,7 +91,7 @@ class VersionFollower:
 
     @property
     def deltas(self) -> bool:
-        return self.cfg.learner.weight_deltas == "send"
+        return self.cfg.weights.deltas == "send"
 
     def close(self) -> None:
         self.announcements.close()
@@ -96,7 +99,7 @@ class VersionFollower:
 
     def load(self, engine: Engine, version: int) -> None:
         """`engine` at `version`, or at a newer one when that one was collected before it could
-        be read (the learner keeps the newest `learner.keep_versions` and those actors report
+        be read (the learner keeps the newest `weights.keep_versions` and those actors report
         using; one announced a moment ago may be gone by the time a busy actor asks for it,
         though never while it reads it). With weight deltas, by the cheaper of its chain of
         deltas and the newest whole version plus the deltas after it (`plan_load`); a chain

@@ -65,6 +65,7 @@ from actors.engine import (
     requests_of,
     run_to_completion,
 )
+from async_rl.choices import Device, Quantization
 from async_rl.hf_config import check_tensors, has_weights, read_model_spec
 from async_rl.weights import WeightsSource
 from async_rl.weights.buckets import plan_buckets
@@ -126,7 +127,7 @@ def token_versions(spans, num_tokens: int) -> list[int]:
 FP8 = {"quantization": "fp8_per_channel", "quantization_config": {"ignore": ["*.mlp.gate"]}}
 
 
-def _cuda_kwargs(quantization: str, tensor_parallel_size: int, memory: float) -> dict:
+def _cuda_kwargs(quantization: Quantization, tensor_parallel_size: int, memory: float) -> dict:
     """vLLM's arguments on CUDA: routed experts returned, tensor parallelism, FP8."""
     return {
         "enable_return_routed_experts": True,
@@ -136,7 +137,7 @@ def _cuda_kwargs(quantization: str, tensor_parallel_size: int, memory: float) ->
     }
 
 
-def _checked(quantization: str, device: str, tensor_parallel_size: int):
+def _checked(quantization: Quantization, device: Device, tensor_parallel_size: int):
     """vLLM's capabilities on `device`, if they offer what is asked; ValueError otherwise."""
     caps = capabilities_of("vllm", device)
     if quantization not in caps.quantizations:
@@ -155,8 +156,8 @@ class VLLMEngine:
     def __init__(
         self,
         checkpoint_dir: str | Path,
-        quantization: str,
-        device: str,
+        quantization: Quantization,
+        device: Device,
         seed: int = 0,
         kv_cache_gib: float = 1.0,
         max_num_seqs: int = 256,

@@ -10,17 +10,19 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
+from async_rl.choices import RoutingReplay
 from async_rl.config import (
     Config,
     ConfigError,
     load_config,
-    placement_lines,
     precision_warning,
     reference,
     to_toml,
 )
 from async_rl.paths import RunPaths
+from async_rl.run.placement import placement_lines
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -128,7 +130,9 @@ def _add_tool_commands(sub) -> None:
     diagnose.add_argument(
         "--staleness", type=int, nargs="+", default=[0, 1], help="k: weights of version + k"
     )
-    diagnose.add_argument("--replay", nargs="+", default=["none", "r2", "r3"], help="modes")
+    diagnose.add_argument(
+        "--replay", nargs="+", default=list(get_args(RoutingReplay)), help="modes"
+    )
     diagnose.add_argument("--groups", type=int, default=32, help="groups per version at most")
     diagnose.add_argument("--out", type=Path, default=None, help="a PNG to write (and .md)")
     replay = sub.add_parser(
@@ -175,7 +179,7 @@ def cmd_sft(cfg: Config) -> Path:
     tokenizer, task = _setup(cfg)
     out_dir = RunPaths(cfg.run_dir).sft_checkpoint
     start = time.monotonic()
-    configure_torch(cfg.learner.sft_num_threads or cfg.run.num_threads)  # it runs alone
+    configure_torch(cfg.sft.num_threads or cfg.run.num_threads)  # it runs alone
     try:
         run_sft(cfg, tokenizer, task, out_dir)
         print(f"cold start done in {time.monotonic() - start:.0f}s; checkpoint: {out_dir}")

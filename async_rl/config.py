@@ -20,9 +20,32 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 from async_rl.by_name import normalize_name
+from async_rl.capabilities import ENGINE_CAPABILITIES
+from async_rl.choices import (
+    ActivationCheckpointing,
+    ArithmeticOp,
+    AttnBackend,
+    Batching,
+    Device,
+    Dtype,
+    DurableStoreKind,
+    EngineKind,
+    IsCorrection,
+    KvOnSwap,
+    LrSchedule,
+    Quantization,
+    RewardPool,
+    RoutingReplay,
+    TisMode,
+    WandbMode,
+    WeightDeltas,
+    WeightStoreKind,
+    WeightUpdate,
+    choices,
+)
 from async_rl.rewards import BUILTIN as BUILTIN_REWARDS
 from async_rl.rewards import load_reward
 from async_rl.tasks import TASK_KINDS as BUILTIN_TASKS
@@ -43,35 +66,15 @@ def _f(
     default: Any,
     doc: str,
     *,
-    choices: tuple = (),
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
 ) -> Any:
-    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-# What each engine can do, by (engine, device). Engines declare the same in code (`actors/`);
-# it is repeated here so that a bad combination fails at start-up without importing them.
-# in_flight: swaps weights between decode steps while rows keep generating.
-ENGINE_CAPABILITIES: dict[tuple[str, str], dict[str, Any]] = {
-    ("embedded", "cpu"): {
-        "routing": True,
-        "quantization": ("fp8", "bf16", "fp32"),
-        "in_flight": True,
-    },
-    ("embedded", "cuda"): {
-        "routing": True,
-        "quantization": ("fp8", "bf16", "fp32"),
-        "in_flight": True,
-    },
-    ("vllm", "cpu"): {"routing": False, "quantization": ("bf16", "fp32"), "in_flight": True},
-    ("vllm", "cuda"): {"routing": True, "quantization": ("fp8", "bf16"), "in_flight": True},
-}
 
 
 @dataclass
@@ -100,6 +103,12 @@ class RunConfig:
         "A process that answers no ping for this long (stopped, hung) is killed and restarted.",
         gt=0,
     )
+    startup_timeout_s: float = _f(
+        600.0,
+        "Longest a starting process waits for another's endpoints (an actor for the learner's "
+        "first published version); past it the process fails and its supervisor restarts it.",
+        gt=0,
+    )
     resources_timeout_s: float = _f(
         0.0,
         "On an autoscaling Ray cluster: how long to wait for nodes with the roles' resources "
@@ -125,15 +134,14 @@ class ModelConfig:
     max_seq_len: int = _f(64, "Longest prompt + completion, in tokens.", ge=2)
     rope_theta: float = _f(1e6, "RoPE base frequency.", gt=0)
     norm_eps: float = _f(1e-6, "RMSNorm epsilon.", gt=0)
-    dtype: str = _f(
+    dtype: Dtype = _f(
         "float32",
         "Learner compute dtype (forward and backward, experts included) and the dtype of "
         "published versions and exports; the learner's master weights are "
         "learner.master_dtype.",
-        choices=("float32", "bfloat16"),
     )
-    attn_backend: str = _f(
-        "sdpa", "Attention kernel: `sdpa` (CPU and GPU) or `flex` (GPU).", choices=("sdpa", "flex")
+    attn_backend: AttnBackend = _f(
+        "sdpa", "Attention kernel: `sdpa` (CPU and GPU) or `flex` (GPU)."
     )
 
 
@@ -166,11 +174,10 @@ class TaskConfig:
     reward_workers: int = _f(
         2, "Workers of an actor's reward pool (scoring runs beside generation).", ge=1
     )
-    reward_pool: str = _f(
+    reward_pool: RewardPool = _f(
         "thread",
         "`thread`, or `process` for CPU-bound verifiers and ones that can hang (killed at the "
         "timeout); a process pool needs a reward by name.",
-        choices=("thread", "process"),
     )
     chat_template: bool = _f(
         False,
@@ -180,9 +187,7 @@ class TaskConfig:
     system_prompt: str = _f(
         "", "A system message before each prompt (needs chat_template = true); empty: none."
     )
-    ops: list[str] = _f(
-        ["+", "*"], "Arithmetic operators to draw from (`+`, `-`, `*`).", choices=("+", "-", "*")
-    )
+    ops: list[ArithmeticOp] = _f(["+", "*"], "Arithmetic operators to draw from (`+`, `-`, `*`).")
     min_digits: int = _f(1, "Fewest digits of an arithmetic operand.", ge=1, le=9)
     max_digits: int = _f(3, "Most digits of an arithmetic operand.", ge=1, le=9)
     heldout_size: int = _f(256, "Size of the fixed held-out set (never trained on).", ge=1)
@@ -195,13 +200,12 @@ class TaskConfig:
 
 @dataclass
 class ActorConfig:
-    engine: str = _f("embedded", "Inference engine.", choices=("embedded", "vllm"))
-    device: str = _f("cpu", "Device the engine runs on.", choices=("cpu", "cuda"))
-    quantization: str = _f(
+    engine: EngineKind = _f("embedded", "Inference engine.")
+    device: Device = _f("cpu", "Device the engine runs on.")
+    quantization: Quantization = _f(
         "fp8",
         "Rollout precision (fp8 = e4m3 weights with a scale per output channel and "
         "activations per token, router in bf16: vLLM's fp8_per_channel).",
-        choices=("fp8", "bf16", "fp32"),
     )
     num_actors: int = _f(1, "Actors at start.", ge=1)
     min_actors: int = _f(1, "Fewest actors the fleet may shrink to.", ge=1)
@@ -214,12 +218,11 @@ class ActorConfig:
         "Tokens that end a completion besides the tokenizer's eos and its "
         'generation_config.json eos_token_id list, e.g. ["<|endoftext|>"].',
     )
-    batching: str = _f(
+    batching: Batching = _f(
         "static",
         "`static`: an actor leases a step's prompts and generates them together (a batch waits "
         "for its longest row); `continuous`: up to max_running_rows rows run at once, new "
         "prompts join as rows finish, and each group is pushed as soon as it is done.",
-        choices=("static", "continuous"),
     )
     max_running_rows: int = _f(
         256,
@@ -240,19 +243,17 @@ class ActorConfig:
         gt=0,
         le=1,
     )
-    weight_update: str = _f(
+    weight_update: WeightUpdate = _f(
         "between_groups",
         "When an actor loads a new weights version: `between_groups` (static: between batches; "
         "continuous: new groups wait while the running ones finish) or `in_flight` (between "
         "two decode steps: running rows go on with the new weights, each token tagged with "
         "the version that sampled it; needs batching = continuous).",
-        choices=("between_groups", "in_flight"),
     )
-    kv_on_swap: str = _f(
+    kv_on_swap: KvOnSwap = _f(
         "keep",
         "In-flight updates: `keep` the KV entries the old weights computed (PipelineRL) or "
         "`recompute` them with the new weights.",
-        choices=("keep", "recompute"),
     )
     autoscale: bool = _f(
         False,
@@ -350,26 +351,69 @@ class LearnerConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = _f(0.999, "AdamW beta2.", ge=0, lt=1)
     warmup_steps: int = _f(0, "Linear warm-up, in optimizer steps.", ge=0)
-    lr_schedule: str = _f(
-        "constant",
-        "Learning-rate schedule after warm-up.",
-        choices=("constant", "cosine", "linear"),
-    )
+    lr_schedule: LrSchedule = _f("constant", "Learning-rate schedule after warm-up.")
     grad_clip: float = _f(1.0, "Gradient-norm clip (0 = off).", ge=0)
     checkpoint_every: int = _f(
         10, "Checkpoint every this many global steps (0 = only at end).", ge=0
     )
-    weight_store: str = _f(
+    device: Device = _f(
+        "cpu",
+        "Device the learner trains on: `cpu` (ranks talk over gloo) or `cuda` (a GPU per rank, "
+        "NCCL between ranks).",
+    )
+    num_ranks: int = _f(
+        1,
+        "Learner ranks (processes; one GPU each on CUDA): the model is sharded with FSDP2 and "
+        "each rank trains its share of every mini-batch.",
+        ge=1,
+    )
+    expert_parallel: int = _f(
+        1, "Expert-parallel degree of the learner ranks (divides num_ranks).", ge=1
+    )
+    max_tokens_per_microbatch: int = _f(
+        0,
+        "Positions (padding included) of one learner forward: mini-batches are split into "
+        "micro-batches of whole rows bucketed by length, gradients accumulated (0 = one "
+        "forward per mini-batch).",
+        ge=0,
+    )
+    activation_checkpointing: ActivationCheckpointing = _f(
+        "none", "torchtitan's activation checkpointing of every transformer block."
+    )
+    master_dtype: Dtype = _f(
+        "float32",
+        "Dtype of the learner's master weights, gradient reduction and AdamW state; with "
+        "model.dtype = bfloat16 the forward and backward compute in bf16 (FSDP2 mixed "
+        "precision). bfloat16 here is pure bf16, an explicit opt-in: an update below half a "
+        "bf16 ulp of a weight (2^-9 to 2^-8 of it) rounds away.",
+    )
+    logprob_chunk: int = _f(
+        512,
+        "Positions whose vocabulary-sized logits the learner holds at once when it computes "
+        "log-probs and entropy (recomputed in the backward).",
+        ge=1,
+    )
+
+    resources: dict[str, float] = _f(
+        {},
+        "Ray resources each learner rank needs besides its CPU (and GPU on cuda), e.g. "
+        "{learner_node = 1}: it runs only on nodes that advertise them (`ray start --resources`); "
+        "{} = any node.",
+    )
+
+
+@dataclass
+class WeightsConfig:
+    """How the learner's versions reach the actors (README, 'Weight versions to the actors')."""
+
+    store: WeightStoreKind = _f(
         "fs",
         "How weights reach the actors: `fs` (a Hugging Face checkpoint per version in the run "
         "directory), `ray` (the Ray object store), `collective` (buckets broadcast over a "
         "torch.distributed group of the learner and the actors, with durable_store behind it).",
-        choices=("fs", "ray", "collective"),
     )
-    durable_store: str = _f(
-        "fs",
-        "The collective path's durable copy, for actors that join late or miss a transfer.",
-        choices=("fs", "ray"),
+    durable_store: DurableStoreKind = _f(
+        "fs", "The collective path's durable copy, for actors that join late or miss a transfer."
     )
     durable_every: int = _f(
         10,
@@ -389,92 +433,45 @@ class LearnerConfig:
         "non-loopback run.bind_host, set true to state that the network is trusted.",
     )
     keep_versions: int = _f(3, "Weight versions kept after actors stop using them.", ge=1)
-    weight_deltas: str = _f(
+    deltas: WeightDeltas = _f(
         "off",
         "`measure`: rank 0 keeps the last published version (one more copy of the model in "
         "the published dtype) and logs each version's sparse delta against it "
         "(learner/delta_share, learner/delta_mib, learner/version_mib); `send`: the store "
         "keeps versions as those deltas (a whole one every full_every and at checkpoints) and "
         "actors patch their weights with them (README, 'Weight deltas').",
-        choices=("off", "measure", "send"),
     )
     full_every: int = _f(
         10,
-        "With weight_deltas = send: every this many versions (and at every checkpoint) a "
+        "With deltas = send: every this many versions (and at every checkpoint) a "
         "version is stored whole too, so that a late or lagging actor starts from it (the "
         "collective path broadcasts it whole: an actor holds a whole version and at most "
         "full_every - 1 deltas).",
         ge=1,
     )
-    device: str = _f(
-        "cpu",
-        "Device the learner trains on: `cpu` (ranks talk over gloo) or `cuda` (a GPU per rank, "
-        "NCCL between ranks).",
-        choices=("cpu", "cuda"),
-    )
-    num_ranks: int = _f(
-        1,
-        "Learner ranks (processes; one GPU each on CUDA): the model is sharded with FSDP2 and "
-        "each rank trains its share of every mini-batch.",
-        ge=1,
-    )
-    expert_parallel: int = _f(
-        1, "Expert-parallel degree of the learner ranks (divides num_ranks).", ge=1
-    )
-    publish_bucket_mib: int = _f(
+    bucket_mib: int = _f(
         256,
         "With several ranks, weights are gathered for publishing this many MiB at a time.",
         ge=1,
     )
-    max_tokens_per_microbatch: int = _f(
-        0,
-        "Positions (padding included) of one learner forward: mini-batches are split into "
-        "micro-batches of whole rows bucketed by length, gradients accumulated (0 = one "
-        "forward per mini-batch).",
-        ge=0,
-    )
-    activation_checkpointing: str = _f(
-        "none",
-        "torchtitan's activation checkpointing of every transformer block.",
-        choices=("none", "full", "selective"),
-    )
-    master_dtype: str = _f(
-        "float32",
-        "Dtype of the learner's master weights, gradient reduction and AdamW state; with "
-        "model.dtype = bfloat16 the forward and backward compute in bf16 (FSDP2 mixed "
-        "precision). bfloat16 here is pure bf16, an explicit opt-in: an update below half a "
-        "bf16 ulp of a weight (2^-9 to 2^-8 of it) rounds away.",
-        choices=("float32", "bfloat16"),
-    )
-    logprob_chunk: int = _f(
-        512,
-        "Positions whose vocabulary-sized logits the learner holds at once when it computes "
-        "log-probs and entropy (recomputed in the backward).",
-        ge=1,
-    )
-    sft_steps: int = _f(
-        4000, "Optimizer steps of the supervised cold start (`async-rl sft`).", ge=1
-    )
-    sft_batch_size: int = _f(64, "Problems per cold-start step.", ge=1)
-    sft_lr: float = _f(3e-3, "Peak AdamW learning rate of the cold start.", gt=0)
-    sft_warmup_steps: int = _f(
-        50, "Linear warm-up of the cold start, then cosine decay to 10%.", ge=0
-    )
-    sft_num_threads: int = _f(
+
+
+@dataclass
+class SftConfig:
+    """The supervised cold start (`async-rl sft`) a run starts RL from."""
+
+    steps: int = _f(4000, "Optimizer steps of the supervised cold start (`async-rl sft`).", ge=1)
+    batch_size: int = _f(64, "Problems per cold-start step.", ge=1)
+    lr: float = _f(3e-3, "Peak AdamW learning rate of the cold start.", gt=0)
+    warmup_steps: int = _f(50, "Linear warm-up of the cold start, then cosine decay to 10%.", ge=0)
+    num_threads: int = _f(
         0,
         "torch threads of the cold start, which runs alone before the run's processes start "
         "(0 = run.num_threads).",
         ge=0,
     )
-    sft_label_smoothing: float = _f(
+    label_smoothing: float = _f(
         0.0, "Label smoothing of the cold start's cross-entropy (0 = none).", ge=0, lt=1
-    )
-
-    resources: dict[str, float] = _f(
-        {},
-        "Ray resources each learner rank needs besides its CPU (and GPU on cuda), e.g. "
-        "{learner_node = 1}: it runs only on nodes that advertise them (`ray start --resources`); "
-        "{} = any node.",
     )
 
 
@@ -483,14 +480,13 @@ class AlgoConfig:
     group_size: int = _f(8, "G: completions sampled per prompt.", ge=2)
     prompts_per_minibatch: int = _f(8, "Prompts (groups) per mini-batch.", ge=1)
     num_minibatches: int = _f(1, "N: mini-batch updates per global step (1 = on-policy).", ge=1)
-    tis_mode: str = _f("full", "Train-inference IS weight.", choices=("full", "decoupled", "none"))
+    tis_mode: TisMode = _f("full", "Train-inference IS weight.")
     tis_cap: float = _f(5.0, "C: truncation of the IS weight.", gt=0)
-    is_correction: str = _f(
+    is_correction: IsCorrection = _f(
         "token_tis",
         "How the IS ratio becomes a weight: token_tis min(rho, C) per token; icepop rho masked "
         "to 0 outside [1/C, C]; seq_mask_tis token_tis times a mask of responses whose geometric "
         "mean ratio leaves [1/geo_mask_cap, geo_mask_cap]; seq_tis min(prod rho, C) per response.",
-        choices=("token_tis", "icepop", "seq_mask_tis", "seq_tis"),
     )
     geo_mask_cap: float = _f(
         1.01, "C_geo of is_correction = seq_mask_tis (the geometric mean's bound).", gt=1
@@ -500,16 +496,14 @@ class AlgoConfig:
     eps_high: float = _f(0.27, "Upper clip range (mask if A > 0 and r > 1 + eps_high).", gt=0)
     length_norm: bool = _f(False, "Divide each response's token sum by its length (ablation).")
     adv_std_norm: bool = _f(False, "Divide advantages by the group std + 1e-6.")
-    routing_replay: str = _f(
-        "none",
-        "Routing Replay: r2 replays the learner's own proximal routing, r3 the actor's.",
-        choices=("none", "r2", "r3"),
+    routing_replay: RoutingReplay = _f(
+        "none", "Routing Replay: r2 replays the learner's own proximal routing, r3 the actor's."
     )
 
 
 @dataclass
 class LoggingConfig:
-    wandb_mode: str = _f("offline", "wandb mode.", choices=("offline", "online", "disabled"))
+    wandb_mode: WandbMode = _f("offline", "wandb mode.")
     wandb_project: str = _f("async-rl", "wandb project.")
     log_every: int = _f(1, "Log metrics every this many global steps.", ge=1)
     progress: bool = _f(True, "Show a progress bar on the terminal.")
@@ -523,6 +517,8 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -539,6 +535,26 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+# Keys that moved to another section: a config that names one is refused with the new name, so
+# that no TOML file silently changes meaning.
+MOVED: dict[str, str] = {
+    "learner.weight_store": "weights.store",
+    "learner.durable_store": "weights.durable_store",
+    "learner.durable_every": "weights.durable_every",
+    "learner.collective_timeout_s": "weights.collective_timeout_s",
+    "learner.collective_trusted_network": "weights.collective_trusted_network",
+    "learner.keep_versions": "weights.keep_versions",
+    "learner.weight_deltas": "weights.deltas",
+    "learner.full_every": "weights.full_every",
+    "learner.publish_bucket_mib": "weights.bucket_mib",
+    "learner.sft_steps": "sft.steps",
+    "learner.sft_batch_size": "sft.batch_size",
+    "learner.sft_lr": "sft.lr",
+    "learner.sft_warmup_steps": "sft.warmup_steps",
+    "learner.sft_num_threads": "sft.num_threads",
+    "learner.sft_label_smoothing": "sft.label_smoothing",
+}
 
 
 def _section_fields(section: str) -> dict[str, dataclasses.Field]:
@@ -558,7 +574,9 @@ def _closest(name: str, options: list[str]) -> str:
 
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     """Check one value against its declared type and bounds; return it in that type."""
-    typ = f.type
+    typ, allowed = f.type, choices(f.type)
+    if allowed:
+        typ = list[str] if get_origin(typ) is list else str
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}")
@@ -584,7 +602,6 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         raise AssertionError(f"unsupported config type {typ} for {key}")
 
     meta = f.metadata
-    allowed = meta["choices"]
     for item in value if isinstance(value, list) else [value]:
         if allowed and item not in allowed:
             raise ConfigError(
@@ -624,37 +641,6 @@ def _resources(key: str, value: Any) -> dict[str, float]:
     return out
 
 
-def role_resources(cfg: Config) -> dict[str, dict[str, float]]:
-    """What one process of each role asks of Ray: the buffer, each learner rank, each actor
-    (their CPU and GPUs, and the custom resources of `<section>.resources` that pin them)."""
-    lrn, act = cfg.learner, cfg.actor
-    actor_gpus = act.tensor_parallel_size if act.engine == "vllm" else 1
-    return {
-        "buffer": dict(cfg.buffer.resources),
-        "learner": {"CPU": 1.0, **({"GPU": 1.0} if lrn.device == "cuda" else {}), **lrn.resources},
-        "actor": {
-            "CPU": 1.0,
-            **({"GPU": float(actor_gpus)} if act.device == "cuda" else {}),
-            **act.resources,
-        },
-    }
-
-
-def placement_lines(cfg: Config) -> list[str]:
-    """The placement by role, as `--dry-run` and `plan` print it."""
-    need = {
-        role: ", ".join(f"{k} {v:g}" for k, v in r.items()) or "nothing (any node)"
-        for role, r in role_resources(cfg).items()
-    }
-    act = cfg.actor
-    return [
-        f"buffer: 1 process, needs {need['buffer']}",
-        f"learner: {cfg.learner.num_ranks} rank(s), each needs {need['learner']}",
-        f"actors: {act.num_actors} at start ({act.min_actors}..{act.max_actors}), each needs "
-        f"{need['actor']}",
-    ]
-
-
 def _apply(cfg: Config, data: dict[str, Any], origin: str) -> None:
     for section, values in data.items():
         if section not in SECTIONS:
@@ -667,6 +653,8 @@ def _apply(cfg: Config, data: dict[str, Any], origin: str) -> None:
         fields = _section_fields(section)
         for name, value in values.items():
             key = f"{section}.{name}"
+            if key in MOVED:
+                raise ConfigError(key, f"moved in {origin}: it is now `{MOVED[key]}`")
             if name not in fields:
                 hint = _closest(key, [f"{section}.{n}" for n in fields])
                 raise ConfigError(key, f"unknown key in {origin}{hint}")
@@ -887,15 +875,15 @@ def _validate_run(cfg: Config) -> None:
             f"the autopilot starts at K = {buf.max_staleness}, outside buffer.autopilot_min_k.."
             f"buffer.autopilot_max_k ({buf.autopilot_min_k}..{buf.autopilot_max_k})",
         )
-    lrn = cfg.learner
+    w = cfg.weights
     if (
-        lrn.weight_store == "collective"
+        w.store == "collective"
         and not is_loopback(cfg.run.bind_host)
-        and not lrn.collective_trusted_network
+        and not w.collective_trusted_network
     ):
         raise ConfigError(
-            "learner.collective_trusted_network",
-            f"learner.weight_store = 'collective' on {cfg.run.bind_host!r} (not loopback) "
+            "weights.collective_trusted_network",
+            f"weights.store = 'collective' on {cfg.run.bind_host!r} (not loopback) "
             "sends weights over a TCPStore and gloo, which have no authentication; set it to "
             "true on a trusted network, or use 'fs' or 'ray'",
         )
@@ -981,6 +969,14 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def _type_name(typ: Any) -> str:
+    if typ == dict[str, float]:
+        return "table"
+    if choices(typ):
+        return "list" if get_origin(typ) is list else "str"
+    return getattr(typ, "__name__", str(typ))
+
+
 def reference(markdown: bool = False) -> str:
     """Every field with its type, default and doc: `--help` text or a README table."""
     out = []
@@ -992,13 +988,13 @@ def reference(markdown: bool = False) -> str:
                 "|---|---|---|---|",
             ]
         for name, f in _section_fields(section).items():
-            typ = "table" if f.type == dict[str, float] else getattr(f.type, "__name__", f.type)
+            typ = _type_name(f.type)
             default = _toml_value(
                 f.default if f.default is not dataclasses.MISSING else f.default_factory()
             )
             doc = f.metadata["doc"]
-            if f.metadata["choices"]:
-                doc += " One of " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+            if choices(f.type):
+                doc += " One of " + ", ".join(f"`{c}`" for c in choices(f.type)) + "."
             if markdown:
                 out.append(f"| `{section}.{name}` | {typ} | `{default}` | {doc} |")
             else:

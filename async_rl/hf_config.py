@@ -1,7 +1,7 @@
 """A checkpoint's Hugging Face `config.json`: written once, read and checked once.
 
 Every checkpoint between the learner, the actors and users is a Hugging Face Qwen3-MoE
-directory (DESIGN.md section 3). `hf_config()` writes its config.json from a `ModelConfig`;
+directory (docs/design.md section 3). `hf_config()` writes its config.json from a `ModelConfig`;
 `read_model_spec()` is the one reader of config.json for all its users (the learner imports a
 checkpoint, the embedded engine builds its model, the vLLM engine checks a reload), and refuses
 with a `ValueError` naming the file anything but a Qwen3-MoE this project can run: every layer
@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from async_rl.choices import Dtype
 from async_rl.config import ModelConfig
 from async_rl.types import RoutingSpec
 
@@ -42,7 +43,7 @@ HF_KEYS = {
 }
 _REQUIRED = [k for k in HF_KEYS if k not in ("head_dim", "rope_theta")]
 DEFAULT_ROPE_THETA = 10000.0  # transformers' Qwen3MoeConfig default
-DTYPES = ("float32", "bfloat16")
+DTYPES = get_args(Dtype)
 
 
 def hf_config(cfg: ModelConfig, bos_id: int | None, eos_id: int, pad_id: int) -> dict[str, Any]:

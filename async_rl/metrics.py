@@ -1,6 +1,6 @@
 """Metrics of a run: `runs/<name>/metrics.jsonl` (one line per global step), wandb, progress.
 
-Names are part of the interface (DESIGN.md section 8): `learner/*`, `rollout/*`, `buffer/*`,
+Names are part of the interface (docs/design.md section 8): `learner/*`, `rollout/*`, `buffer/*`,
 plus `eval/accuracy` when the held-out set is evaluated. The learner writes the file; the
 driver tails it into wandb (offline unless `logging.wandb_mode` says otherwise) and the
 terminal, so nothing is lost when the driver restarts.

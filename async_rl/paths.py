@@ -126,7 +126,7 @@ ENDPOINTS_NAMESPACE = "async-rl-endpoints"
 def _ray_kv():
     """Ray's key-value store (in the head's GCS) when this process is part of a Ray cluster,
     else None. Endpoints go there too, so that a process on a node without the run directory
-    finds its services (`learner.weight_store = ray | collective`)."""
+    finds its services (`weights.store = ray | collective`)."""
     import sys
 
     ray = sys.modules.get("ray")  # a process that never imported Ray is not in a cluster

@@ -1,4 +1,4 @@
-"""Boundary types: the trajectory record and its Arrow form (DESIGN.md section 5).
+"""Boundary types: the trajectory record and its Arrow form (docs/design.md section 5).
 
 Shape legend: P = prompt tokens, C = completion tokens, L = MoE layers, K = experts per token.
 

@@ -20,6 +20,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import get_args
+
+from async_rl.choices import Quantization
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.helpers, as in benchmarks/soak.py
@@ -146,7 +149,7 @@ def main() -> None:
     hooks = RoutingHooks(model)
     tokenizer, task = Tokenizer.from_dir(args.checkpoint), ArithmeticTask(seed=args.seed)
     prompts = [tokenizer.encode_prompt(task.train_problem(i).prompt) for i in range(args.prompts)]
-    engines = {q: EmbeddedEngine(args.checkpoint, quantization=q) for q in ("fp32", "bf16", "fp8")}
+    engines = {q: EmbeddedEngine(args.checkpoint, quantization=q) for q in get_args(Quantization)}
 
     print(f"checkpoint {args.checkpoint}; learner in fp32; T = 1, top_p = 1, 8 new tokens")
     print(f"mismatch on {args.prompts} prompts x {args.samples} samples (engine's own samples)")

@@ -49,8 +49,11 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import get_args
 
 import torch
+
+from async_rl.choices import Device, Quantization
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -338,7 +341,7 @@ def end_to_end(device: str) -> str:
 def checks(device: str, path: Path, model) -> list[tuple[str, object]]:
     """(name, a function of no arguments) for every row."""
     rows = [("env", lambda: environment(device))]
-    for p in ("fp8", "bf16", "fp32"):
+    for p in get_args(Quantization):
         rows.append((f"embedded {p}", lambda p=p: generation("embedded", p, device, path, model)))
     rows.append(("embedded in-flight", lambda: in_flight("embedded", "fp32", device, path, model)))
     try:
@@ -364,7 +367,7 @@ def checks(device: str, path: Path, model) -> list[tuple[str, object]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    parser.add_argument("--device", choices=get_args(Device), default="cuda")
     parser.add_argument("--only", nargs="*", help="run only the rows whose names start so")
     args = parser.parse_args()
     torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())

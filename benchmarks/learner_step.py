@@ -60,6 +60,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
+
+from async_rl.choices import Dtype, RoutingReplay
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -268,7 +271,7 @@ def main() -> None:
     parser.add_argument("--vocab-positions", type=int, default=4096, help="vocab part: positions")
     parser.add_argument("--vocab-dim", type=int, default=256, help="vocab part: hidden size")
     parser.add_argument(
-        "--vocab-dtypes", nargs="+", default=["bfloat16", "float32"], help="vocab part: dtypes"
+        "--vocab-dtypes", nargs="+", default=list(get_args(Dtype)), help="vocab part: dtypes"
     )
     parser.add_argument("--vocab-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -305,7 +308,7 @@ def steps_report(batch: PackedBatch, checkpoint: Path, root: Path, args) -> None
         return import_hf(checkpoint, CFG)[0]
 
     steps = {"bare": bare_step(fresh(), cfg)}
-    for replay in ("none", "r2", "r3"):
+    for replay in get_args(RoutingReplay):
         steps[f"TrainStep {replay}"] = train_step(fresh(), args.group_size, replay)
     steps["drift"] = train_step(fresh(), args.group_size, "none", drift=True)
     calls = {name: functools.partial(fn, batch) for name, fn in steps.items()}
@@ -425,10 +428,10 @@ def ranks_report(batch: PackedBatch, checkpoint: Path, args) -> str:
     )
 
 
-PRECISIONS = {  # label: (model.dtype, learner.master_dtype)
-    "fp32": ("float32", "float32"),
-    "bf16 compute, fp32 masters": ("bfloat16", "float32"),
-    "pure bf16": ("bfloat16", "bfloat16"),
+PRECISIONS = {  # label: "model.dtype/learner.master_dtype"
+    "fp32": "float32/float32",
+    "bf16 compute, fp32 masters": "bfloat16/float32",
+    "pure bf16": "bfloat16/bfloat16",
 }
 
 
@@ -440,7 +443,7 @@ def precision_report(batch: PackedBatch, checkpoint: Path, args) -> str:
 
     steps, changed = {}, {}
     try:
-        for label, (dtype, master) in PRECISIONS.items():
+        for label, (dtype, master) in ((k, v.split("/")) for k, v in PRECISIONS.items()):
             overrides = [f"model.dtype={dtype}", f"learner.master_dtype={master}"]
             overrides += [f"algo.group_size={args.group_size}", "learner.lr=1e-6"]
             cfg = load_config(None, [*overrides, "run.num_steps=10000"])

@@ -44,6 +44,9 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
+from typing import get_args
+
+from async_rl.choices import Batching
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -125,7 +128,7 @@ def engine_alone(args, start: Path) -> list[dict]:
         return GroupRequest(str(i), prompt, g, params)
 
     results = []
-    for mode in ("static", "continuous"):
+    for mode in get_args(Batching):
         engine.generate([request(0).prompt], request(0).params, g)  # warm-up
         queue, submitted, ended, tokens = deque(range(batches * per_batch)), {}, {}, 0
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Soak: the CPU default training for a bounded time while actors are killed, added and removed.
 
     python benchmarks/soak.py [--minutes 30] [--interval 120] [--sample 5] [--start CHECKPOINT]
-                              [key=value ...]     e.g. learner.weight_store=collective
+                              [key=value ...]     e.g. weights.store=collective
 
 Drives `async-rl train` (a subprocess; configs/tiny.toml with `run.eval_every=0` and two
 actors, up to three) from a random-init start checkpoint unless `--start` names one. Every

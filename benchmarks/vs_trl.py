@@ -42,6 +42,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import get_args
+
+from async_rl.choices import Quantization
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -213,7 +216,7 @@ def make_start(args, out: Path) -> Path:
     from async_rl.tokenizer import load_tokenizer
     from learner.sft import run_sft
 
-    sft = [f"learner.sft_steps={args.sft_steps}"] if args.sft_steps else []
+    sft = [f"sft.steps={args.sft_steps}"] if args.sft_steps else []
     cfg = load_config(args.config, [*args.overrides, f"run.output_dir={out}", "run.name=sft", *sft])
     import torch
 
@@ -222,10 +225,7 @@ def make_start(args, out: Path) -> Path:
 
     path = run_sft(cfg, load_tokenizer(cfg.model.tokenizer), task_from_config(cfg), out / "sft")
     result = evaluate_checkpoint(cfg, path)
-    print(
-        f"cold start: {cfg.learner.sft_steps} SFT steps, held-out greedy accuracy "
-        f"{result.greedy:.2f}"
-    )
+    print(f"cold start: {cfg.sft.steps} SFT steps, held-out greedy accuracy {result.greedy:.2f}")
     return path
 
 
@@ -236,7 +236,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     p.add_argument("--threads", type=int, default=2, help="torch threads in all, per tool")
     p.add_argument("--experts", choices=KERNELS, default="grouped_mm", help="TRL's MoE kernel")
-    p.add_argument("--quantization", choices=("fp8", "bf16", "fp32"), default="fp8")
+    p.add_argument("--quantization", choices=get_args(Quantization), default="fp8")
     p.add_argument("--start", type=Path, default=None, help="HF checkpoint (default: short SFT)")
     p.add_argument("--sft-steps", type=int, default=300, help="cold-start steps (0: the config's)")
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.toml")

@@ -23,7 +23,7 @@ kept (as before `forget`) and let go (`Publisher.before_gather`, now).
 parameters, bf16 versions of fp32 masters) at lr 1e-6 and 3e-5, and the tiny model at its
 own lr (its versions are fp32), AdamW steps (random gradients: Adam's step is about lr per
 entry whatever they are) make `--versions` versions; each is published whole, and as
-`learner.weight_deltas = send` does (a delta, whole too every 10th; whole alone where the delta
+`weights.deltas = send` does (a delta, whole too every 10th; whole alone where the delta
 would not halve the bytes), to an `fs` store and through the `collective` path (its receiver a
 thread of this process), and an FP8 embedded engine follows each of the four
 (`VersionFollower.load`). Printed: the changed share, the bytes per version (stored; sent
@@ -41,6 +41,9 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import get_args
+
+from async_rl.choices import DurableStoreKind
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -60,7 +63,7 @@ from async_rl.weights.collective import (  # noqa: E402
 )
 
 MIB = 2**20
-MODES = ("off", "send")  # `learner.weight_deltas`: whole versions, deltas
+MODES = ("off", "send")  # `weights.deltas`: whole versions, deltas
 POLL_S = 0.01  # how often a reader looks for the version (an actor looks once per step)
 
 
@@ -200,7 +203,7 @@ def delta_versions(config: str, lr: float | None, versions: int):
     out = {way: {"mib": [], "s": []} for way in ways}
     meter, shares, closing = DeltaMeter(), [], []
     for way, (kind, mode) in ways.items():
-        follower_cfg = load_config(None, [f"learner.weight_deltas={mode}"])
+        follower_cfg = load_config(None, [f"weights.deltas={mode}"])
         store = reader = FsWeightStore(root / way, template=start, keep=3)
         if kind == "collective":  # the actor's receiver a thread of this process
             run_dir = root / way.replace(" ", "-")
@@ -340,7 +343,7 @@ def main() -> int:
         results, version = measure(state, readers, stores, args.rounds, version)
         bare = bare_broadcast(state, readers, group, args.rounds)
         ratio = results["collective"] / bare
-        cells = "".join(f"{results[k]:>8.3f}s" for k in ("fs", "ray"))
+        cells = "".join(f"{results[k]:>8.3f}s" for k in get_args(DurableStoreKind))
         print(
             f"{label + f' ({nbytes / MIB:.0f} MiB)':<28}{cells}{results['collective']:>11.3f}s"
             f"{bare:>11.3f}s{ratio:>10.2f}x"

@@ -1,6 +1,6 @@
 """Learner checkpoints: model, optimizer, schedule position, version and RNG, without pickle.
 
-`runs/<name>/checkpoints/step-000010/` holds, for each rank r of the W ranks that wrote it,
+`runs/<name>/checkpoints/learner/step-000010/` holds, for each rank r of the W ranks that wrote it,
 `model-r00000.safetensors` and `optimizer-r00000.safetensors` (the rank's own shards of the
 parameters, in torchtitan names, and of every optimizer state tensor; rank 0's also holds the
 torch RNG state) and `shards-r00000.json` (for each tensor in them: the full tensor's shape

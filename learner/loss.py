@@ -2,7 +2,7 @@
 
 Zheng et al. 2025, "Stabilizing Reinforcement Learning with LLMs: Formulation and Practices",
 eq. (7) with truncated importance sampling (TIS, Yao et al. 2025) on the token IS weight, as
-DESIGN.md section 2 states it:
+docs/design.md section 2 states it:
 
     L = -(1/B) sum_i sum_t M_t * sg[w_t] * A_i * log pi_theta(y_{i,t})
 
@@ -43,7 +43,7 @@ log pi_theta itself (not a ratio), so the gradient is -(1/B) sum M_t w_t A_i gra
 eq. (7)'s. pi_prox is the learner's recomputation at the start of the global step (the paper's
 pi_theta_old); mu is the actor's sampling log-prob.
 
-Metrics (DESIGN.md section 8), means over completion tokens (mask = 1) only, with
+Metrics (docs/design.md section 8), means over completion tokens (mask = 1) only, with
 log rho = log pi_prox - log mu:
 - `train_infer_kl`: k1 estimate of KL(mu || pi_prox) from tokens sampled from mu, mean(-log rho).
 - `train_infer_kl_k3`: k3 estimate (Schulman 2020) of the same KL, mean((rho - 1) - log rho),
@@ -63,10 +63,8 @@ from typing import Protocol
 
 import torch
 
+from async_rl.choices import IsCorrection, TisMode, check
 from async_rl.config import AlgoConfig
-
-TIS_MODES = ("full", "decoupled", "none")
-IS_CORRECTIONS = ("token_tis", "icepop", "seq_mask_tis", "seq_tis")
 
 
 def group_advantages(
@@ -111,12 +109,6 @@ def _check_inputs(logprobs_BT, prox_logprobs_BT, behavior_logprobs_BT, advantage
     _check_shape("behavior_logprobs_BT", behavior_logprobs_BT, shape)
     _check_shape("mask_BT", mask_BT, shape)
     _check_shape("advantages_B", advantages_B, shape[:1])
-    if cfg.tis_mode not in TIS_MODES:
-        raise ValueError(f"tis_mode: {cfg.tis_mode!r} is not one of {', '.join(TIS_MODES)}")
-    if cfg.is_correction not in IS_CORRECTIONS:
-        raise ValueError(
-            f"is_correction: {cfg.is_correction!r} is not one of {', '.join(IS_CORRECTIONS)}"
-        )
 
 
 def minirl_loss(
@@ -225,6 +217,10 @@ class MiniRL:
     """The MiniRL objective of `[algo]`: group advantages and `minirl_loss`."""
 
     algo: AlgoConfig
+
+    def __post_init__(self) -> None:  # once, not per call: an AlgoConfig built without a Config
+        check("algo.tis_mode", self.algo.tis_mode, TisMode)
+        check("algo.is_correction", self.algo.is_correction, IsCorrection)
 
     def advantages(self, rewards_B: torch.Tensor) -> torch.Tensor:
         return group_advantages(rewards_B, self.algo.group_size, self.algo.adv_std_norm)

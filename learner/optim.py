@@ -7,15 +7,17 @@ lr = peak * lr_multiplier(step, warmup, total, "cosine", floor=0.1)
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 
+from async_rl.choices import LrSchedule
 from async_rl.config import LearnerConfig
 
-SCHEDULES = ("constant", "linear", "cosine")
 
-
-def lr_multiplier(step: int, warmup: int, total: int, schedule: str, floor: float = 0.0) -> float:
+def lr_multiplier(
+    step: int, warmup: int, total: int, schedule: LrSchedule, floor: float = 0.0
+) -> float:
     """Linear warm-up over `warmup` steps, then constant, linear or cosine decay to `floor`."""
     if step < warmup:
         return (step + 1) / warmup
@@ -26,7 +28,7 @@ def lr_multiplier(step: int, warmup: int, total: int, schedule: str, floor: floa
         return floor + (1 - floor) * (1 - progress)
     if schedule == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"lr_schedule: unknown schedule {schedule!r} ({', '.join(SCHEDULES)})")
+    raise ValueError(f"lr_schedule: {schedule!r} is not one of {', '.join(get_args(LrSchedule))}")
 
 
 def build_optimizer(model: torch.nn.Module, learner: LearnerConfig) -> torch.optim.AdamW:

@@ -73,7 +73,11 @@ KEEP_CHECKPOINTS = 2  # the newest checkpoints a run keeps
 
 
 class Learner:
-    """The learner process of a run (module docstring). `sources` makes its batch sources (the
+    """The learner process of a run (module docstring). Build it, which stores its arguments
+    and opens, loads and starts nothing, then `start()` it (every rank together), then `run()`;
+    `close()` closes what `start()` opened (nothing, for a learner never started).
+
+    `start` is the starting Hugging Face checkpoint. `sources` makes its batch sources (the
     fetch and publish threads have one each); by default the run's buffer service.
     `evaluator(model)` measures held-out accuracy; by default the model samples for itself
     (`async-rl train` evaluates through an inference engine, `async_rl.run.evaluation`)."""
@@ -89,13 +93,33 @@ class Learner:
         dp: DataParallel | None = None,
     ):
         self.cfg, self.paths = cfg, RunPaths(run_dir)
-        self.run_dir = self.paths.root
+        self.run_dir, self.start_checkpoint = self.paths.root, Path(start)
+        self.ctx, self.sources, self.evaluator = ctx, sources, evaluator
         self.dp = dp or DataParallel(device_type=cfg.learner.device)
         if self.dp.device_type != cfg.learner.device:
             raise ValueError(
                 f"learner.device = {cfg.learner.device!r}, but the rank's process group was "
                 f"made for {self.dp.device_type!r}"
             )
+        if evaluator is None and self.dp.enabled and self.dp.is_main and cfg.run.eval_every:
+            raise ValueError("several learner ranks evaluate through an engine (an evaluator)")
+        self.started = False
+        self.version = self.saved = 0  # the version trained to, and the last checkpointed
+        self.stopping = threading.Event()
+        self.saver = Background("checkpoint")  # a thread per checkpoint, when one is written
+        self.model: torch.nn.Module | None = None  # `start()` makes it, and what follows:
+        self.publisher: Publisher | None = None  # rank 0's alone
+        self.feed: BufferFeed | RankFeed | None = None
+        self.metrics: MetricsWriter | None = None  # rank 0's alone
+
+    def start(self) -> Learner:
+        """Load the starting checkpoint (sharded with FSDP2 over the ranks), resume from the
+        run's newest learner checkpoint, and open rank 0's publisher (which publishes the
+        version reached) and feed, or the other ranks' feed. Collective: every rank starts."""
+        if self.started:
+            raise RuntimeError("the learner is started already")
+        self.started = True
+        cfg, start = self.cfg, self.start_checkpoint
         self.device = training_device(self.dp)
         torch.manual_seed(cfg.run.seed)
         if (warning := precision_warning(cfg)) and self.dp.is_main:
@@ -106,63 +130,62 @@ class Learner:
         apply_fsdp(self.model, self.dp, cfg.learner.expert_parallel, compute)
         self.tokenizer = tokenizer_from_config(cfg, start)
         self.task = task_from_config(cfg)
-        if evaluator is None and self.dp.enabled and self.dp.is_main and cfg.run.eval_every:
-            raise ValueError("several learner ranks evaluate through an engine (an evaluator)")
-        self.evaluator = evaluator or (
+        self.evaluator = self.evaluator or (
             lambda weights: evaluate_run(self.model, self.tokenizer, self.task, self.cfg)
         )
         self.optimizer = build_optimizer(self.model, cfg.learner)
         self.step = TrainStep(self.model, self.optimizer, cfg, dp=self.dp)
-        self.version = self.saved = 0  # the version trained to, and the last checkpointed
+        self._resume()
+        # this incarnation of the group: its ranks write a checkpoint into one directory
+        token = new_token().encode() if self.dp.is_main else None
+        self.token = (broadcast_bytes(token, self.dp) if self.dp.enabled else token).decode()
+        weights = self.hf_weights()
+        if self.dp.is_main:
+            self._connect(weights)
+        else:
+            self.feed = RankFeed(cfg, self.tokenizer.pad_id, self.dp, self.stopping)
+        return self
+
+    def _resume(self) -> None:
+        """Go on from the run's newest learner checkpoint, if it has one."""
         checkpoint = latest_checkpoint(self.paths.learner_checkpoints)
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, self.model, self.optimizer)
             self.version, self.step.updates = state["version"], state["updates"]
             self.saved = self.version
             log.info("resumed from %s at version %d", checkpoint, self.version)
-        self.stopping = threading.Event()
-        # this incarnation of the group: its ranks write a checkpoint into one directory
-        token = new_token().encode() if self.dp.is_main else None
-        self.token = (broadcast_bytes(token, self.dp) if self.dp.enabled else token).decode()
-        weights = self.hf_weights()
-        self.saver = Background("checkpoint")
-        self.publisher: Publisher | None = None  # rank 0's alone
-        if self.dp.is_main:
-            self._connect(start, ctx, sources, weights)
-        else:
-            self.feed = RankFeed(cfg, self.tokenizer.pad_id, self.dp, self.stopping)
 
-    def _connect(self, start: Path, ctx, sources, weights) -> None:
+    def _connect(self, weights: dict[str, torch.Tensor]) -> None:
         """Rank 0's side of the run: the publisher (weight store, announcer) and the feed, each
-        with a batch source of its own (zmq sockets are not thread-safe)."""
-        ctx = ctx or zmq.Context.instance()
+        with a batch source of its own (zmq sockets are not thread-safe). A source waits for
+        the buffer's endpoints up to `run.startup_timeout_s`."""
+        ctx = self.ctx or zmq.Context.instance()
         curve = curve_for(self.cfg)
-        sources = sources or (
+        sources = self.sources or (
             lambda: ZmqBatchSource(
                 self.run_dir,
                 ctx=ctx,
+                timeout_s=self.cfg.run.startup_timeout_s,
                 curve=curve,
                 retry_s=self.cfg.buffer.wait_timeout_s,
                 stopping=self.stopping,
             )
         )
         self.publisher = Publisher(
-            self.cfg,
-            self.paths,
-            start,
-            ctx,
-            curve,
-            sources(),
-            self.version,
-            weights,
-            ranks=self.dp.world_size,
+            self.cfg, self.paths, self.start_checkpoint, ctx, curve, sources(), self.dp.world_size
         )
+        self.publisher.start(self.version, weights)
         self.feed = BufferFeed(self.cfg, sources(), self.tokenizer.pad_id, self.dp, self.stopping)
         self.metrics = MetricsWriter(self.run_dir)
+
+    def _check_started(self) -> None:
+        if not self.started:
+            raise RuntimeError("the learner is not started: call start() first")
 
     def train_one(self) -> dict | None:
         """One global step: its metrics row (rank 0; {} on the others), or None when the
         learner is stopping."""
+        self._check_started()
         start = time.monotonic()
         got = self.feed.next(self.version)
         waited = time.monotonic() - start
@@ -186,7 +209,7 @@ class Learner:
         return self.metrics_row(metrics, got.reply) | got.rollout
 
     def metrics_row(self, metrics: dict, reply: Batch) -> dict:
-        """`metrics.jsonl`'s row of this version (DESIGN.md section 8): the step's metrics as
+        """`metrics.jsonl`'s row of this version (docs/design.md section 8): the step's metrics as
         `learner/*` and `rollout/*`, the buffer's as it served the batch, the fleet size."""
         row = {"version": self.version, "learner/num_ranks": self.dp.world_size}
         row.update({f"rollout/{k}": metrics.pop(k) for k in ("reward_mean", "response_len_mean")})
@@ -206,8 +229,8 @@ class Learner:
 
     def hf_weights(self) -> dict[str, torch.Tensor]:
         """The weights of now in Hugging Face names on rank 0 ({} on the others): collective
-        under FSDP, gathered `learner.publish_bucket_mib` at a time (`hf_state_dict`)."""
-        bucket = self.cfg.learner.publish_bucket_mib * 2**20
+        under FSDP, gathered `weights.bucket_mib` at a time (`hf_state_dict`)."""
+        bucket = self.cfg.weights.bucket_mib * 2**20
         return hf_state_dict(self.model, self.cfg.model, bucket, keep=self.dp.is_main)
 
     def evaluate(self) -> dict[str, float]:
@@ -238,6 +261,7 @@ class Learner:
         """Train to `run.num_steps`, or until stopped: a stopped learner checkpoints the
         version it reached (every rank writes its shards), one that fails does not
         (it resumes from its last good checkpoint)."""
+        self._check_started()
         every, steps = self.cfg.run.eval_every, self.cfg.run.num_steps
 
         def emit(row: dict) -> None:  # rank 0's rows; the other ranks' are empty
@@ -266,6 +290,9 @@ class Learner:
         self.saver.wait()
 
     def close(self) -> None:
+        """Close what `start()` opened (as far as it got); nothing for a learner never started."""
+        if not self.started:
+            return
         try:
             if self.publisher is not None:
                 self.publisher.thread.close()  # what is in flight is finished first
@@ -274,10 +301,9 @@ class Learner:
             # a fetch waiting for a batch gives up within a second; a batch fetched ahead and
             # not trained is served again to the learner that resumes this run
             self.stopping.set()
-            if self.publisher is not None:
-                self.publisher.close()
-                self.feed.close()
-                self.metrics.close()
+            for part in (self.publisher, self.feed, self.metrics):
+                if part is not None:
+                    part.close()
             shutdown()
 
 
@@ -291,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_torch(cfg.run.num_threads)
     learner = Learner(cfg, args.run_dir, args.start)
     signal.signal(signal.SIGTERM, lambda *_: learner.stopping.set())
+    learner.start()
     learner.run(lambda m: log.info("version %d: %s", m["version"], m))  # SIGTERM: checkpoints
     learner.close()
     return 0

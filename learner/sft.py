@@ -68,7 +68,7 @@ def sft_loss(model: torch.nn.Module, batch, label_smoothing: float, chunk: int) 
 
 
 def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=print) -> Path:
-    """Train from scratch for `cfg.learner.sft_steps`; the checkpoint exported to `out_dir`.
+    """Train from scratch for `cfg.sft.steps`; the checkpoint exported to `out_dir`.
     Precision as the RL learner's: masters and AdamW in `learner.master_dtype`, forward and
     backward in `model.dtype` (FSDP2 mixed precision over one process, `apply_fsdp`)."""
     torch.manual_seed(cfg.run.seed)
@@ -84,23 +84,21 @@ def run_sft(cfg: Config, tokenizer: Tokenizer, task: Task, out_dir: Path, log=pr
 
 
 def _train(cfg: Config, model: torch.nn.Module, tokenizer: Tokenizer, task: Task, log) -> None:
-    lrn = cfg.learner
-    opt = torch.optim.AdamW(model.parameters(), lr=lrn.sft_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    sft = cfg.sft
+    opt = torch.optim.AdamW(model.parameters(), lr=sft.lr, betas=(0.9, 0.98), weight_decay=0.0)
     metrics_file = RunPaths(cfg.run_dir).sft_metrics
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    bs, start, index = lrn.sft_batch_size, time.monotonic(), 0
+    bs, start, index = sft.batch_size, time.monotonic(), 0
     with metrics_file.open("w") as metrics:
-        for step in range(lrn.sft_steps):
+        for step in range(sft.steps):
             problems = [task.train_problem(index + j) for j in range(bs)]
             index += bs
             batch = sft_batch(tokenizer, task, problems, cfg.model.max_seq_len)
-            loss = sft_loss(model, batch, lrn.sft_label_smoothing, lrn.logprob_chunk)
+            loss = sft_loss(model, batch, sft.label_smoothing, cfg.learner.logprob_chunk)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_gradients(model, 1.0)
-            lr = lrn.sft_lr * lr_multiplier(
-                step, lrn.sft_warmup_steps, lrn.sft_steps, "cosine", LR_FLOOR
-            )
+            lr = sft.lr * lr_multiplier(step, sft.warmup_steps, sft.steps, "cosine", LR_FLOOR)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
@@ -112,8 +110,8 @@ def _train(cfg: Config, model: torch.nn.Module, tokenizer: Tokenizer, task: Task
                 "elapsed_s": round(time.monotonic() - start, 2),
             }
             metrics.write(json.dumps(row) + "\n")
-            if (step + 1) % 100 == 0 or step + 1 == lrn.sft_steps:
+            if (step + 1) % 100 == 0 or step + 1 == sft.steps:
                 log(
-                    f"sft step {step + 1}/{lrn.sft_steps}  loss {row['loss']:.4f}  "
+                    f"sft step {step + 1}/{sft.steps}  loss {row['loss']:.4f}  "
                     f"lr {lr:.2e}  {row['elapsed_s']:.0f}s"
                 )

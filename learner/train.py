@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from async_rl.choices import RoutingReplay, check
 from async_rl.config import Config
 from learner.batch import PackedBatch, microbatches, split_to
 from learner.loss import MiniRL, Objective
@@ -58,8 +59,6 @@ from learner.parallel import (
     mean_over_ranks,
 )
 from learner.routing import RoutingHooks
-
-ROUTING_REPLAY = ("none", "r2", "r3")
 
 
 def replayed_routing(
@@ -114,8 +113,7 @@ class TrainStep:
         objective: Objective | None = None,
     ):
         algo, learner = cfg.algo, cfg.learner
-        if algo.routing_replay not in ROUTING_REPLAY:
-            raise ValueError(f"routing_replay: {algo.routing_replay!r} is not none, r2 or r3")
+        check("algo.routing_replay", algo.routing_replay, RoutingReplay)
         self.model, self.optimizer = model, optimizer
         self.objective = objective or MiniRL(algo)
         self.hooks = RoutingHooks(model)

@@ -147,11 +147,34 @@ class BufferClient(ZmqRolloutSink, ZmqBatchSource):
     """Both sides of a buffer service in one client: what an actor and the learner call."""
 
 
+class PublishedVersions:
+    """A learner's batch source without a buffer: it has no batches, and records the versions
+    published to it and whether it was closed."""
+
+    def __init__(self):
+        self.published: list[int] = []
+        self.closed = False
+
+    def sample(self, version: int, wait_s: float = 1.0):
+        raise AssertionError("PublishedVersions has no batches")
+
+    def publish(self, version: int) -> None:
+        self.published.append(version)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def new_threads(before: set[threading.Thread]) -> set[threading.Thread]:
+    """The threads running now that did not in `before` (`set(threading.enumerate())`)."""
+    return set(threading.enumerate()) - before
+
+
 @contextlib.contextmanager
 def services_in_threads(cfg: Config, start: Path, actor_start: Path | None = None):
     """`with services_in_threads(cfg, start) as (learner, actor):` the buffer service in a
     thread, a learner and an actor of one run in this process (the actor built from
-    `actor_start`, default `start`); all closed after. The actor's loop is the caller's to
+    `actor_start`, default `start`), started; all closed after. The actor's loop is the caller's to
     run (`actor.run` in a thread), the learner's too (`learner.run`)."""
     from actors.loop import Actor
     from async_rl.buffer.service import BufferService
@@ -164,9 +187,11 @@ def services_in_threads(cfg: Config, start: Path, actor_start: Path | None = Non
     learner = Learner(cfg, cfg.run_dir, start, ctx=ctx)
     actor = Actor(cfg, cfg.run_dir, "a0", ctx=ctx, start=actor_start or start)
     try:
+        learner.start()
+        actor.start()
         yield learner, actor
     finally:
-        actor.close()
+        actor.close()  # closing one never started does nothing
         learner.close()
         buffer.stop()
         buffer_thread.join(30)
@@ -219,8 +244,8 @@ def pipeline_config(tmp_path: Path, name: str, *overrides: str) -> Config:
                 "algo.group_size=4",
                 "algo.prompts_per_minibatch=2",
                 "learner.lr=1e-3",
-                "learner.sft_steps=80",
-                "learner.sft_batch_size=32",
+                "sft.steps=80",
+                "sft.batch_size=32",
                 *overrides,
             ],
         )

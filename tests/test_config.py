@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from async_rl.config import (
+    MOVED,
     Config,
     ConfigError,
     load_config,
-    placement_lines,
     reference,
     to_toml,
 )
+from async_rl.run.placement import placement_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "configs").glob("*.toml"))  # run configs (sweeps: test_sweep.py)
@@ -73,10 +74,9 @@ CUT = {
         "expert_parallel",
         "max_tokens_per_microbatch",
         "activation_checkpointing",
-        "sft_steps",
-        "sft_batch_size",
-        "sft_num_threads",
     },
+    "weights": set(),
+    "sft": {"steps", "batch_size", "num_threads"},
     "algo": {"group_size", "prompts_per_minibatch"},
     "logging": {"wandb_project"},
 }
@@ -269,3 +269,23 @@ def test_train_of_a_finished_run_says_so_and_starts_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "already reached version 5" in out and "run.num_steps" in out
     assert not (run / "config.toml").exists()  # nothing was started or rewritten
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED.items()))
+def test_a_moved_key_is_refused_with_its_new_name(tmp_path, old, new):
+    """A config written for the old sections must not silently change meaning."""
+    section, name = old.split(".")
+    with pytest.raises(ConfigError, match=f"now `{new}`") as e:
+        load_config(None, [f"{old}=1"])
+    assert e.value.key == old
+    path = tmp_path / "old.toml"
+    path.write_text(f"[{section}]\n{name} = 1\n")
+    with pytest.raises(ConfigError, match=f"moved in {path}: it is now `{new}`"):
+        load_config(path)
+
+
+def test_the_weight_path_and_the_cold_start_have_sections_of_their_own():
+    cfg = load_config(None, ["weights.store=collective", "weights.deltas=send", "sft.lr=1e-3"])
+    assert (cfg.weights.store, cfg.weights.deltas, cfg.sft.lr) == ("collective", "send", 1e-3)
+    assert not any(name.startswith("sft_") for name in vars(cfg.learner))
+    assert {"weight_store", "publish_bucket_mib"}.isdisjoint(vars(cfg.learner))

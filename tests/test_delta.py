@@ -90,7 +90,7 @@ def test_bits_decide_and_a_mostly_changed_tensor_goes_whole():
 def test_a_run_measures_each_versions_delta_as_an_independent_comparison_counts_it(
     tmp_path, cold_start, train_in_threads
 ):
-    """`learner.weight_deltas = "measure"`: bf16 versions from fp32 masters; the logged share is
+    """`weights.deltas = "measure"`: bf16 versions from fp32 masters; the logged share is
     what comparing the stored versions entry by entry gives."""
     from safetensors.torch import load_file
 
@@ -102,8 +102,8 @@ def test_a_run_measures_each_versions_delta_as_an_independent_comparison_counts_
         "run.num_steps=3",
         "model.dtype=bfloat16",
         "learner.lr=1e-5",
-        "learner.weight_deltas=measure",
-        "learner.keep_versions=9",
+        "weights.deltas=measure",
+        "weights.keep_versions=9",
     )
     rows, _, _ = train_in_threads(cfg, cold_start)
     weights = cfg.run_dir / "weights"
@@ -232,7 +232,7 @@ def _follower(store):
     from actors.versions import VersionFollower
     from async_rl.config import load_config
 
-    return VersionFollower(load_config(None, ["learner.weight_deltas=send"]), store, None)
+    return VersionFollower(load_config(None, ["weights.deltas=send"]), store, None)
 
 
 def _holds(engine, truth) -> bool:
@@ -360,7 +360,7 @@ def test_the_collective_path_broadcasts_deltas_and_its_actors_follow_them_bit_fo
 def test_a_run_sends_deltas_and_its_actor_holds_exactly_what_the_learner_published(
     tmp_path, cold_start, train_in_threads, batching, store
 ):
-    """`learner.weight_deltas = "send"`: versions stored (`fs`) or broadcast (`collective`)
+    """`weights.deltas = "send"`: versions stored (`fs`) or broadcast (`collective`)
     as deltas, whole every 2nd, the actor patching its fp8 engine in place; its weights'
     fingerprint is the learner's."""
     import json
@@ -379,11 +379,11 @@ def test_a_run_sends_deltas_and_its_actor_holds_exactly_what_the_learner_publish
         if batching == "continuous"
         else "actor.weight_update=between_groups",
         "learner.lr=1e-6",
-        "learner.weight_deltas=send",
-        "learner.full_every=2",
-        "learner.keep_versions=9",
-        f"learner.weight_store={store}",
-        "learner.durable_every=1",  # collective: every version on disk whole, to compare
+        "weights.deltas=send",
+        "weights.full_every=2",
+        "weights.keep_versions=9",
+        f"weights.store={store}",
+        "weights.durable_every=1",  # collective: every version on disk whole, to compare
     )
     rows, _, actor = train_in_threads(cfg, cold_start)
     root = cfg.run_dir / "weights"

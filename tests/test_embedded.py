@@ -15,7 +15,8 @@ from actors.build import build_engine
 from actors.embedded import EmbeddedEngine
 from actors.embedded_model import Weight, linear
 from actors.engine import EngineCapabilities, GroupRequest, SamplingParams
-from async_rl.config import ENGINE_CAPABILITIES, ActorConfig, ModelConfig
+from async_rl.capabilities import ENGINE_CAPABILITIES
+from async_rl.config import ActorConfig, ModelConfig
 from async_rl.tokenizer import Tokenizer
 from learner.hf import export_hf, hf_state_dict
 from learner.model import build_model

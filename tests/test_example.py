@@ -28,8 +28,8 @@ def test_the_worked_example_trains_and_transformers_scores_its_checkpoint_the_sa
     out = subprocess.run(
         [sys.executable, "-m", "async_rl.cli", "train", "--config",
          "examples/word_problems/config.toml", f"run.output_dir={tmp_path}",
-         f"run.num_steps={STEPS}", "run.eval_every=0", "learner.sft_steps=100",
-         "learner.sft_batch_size=32", "learner.checkpoint_every=2"],
+         f"run.num_steps={STEPS}", "run.eval_every=0", "sft.steps=100",
+         "sft.batch_size=32", "learner.checkpoint_every=2"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

@@ -8,7 +8,10 @@ small.
   (`async_rl/buffer/`);
 - `actors/` and `learner/` do not import each other, nor the top;
 - the built-in tasks (`async_rl/tasks/arithmetic.py`, `files.py`) sit on the task interface
-  (`async_rl/tasks/__init__.py`) and nothing imports them: runs build them by name;
+  (`async_rl/tasks/__init__.py`, the rewards, the choice types) and nothing imports them: runs
+  build them by name;
+- every choice of the config is a `Literal` of `async_rl/choices.py`, written nowhere else; a
+  compared value is one of its choices;
 - no two modules import each other, directly or around a circle;
 - no function is longer than 60 lines, no class longer than 250.
 """
@@ -113,7 +116,7 @@ def test_actors_and_learner_do_not_import_each_other_or_the_top(package, other):
 
 def test_the_run_does_not_import_the_tools():
     run = sources("async_rl/run")
-    assert len(run) == 8
+    assert len(run) > 5
     assert _offenders(run, ("async_rl.tools", "async_rl.cli")) == []
 
 
@@ -170,7 +173,11 @@ def test_the_built_in_tasks_sit_on_the_task_interface_and_are_reached_by_name_on
     ours = ("async_rl", "actors", "learner")
     for path in task_modules:
         used = {n for n in imported(path) if n.split(".")[0] in ours}
-        allowed = {n for n in used if n.startswith(("async_rl.tasks", "async_rl.rewards"))}
+        allowed = {
+            n
+            for n in used
+            if n.startswith(("async_rl.tasks", "async_rl.rewards", "async_rl.choices"))
+        }
         assert used == allowed, f"{path.name} imports {sorted(used - allowed)}"
 
 
@@ -183,3 +190,81 @@ def test_the_distribution_installs_no_generic_top_level_module():
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     packages = find_packages(str(ROOT), include=find["packages"]["find"]["include"])
     assert {p.partition(".")[0] for p in packages} == set(PACKAGES)
+
+
+# Config fields whose choice type a module branches on, by the name the code reads them by.
+def _choice_fields() -> dict[str, tuple[str, tuple]]:
+    from async_rl import choices
+    from async_rl.config import SECTIONS, _section_fields
+
+    types = {id(v): n for n, v in vars(choices).items() if choices.choices(v)}
+    out = {}
+    for section in SECTIONS:
+        for name, f in _section_fields(section).items():
+            typ = f.type.__args__[0] if getattr(f.type, "__origin__", None) is list else f.type
+            if choices.choices(typ):
+                out[name] = (types[id(typ)], choices.choices(typ))
+    return out
+
+
+def _branches(path: Path, fields: dict) -> list[tuple[str, str, int, bool]]:
+    """(field, compared string, line, local) for every comparison of a choice field with a
+    string; `local`: the field is read as a name or `self.<field>`, not through the config,
+    whose fields carry the type."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        strings = [s.value for s in sides if isinstance(s, ast.Constant)]
+        for s in sides:
+            if isinstance(s, (ast.Tuple, ast.List, ast.Set)):
+                strings += [e.value for e in s.elts if isinstance(e, ast.Constant)]
+        for s in sides:
+            name = getattr(s, "attr", getattr(s, "id", None))
+            if name not in fields:
+                continue
+            local = isinstance(s, ast.Name) or getattr(s.value, "id", None) == "self"
+            out += [(name, v, node.lineno, local) for v in strings if isinstance(v, str)]
+    return out
+
+
+OURS = [p for package in (*PACKAGES, "benchmarks") for p in sources(package)]
+
+
+def test_every_config_choice_is_a_literal_type_written_once():
+    """Each choice list is a `Literal` of `async_rl/choices.py` and no module writes one again
+    (as a tuple, list or set of the same strings)."""
+    fields = _choice_fields()
+    assert {"routing_replay", "engine", "store", "deltas", "tis_mode"} <= set(fields)
+    lists = {frozenset(values): typ for typ, values in fields.values()}
+    repeats = [
+        f"{path.relative_to(ROOT)}:{node.lineno} repeats {lists[values]}"
+        for path in OURS
+        if path.name != "choices.py"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set))
+        and len(node.elts) > 1
+        and all(isinstance(e, ast.Constant) for e in node.elts)
+        and (values := frozenset(e.value for e in node.elts)) in lists
+    ]
+    assert repeats == []
+
+
+def test_a_module_that_branches_on_a_choice_imports_its_type_and_names_real_values():
+    """`routing_replay == "r3"`: "r3" is one of `RoutingReplay`'s values (a misspelt value would
+    be a branch never taken), and a module that holds the choice in a name of its own (a
+    parameter, `self.routing_replay`) imports the type to annotate it."""
+    fields = _choice_fields()
+    missing, wrong = [], []
+    for path in [p for package in PACKAGES for p in sources(package)]:
+        names = imported(path)
+        for field, value, line, local in _branches(path, fields):
+            typ, values = fields[field]
+            where = f"{path.relative_to(ROOT)}:{line}"
+            if value not in values:
+                wrong.append(f"{where} {field} == {value!r}")
+            if local and f"async_rl.choices.{typ}" not in names and path.name != "config.py":
+                missing.append(f"{where} {field}: import {typ}")
+    assert wrong == []
+    assert missing == []

@@ -1,13 +1,15 @@
 """The learner's global step: packing, routing replay modes, N updates, checkpoints and resume."""
 
 import contextlib
+import threading
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from async_rl.config import ModelConfig
+from async_rl.config import ModelConfig, load_config
+from async_rl.paths import RunPaths, read_endpoints
 from async_rl.tasks.arithmetic import ArithmeticTask
 from async_rl.tokenizer import Tokenizer
 from async_rl.types import RoutingSpec, Trajectory, group_to_batch
@@ -17,7 +19,9 @@ from learner.evaluate import sample
 from learner.model import build_model, token_logprobs
 from learner.optim import lr_multiplier
 from learner.routing import RoutingHooks
+from learner.run import Learner
 from learner.train import replayed_routing
+from tests.helpers import PublishedVersions, new_threads
 
 CFG = ModelConfig()
 SPEC = RoutingSpec.of(CFG)
@@ -287,3 +291,22 @@ def test_replay_refuses_a_repeated_expert_within_a_token(base):
         with hooks.replay(torch.zeros(1, 3, 2, 2, dtype=torch.uint8)):
             pass
     hooks.remove()
+
+
+def test_a_learner_builds_without_io_and_starts_when_told(tmp_path, start):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=absent", "run.eval_every=0"])
+    threads, source = set(threading.enumerate()), PublishedVersions()
+    learner = Learner(cfg, cfg.run_dir, start, sources=lambda: source)
+    assert not cfg.run_dir.exists() and not new_threads(threads)
+    with pytest.raises(RuntimeError, match=r"call start\(\) first"):
+        learner.run()
+    learner.close()  # never started: nothing to close
+    assert not cfg.run_dir.exists() and not source.closed
+    learner.start()
+    try:
+        assert learner.version == 0 and source.published == [0]
+        assert learner.publisher.store.latest() == 0
+        assert read_endpoints(RunPaths(cfg.run_dir), "learner") is not None
+    finally:
+        learner.close()
+    assert source.closed

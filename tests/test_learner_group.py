@@ -62,7 +62,7 @@ def test_two_ranks_train_like_one_and_a_killed_rank_restarts_the_group(tmp_path,
         *train_overrides(tmp_path, start, "ranks", 8),
         "learner.num_ranks=2",
         "learner.expert_parallel=2",  # the experts split over the two ranks as well
-        "learner.keep_versions=100",  # version 1 stays, for the comparison below
+        "weights.keep_versions=100",  # version 1 stays, for the comparison below
         f"run.heartbeat_timeout_s={HEARTBEAT_S}",
     ]
     proc = launch(log, *args)

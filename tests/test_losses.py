@@ -1,4 +1,4 @@
-"""The MiniRL loss against a plain float64 reference of DESIGN.md section 2, every switch."""
+"""The MiniRL loss against a plain float64 reference of docs/design.md section 2, every switch."""
 
 import itertools
 import math
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from async_rl.config import AlgoConfig
-from learner.loss import group_advantages, minirl_loss
+from learner.loss import MiniRL, group_advantages, minirl_loss
 
 
 def reference(logp, prox, mu, rewards, lengths, G, cfg):
-    """DESIGN.md section 2 written out token by token in Python floats."""
+    """docs/design.md section 2 written out token by token in Python floats."""
     B = len(rewards)
     adv = []
     for g in range(B // G):
@@ -317,5 +317,7 @@ def test_bad_shapes_and_modes_name_the_argument():
         minirl_loss(x, x, x, a, bad, cfg)
     with pytest.raises(ValueError, match="advantages_B"):
         minirl_loss(x, x, x, torch.zeros(3), m, cfg)
-    with pytest.raises(ValueError, match="tis_mode"):
-        minirl_loss(x, x, x, a, m, replace(cfg, tis_mode="sequence"))
+    with pytest.raises(ValueError, match="algo.tis_mode: 'sequence' is not one of"):
+        MiniRL(replace(cfg, tis_mode="sequence"))  # once, as the objective is built
+    with pytest.raises(ValueError, match="algo.is_correction"):
+        MiniRL(replace(cfg, is_correction="tis"))

@@ -138,7 +138,7 @@ def test_a_run_over_three_nodes_is_placed_by_role_and_survives_losing_the_actors
             "actor.max_actors=2",
             "learner.resources={head_node = 1}",
             "actor.resources={actor_node = 1}",
-            "learner.weight_store=ray",
+            "weights.store=ray",
             "run.bind_host=0.0.0.0",
             f"run.curve_keys={create_keys(tmp_path / 'keys')}",
         )
@@ -194,9 +194,9 @@ def test_losing_the_learners_node_restarts_the_group_on_another_from_its_checkpo
             train_overrides(tmp_path, start, "lrn", 1000),
             "actor.resources={head_node = 1}",
             "learner.resources={learner_node = 1}",
-            "learner.weight_store=collective",
-            "learner.durable_store=ray",
-            "learner.collective_trusted_network=true",
+            "weights.store=collective",
+            "weights.durable_store=ray",
+            "weights.collective_trusted_network=true",
             "run.bind_host=0.0.0.0",
             f"run.curve_keys={create_keys(tmp_path / 'keys')}",
         )

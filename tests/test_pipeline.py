@@ -1,6 +1,9 @@
 """Buffer service, learner and actor together (threads of one process, real zmq and files)."""
 
 import contextlib
+import threading
+import time
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -9,9 +12,10 @@ import torch
 
 from actors.embedded import EmbeddedEngine
 from actors.engine import SamplingParams
-from actors.loop import group_seed
+from actors.loop import Actor, group_seed
 from actors.versions import version_to_load
 from async_rl.buffer.segments import inspect
+from async_rl.config import load_config
 from async_rl.tasks import task_from_config
 from async_rl.tokenizer import Tokenizer
 from async_rl.types import RoutingSpec, batch_to_trajectories
@@ -19,7 +23,7 @@ from learner.batch import pack
 from learner.hf import export_hf, hf_state_dict, import_hf
 from learner.optim import build_optimizer
 from learner.train import TrainStep
-from tests.helpers import pipeline_config
+from tests.helpers import new_threads, pipeline_config
 
 
 def test_async_run_trains_publishes_and_respects_staleness(tmp_path, cold_start, train_in_threads):
@@ -104,8 +108,8 @@ def test_an_actor_told_of_a_version_collected_before_it_reads_it_loads_the_newes
     tmp_path, cold_start, run_services
 ):
     """Versions fly by faster than a busy actor reads them: the one it was told of is gone
-    (the learner keeps the newest `learner.keep_versions`), so it swaps to the newest."""
-    cfg = pipeline_config(tmp_path, "gone", "run.num_steps=4", "learner.keep_versions=2")
+    (the learner keeps the newest `weights.keep_versions`), so it swaps to the newest."""
+    cfg = pipeline_config(tmp_path, "gone", "run.num_steps=4", "weights.keep_versions=2")
     with run_services(cfg, cold_start) as (learner, actor):
         state = hf_state_dict(learner.model, cfg.model)
         for v in range(1, 5):
@@ -193,3 +197,22 @@ def test_an_in_flight_actor_swaps_weights_under_running_rows(tmp_path, start, ru
         k = r.token_versions.index(1)
         assert r.token_versions == [0] * k + [1] * (len(r.completion_tokens) - k) and k >= 2
         assert (r.policy_version, r.policy_version_max) == (0, 1)
+
+
+@pytest.mark.parametrize("absent", ["buffer", "learner"])
+def test_an_actor_builds_without_io_and_waits_startup_timeout_s_to_start(tmp_path, absent):
+    over = [f"run.output_dir={tmp_path}", "run.name=absent", "run.startup_timeout_s=0.5"]
+    cfg, threads = load_config(None, over), set(threading.enumerate())
+    sink = None if absent == "buffer" else mock.Mock()  # the learner is absent whatever
+    actor = Actor(cfg, cfg.run_dir, "a0", sink=sink)
+    assert not cfg.run_dir.exists() and not new_threads(threads)
+    with pytest.raises(RuntimeError, match=r"call start\(\) first"):
+        actor.step()
+    Actor(cfg, cfg.run_dir, "a1", sink=sink).close()  # never started: nothing to close
+    assert sink is None or not sink.method_calls
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match=rf"{absent} did not .*startup_timeout_s = 0\.5 s"):
+        actor.start()
+    assert time.monotonic() - began < 0.5 + 1.0  # the task and tokenizer load first
+    actor.close()
+    assert not cfg.run_dir.exists()

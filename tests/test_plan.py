@@ -206,6 +206,6 @@ def test_the_delta_estimate_is_the_bytes_of_a_real_delta_with_that_share_changed
     assert abs(estimate - delta.nbytes) <= len(new) * (2 + 8)
     # rank 0 holds the version and, to compare against, the last one
     version = sum(t.numel() * t.element_size() for t in new.values())
-    deltas = load_config(None, ["model.dtype=bfloat16", "learner.weight_deltas=measure"])
+    deltas = load_config(None, ["model.dtype=bfloat16", "weights.deltas=measure"])
     assert make_plan(deltas, Cluster()).publish_host_bytes == 2 * version
     assert make_plan(cfg, Cluster()).publish_host_bytes == version

@@ -30,7 +30,7 @@ def test_a_few_steps_of_the_30b_rehearsal_train_end_to_end(tmp_path):
         "run.num_steps=3",
         "run.eval_every=3",
         "task.heldout_size=8",
-        "learner.sft_steps=4",
+        "sft.steps=4",
         "learner.checkpoint_every=2",
         "logging.progress=false",
     ]
@@ -74,9 +74,9 @@ def test_the_128_expert_config_trains_and_logs_the_routing_mechanism(tmp_path, t
     from learner.hf import export_hf
     from learner.model import build_model
 
-    overrides = [f"run.output_dir={tmp_path}", "run.num_steps=2", "run.eval_every=0"]
-    overrides += ["algo.num_minibatches=2", "algo.prompts_per_minibatch=2"]
-    overrides += ["actor.max_new_tokens=16", "task.heldout_size=8"]
+    overrides = [f"run.output_dir={tmp_path}", "run.num_steps=1", "run.eval_every=0"]
+    overrides += ["algo.num_minibatches=2", "algo.prompts_per_minibatch=2", "algo.group_size=4"]
+    overrides += ["actor.max_new_tokens=8", "task.heldout_size=8"]
     cfg = load_config(ROOT / "configs" / "tiny_moe.toml", overrides)
     assert (cfg.model.num_experts, cfg.model.top_k, cfg.actor.quantization) == (128, 8, "fp8")
     cfg.run_dir.mkdir(parents=True)
@@ -84,6 +84,7 @@ def test_the_128_expert_config_trains_and_logs_the_routing_mechanism(tmp_path, t
     model = build_model(cfg.model, seed=0)
     start = export_hf(model, cfg.model, Tokenizer.arithmetic(), tmp_path / "start")
     rows, _, _ = train_in_threads(cfg, start)
+    assert len(rows) == 1
     for row in rows:
         assert 0 < row["learner/routing_flip_infer"] < 0.5
         assert 0 < row["learner/flipped_token_frac"] <= 1 and 0 < row["learner/is_ess"] <= 1

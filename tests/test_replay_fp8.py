@@ -51,8 +51,8 @@ def setup(tmp_path_factory):
             'task.ops=["+"]',
             "task.max_digits=1",
             "task.heldout_size=8",
-            "learner.sft_steps=40",
-            "learner.sft_batch_size=32",
+            "sft.steps=40",
+            "sft.batch_size=32",
         ],
     )
     torch.manual_seed(0)

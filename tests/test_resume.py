@@ -40,8 +40,8 @@ def run(tmp_path, start, name, kill_after=None):
         "learner.lr=1e-6",
         "learner.checkpoint_every=2",
         "model.dtype=bfloat16",  # versions as deltas on the one before (whole every 3rd)
-        "learner.weight_deltas=send",
-        "learner.full_every=3",
+        "weights.deltas=send",
+        "weights.full_every=3",
     )
     run_dir, log = cfg.run_dir, tmp_path / f"{name}.log"
     procs = [spawn(log, "async_rl.buffer.service", run_dir)]

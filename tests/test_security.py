@@ -38,14 +38,14 @@ def test_non_loopback_bind_needs_keys_with_private_secrets(tmp_path):
 
 def test_the_unauthenticated_collective_weight_path_stays_on_loopback_unless_trusted(tmp_path):
     keys = create_keys(tmp_path / "k")
-    remote = ["run.bind_host=0.0.0.0", f"run.curve_keys={keys}", "learner.weight_store=collective"]
+    remote = ["run.bind_host=0.0.0.0", f"run.curve_keys={keys}", "weights.store=collective"]
     with pytest.raises(ConfigError) as e:
         load_config(None, remote)
-    assert e.value.key == "learner.collective_trusted_network" and "no authentication" in str(
+    assert e.value.key == "weights.collective_trusted_network" and "no authentication" in str(
         e.value
     )
-    load_config(None, [*remote, "learner.collective_trusted_network=true"])
-    load_config(None, ["learner.weight_store=collective"])  # loopback: fine
+    load_config(None, [*remote, "weights.collective_trusted_network=true"])
+    load_config(None, ["weights.store=collective"])  # loopback: fine
 
 
 def test_only_clients_with_the_run_key_get_in_and_refusals_are_counted(tmp_path):

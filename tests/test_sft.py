@@ -90,8 +90,8 @@ def test_sft_then_eval_learns_one_digit_addition(tmp_path):
     overrides = [
         f"run.output_dir={tmp_path}",
         "run.name=t",
-        "learner.sft_steps=300",
-        "learner.sft_lr=3e-3",
+        "sft.steps=300",
+        "sft.lr=3e-3",
         'task.ops=["+"]',
         "task.max_digits=1",
         "task.heldout_size=20",

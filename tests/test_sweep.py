@@ -22,7 +22,7 @@ seeds = [0]
 overrides = ["run.output_dir={tmp_path}", "run.num_steps=3", "run.eval_every=3",
              "task.heldout_size=8", "run.eval_k=1", "algo.group_size=4",
              "algo.prompts_per_minibatch=2", "actor.max_new_tokens=4",
-             "learner.sft_steps=20", "logging.wandb_mode=disabled"]
+             "sft.steps=20", "logging.wandb_mode=disabled"]
 [grid]
 "algo.routing_replay" = ["none", "r3"]
 """

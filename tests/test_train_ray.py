@@ -40,7 +40,7 @@ def test_train_survives_a_killed_actor_and_leaves_only_whole_groups(tmp_path, st
     start from the durable store and then receive versions by broadcast; the one that leaves
     is taken out of the group; no accepted group is lost."""
     run_dir, log = tmp_path / "kill", tmp_path / "kill.log"
-    collective = ["learner.weight_store=collective", "learner.durable_every=5"]
+    collective = ["weights.store=collective", "weights.durable_every=5"]
     proc = launch(log, *train_overrides(tmp_path, start, "kill", 20000), *collective)
     pids = run_dir / "control" / "pids"
     try:

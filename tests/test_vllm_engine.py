@@ -335,7 +335,7 @@ def test_capabilities_and_unsupported_settings(engine, checkpoints):
 
 
 def test_an_actor_on_the_ray_weight_store_serves_vllm(tmp_path, checkpoints, train_in_threads):
-    """`actor.engine = "vllm"` with `learner.weight_store = "ray"` (the pair the paper-scale
+    """`actor.engine = "vllm"` with `weights.store = "ray"` (the pair the paper-scale
     config uses), as on a node without the run directory: the actor builds vLLM from the
     starting checkpoint's small files alone (`start_files`: no tensors, `load_format="dummy"`),
     loads version 0's tensors from the store and swaps the tensors of every new version in."""
@@ -352,7 +352,7 @@ def test_an_actor_on_the_ray_weight_store_serves_vllm(tmp_path, checkpoints, tra
         "vllm-ray",
         "run.num_steps=2",
         "actor.engine=vllm",
-        "learner.weight_store=ray",
+        "weights.store=ray",
         "buffer.max_staleness=0",  # the second batch needs version 1: a swap of tensors
     )
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
@@ -406,7 +406,7 @@ def test_a_qwen_style_bpe_checkpoint_generates_and_stops_as_in_the_embedded_engi
 def test_a_delta_patched_into_vllm_serves_what_loading_that_version_whole_serves(
     engine, checkpoints
 ):
-    """`learner.weight_deltas = send` with a vLLM actor: the host copy patched (and checked)
+    """`weights.deltas = send` with a vLLM actor: the host copy patched (and checked)
     and loaded; greedy completions are those of the version loaded whole, and a refused delta
     changes nothing."""
     from async_rl.weights.delta import fingerprint, make_delta

@@ -2,13 +2,15 @@
 
 import json
 import os
+import threading
 import time
 
 import pytest
 import torch
 import zmq
 
-from async_rl.config import ModelConfig
+from async_rl.config import ModelConfig, load_config
+from async_rl.paths import RunPaths, read_endpoints
 from async_rl.tokenizer import Tokenizer
 from async_rl.weights import (
     FsWeightStore,
@@ -20,6 +22,8 @@ from async_rl.weights import (
 )
 from learner.hf import export_hf, import_hf
 from learner.model import build_model
+from learner.publish import Publisher
+from tests.helpers import PublishedVersions, new_threads
 
 
 def state(seed: int) -> dict[str, torch.Tensor]:
@@ -233,3 +237,20 @@ def test_a_restarted_announcer_takes_its_address_back():
     for a in (again, taken, other_host):
         a.close()
     ctx.term()
+
+
+def test_a_publisher_builds_without_io_and_starts_when_told(tmp_path, start):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=absent"])
+    paths, source = RunPaths(cfg.run_dir), PublishedVersions()
+    ctx, threads = zmq.Context.instance(), set(threading.enumerate())
+    publisher = Publisher(cfg, paths, start, ctx, None, source)
+    assert not cfg.run_dir.exists() and not new_threads(threads)
+    publisher.close()  # never started: nothing to close
+    assert not cfg.run_dir.exists() and not source.closed
+    publisher.start(0, state(0))
+    try:
+        assert source.published == [0] and publisher.store.latest() == 0
+        assert read_endpoints(paths, "learner")["weights"] == publisher.announcer.address
+    finally:
+        publisher.close()
+    assert source.closed

@@ -1,6 +1,6 @@
 """Ray for a run: joining or starting it, and what the run's processes reserve in it.
 
-Every process asks Ray for what its role needs (`async_rl.config.role_resources`): a learner
+Every process asks Ray for what its role needs (`async_rl.run.placement.role_resources`): a learner
 rank a CPU (and a GPU on CUDA), an actor a CPU (and its engine's GPUs), the buffer nothing, and
 each the custom resources of `<section>.resources`, which pin a role to the nodes that
 advertise them (`ray start --resources='{"learner_node": 1}'`). `check_placement` refuses a
@@ -17,7 +17,8 @@ from typing import Any
 
 import ray
 
-from async_rl.config import Config, ConfigError, is_loopback, role_resources
+from async_rl.config import Config, ConfigError, is_loopback
+from async_rl.run.placement import role_resources
 from async_rl.wire.transport import WILDCARD_HOSTS
 
 

@@ -23,10 +23,11 @@ from typing import Any
 
 import ray
 
-from async_rl.config import Config, role_resources, to_toml
+from async_rl.config import Config, to_toml
 from async_rl.paths import RunPaths, write_fleet_size, write_json_atomic, write_pid
 from async_rl.run.autopilot import Decision
 from async_rl.run.cluster import NodeWatch, place_learner_ranks, ray_options
+from async_rl.run.placement import role_resources
 from async_rl.run.workers import ActorWorker, BufferWorker, LearnerWorker, learner_name, start_files
 from async_rl.weights import prepare_weight_store
 from async_rl.wire.messages import ActorStats, ProcessStatus

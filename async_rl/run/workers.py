@@ -112,7 +112,7 @@ class BufferWorker(_Threaded):
 
 class LearnerWorker(_Threaded):
     """One learner rank. Rank 0 opens the rendezvous (`rendezvous`), then every rank `join`s
-    the group, builds its learner (FSDP2 shards with several ranks) and starts training."""
+    the group, builds its learner, starts it (FSDP2 shards with several ranks) and trains."""
 
     def __init__(self, run_dir: str, config: str, start: str, rank: int = 0, world_size: int = 1):
         self.cfg = _setup_process(config)
@@ -138,9 +138,8 @@ class LearnerWorker(_Threaded):
             self.rank, self.world_size, host, port, timeout, cfg.learner.device, self.store
         )
         evaluator = EngineEvaluator(cfg, self.start) if cfg.run.eval_every and dp.is_main else None
-        self.learner = Learner(
-            cfg, Path(self.run_dir), Path(self.start), evaluator=evaluator, dp=dp
-        )
+        learner = Learner(cfg, Path(self.run_dir), Path(self.start), evaluator=evaluator, dp=dp)
+        self.learner = learner.start()
         self._start(self.learner.run)  # a stopped learner checkpoints where it stopped
 
     def stop(self) -> None:
@@ -168,7 +167,7 @@ def collective_timeout_s(cfg: Config) -> float:
 
 
 class ActorWorker(_Threaded):
-    """One actor. It reads nothing of the run directory (with `learner.weight_store = ray`, or
+    """One actor. It reads nothing of the run directory (with `weights.store = ray`, or
     `collective` over `ray`): its config and the starting checkpoint's small files come from
     the driver, the weights from the store, the endpoints from Ray (`async_rl.paths`)."""
 
@@ -177,7 +176,7 @@ class ActorWorker(_Threaded):
 
         cfg = _setup_process(config)
         self.start = _write_start(start, run_dir, actor_id)
-        self.actor = Actor(cfg, Path(run_dir), actor_id, start=self.start)
+        self.actor = Actor(cfg, Path(run_dir), actor_id, start=self.start).start()
         self._start(self.actor.run)
 
     def stats(self) -> ActorStats:

@@ -1,9 +1,10 @@
 """Tasks: the interface every task implements, and how a run gets its task.
 
-A task hands out training problems by integer index, deterministically in (seed, index), so K
-actors can take disjoint shards (`index = rank + K * j`) without coordinating, and a restarted
-actor regenerates exactly the problems it had. Each task also has a fixed held-out set that never
-appears in its training stream, a reward, and the cold start's completion of a problem.
+A task hands out training problems by integer index, deterministically in (seed, index): the
+buffer's admission hands each lease its prompt indices, so actors never draw the same problem,
+and a problem leased again is exactly the one leased before. Each task also has a fixed
+held-out set that never appears in its training stream, a reward, and the cold start's
+completion of a problem.
 
 Every task is a class built by name as `Class(seed=run.seed, **options)`: the user's
 (`task.type = "pkg.module:Class"` or `"path/file.py:Class"`, options from `task.options`,

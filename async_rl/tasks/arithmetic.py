@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import get_args
 
+from async_rl.choices import ArithmeticOp
 from async_rl.tasks import Problem, check_index
 
-ARITH_OPS = ("+", "-", "*")
+ARITH_OPS = get_args(ArithmeticOp)
 # The second operand of `*` has at most this many digits, so products stay short to generate.
 MUL_MAX_DIGITS = 2
 
@@ -49,7 +51,7 @@ class ArithmeticTask:
     def __init__(
         self,
         seed: int,
-        ops: Sequence[str] = ("+", "*"),
+        ops: Sequence[ArithmeticOp] = ("+", "*"),
         min_digits: int = 1,
         max_digits: int = 3,
         heldout_size: int = 256,

@@ -24,7 +24,7 @@ it measures:
   the others, and the effective sample size of the weights pi_old / mu_old (`ess`).
 
 Weights of version v come from `weights/v000v/` (what the run still keeps:
-`learner.keep_versions`) or a learner checkpoint `checkpoints/learner/step-v/`
+`weights.keep_versions`) or a learner checkpoint `checkpoints/learner/step-v/`
 (`learner.checkpoint_every`). `--out fig.png` writes a figure (gap by response length, cosine by
 staleness) and the table as `fig.md`.
 """
@@ -34,12 +34,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from async_rl.buffer.segments import scan_segments
+from async_rl.choices import RoutingReplay
 from async_rl.config import Config
 from async_rl.paths import RunPaths
 from async_rl.types import RoutingSpec
@@ -51,7 +53,7 @@ from learner.mismatch import Mismatch, flipped_BTL
 from learner.model import build_model, policy_logprobs
 from learner.routing import RoutingHooks
 
-REPLAYS = ("none", "r2", "r3")
+REPLAYS: tuple[RoutingReplay, ...] = get_args(RoutingReplay)
 COLUMNS = (
     "version",
     "k",
@@ -226,7 +228,7 @@ def diagnose(
         if versions[0] is None:
             raise ValueError(
                 f"{run_dir}: no version u with stored groups and the weights of u and u + {ks} "
-                "(raise learner.keep_versions or set learner.checkpoint_every to keep them)"
+                "(raise weights.keep_versions or set learner.checkpoint_every to keep them)"
             )
     out = []
     for u in versions:

@@ -21,7 +21,7 @@ so every number below follows the configured `[model]` exactly:
   norms, routers and the output layer; else two bytes) and the KV cache of
   `actor.max_running_rows` rows at `model.max_seq_len`;
 - a weight version: its bytes in `model.dtype`, and the time to move it at `--bandwidth-gbps`;
-  as a sparse delta (`learner.weight_deltas`) when `--delta-share` of its entries change: 8
+  as a sparse delta (`weights.deltas`) when `--delta-share` of its entries change: 8
   bytes of index and the value per changed entry, a tensor whole where that is smaller.
 The activation estimate counts what each layer saves for the backward per token (module
 `activation_bytes`); on the tiny model it is within 2x of what a forward actually saves
@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import get_args
 
-from async_rl.config import Config, ModelConfig, placement_lines, precision_warning
+from async_rl.choices import ActivationCheckpointing
+from async_rl.config import Config, ModelConfig, precision_warning
+from async_rl.run.placement import placement_lines
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -166,7 +169,7 @@ class Plan:
     def publish_host_bytes(self) -> int:
         """What rank 0 holds in host memory to publish a version (`Publisher.peak_bytes`
         without the bucket in flight): the version, and the last one with weight deltas."""
-        return self.version_bytes * (1 if self.cfg.learner.weight_deltas == "off" else 2)
+        return self.version_bytes * (1 if self.cfg.weights.deltas == "off" else 2)
 
     @property
     def fits(self) -> bool:
@@ -227,9 +230,9 @@ class Plan:
             f"{self.delta_bytes * 8 / (cl.bandwidth_gbps * 1e9):.2f}s",
             f"  host memory of rank 0 to publish it: {_gib(self.publish_host_bytes)} (the version"
             + (
-                ", and the last one to compare against: learner.weight_deltas)"
-                if cfg.learner.weight_deltas != "off"
-                else "; x2 with learner.weight_deltas)"
+                ", and the last one to compare against: weights.deltas)"
+                if cfg.weights.deltas != "off"
+                else "; x2 with weights.deltas)"
             ),
             "fits" if self.fits else "DOES NOT FIT:\n  " + "\n  ".join(self.problems),
         ]
@@ -251,7 +254,7 @@ def make_plan(cfg: Config, cluster: Cluster) -> Plan:
     tokens = forward_tokens(cfg)
     acts = {
         mode: activation_bytes(m, tokens, mode, lrn.logprob_chunk)
-        for mode in ("none", "selective", "full")
+        for mode in get_args(ActivationCheckpointing)
     }
     plan = Plan(cfg, cluster, version_bytes=numel * b)
     plan.delta_bytes = sum(

@@ -60,7 +60,7 @@ REPLAYABLE = {
     "logging": None,
 }
 # how the replay runs, whatever the recorded run did: one learner process, weights on disk
-FIXED = ["learner.num_ranks=1", "learner.expert_parallel=1", "learner.weight_store=fs"]
+FIXED = ["learner.num_ranks=1", "learner.expert_parallel=1", "weights.store=fs"]
 MARKER = "replay.json"
 
 
@@ -305,7 +305,7 @@ def replay(run: Path, overrides: list[str], say=print) -> dict[str, Any]:
     configure_torch(cfg.run.num_threads)
     evaluator = EngineEvaluator(cfg, start) if cfg.run.eval_every else None
     source = ReplaySource(root, cfg)  # the feed's and the publisher's
-    learner = Learner(cfg, root, start, sources=lambda: source, evaluator=evaluator)
+    learner = Learner(cfg, root, start, sources=lambda: source, evaluator=evaluator).start()
     began = time.monotonic()
     wandb = WandbLogger(cfg, root)
     try:

@@ -12,7 +12,7 @@ joiner fetches the newest.
     buckets.py      the one bucketing scheme: gathering learner shards, broadcasting to actors
     announce.py     the learner's PUB announcements (`WeightsReady`) and the actors' SUB
     delta.py        versions as sparse deltas on the one before, checked by a fingerprint of
-                    the weights (`learner.weight_deltas`; every store carries them)
+                    the weights (`weights.deltas`; every store carries them)
 
 Every store hands out Hugging Face tensor names (`model.layers.0.mlp.experts.3.gate_proj.weight`),
 the layout vLLM and transformers read, and every reader yields those tensors:
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from async_rl.choices import DurableStoreKind
 from async_rl.paths import RunPaths
 from async_rl.weights.announce import WeightAnnouncer, WeightSubscriber
 from async_rl.weights.collective import CollectiveWeightStore, WeightReceiver, WeightSender
@@ -52,19 +53,19 @@ def weight_store(
     create: bool = False,
     member: str | None = None,
 ) -> WeightStore:
-    """The run's store (`learner.weight_store`); the learner creates it, actors open it (an
+    """The run's store (`weights.store`); the learner creates it, actors open it (an
     actor names itself, `member`, for the collective path's group)."""
-    lrn = cfg.learner
+    w = cfg.weights
     if _durable_kind(cfg) == "ray":
-        durable = RayWeightStore(_registry_name(cfg), lrn.keep_versions, create=create)
+        durable = RayWeightStore(_registry_name(cfg), w.keep_versions, create=create)
     else:
-        durable = FsWeightStore(RunPaths(run_dir).weights, template=start, keep=lrn.keep_versions)
-    if lrn.weight_store != "collective":
+        durable = FsWeightStore(RunPaths(run_dir).weights, template=start, keep=w.keep_versions)
+    if w.store != "collective":
         return durable
-    timeout_s, bucket = lrn.collective_timeout_s, lrn.publish_bucket_mib * 2**20
+    timeout_s, bucket = w.collective_timeout_s, w.bucket_mib * 2**20
     sender = WeightSender(cfg.run.bind_host, timeout_s, bucket) if create else None
     receiver = WeightReceiver(run_dir, member, timeout_s) if member else None
-    return CollectiveWeightStore(durable, lrn.durable_every, sender, receiver)
+    return CollectiveWeightStore(durable, w.durable_every, sender, receiver)
 
 
 def prepare_weight_store(cfg):
@@ -72,13 +73,13 @@ def prepare_weight_store(cfg):
     created on the driver's node (see `ray_store.create_registry`). The driver keeps what it
     returns for the run (the registry's handle, or None): Ray ends an actor nobody holds."""
     if _durable_kind(cfg) == "ray":
-        return create_registry(_registry_name(cfg), cfg.learner.keep_versions)
+        return create_registry(_registry_name(cfg), cfg.weights.keep_versions)
     return None
 
 
-def _durable_kind(cfg) -> str:
-    lrn = cfg.learner
-    return lrn.durable_store if lrn.weight_store == "collective" else lrn.weight_store
+def _durable_kind(cfg) -> DurableStoreKind:
+    w = cfg.weights
+    return w.durable_store if w.store == "collective" else w.store
 
 
 def _registry_name(cfg) -> str:

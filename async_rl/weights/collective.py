@@ -1,4 +1,4 @@
-"""The collective weight path, `learner.weight_store = "collective"`: each version goes from the
+"""The collective weight path, `weights.store = "collective"`: each version goes from the
 learner to the actors as buckets of tensors broadcast over a torch.distributed group of their own.
 
     learner                                              actor a3 (its receiver thread)
@@ -7,7 +7,7 @@ learner to the actors as buckets of tensors broadcast over a torch.distributed g
       durable copy every `durable_every` versions        store.latest()   newest received/durable
       and at checkpoints (`durable=True`)                with store.reading(v) as tensors: ...
       broadcast: header in the TCPStore, buckets over
-      the group (`learner.publish_bucket_mib`)
+      the group (`weights.bucket_mib`)
 
 The learner's rank 0 serves a `TCPStore` (address in its endpoints, `weights_store`) and is rank 0
 of every weight group. The group lives in epochs: epoch e is `ProcessGroupGloo` over
@@ -18,7 +18,7 @@ its own join: a restarted actor of the same name never takes its predecessor's p
 - Joining: an actor's receiver registers (`event/<n>` = `join:<id>`, `n` from the counter
   `events`) and waits for an epoch that lists it; one that closes leaves (`leave:<id>`), so a
   fleet that shrinks rebuilds the group without it and is no failure. Until it is in one,
-  and whenever it misses versions, it has the durable store (`learner.durable_store`): a late
+  and whenever it misses versions, it has the durable store (`weights.durable_store`): a late
   joiner starts from its newest version without any barrier, and joins the group at the next
   version boundary.
 - Messages of epoch e: the learner sets `g<e>/msg/<k>` (JSON) before the k-th transfer of the
@@ -30,16 +30,16 @@ its own join: a restarted actor of the same name never takes its predecessor's p
   member registers again). Members wait for the key in the store (asking every 10 ms), so a
   receiver waits for the next version without holding a collective open, and notices when its
   learner is gone.
-- Failure: every collective has `learner.collective_timeout_s`. A member that dies during a
+- Failure: every collective has `weights.collective_timeout_s`. A member that dies during a
   transfer makes the learner's broadcast fail or time out: the learner gives up this version's
   transfer (the actors get a later one, or the durable copy), ends the epoch with
   `{"rebuild": null}`, and the next version goes to the members that registered again. A member
   whose transfer fails registers again. Nothing waits longer than the timeout; nobody hangs.
-- Weight deltas (`learner.weight_deltas = "send"`): a version whose delta the learner made
+- Weight deltas (`weights.deltas = "send"`): a version whose delta the learner made
   (`async_rl.weights.delta`) goes to an epoch's members as that delta, its header
   `{"version", "delta": {base, fingerprint, ...}, "tensors"}` planned like a version's, when
   every member holds its base (they received every transfer of the epoch since its first,
-  which is whole); a new epoch, and every `learner.full_every` version, gets the version
+  which is whole); a new epoch, and every `weights.full_every` version, gets the version
   whole (with its `fingerprint`). A receiver keeps the newest whole version it received and
   the deltas after it (at most `full_every - 1`); the durable store keeps whole versions only.
 - A version is complete before anyone can load it: the receiver stages it only when its last
@@ -48,7 +48,7 @@ its own join: a restarted actor of the same name never takes its predecessor's p
 
 Gloo carries the buckets on CPU and on CUDA alike (they are staged in host memory); the TCPStore
 and gloo have no authentication, so a non-loopback `run.bind_host` needs
-`learner.collective_trusted_network = true` (config validation).
+`weights.collective_trusted_network = true` (config validation).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
+from async_rl.choices import Dtype
 from async_rl.weights.delta import Delta, from_tensors, to_tensors
 from async_rl.weights.store import PlainStore, VersionGone
 
@@ -152,6 +153,6 @@ def _to_numpy(t: torch.Tensor) -> tuple:
     return raw.numpy(), str(t.dtype).removeprefix("torch.")
 
 
-def _from_numpy(array, dtype: str) -> torch.Tensor:
+def _from_numpy(array, dtype: Dtype) -> torch.Tensor:
     t = torch.from_numpy(array.copy())
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t

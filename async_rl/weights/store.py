@@ -52,7 +52,7 @@ class WeightStore(Protocol):
         ...
 
     def collect(self, in_use: set[int]) -> list[int]:
-        """Delete versions no actor uses, keeping the newest `learner.keep_versions`."""
+        """Delete versions no actor uses, keeping the newest `weights.keep_versions`."""
         ...
 
     def endpoints(self) -> dict[str, str]:
