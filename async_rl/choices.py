@@ -1,7 +1,7 @@
 """Every choice of the configuration, as a `typing.Literal` type: the one place its values are
 written. The config's fields are typed with them, and its checks, `--help` and the README's
 reference derive the allowed values from them (`choices`); a module that branches on a choice
-imports its type (`tests/test_layout.py` checks both).
+imports its type (`tests/unit/test_layout.py` checks both).
 """
 
 from __future__ import annotations

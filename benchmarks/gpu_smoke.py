@@ -162,7 +162,7 @@ def train_step(device: str, dtype: str = "float32", attention: str = "sdpa") -> 
     from learner.optim import build_optimizer
     from learner.parallel import DataParallel, apply_fsdp, shutdown
     from learner.train import TrainStep
-    from tests.test_golden import BATCH, config
+    from tests.unit.test_golden import BATCH, config
 
     cfg = config("r3", 1)
     cfg = dataclasses.replace(

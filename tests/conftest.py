@@ -7,9 +7,10 @@
 - `train_in_threads`: those three, training the run to its end;
 - `make_step`: a `TrainStep` on a model, configured by dotted overrides.
 
-Tiers: `pytest` runs what CI runs (all but `heavy`); `pytest -m fast` is the inner loop, the
-modules of `FAST` (unit tests and in-process runs of the tiny model, about a minute on two
-cores); `slow` marks the long ones.
+Tiers: `tests/unit/` runs in one process (no Ray, no subprocess; `tests/unit/test_layout.py`
+checks it): `pytest tests/unit` is the inner loop, about a minute on two cores;
+`tests/integration/` has real processes, Ray and whole runs. `pytest` runs both, what CI runs
+(all but `heavy`); `slow` marks the long ones.
 """
 
 from __future__ import annotations
@@ -24,21 +25,6 @@ from async_rl.buffer.service import BufferService
 from async_rl.config import ModelConfig, load_config
 from tests import helpers
 from tests.helpers import BufferClient, pipeline_config, run_config, services_in_threads
-
-# modules whose tests take seconds each: `pytest -m fast`
-FAST = {
-    "test_buffer", "test_buffer_service", "test_config", "test_diagnose", "test_embedded",
-    "test_fuzz", "test_golden", "test_hf", "test_layout", "test_learner", "test_losses",
-    "test_microbatch", "test_model", "test_parallel", "test_pipeline", "test_plan",
-    "test_plots", "test_precision", "test_replay_fp8", "test_reward_runs", "test_rewards",
-    "test_security", "test_tasks", "test_tokenizer", "test_user_tasks", "test_delta",
-}  # fmt: skip
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.module.__name__.rpartition(".")[2] in FAST and "slow" not in item.keywords:
-            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Fault injection for real runs, and the audit of a run directory after the faults.
 
-Used by `tests/test_faults.py` and `benchmarks/soak.py` (with the process helpers of
+Used by `tests/integration/test_faults.py` and `benchmarks/soak.py` (with the process helpers of
 `tests/helpers.py`):
 - `state()`, `alive()`: what /proc says about a process (a SIGSTOPped one is `T`);
 - `tmpfs()`: a small filesystem under a path (disk full), `fill()` takes all its free space;

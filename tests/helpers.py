@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -505,6 +506,38 @@ def pid_of(run_dir: Path, name: str) -> int | None:
         return int((run_dir / "control" / "pids" / f"{name}.pid").read_text())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def wait_ingested(client, n, timeout=30):
+    """Wait until the buffer service has ingested `n` groups; its stats."""
+    deadline = time.monotonic() + timeout
+    while (stats := client.stats())["buffer/ingested"] < n:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.02)
+    return stats
+
+
+USER_REWARD = """
+    import time
+
+    def score(completion, answer):
+        if completion.startswith("1"):
+            raise ValueError("this verifier cannot read a leading 1")
+        right = float(completion.strip() == answer)
+        return {"reward": right, "short": float(len(completion) <= 2)}
+
+    def length(completion):
+        if completion == "hang":
+            time.sleep(3600)
+        return float(len(completion))
+"""
+
+
+def user_reward_file(tmp_path: Path) -> Path:
+    """A reward of a user's own in a file: `score` (extras, a failure), `length` (a hang)."""
+    path = tmp_path / "user_reward.py"
+    path.write_text(textwrap.dedent(USER_REWARD))
+    return path
 
 
 def json_lines(path: Path) -> list[dict]:

@@ -10,7 +10,7 @@ Every task is a class built by name as `Class(seed=run.seed, **options)`: the us
 (`task.type = "pkg.module:Class"` or `"path/file.py:Class"`, options from `task.options`,
 wrapped in `UserTask`, which checks what it returns), or one of the two built-in ones, written
 on the same interface in modules of their own that nothing in the core imports
-(`tests/test_layout.py` keeps it so):
+(`tests/unit/test_layout.py` keeps it so):
 
 - `arithmetic` (`async_rl.tasks.arithmetic:ArithmeticTask`): an unbounded stream of generated
   problems such as `"347+589="` -> `"936"`, optionally with worked solutions;

@@ -25,7 +25,7 @@ so every number below follows the configured `[model]` exactly:
   bytes of index and the value per changed entry, a tensor whole where that is smaller.
 The activation estimate counts what each layer saves for the backward per token (module
 `activation_bytes`); on the tiny model it is within 2x of what a forward actually saves
-(tests/test_plan.py measures it).
+(tests/unit/test_plan.py measures it).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Task classes by name (`task.type = "module:Class"` or a file): checked at start-up, their
 problems checked as they come, defaults for what they leave out. A run on one, its metadata in
-the buffer's rows and in the reward's hands: `tests/test_example.py`."""
+the buffer's rows and in the reward's hands: `tests/integration/test_example.py`."""
 
 import textwrap
 

@@ -95,14 +95,18 @@ def test_two_ranks_train_like_one_and_a_killed_rank_restarts_the_group(tmp_path,
     assert first["learner/grad_norm"] == pytest.approx(alone["grad_norm"], rel=1e-4)
     published = load_file(run_dir / "weights" / "v000001" / "model.safetensors")
     lr = load_config(run_dir / "config.toml").learner.lr
-    for name, value in weights.items():  # AdamW's first step: see tests/test_parallel.py
+    for (
+        name,
+        value,
+    ) in weights.items():  # AdamW's first step: see tests/integration/test_parallel.py
         assert (published[name] - value).abs().max() <= 0.05 * lr, name
 
 
 # The other interrupts: one SIGINT to the whole process group (a terminal's Ctrl-C) in
-# tests/test_train_ray.py::test_ctrl_c_leaves_a_run_that_resume_continues, SIGTERM at the end
-# of tests/test_faults.py::test_random_kills_terms_and_stops_of_every_process; both check
-# that no process outlives the driver.
+# tests/integration/test_train_ray.py::test_ctrl_c_leaves_a_run_that_resume_continues,
+# SIGTERM at the end of
+# tests/integration/test_faults.py::test_random_kills_terms_and_stops_of_every_process;
+# both check that no process outlives the driver.
 @pytest.mark.slow
 def test_no_process_outlives_a_driver_interrupted_twice(tmp_path, start):
     run_dir, log = tmp_path / "intr", tmp_path / "intr.log"

@@ -15,7 +15,7 @@ from learner.model import build_model
 from learner.optim import lr_multiplier
 from learner.sft import LR_FLOOR, sft_batch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sampler_follows_a_scripted_model_and_reports_logprobs():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("async_rl", "actors", "learner")
 TOP = ("async_rl.run", "async_rl.tools", "async_rl.cli")
 MAX_FUNCTION_LINES = 60
@@ -268,3 +268,19 @@ def test_a_module_that_branches_on_a_choice_imports_its_type_and_names_real_valu
                 missing.append(f"{where} {field}: import {typ}")
     assert wrong == []
     assert missing == []
+
+
+# What starts another process: a unit test (`tests/unit/`) uses none of it.
+PROCESSES = ("ray", "subprocess", "multiprocessing", "torch.multiprocessing")
+PROCESS_HELPERS = ("launch", "stop", "spawn", "end", "end_session", "RayCluster", "descendants")
+
+
+def test_the_unit_tier_starts_no_process():
+    """`pytest tests/unit` is the inner loop: tests in one process, no Ray, no subprocess (the
+    tests that need them are in `tests/integration/`)."""
+    unit = sorted((ROOT / "tests" / "unit").glob("test_*.py"))
+    assert len(unit) > 20 and len(list((ROOT / "tests" / "integration").glob("test_*.py"))) > 10
+    helpers = tuple(f"tests.helpers.{name}" for name in PROCESS_HELPERS)
+    assert _offenders(unit, PROCESSES + helpers) == []
+    pool = 'pool="' + 'process"'  # a reward pool of processes (spelt so as not to match here)
+    assert [p.name for p in unit if pool in p.read_text()] == []

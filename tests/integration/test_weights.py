@@ -207,7 +207,7 @@ def test_ray_store_round_trip_outlives_its_publisher_and_keeps_deltas(tmp_path):
 def _check_ray_deltas(tmp_path):
     """The ray store keeps versions as deltas and an actor follows them bit for bit."""
     from actors.versions import plan_load
-    from tests.test_delta import _check_a_lagging_actor, _follower, _holds, _published
+    from tests.unit.test_delta import _check_a_lagging_actor, _follower, _holds, _published
 
     store, truth, engine_of = _published(tmp_path, 10, RayWeightStore("delta", 1, True))
     reader = RayWeightStore("delta")  # as an actor on another node looks it up

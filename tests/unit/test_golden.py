@@ -1,6 +1,6 @@
 """The learner's golden trace: 20 fixed-seed global steps on a fixed recorded batch.
 
-    python -m tests.test_golden        # records tests/data/golden_trace.json (and the batch once)
+    python -m tests.unit.test_golden    # records tests/data/golden_trace.json (and the batch once)
 
 The batch (8 groups of 4 completions, FP8 rollouts of the embedded engine with routing traces,
 synthetic 0/1 rewards) is written once and kept; the trace is every metric of `TrainStep` but
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent / "data"
+HERE = Path(__file__).resolve().parents[1] / "data"
 BATCH, TRACE = HERE / "golden_batch.arrow", HERE / "golden_trace.json"
 STEPS, G, GROUPS = 20, 4, 8
 VARIANTS = [(replay, n) for replay in ("none", "r2", "r3") for n in (1, 4)]

@@ -107,7 +107,7 @@ def test_moving_average_is_a_trailing_mean():
     assert moving_average(steps, values, 1)[1] is values
 
 
-CURVES = Path(__file__).resolve().parent / "data" / "reward_curves.json"
+CURVES = Path(__file__).resolve().parents[1] / "data" / "reward_curves.json"
 
 
 @pytest.mark.parametrize(

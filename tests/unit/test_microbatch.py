@@ -7,11 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from async_rl.config import ConfigError, load_config
+from async_rl.config import ConfigError, ModelConfig, load_config
 from learner.batch import microbatches
 from learner.model import apply_activation_checkpointing, build_model
 from learner.train import TrainStep
-from tests.test_parallel import CFG, G, global_batch
+from tests.helpers import random_batch
+
+CFG, G = ModelConfig(), 2  # the shapes of tests/integration/test_parallel.py's batches
+
+
+def global_batch(seed: int):
+    return random_batch(seed, 4, G, CFG)
+
 
 BUDGET = 16  # positions per forward; the batch's rows have 4..12, so 1 to 4 rows each
 STEPS = 2

@@ -325,7 +325,7 @@ def test_the_tiny_cot_config_fits_its_longest_worked_answer():
     from async_rl.config import load_config
     from async_rl.tokenizer import Tokenizer
 
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_cot.toml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny_cot.toml")
     tok = Tokenizer.arithmetic()
     longest = tok.encode(worked("999*99=")) + [tok.eos_id]
     assert len(longest) <= cfg.actor.max_new_tokens
