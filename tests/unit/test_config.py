@@ -1,5 +1,6 @@
 """Configuration: shipped files parse, overrides apply, every mistake names its key."""
 
+import dataclasses
 import json
 import tomllib
 from pathlib import Path
@@ -248,3 +249,17 @@ def test_the_weight_path_and_the_cold_start_have_sections_of_their_own():
     assert (cfg.weights.store, cfg.weights.deltas, cfg.sft.lr) == ("collective", "send", 1e-3)
     assert not any(name.startswith("sft_") for name in vars(cfg.learner))
     assert {"weight_store", "publish_bucket_mib"}.isdisjoint(vars(cfg.learner))
+
+
+def test_every_choice_field_defaults_to_one_of_its_choices():
+    from async_rl.choices import choices
+    from async_rl.config import SECTIONS, _section_fields
+
+    for section in SECTIONS:
+        for name, f in _section_fields(section).items():
+            if allowed := choices(f.type):
+                default = (
+                    f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                )
+                for value in default if isinstance(default, list) else [default]:
+                    assert value in allowed, f"{section}.{name} = {value!r}"
