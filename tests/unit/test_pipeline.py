@@ -2,7 +2,6 @@
 
 import contextlib
 import threading
-import time
 from unittest import mock
 
 import pyarrow as pa
@@ -210,9 +209,7 @@ def test_an_actor_builds_without_io_and_waits_startup_timeout_s_to_start(tmp_pat
         actor.step()
     Actor(cfg, cfg.run_dir, "a1", sink=sink).close()  # never started: nothing to close
     assert sink is None or not sink.method_calls
-    began = time.monotonic()
     with pytest.raises(TimeoutError, match=rf"{absent} did not .*startup_timeout_s = 0\.5 s"):
-        actor.start()
-    assert time.monotonic() - began < 0.5 + 1.0  # the task and tokenizer load first
+        actor.start()  # (with the default, 600 s, this test would hang instead)
     actor.close()
     assert not cfg.run_dir.exists()
