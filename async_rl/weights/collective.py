@@ -43,7 +43,9 @@ its own join: a restarted actor of the same name never takes its predecessor's p
   whole (with its `fingerprint`). A receiver keeps the newest whole version it received and
   the deltas after it (at most `full_every - 1`); the durable store keeps whole versions only.
 - A version is complete before anyone can load it: the receiver stages it only when its last
-  bucket arrived; the learner announces it (`WeightsReady`) only after the transfer. Staleness
+  bucket arrived; the learner announces it (`WeightsReady`) only after the transfer, and an
+  actor asking for a version its receiver is still staging waits for it (`settle`) rather
+  than taking an older whole one from the durable store. Staleness
   rules are unchanged. Nothing is pickled: headers are JSON, tensors raw bytes.
 
 Gloo carries the buckets on CPU and on CUDA alike (they are staged in host memory); the TCPStore
@@ -240,6 +242,8 @@ class WeightReceiver:
     def __init__(self, run_dir: Path, member: str, timeout_s: float):
         self.paths, self.member, self.timeout_s = RunPaths(run_dir), member, timeout_s
         self.lock = threading.Lock()
+        self.settled = threading.Condition(self.lock)  # notified when a transfer ends
+        self.incoming: int | None = None  # the version being received, header read
         self.staged: tuple[int, dict[str, torch.Tensor], int | None] | None = None
         self.deltas: dict[int, Delta] = {}  # received after the staged version, in order
         self.received = 0  # versions received through the group
@@ -256,6 +260,14 @@ class WeightReceiver:
         if self.deltas:
             return max(self.deltas)
         return None if self.staged is None else self.staged[0]
+
+    def settle(self, version: int) -> None:
+        """Wait while `version` is being received (its header read, buckets still coming), up
+        to `timeout_s`. The learner announces a version once its broadcast returned, which may
+        be a moment before this member staged it: an actor that heard the announcement asks
+        here first, and gets the version it was sent instead of missing it."""
+        with self.settled:
+            self.settled.wait_for(lambda: self.incoming != version, self.timeout_s)
 
     def tensors(self, version: int) -> dict[str, torch.Tensor] | None:
         with self.lock:
@@ -361,12 +373,23 @@ class WeightReceiver:
                         epoch = header["rebuild"]
                         placed = self._placed(store, epoch)
                     break
-                state = {}
-                for index, size in enumerate(bucket_sizes(header["tensors"])):
-                    bucket = torch.empty(size, dtype=torch.uint8)
-                    _broadcast(group, bucket)
-                    state |= unpack_bucket(header["tensors"], index, bucket)
-                self._stage(header, state)
+                self._receive(group, header)
+
+    def _receive(self, group, header: dict) -> None:
+        """One version's buckets, then staged; `incoming` names it meanwhile (`settle`)."""
+        with self.lock:
+            self.incoming = int(header["version"])
+        try:
+            state = {}
+            for index, size in enumerate(bucket_sizes(header["tensors"])):
+                bucket = torch.empty(size, dtype=torch.uint8)
+                _broadcast(group, bucket)
+                state |= unpack_bucket(header["tensors"], index, bucket)
+            self._stage(header, state)
+        finally:
+            with self.settled:
+                self.incoming = None
+                self.settled.notify_all()
 
     def close(self) -> None:
         """Stop receiving; the learner takes this member out of its group (a fleet that
@@ -423,8 +446,13 @@ class CollectiveWeightStore:
         known = [v for v in known if v is not None]
         return max(known) if known else None
 
+    def _settle(self, version: int) -> None:
+        if self.receiver is not None:
+            self.receiver.settle(version)
+
     @contextlib.contextmanager
     def reading(self, version: int) -> Iterator:
+        self._settle(version)
         staged = None if self.receiver is None else self.receiver.tensors(version)
         if staged is not None:
             yield staged
@@ -433,6 +461,7 @@ class CollectiveWeightStore:
             yield source
 
     def _known(self, version: int) -> tuple[int | None, int | None, int | None]:
+        self._settle(version)
         return (None, None, None) if self.receiver is None else self.receiver.known(version)
 
     def sizes(self, version: int) -> tuple[int | None, int | None]:
@@ -454,6 +483,7 @@ class CollectiveWeightStore:
         return mark
 
     def read_delta(self, version: int) -> Delta:
+        self._settle(version)
         delta = None if self.receiver is None else self.receiver.delta(version)
         if delta is None:
             raise VersionGone(f"weights version {version}: no delta received")

@@ -356,6 +356,41 @@ def test_the_collective_path_broadcasts_deltas_and_its_actors_follow_them_bit_fo
             store.close()
 
 
+def test_an_actor_asking_for_a_version_its_receiver_is_still_staging_waits_for_it(tmp_path):
+    """The learner announces a version once its broadcast returned, a moment before an actor's
+    receiver has staged it: asked then, the store waits for the version instead of finding it
+    missing (the actor then served an older whole version from the durable store)."""
+    import threading
+
+    from async_rl.paths import RunPaths
+    from async_rl.weights import CollectiveWeightStore, FsWeightStore
+    from async_rl.weights.collective import WeightReceiver
+
+    receiver = WeightReceiver(tmp_path, "a0", 30.0)  # no learner: it only waits to join
+    store = CollectiveWeightStore(FsWeightStore(RunPaths(tmp_path).weights), 1000, None, receiver)
+    state = {"w": torch.arange(4.0)}
+    with receiver.lock:
+        receiver.incoming = 3  # its header read, its buckets on the way
+
+    def arrive():
+        while not receiver.settled._waiters:  # the store is waiting for version 3
+            threading.Event().wait(0.01)
+        receiver._stage({"version": 3, "fingerprint": "ff"}, state)
+        with receiver.settled:
+            receiver.incoming = None
+            receiver.settled.notify_all()
+
+    thread = threading.Thread(target=arrive)
+    thread.start()
+    try:
+        assert store.sizes(3) == (16, None) and store.fingerprint(3) == 0xFF
+        with store.reading(3) as tensors:
+            assert tensors["w"].equal(state["w"])
+    finally:
+        thread.join(30)
+        store.close()
+
+
 @pytest.mark.parametrize("batching,store", [("static", "fs"), ("continuous", "collective")])
 def test_a_run_sends_deltas_and_its_actor_holds_exactly_what_the_learner_published(
     tmp_path, cold_start, train_in_threads, batching, store
@@ -396,4 +431,4 @@ def test_a_run_sends_deltas_and_its_actor_holds_exactly_what_the_learner_publish
     engine = actor.engine
     manifest = json.loads((root / f"v{engine.version:06d}" / "manifest.json").read_text())
     assert engine.fingerprint == int(manifest["fingerprint"], 16)
-    assert actor.versions.steps["delta"] > 0
+    assert actor.versions.steps["delta"] > 0, actor.versions.steps
